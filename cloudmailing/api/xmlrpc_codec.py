@@ -1,0 +1,106 @@
+"""XML-RPC requests in, responses out: the standard library's (un)marshaller, made hostile-proof.
+
+Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: any DOCTYPE is
+refused (so no entity expansion, internal or external: XML-RPC never needs one), nesting is
+bounded, and dates are read liberally (``20261123T10:00:00``, ISO 8601 with dashes or a zone).
+Answers never contain ``<nil/>``: a ``None`` struct member is left out, any other ``None`` is ''.
+"""
+
+from __future__ import annotations
+
+import datetime
+import xmlrpc.client
+from typing import Any
+from xml.parsers import expat
+
+from cloudmailing.services.errors import InvalidValue
+from cloudmailing.services.values import optional_datetime
+
+
+class MalformedRequest(ValueError):
+    """The body is not a well-formed, acceptable XML-RPC call."""
+
+
+class _GuardedUnmarshaller(xmlrpc.client.Unmarshaller):
+    """The stdlib unmarshaller with a nesting bound and liberal dates."""
+
+    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
+
+    def __init__(self, max_depth: int) -> None:
+        super().__init__(use_datetime=True, use_builtin_types=True)
+        self._depth = 0
+        self._max_depth = max_depth
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        self._depth += 1
+        if self._depth > self._max_depth:
+            raise MalformedRequest(f"XML nested deeper than {self._max_depth} levels")
+        super().start(tag, attrs)
+
+    def end(self, tag: str) -> None:
+        self._depth -= 1
+        super().end(tag)
+
+    def end_datetime(self, data: str) -> None:
+        try:
+            value = optional_datetime("dateTime.iso8601", data)
+        except InvalidValue as error:
+            raise MalformedRequest(str(error)) from None
+        self.append(value)
+        self._value = False
+
+    dispatch["dateTime.iso8601"] = end_datetime  # type: ignore[assignment]
+
+
+def _refuse_doctype(*_args: Any) -> None:
+    raise MalformedRequest("DOCTYPE and entity declarations are not accepted")
+
+
+def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
+    """Return ``(method name, params)`` of an XML-RPC call, or raise :class:`MalformedRequest`."""
+    target = _GuardedUnmarshaller(max_depth)
+    parser = expat.ParserCreate()
+    parser.buffer_text = True
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _refuse_doctype
+    parser.EntityDeclHandler = _refuse_doctype
+    parser.XmlDeclHandler = lambda _version, encoding, standalone: target.xml(encoding or "utf-8", standalone)
+    parser.StartElementHandler = target.start
+    parser.EndElementHandler = target.end
+    parser.CharacterDataHandler = target.data
+    try:
+        parser.Parse(body, True)
+        params = target.close()
+    except MalformedRequest:
+        raise
+    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError) as error:
+        raise MalformedRequest(f"malformed XML-RPC request: {error}") from None
+    method = target.getmethodname()
+    if not method:
+        raise MalformedRequest("not an XML-RPC method call")
+    return method, params
+
+
+def _scrub(value: Any) -> Any:
+    """Replace what XML-RPC cannot say without extensions: None, tuples, huge ints."""
+    if isinstance(value, dict):
+        return {str(k): _scrub(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
+        return float(value)
+    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        return value.astimezone(datetime.UTC).replace(tzinfo=None)
+    return value
+
+
+def dump_response(result: Any) -> bytes:
+    return xmlrpc.client.dumps((_scrub(result),), methodresponse=True, encoding="utf-8").encode("utf-8")
+
+
+def dump_fault(code: int, message: str) -> bytes:
+    return xmlrpc.client.dumps(xmlrpc.client.Fault(code, message), methodresponse=True,
+                               encoding="utf-8").encode("utf-8")

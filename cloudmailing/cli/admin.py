@@ -1,0 +1,116 @@
+"""``cm-admin``: API keys, satellites and configuration, straight on the master's database."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any
+
+from cloudmailing.cli.runtime import base_parser, run_once, settings_or_exit
+from cloudmailing.common.keys import generate_key, hash_secret
+from cloudmailing.config.settings import Settings
+from cloudmailing.services.clock import utc_now
+from cloudmailing.services.errors import ServiceError
+from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.storage.database import Database, open_database
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = base_parser("CloudMailing administration.")
+    groups = parser.add_subparsers(dest="group", required=True)
+    keys = groups.add_parser("api-key", help="API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("--name", required=True)
+    keys.add_parser("list", help="names and creation dates")
+    revoke = keys.add_parser("revoke", help="revoke the keys of that name")
+    revoke.add_argument("name")
+    sats = groups.add_parser("satellite", help="satellites").add_subparsers(dest="action", required=True)
+    add = sats.add_parser("add", help="register a satellite")
+    add.add_argument("serial")
+    add.add_argument("--group", default="")
+    sats.add_parser("list", help="registered satellites")
+    for action in ("enable", "disable", "delete"):
+        sats.add_parser(action, help=f"{action} a satellite").add_argument("id", type=int)
+    config = groups.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    config.add_parser("show", help="print the settings in force")
+    return parser
+
+
+async def _api_key(args: argparse.Namespace, database: Database) -> int:
+    store = ApiKeyStore(database)
+    now = utc_now(_WallClock())
+    if args.action == "create":
+        if await store.find_active_by_name(args.name):
+            print(f"an active key named {args.name!r} exists; revoke it first", file=sys.stderr)
+            return 1
+        key_id, key = generate_key()
+        await store.insert(key_id, args.name, hash_secret(key.split("_", 2)[2]), now)
+        print(key)
+    elif args.action == "list":
+        for doc in await store.list():
+            state = f"revoked {doc['revoked']:%Y-%m-%d %H:%M}" if doc.get("revoked") else "active"
+            print(f"{doc['name']}\t{doc['created']:%Y-%m-%d %H:%M:%S} UTC\t{state}")
+    elif args.action == "revoke":
+        if not await store.revoke(args.name, now):
+            print(f"no active key named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.name}")
+    return 0
+
+
+async def _satellite(args: argparse.Namespace, database: Database) -> int:
+    from cloudmailing.services.satellites import SatelliteService
+
+    service = SatelliteService(database)
+    try:
+        if args.action == "add":
+            print(await service.add(args.serial, {"group": args.group}))
+        elif args.action == "list":
+            for sat in await service.list():
+                print(f"{sat['id']}\t{sat['serial']}\tenabled={sat['enabled']}\tpaired={sat['paired']}"
+                      f"\tgroup={sat['group']}")
+        elif args.action in ("enable", "disable"):
+            await service.set_properties(args.id, {"enabled": args.action == "enable"})
+        elif args.action == "delete":
+            await service.delete(args.id)
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show_config(settings: Settings) -> int:
+    for section, values in dataclasses.asdict(settings).items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {value}")
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = settings_or_exit(args.config)
+    if args.group == "config":
+        return _show_config(settings)
+
+    async def run() -> int:
+        database = await open_database(settings.mongodb_url, settings.database.name, timeout_ms=5000)
+        try:
+            handler: Any = _api_key if args.group == "api-key" else _satellite
+            return int(await handler(args, database))
+        finally:
+            await database.close()
+
+    return run_once(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

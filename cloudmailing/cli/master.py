@@ -1,0 +1,47 @@
+"""``cm-master``: run the master (the XML-RPC API on HTTPS, backed by MongoDB)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from cloudmailing.cli.runtime import base_parser, install_reactor, settings_or_exit
+from cloudmailing.common.logs import setup_logging
+
+log = logging.getLogger("cloudmailing.master")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser("CloudMailing master: the XML-RPC API and the recipients' queue.").parse_args(argv)
+    settings = settings_or_exit(args.config)
+    setup_logging(settings.logging.level, settings.logging.file)
+    reactor = install_reactor()
+    from cloudmailing.common.aio import as_deferred
+    from cloudmailing.master.app import Master
+
+    master = Master(settings, reactor)
+
+    def started(_: Any) -> None:
+        api = settings.api
+        assert master.tls is not None
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+        print(f"CloudMailing master: API on https://{host}:{master.api_port}/CloudMailing "
+              f"(listening on {api.host}:{master.api_port})", flush=True)
+        print(f"TLS certificate {master.tls.cert_path} SHA-256 {master.tls.fingerprint_sha256()}", flush=True)
+        print("Create an API key with: cm-admin" + (f" --config {args.config}" if args.config else "")
+              + " api-key create --name NAME", flush=True)
+
+    def failed(failure: Any) -> None:
+        log.error("master failed to start: %s", failure.getErrorMessage())
+        print(f"master failed to start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: as_deferred(master.start()).addCallbacks(started, failed))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(master.stop()))
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

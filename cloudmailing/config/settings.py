@@ -1,0 +1,150 @@
+"""Typed, validated configuration: one frozen object per INI section, built once at start-up.
+
+Sources, lowest priority first: built-in defaults, the INI file given with ``--config``, then the
+environment (``CM_MONGODB_URL``, ``CM_DATA_DIR``). Every program also runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""  # empty: the embedded FerretDB started by bin/ scripts (see README)
+    name: str = "cloudmailing"
+    embedded_url: str = "mongodb://127.0.0.1:27117/"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "0.0.0.0"
+    port: int = 33610
+    tls_cert: str = ""  # PEM certificate; empty: a self-signed one in data_dir
+    tls_key: str = ""
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_xml_depth: int = 64
+    key_cache_seconds: float = 30.0
+    auth_failures_before_delay: int = 5
+    auth_max_delay_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SatelliteLinkConfig:
+    host: str = "0.0.0.0"
+    port: int = 33620
+
+
+@dataclass(frozen=True)
+class ReportsConfig:
+    status_log_retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_dir: str = "~/.local/share/cloudmailing"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    file: str = ""  # empty: standard error
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    satellite_link: SatelliteLinkConfig = field(default_factory=SatelliteLinkConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def mongodb_url(self) -> str:
+        """The database URL in force: the configured one, else the embedded server's."""
+        return self.database.url or self.database.embedded_url
+
+
+_SECTIONS: dict[str, type] = {
+    "database": DatabaseConfig,
+    "api": ApiConfig,
+    "satellite_link": SatelliteLinkConfig,
+    "reports": ReportsConfig,
+    "paths": PathsConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (bool, "bool"):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"[{section}] {key}: {raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def _build_section(name: str, values: Mapping[str, str]) -> Any:
+    cls = _SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"[{name}] {key}: unknown setting")
+        kwargs[key] = _convert(name, key, raw, fields[key].type)
+    section = cls(**kwargs)
+    _validate(name, section)
+    return section
+
+
+def _validate(name: str, section: Any) -> None:
+    for attr in ("port",):
+        port = getattr(section, attr, None)
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"[{name}] {attr}: {port} is not a TCP port")
+    if isinstance(section, ApiConfig) and section.max_request_bytes < 1024:
+        raise ConfigError("[api] max_request_bytes: must be at least 1024")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (optional) and the environment into a validated :class:`Settings`."""
+    environ = os.environ if environ is None else environ
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    sections: dict[str, dict[str, str]] = {name: {} for name in _SECTIONS}
+    for name in parser.sections():
+        if name not in _SECTIONS:
+            continue  # other programs' sections (e.g. [satellite]) share the file
+        sections[name].update(parser[name])
+    if environ.get("CM_MONGODB_URL"):
+        sections["database"]["url"] = environ["CM_MONGODB_URL"]
+    if environ.get("CM_DATA_DIR"):
+        sections["paths"]["data_dir"] = environ["CM_DATA_DIR"]
+    built = {name: _build_section(name, values) for name, values in sections.items()}
+    return Settings(**built)

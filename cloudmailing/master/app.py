@@ -1,0 +1,100 @@
+"""The master process: database, services, the HTTPS XML-RPC API and periodic life-cycle work."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.task import LoopingCall
+from twisted.web import server
+
+from cloudmailing.api.auth import Authenticator
+from cloudmailing.api.methods import CloudMailingApi, Services
+from cloudmailing.api.resource import XmlRpcResource, request_factory
+from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.tls import TlsFiles, ensure_certificate
+from cloudmailing.config.settings import Settings
+from cloudmailing.services.lifecycle import MailingLifecycle
+from cloudmailing.services.mailings import MailingService
+from cloudmailing.services.recipients import RecipientService
+from cloudmailing.services.reports import ReportService
+from cloudmailing.services.satellites import SatelliteService
+from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.storage.database import Database, open_database
+from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+
+log = logging.getLogger(__name__)
+
+LIFECYCLE_INTERVAL = 5.0
+
+
+@dataclass
+class Master:
+    """A running master; :meth:`start` opens everything, :meth:`stop` closes it."""
+
+    settings: Settings
+    reactor: Any
+    database: Database | None = None
+    services: Services | None = None
+    tls: TlsFiles | None = None
+    _ports: list[Any] = field(default_factory=list)
+    _loop: LoopingCall | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.database = await open_database(settings.mongodb_url, settings.database.name)
+        allocator = SequenceAllocator(self.database)
+        await allocator.start()
+        self.services = build_services(self.database, StatusLog(self.database, allocator), self.reactor,
+                                       settings.reports.status_log_retention_days)
+        await self.services.lifecycle.recover()
+        self._listen_api()
+        self._loop = LoopingCall(lambda: as_deferred(self._tick()))
+        self._loop.clock = self.reactor
+        self._loop.start(LIFECYCLE_INTERVAL, now=False)
+
+    async def _tick(self) -> None:
+        assert self.services is not None
+        try:
+            await self.services.lifecycle.tick()
+        except Exception:  # the database may be away for a while: try again next time
+            log.exception("life-cycle check failed")
+
+    def _listen_api(self) -> None:
+        api = self.settings.api
+        assert self.database is not None and self.services is not None
+        self.tls = ensure_certificate(api.tls_cert, api.tls_key, self.settings.paths.data_path)
+        authenticator = Authenticator(ApiKeyStore(self.database), self.reactor, api.key_cache_seconds,
+                                      api.auth_failures_before_delay, api.auth_max_delay_seconds)
+        resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
+                                  api.max_xml_depth)
+        site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes))
+        site.displayTracebacks = False
+        pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
+        context = ssl.PrivateCertificate.loadPEM(pem).options()
+        self._ports.append(self.reactor.listenSSL(api.port, site, context, interface=api.host))
+
+    @property
+    def api_port(self) -> int:
+        return int(self._ports[0].getHost().port)
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for port in self._ports:
+            await wait_deferred(port.stopListening())
+        if self.database is not None:
+            await self.database.close()
+
+
+def build_services(database: Database, status_log: StatusLog, clock: Any, retention_days: int = 30) -> Services:
+    mailings = MailingService(database, clock)
+    return Services(
+        mailings=mailings,
+        recipients=RecipientService(database, status_log, mailings, clock),
+        reports=ReportService(database, status_log),
+        satellites=SatelliteService(database),
+        lifecycle=MailingLifecycle(database, status_log, clock, retention_days),
+    )

@@ -1,0 +1,110 @@
+"""The mailings' life cycle over time: start when scheduled, time out, finish.
+
+``tick`` is called periodically by the master (and by ``mailing_manager_force_check``); it reads
+the time from the injected clock so tests drive it with a fake one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any, Mapping
+
+from cloudmailing.services.clock import SecondsClock, utc_now
+from cloudmailing.services.mailings import FINISHED, PAUSED, PENDING_STATUSES, READY, REGULAR, RUNNING, totals
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipients import RecipientStore
+from cloudmailing.storage.status_log import StatusChange, StatusLog
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_PAGE = 500
+
+
+def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the mailing's remaining recipients time out: scheduled_end or start + duration."""
+    candidates = []
+    if mailing.get("scheduled_end"):
+        candidates.append(mailing["scheduled_end"])
+    if mailing.get("scheduled_duration") and mailing.get("start_time"):
+        candidates.append(mailing["start_time"] + datetime.timedelta(minutes=mailing["scheduled_duration"]))
+    return min(candidates) if candidates else None
+
+
+class MailingLifecycle:
+    def __init__(self, database: Database, status_log: StatusLog, clock: SecondsClock,
+                 log_retention_days: int = 30) -> None:
+        self._mailings = MailingStore(database)
+        self._recipients = RecipientStore(database)
+        self._status_log = status_log
+        self._clock = clock
+        self._retention = datetime.timedelta(days=log_retention_days)
+
+    async def tick(self) -> None:
+        now = utc_now(self._clock)
+        async for mailing in self._mailings.find({"status": {"$in": [READY, RUNNING, PAUSED]}},
+                                                 {"html": 0, "plain": 0, "rfc822": 0}):
+            try:
+                await self._advance(mailing, now)
+            except Exception:  # one broken mailing must not stop the others
+                log.exception("life cycle step failed", extra={"mailing": mailing["_id"]})
+        await self._status_log.purge_before(now - self._retention)
+
+    async def _advance(self, mailing: dict[str, Any], now: datetime.datetime) -> None:
+        mailing_id = mailing["_id"]
+        if mailing["status"] == READY and (mailing.get("scheduled_start") or now) <= now:
+            mailing.update(status=RUNNING, start_time=mailing.get("start_time") or now)
+            await self._mailings.update(mailing_id, {"status": RUNNING, "start_time": mailing["start_time"]},
+                                        only_if_status=[READY])
+            log.info("mailing running", extra={"mailing": mailing_id})
+        if mailing["status"] == READY:
+            return
+        end = deadline(mailing)
+        if end is not None and end <= now:
+            await self._time_out(mailing_id, now)
+            await self._finish(mailing_id, now)
+        elif mailing["status"] == RUNNING and mailing.get("type", REGULAR) == REGULAR:
+            counts = await self._fresh_counts(mailing_id)
+            total = totals(counts)
+            if total["total_pending"] == 0 and (total["total_recipient"] or not mailing.get("dont_close_if_empty")):
+                await self._finish(mailing_id, now)
+
+    async def _fresh_counts(self, mailing_id: int) -> dict[str, int]:
+        mailing = await self._mailings.get(mailing_id)
+        return dict((mailing or {}).get("counts") or {})
+
+    async def _time_out(self, mailing_id: int, now: datetime.datetime) -> None:
+        query = {"mailing_id": mailing_id, "status": {"$in": list(PENDING_STATUSES)}, "test": False}
+        while True:
+            page = [doc["_id"] async for doc in self._recipients.find(query, {"_id": 1}, limit=TIMEOUT_PAGE)]
+            if not page:
+                return
+            changes = [StatusChange(rid, "TIMEOUT", {"in_progress": False, "next_try": None,
+                                                     "reply_text": "mailing ended before delivery"})
+                       for rid in page]
+            await self._status_log.apply(changes, now)
+
+    async def _finish(self, mailing_id: int, now: datetime.datetime) -> None:
+        if await self._mailings.update(mailing_id, {"status": FINISHED, "end_time": now},
+                                       only_if_status=[READY, RUNNING, PAUSED]):
+            log.info("mailing finished", extra={"mailing": mailing_id})
+
+    async def close_empty_mailings(self) -> int:
+        """Finish started mailings that have no recipient at all, even with dont_close_if_empty."""
+        now, closed = utc_now(self._clock), 0
+        async for mailing in self._mailings.find({"status": {"$in": [READY, RUNNING, PAUSED]}}, {"counts": 1}):
+            if totals(mailing.get("counts") or {})["total_recipient"] == 0:
+                await self._finish(mailing["_id"], now)
+                closed += 1
+        return closed
+
+    async def recover(self) -> None:
+        """At start-up: undo batches a crash cut, then recount every open mailing's totals."""
+        for batch in await self._recipients.cut_batches():
+            removed = await self._recipients.roll_back_batch(batch["_id"])
+            log.warning("rolled back an unacknowledged batch of %d recipients", removed,
+                        extra={"mailing": batch.get("mailing_id")})
+        async for mailing in self._mailings.find({"status": {"$ne": FINISHED}}, {"_id": 1}):
+            counts = await self._recipients.count_by_status(mailing["_id"])
+            await self._mailings.set_counts(mailing["_id"], counts)

@@ -1,0 +1,304 @@
+"""Mailings: creation, properties, life cycle, listing and deletion."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email
+import email.policy
+import email.utils
+import logging
+from typing import Any, Callable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from cloudmailing.services import values
+from cloudmailing.services.addresses import InvalidAddress, parse_address
+from cloudmailing.services.clock import SecondsClock, utc_now
+from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
+from cloudmailing.services.html_text import html_to_text
+from cloudmailing.services.templates import check_template
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipients import RecipientStore
+
+log = logging.getLogger(__name__)
+
+FILLING = "FILLING_RECIPIENTS"
+READY = "READY"
+RUNNING = "RUNNING"
+PAUSED = "PAUSED"
+FINISHED = "FINISHED"
+MAILING_STATUSES = (FILLING, READY, RUNNING, PAUSED, FINISHED)
+REGULAR, OPENED = "REGULAR", "OPENED"
+
+# Recipient statuses, and how they add up into a mailing's totals.
+PENDING_STATUSES = ("READY", "WARNING")
+ERROR_STATUSES = ("ERROR", "GENERAL_ERROR", "TIMEOUT")
+
+LISTED_FIELDS = ("domain_name", "satellite_group", "mail_from", "sender_name", "subject", "status", "type",
+                 "tracking_url", "submit_time", "scheduled_start", "scheduled_end", "scheduled_duration",
+                 "start_time", "end_time", "read_tracking", "click_tracking", "url_encoding")
+
+
+def _dkim(value: Any) -> dict[str, Any]:
+    settings = values.struct("dkim", value)
+    unknown = set(settings) - {"enabled", "selector", "domain", "privkey"}
+    if unknown:
+        raise InvalidValue(f"dkim: unknown key(s) {', '.join(sorted(unknown))}")
+    result: dict[str, Any] = {
+        "enabled": values.boolean("dkim.enabled", settings.get("enabled", False)),
+        "selector": values.text("dkim.selector", settings.get("selector", ""), max_length=63, header=True),
+        "domain": values.text("dkim.domain", settings.get("domain", ""), max_length=253, header=True),
+        "privkey": values.text("dkim.privkey", settings.get("privkey", ""), max_length=20000),
+    }
+    if result["enabled"]:
+        if not (result["selector"] and result["domain"] and result["privkey"]):
+            raise InvalidValue("dkim: enabled needs selector, domain and privkey")
+        try:
+            key = load_pem_private_key(str(result["privkey"]).encode(), password=None)
+        except (ValueError, TypeError):
+            raise InvalidValue("dkim.privkey: not a PEM private key without passphrase") from None
+        if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+            raise InvalidValue("dkim.privkey: only RSA and Ed25519 keys are supported")
+    return result
+
+
+def _mail_from(value: Any) -> str:
+    mail_from = values.text("mail_from", value, max_length=254, header=True).strip()
+    try:
+        parse_address(mail_from)
+    except InvalidAddress as error:
+        raise InvalidValue(f"mail_from: {error}") from None
+    return mail_from
+
+
+def _mailing_type(value: Any) -> str:
+    kind = values.text("type", value).upper()
+    if kind not in (REGULAR, OPENED):
+        raise InvalidValue("type: must be REGULAR or OPENED")
+    return kind
+
+
+def _tracking_url(value: Any) -> str:
+    url = values.text("tracking_url", value, max_length=2000, header=True, allow_none=True).strip()
+    if url and not url.lower().startswith(("http://", "https://")):
+        raise InvalidValue("tracking_url: must be an http:// or https:// URL")
+    return url
+
+
+# One checker per settable property: each returns the value to store.
+PROPERTY_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "type": _mailing_type,
+    "satellite_group": lambda v: values.text("satellite_group", v, max_length=100, allow_none=True),
+    "mail_from": _mail_from,
+    "sender_name": lambda v: values.text("sender_name", v, max_length=200, header=True, allow_none=True),
+    "tracking_url": _tracking_url,
+    "backup_customized_emails": lambda v: values.boolean("backup_customized_emails", v),
+    "owner_guid": lambda v: values.text("owner_guid", v, max_length=50, allow_none=True),
+    "scheduled_start": lambda v: values.optional_datetime("scheduled_start", v),
+    "scheduled_end": lambda v: values.optional_datetime("scheduled_end", v),
+    "scheduled_duration": lambda v: values.integer("scheduled_duration", v or 0, minimum=0),
+    "dont_close_if_empty": lambda v: values.boolean("dont_close_if_empty", v),
+    "subject": lambda v: values.text("subject", v, max_length=1000, header=True),
+    "html_content": lambda v: values.text("html_content", v),
+    "plain_content": lambda v: values.text("plain_content", v),
+    "charset": lambda v: values.charset("charset", v),
+    "read_tracking": lambda v: values.boolean("read_tracking", v),
+    "click_tracking": lambda v: values.boolean("click_tracking", v),
+    "dkim": _dkim,
+    "url_encoding": lambda v: values.text("url_encoding", v, max_length=50, allow_none=True),
+    "testing": lambda v: values.boolean("testing", v),
+}
+CONTENT_PROPERTIES = ("subject", "html_content", "plain_content")
+STORED_NAMES = {"html_content": "html", "plain_content": "plain"}
+
+
+class MailingService:
+    def __init__(self, database: Database, clock: SecondsClock) -> None:
+        self._store = MailingStore(database)
+        self._recipients = RecipientStore(database)
+        self._clock = clock
+
+    async def create(self, mail_from: Any, sender_name: Any, subject: Any, html: Any, plain: Any,
+                     charset: Any = "utf-8") -> int:
+        fields: dict[str, Any] = {
+            "mail_from": _mail_from(mail_from),
+            "sender_name": values.text("sender_name", sender_name, max_length=200, header=True, allow_none=True),
+            "subject": values.text("subject", subject, max_length=1000, header=True),
+            "html": values.text("html", html, allow_none=True),
+            "plain": values.text("plain", plain, allow_none=True),
+            "charset": values.charset("charset", charset),
+            "rfc822": None,
+        }
+        if not fields["html"] and not fields["plain"]:
+            raise InvalidValue("html and plain: at least one body is needed")
+        if not fields["plain"]:
+            fields["plain"] = html_to_text(fields["html"])
+        for name in ("subject", "html", "plain"):
+            check_template(name, fields[name])
+        return await self._insert(fields)
+
+    async def create_from_message(self, message: Any) -> int:
+        """A mailing from a whole RFC 822 message (base64 text or Binary); its MIME tree is kept."""
+        raw = _decode_message(message)
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        sender_name, mail_from = email.utils.parseaddr(str(parsed.get("From", "")))
+        if not mail_from:
+            raise InvalidValue("message: no From address")
+        fields = {
+            "mail_from": _mail_from(mail_from),
+            "sender_name": values.text("sender_name", sender_name, header=True),
+            "subject": values.text("subject", str(parsed.get("Subject", "")), header=True),
+            "html": "", "plain": "", "charset": "utf-8",
+            "rfc822": raw,
+        }
+        return await self._insert(fields)
+
+    async def _insert(self, fields: dict[str, Any]) -> int:
+        now = utc_now(self._clock)
+        mailing_id = await self._store.next_id()
+        document = {
+            **fields,
+            "domain_name": parse_address(fields["mail_from"]).domain,
+            "status": FILLING, "type": REGULAR, "satellite_group": "", "tracking_url": "",
+            "backup_customized_emails": False, "owner_guid": "", "scheduled_start": None,
+            "scheduled_end": None, "scheduled_duration": 0, "dont_close_if_empty": False,
+            "read_tracking": True, "click_tracking": False, "url_encoding": "", "testing": False,
+            "dkim": {"enabled": False, "selector": "", "domain": "", "privkey": ""},
+            "submit_time": now, "start_time": None, "end_time": None,
+        }
+        await self._store.insert(mailing_id, document)
+        log.info("mailing created", extra={"mailing": mailing_id})
+        return mailing_id
+
+    async def get(self, mailing_id: Any) -> dict[str, Any]:
+        mailing = await self._store.get(values.integer("mailing_id", mailing_id))
+        if mailing is None:
+            raise NotFound(f"mailing {mailing_id} not found")
+        return mailing
+
+    async def set_properties(self, mailing_id: Any, properties: Any) -> None:
+        mailing = await self.get(mailing_id)
+        given = values.struct("properties", properties)
+        unknown = sorted(set(given) - set(PROPERTY_CHECKS))
+        if unknown:
+            raise InvalidValue(f"unknown property: {', '.join(unknown)}")
+        changes = {STORED_NAMES.get(key, key): PROPERTY_CHECKS[key](value) for key, value in given.items()}
+        if any(key in given for key in CONTENT_PROPERTIES) and "charset" not in given:
+            raise InvalidValue("charset: mandatory when subject, html_content or plain_content change")
+        for name in ("subject", "html", "plain"):
+            if name in changes:
+                check_template(name, changes[name])
+        if "mail_from" in changes:
+            changes["domain_name"] = parse_address(changes["mail_from"]).domain
+        await self._store.update(mailing["_id"], changes)
+
+    async def start(self, mailing_id: Any) -> str:
+        mailing = await self.get(mailing_id)
+        status = mailing["status"]
+        if status == FINISHED:
+            raise BadRequest(f"mailing {mailing['_id']} is finished")
+        if status in (FILLING, PAUSED):
+            status = READY
+            await self._store.update(mailing["_id"], {"status": status})
+            log.info("mailing started", extra={"mailing": mailing["_id"]})
+        return status
+
+    async def pause(self, mailing_id: Any) -> str:
+        mailing = await self.get(mailing_id)
+        status = mailing["status"]
+        if status == FINISHED:
+            raise BadRequest(f"mailing {mailing['_id']} is finished")
+        if status in (READY, RUNNING):
+            status = PAUSED
+            await self._store.update(mailing["_id"], {"status": status})
+            log.info("mailing paused", extra={"mailing": mailing["_id"]})
+        return status
+
+    async def delete(self, mailing_id: Any) -> None:
+        mailing = await self.get(mailing_id)
+        await self._delete_ids([mailing["_id"]])
+
+    async def delete_for_domain(self, domain: Any) -> int:
+        name = values.text("domain", domain).strip().lower()
+        ids = await self._store.ids({"domain_name": name})
+        await self._delete_ids(ids)
+        return len(ids)
+
+    async def _delete_ids(self, mailing_ids: list[int]) -> None:
+        # Recipients and their log first, the mailing last: an interrupted delete can be redone.
+        if not mailing_ids:
+            return
+        await self._recipients.delete_for_mailings(mailing_ids)
+        for mailing_id in mailing_ids:
+            await self._store.delete(mailing_id)
+            log.info("mailing deleted", extra={"mailing": mailing_id})
+
+    async def list(self, filters: Any) -> list[dict[str, Any]]:
+        query = mailing_query(filters)
+        return [_listed(doc) async for doc in self._store.find(query, {"html": 0, "plain": 0, "rfc822": 0})]
+
+    async def count(self, filters: Any) -> int:
+        return await self._store.count(mailing_query(filters))
+
+
+def mailing_query(filters: Any) -> dict[str, Any]:
+    """The MongoDB query for ``list_mailings`` filters (struct of lists, a domain string, or empty)."""
+    if filters is None or filters == "" or filters == [] or filters == {}:
+        return {}
+    if isinstance(filters, str):
+        return {"domain_name": filters.strip().lower()}
+    given = values.struct("filters", filters)
+    known = {"id": "_id", "domain": "domain_name", "status": "status", "owner_guid": "owner_guid",
+             "satellite_group": "satellite_group"}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise InvalidValue(f"filters: unknown key(s) {', '.join(unknown)}")
+    query: dict[str, Any] = {}
+    for key, field_name in known.items():
+        if key not in given:
+            continue
+        wanted: list[Any] = (values.int_list(f"filters.{key}", given[key]) if key == "id"
+                             else values.string_list(f"filters.{key}", given[key]))
+        if key == "domain":
+            wanted = [domain.lower() for domain in wanted]
+        query[field_name] = {"$in": wanted}
+    return query
+
+
+def totals(counts: Mapping[str, int]) -> dict[str, int]:
+    """A mailing's totals from its per-status recipient counts."""
+    total = sum(counts.values())
+    sent = counts.get("FINISHED", 0)
+    error = sum(counts.get(status, 0) for status in ERROR_STATUSES)
+    return {"total_recipient": total, "total_sent": sent, "total_error": error,
+            "total_softbounce": counts.get("WARNING", 0), "total_pending": total - sent - error}
+
+
+def _listed(doc: Mapping[str, Any]) -> dict[str, Any]:
+    listed: dict[str, Any] = {"id": doc["_id"]}
+    listed.update({name: doc.get(name) for name in LISTED_FIELDS})
+    dkim = doc.get("dkim") or {}
+    listed["dkim"] = {"enabled": bool(dkim.get("enabled")), "selector": dkim.get("selector", ""),
+                      "domain": dkim.get("domain", "")}  # never the private key
+    listed.update(totals(doc.get("counts") or {}))
+    return listed
+
+
+def _decode_message(message: Any) -> bytes:
+    if isinstance(message, (bytes, bytearray)):
+        raw = bytes(message)
+    elif hasattr(message, "data") and isinstance(message.data, bytes):
+        raw = message.data
+    elif isinstance(message, str):
+        try:
+            raw = base64.b64decode(message.encode("ascii"), validate=False)
+        except (binascii.Error, UnicodeEncodeError):
+            raise InvalidValue("message: not valid base64") from None
+    else:
+        raise InvalidValue("message: expected a base64 string or Binary")
+    if not raw.strip():
+        raise InvalidValue("message: empty")
+    return raw

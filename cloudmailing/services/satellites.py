@@ -1,0 +1,73 @@
+"""The satellite registry: which sending hosts the master serves, and how."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cloudmailing.services import values
+from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.satellites import SatelliteStore
+
+log = logging.getLogger(__name__)
+
+_SETTABLE = ("enabled", "paired", "group", "domain_affinity")
+
+
+def _properties(given: Any) -> dict[str, Any]:
+    properties = values.struct("properties", given if given not in (None, "", []) else {})
+    unknown = sorted(set(properties) - set(_SETTABLE))
+    if unknown:
+        raise InvalidValue(f"unknown satellite property: {', '.join(unknown)}")
+    checked: dict[str, Any] = {}
+    for key in ("enabled", "paired"):
+        if key in properties:
+            checked[key] = values.boolean(key, properties[key])
+    if "group" in properties:
+        checked["group"] = values.text("group", properties["group"], max_length=100, allow_none=True)
+    if "domain_affinity" in properties:
+        domains = values.string_list("domain_affinity", properties["domain_affinity"])
+        checked["domain_affinity"] = [domain.lower() for domain in domains]
+    return checked
+
+
+class SatelliteService:
+    def __init__(self, database: Database) -> None:
+        self._store = SatelliteStore(database)
+
+    async def add(self, serial: Any, properties: Any) -> int:
+        name = values.text("serial", serial, max_length=100, header=True).strip()
+        if not name:
+            raise InvalidValue("serial: empty")
+        if await self._store.get_by_serial(name):
+            raise BadRequest(f"satellite {name!r} already exists")
+        fields = {"serial": name, "enabled": True, "paired": True, "group": "", "domain_affinity": [],
+                  "version": "", "last_seen": None, "secret": None}
+        fields.update(_properties(properties))
+        satellite_id = await self._store.insert(fields)
+        log.info("satellite registered", extra={"satellite": name})
+        return satellite_id
+
+    async def set_properties(self, satellite_id: Any, properties: Any) -> int:
+        identifier = values.integer("id", satellite_id)
+        if not await self._store.update(identifier, _properties(properties)):
+            raise NotFound(f"satellite {satellite_id} not found")
+        return identifier
+
+    async def delete(self, satellite_id: Any) -> None:
+        if not await self._store.delete(values.integer("id", satellite_id)):
+            raise NotFound(f"satellite {satellite_id} not found")
+
+    async def count(self) -> int:
+        return await self._store.count()
+
+    async def list(self, connected: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """Registered satellites; ``connected`` maps serials now linked to their in-flight counts."""
+        connected = connected or {}
+        return [{"id": doc["_id"], "serial": doc["serial"], "enabled": doc.get("enabled", False),
+                 "paired": doc.get("paired", False), "connected": doc["serial"] in connected,
+                 "group": doc.get("group", ""), "domain_affinity": doc.get("domain_affinity", []),
+                 "version": doc.get("version", ""), "last_seen": doc.get("last_seen"),
+                 "in_flight": connected.get(doc["serial"], 0)}
+                for doc in await self._store.list()]

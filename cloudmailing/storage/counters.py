@@ -1,0 +1,20 @@
+"""Monotonic counters kept in the ``counters`` collection (mailing ids, status sequence blocks)."""
+
+from __future__ import annotations
+
+from pymongo import ReturnDocument
+
+from cloudmailing.storage.database import Database
+
+
+async def increment(database: Database, name: str, by: int = 1) -> int:
+    """Atomically add ``by`` to counter ``name`` and return its new value (first value: ``by``)."""
+    doc = await database.counters.find_one_and_update(
+        {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER)
+    assert doc is not None  # upsert always returns the document
+    return int(doc["value"])
+
+
+async def current(database: Database, name: str) -> int:
+    doc = await database.counters.find_one({"_id": name})
+    return int(doc["value"]) if doc else 0

@@ -1,0 +1,81 @@
+"""The MongoDB connection and the collections' indexes. Only ``storage`` speaks MongoDB."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+# Every query the API and the dispatcher make has an index here (see docs/storage.md).
+_INDEXES: dict[str, list[list[tuple[str, int]]]] = {
+    "mailings": [[("status", ASCENDING)], [("domain_name", ASCENDING)], [("owner_guid", ASCENDING)]],
+    "recipients": [
+        [("mailing_id", ASCENDING), ("status", ASCENDING), ("next_try", ASCENDING)],
+        [("mailing_id", ASCENDING), ("email", ASCENDING)],
+        [("ingest_batch", ASCENDING)],
+    ],
+    "status_log": [[("mailing_id", ASCENDING), ("_id", ASCENDING)], [("logged_at", ASCENDING)]],
+    "api_keys": [[("name", ASCENDING)]],
+    "satellites": [[("serial", ASCENDING)]],
+    "hourly_stats": [[("hour", ASCENDING)]],
+}
+
+
+@dataclass
+class Database:
+    """An open database: the client and typed access to each collection."""
+
+    client: AsyncMongoClient
+    db: AsyncDatabase
+
+    @property
+    def mailings(self) -> AsyncCollection:
+        return self.db["mailings"]
+
+    @property
+    def recipients(self) -> AsyncCollection:
+        return self.db["recipients"]
+
+    @property
+    def status_log(self) -> AsyncCollection:
+        return self.db["status_log"]
+
+    @property
+    def counters(self) -> AsyncCollection:
+        return self.db["counters"]
+
+    @property
+    def ingest_batches(self) -> AsyncCollection:
+        return self.db["ingest_batches"]
+
+    @property
+    def api_keys(self) -> AsyncCollection:
+        return self.db["api_keys"]
+
+    @property
+    def satellites(self) -> AsyncCollection:
+        return self.db["satellites"]
+
+    @property
+    def hourly_stats(self) -> AsyncCollection:
+        return self.db["hourly_stats"]
+
+    async def ensure_indexes(self) -> None:
+        for collection, indexes in _INDEXES.items():
+            for keys in indexes:
+                await self.db[collection].create_index(keys)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def open_database(url: str, name: str, timeout_ms: int = 10000) -> Database:
+    """Connect, check the server answers, and make sure the indexes exist."""
+    client: AsyncMongoClient = AsyncMongoClient(url, tz_aware=False, serverSelectionTimeoutMS=timeout_ms,
+                                                uuidRepresentation="standard")
+    database = Database(client=client, db=client[name])
+    await client.admin.command("ping")
+    await database.ensure_indexes()
+    return database

@@ -1,0 +1,92 @@
+"""The ``recipients`` collection: one document per recipient, written in journaled batches.
+
+A batch is announced in ``ingest_batches`` before its recipients are written and forgotten once
+they are all in. A batch still announced at start-up was cut by a crash: :meth:`roll_back_cut_batches`
+removes its recipients, so a batch the API never acknowledged leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+from pymongo.errors import BulkWriteError
+
+from cloudmailing.storage.database import Database
+
+DUPLICATE_KEY = 11000
+
+
+@dataclass
+class BatchResult:
+    inserted: int = 0
+    errors: dict[int, str] = field(default_factory=dict)  # input index -> reason
+
+
+class RecipientStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def insert_batch(self, mailing_id: int, docs: Sequence[dict[str, Any]], now: Any) -> BatchResult:
+        """Insert ``docs`` (each with its ``_id``) in one bulk write; duplicates fail alone."""
+        if not docs:
+            return BatchResult()
+        batch_id = uuid.uuid4().hex
+        await self._db.ingest_batches.insert_one({"_id": batch_id, "mailing_id": mailing_id, "started": now})
+        for doc in docs:
+            doc["ingest_batch"] = batch_id
+        result = BatchResult(inserted=len(docs))
+        try:
+            await self._db.recipients.insert_many(docs, ordered=False)
+        except BulkWriteError as error:
+            result = _batch_errors(error, len(docs))
+        await self._db.ingest_batches.delete_one({"_id": batch_id})
+        return result
+
+    async def cut_batches(self) -> list[dict[str, Any]]:
+        return [doc async for doc in self._db.ingest_batches.find({})]
+
+    async def roll_back_batch(self, batch_id: str) -> int:
+        deleted = await self._db.recipients.delete_many({"ingest_batch": batch_id})
+        await self._db.ingest_batches.delete_one({"_id": batch_id})
+        return deleted.deleted_count
+
+    async def get(self, recipient_id: str) -> dict[str, Any] | None:
+        return await self._db.recipients.find_one({"_id": recipient_id})
+
+    async def get_many(self, recipient_ids: Sequence[str],
+                       projection: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        cursor = self._db.recipients.find({"_id": {"$in": list(recipient_ids)}}, projection)
+        return {doc["_id"]: doc async for doc in cursor}
+
+    async def count(self, query: Mapping[str, Any]) -> int:
+        return await self._db.recipients.count_documents(dict(query))
+
+    def find(self, query: Mapping[str, Any], projection: Mapping[str, Any] | None = None,
+             limit: int = 0) -> AsyncIterator[dict[str, Any]]:
+        return self._db.recipients.find(dict(query), projection, limit=limit)
+
+    async def delete_for_mailings(self, mailing_ids: Sequence[int]) -> int:
+        """Delete the mailings' recipients and their status history."""
+        query = {"mailing_id": {"$in": list(mailing_ids)}}
+        result = await self._db.recipients.delete_many(query)
+        await self._db.status_log.delete_many(query)
+        return result.deleted_count
+
+    async def count_by_status(self, mailing_id: int) -> dict[str, int]:
+        """Recount a mailing's recipients per status (test recipients excluded)."""
+        pipeline: list[dict[str, Any]] = [{"$match": {"mailing_id": mailing_id, "test": False}},
+                    {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        cursor = await self._db.recipients.aggregate(pipeline)
+        return {doc["_id"]: int(doc["n"]) async for doc in cursor}
+
+
+def _batch_errors(error: BulkWriteError, total: int) -> BatchResult:
+    details = error.details
+    errors: dict[int, str] = {}
+    for write_error in details.get("writeErrors", []):
+        if write_error.get("code") != DUPLICATE_KEY:
+            raise error
+        errors[int(write_error["index"])] = "a recipient with this id (tracking_id) already exists"
+    return BatchResult(inserted=total - len(errors), errors=errors)

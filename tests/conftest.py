@@ -1,0 +1,140 @@
+"""Test fixtures: a real MongoDB-wire server (FerretDB, or CM_MONGODB_URL), a fresh database per
+test, and an in-process master answering on a real HTTPS socket."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+import xmlrpc.client
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from twisted.internet import task
+
+from cloudmailing.common.keys import generate_key, hash_secret, parse_key
+from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, Settings
+from cloudmailing.services.clock import utc_now
+from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.storage.database import Database, open_database
+from tests.helpers import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor  # installed by pytest-twisted (asyncio): import late
+
+    return reactor
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """CM_MONGODB_URL when set, else a FerretDB (SQLite backend) started for this test session."""
+    if os.environ.get("CM_MONGODB_URL"):
+        yield os.environ["CM_MONGODB_URL"]
+        return
+    port = free_port()
+    data = tmp_path_factory.mktemp("ferretdb")
+    process = subprocess.Popen([str(ROOT / "bin" / "ferretdb"), "start", str(data), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=open(data / "ferretdb.log", "wb"))
+    try:
+        wait_for_port(port)
+        yield f"mongodb://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"cmtest_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def database(mongo_url: str, db_name: str) -> Iterator[Database]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    opened = run(open_database(mongo_url, db_name))
+    yield opened
+    run(opened.client.drop_database(db_name))
+    run(opened.close())
+
+
+@pytest.fixture
+def clock() -> task.Clock:
+    fake = task.Clock()
+    fake.advance(1_800_000_000)  # 2027-01-15: a fixed, readable "now"
+    return fake
+
+
+@pytest.fixture
+def settings(mongo_url: str, db_name: str, tmp_path: Path) -> Settings:
+    return Settings(database=DatabaseConfig(url=mongo_url, name=db_name),
+                    api=ApiConfig(host="127.0.0.1", port=0, key_cache_seconds=30.0),
+                    paths=PathsConfig(data_dir=str(tmp_path / "data")))
+
+
+@dataclasses.dataclass
+class RunningMaster:
+    master: Any
+    url_base: str
+    key: str
+
+    def proxy(self, key: str | None = None, path: str = "/CloudMailing") -> AsyncProxy:
+        url = self.url_base.replace("://", f"://admin:{key if key is not None else self.key}@") + path
+        return AsyncProxy(url)
+
+
+class AsyncProxy:
+    """A plain ``xmlrpc.client.ServerProxy``; each call runs in a thread and is awaited."""
+
+    def __init__(self, url: str) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self._proxy = xmlrpc.client.ServerProxy(url, context=context, use_builtin_types=True)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *args: asyncio.to_thread(lambda: getattr(self._proxy, name)(*args))
+
+
+def create_key(database: Database, name: str = "tests") -> str:
+    key_id, key = generate_key()
+    parsed = parse_key(key)
+    assert parsed is not None
+    run(ApiKeyStore(database).insert(key_id, name, hash_secret(parsed.secret), utc_now(_reactor())))
+    return key
+
+
+@pytest.fixture
+def running_master(settings: Settings, database: Database) -> Iterator[RunningMaster]:
+    from cloudmailing.master.app import Master
+
+    master = Master(settings, _reactor())
+    run(master.start())
+    key = create_key(database)
+    yield RunningMaster(master, f"https://127.0.0.1:{master.api_port}", key)
+    run(master.stop())

@@ -16,7 +16,7 @@ import asyncio
 import datetime
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from pymongo import UpdateOne
 
@@ -108,9 +108,11 @@ class _RecipientClaims:
 class StatusLog:
     """The single path through which recipient statuses change, and the cursor reads."""
 
-    def __init__(self, database: Database, allocator: SequenceAllocator) -> None:
+    def __init__(self, database: Database, allocator: SequenceAllocator,
+                 before_write: Callable[[], Awaitable[None]] | None = None) -> None:
         self._db = database
         self._allocator = allocator
+        self._before_write = before_write  # a test seam: lets writers finish out of order
         self._mailings = MailingStore(database)
         self._claims = _RecipientClaims()
 
@@ -131,6 +133,8 @@ class StatusLog:
             return result
         numbers = await self._allocator.allocate(len(known))
         try:
+            if self._before_write is not None:
+                await self._before_write()
             entries = [_log_entry(seq, change, current[change.recipient_id], now)
                        for seq, change in zip(numbers, known, strict=True)]
             # The log first: a crash between the two writes repeats a change, never loses one.

@@ -117,8 +117,19 @@ class AsyncProxy:
         context.verify_mode = ssl.CERT_NONE
         self._proxy = xmlrpc.client.ServerProxy(url, context=context, use_builtin_types=True)
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        return lambda *args: asyncio.to_thread(lambda: getattr(self._proxy, name)(*args))
+    def __getattr__(self, name: str) -> "_AsyncMethod":
+        return _AsyncMethod(self._proxy, name)
+
+
+class _AsyncMethod:
+    def __init__(self, proxy: xmlrpc.client.ServerProxy, name: str) -> None:
+        self._proxy, self._name = proxy, name
+
+    def __getattr__(self, name: str) -> "_AsyncMethod":  # system.listMethods and the like
+        return _AsyncMethod(self._proxy, f"{self._name}.{name}")
+
+    def __call__(self, *args: Any) -> Any:
+        return asyncio.to_thread(lambda: getattr(self._proxy, self._name)(*args))
 
 
 def create_key(database: Database, name: str = "tests") -> str:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 API_USER = "admin"
 _MAX_TRACKED = 10000
+FAILURE_MEMORY_SECONDS = 900.0  # failures older than this are forgiven
 
 
 @dataclass
@@ -79,15 +80,22 @@ class Authenticator:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, verify_secret, parsed.secret, record)
 
+    def _recent_failures(self, address: str) -> _Failures:
+        failures = self._failures.get(address)
+        if failures is None or self._clock.seconds() - failures.last > FAILURE_MEMORY_SECONDS:
+            return _Failures(0, 0.0)
+        return failures
+
     def delay_before_answer(self, address: str) -> float:
         """Seconds to wait before answering this address's next failure."""
-        failures = self._failures.get(address)
-        if failures is None or failures.count < self._free_failures:
+        failures = self._recent_failures(address)
+        if failures.count < self._free_failures:
             return 0.0
         return min(2.0 ** (failures.count - self._free_failures), self._max_delay)
 
     def record_failure(self, address: str) -> None:
-        failures = self._failures.pop(address, _Failures(0, 0.0))
+        failures = self._recent_failures(address)
+        self._failures.pop(address, None)
         failures.count += 1
         failures.last = self._clock.seconds()
         self._remember(self._failures, address, failures)

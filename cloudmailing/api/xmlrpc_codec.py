@@ -3,7 +3,7 @@
 Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: any DOCTYPE is
 refused (so no entity expansion, internal or external: XML-RPC never needs one), nesting is
 bounded, and dates are read liberally (``20261123T10:00:00``, ISO 8601 with dashes or a zone).
-Answers never contain ``<nil/>``: a ``None`` struct member is left out, any other ``None`` is ''.
+Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
     parser.StartDoctypeDeclHandler = _refuse_doctype
     parser.EntityDeclHandler = _refuse_doctype
-    parser.XmlDeclHandler = lambda _version, encoding, standalone: target.xml(encoding or "utf-8", standalone)
+    target.xml(None, None)  # type: ignore[arg-type]  # as the stdlib parser does: expat decodes
     parser.StartElementHandler = target.start
     parser.EndElementHandler = target.end
     parser.CharacterDataHandler = target.data
@@ -85,7 +85,7 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
 def _scrub(value: Any) -> Any:
     """Replace what XML-RPC cannot say without extensions: None, tuples, huge ints."""
     if isinstance(value, dict):
-        return {str(k): _scrub(v) for k, v in value.items() if v is not None}
+        return {str(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     if value is None:

@@ -1,0 +1,150 @@
+"""Mailing methods end to end: a real xmlrpc.client over HTTPS against an in-process master."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import xmlrpc.client
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.helpers import aio_test
+
+
+async def _fault(call, *args) -> xmlrpc.client.Fault:
+    with pytest.raises(xmlrpc.client.Fault) as raised:
+        await call(*args)
+    return raised.value
+
+
+async def _new(api, **overrides) -> int:
+    args = {"mail_from": "news@example.org", "sender_name": "News", "subject": "Hi {{ firstname }}",
+            "html": "<h1>Title</h1><p>Coucou</p>", "plain": "Title\nCoucou\n", "charset": "UTF-8"}
+    args.update(overrides)
+    return await api.create_mailing(*args.values())
+
+
+@aio_test
+async def test_create_mailing_and_list_it(running_master):
+    api = running_master.proxy()
+    first = await _new(api)
+    second = await _new(api, mail_from="promo@Shop.example.com", plain="")
+    assert second > first >= 1
+    listed = await api.list_mailings({"id": [second]})
+    assert len(listed) == 1
+    mailing = listed[0]
+    assert mailing["id"] == second and mailing["domain_name"] == "shop.example.com"
+    assert mailing["status"] == "FILLING_RECIPIENTS" and mailing["type"] == "REGULAR"
+    assert mailing["total_recipient"] == 0 and mailing["read_tracking"] is True
+    assert isinstance(mailing["submit_time"], datetime.datetime)
+    assert mailing["dkim"] == {"enabled": False, "selector": "", "domain": ""}
+    assert mailing["scheduled_start"] == ""  # None is never sent as <nil/>
+    assert [m["id"] for m in await api.list_mailings([])] == [first, second]
+    assert [m["id"] for m in await api.list_mailings("shop.example.com")] == [second]
+    assert await api.get_mailings_count({"domain": ["example.org"]}) == 1
+    assert await api.get_mailings_count() == 2
+
+
+@aio_test
+async def test_create_mailing_refuses_bad_values(running_master):
+    api = running_master.proxy()
+    assert (await _fault(api.create_mailing, "not-an-address", "N", "S", "<p>x</p>", "x", "utf-8")).faultCode == 406
+    assert (await _fault(api.create_mailing, "a@example.org", "N", "S\r\nBcc: x@evil.test", "h", "p", "utf-8")
+            ).faultCode == 406
+    assert (await _fault(api.create_mailing, "a@example.org", "N\nX", "S", "h", "p", "utf-8")).faultCode == 406
+    assert (await _fault(api.create_mailing, "a@example.org", "N", "S", "h", "p", "no-such-charset")).faultCode == 406
+    assert (await _fault(api.create_mailing, "a@example.org", "N", "{% if %}", "h", "p", "utf-8")).faultCode == 406
+    fault = await _fault(api.create_mailing, "a@example.org")
+    assert fault.faultCode == 400 and "arguments" in fault.faultString
+
+
+@aio_test
+async def test_create_mailing_ext_keeps_the_message(running_master):
+    api = running_master.proxy()
+    message = (b"From: =?utf-8?q?Soci=C3=A9t=C3=A9?= <news@example.org>\r\nSubject: Ext\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBody\r\n")
+    mailing_id = await api.create_mailing_ext(base64.b64encode(message).decode())
+    mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    assert (mailing["mail_from"], mailing["sender_name"], mailing["subject"]) == ("news@example.org", "Société", "Ext")
+    binary_id = await api.create_mailing_ext(xmlrpc.client.Binary(message))
+    assert binary_id == mailing_id + 1
+    assert (await _fault(api.create_mailing_ext, base64.b64encode(b"Subject: x\r\n\r\nno from").decode())
+            ).faultCode == 406
+
+
+@aio_test
+async def test_set_mailing_properties_checks_types(running_master):
+    api = running_master.proxy()
+    mailing_id = await _new(api)
+    start = datetime.datetime(2030, 5, 1, 8, 0, 0)
+    key = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    assert await api.set_mailing_properties(mailing_id, {
+        "scheduled_start": start, "scheduled_end": "2030-05-02T08:00:00Z", "scheduled_duration": 1440,
+        "click_tracking": True, "owner_guid": "owner-1", "type": "OPENED", "satellite_group": "eu",
+        "tracking_url": "https://t.example.org/", "dkim": {"enabled": True, "selector": "s1",
+                                                         "domain": "example.org", "privkey": key},
+        "subject": "New {{ x }}", "charset": "utf-8", "testing": True}) == 0
+    mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    assert mailing["scheduled_start"] == start
+    assert mailing["scheduled_end"] == datetime.datetime(2030, 5, 2, 8, 0, 0)
+    assert (mailing["click_tracking"], mailing["type"], mailing["satellite_group"]) == (True, "OPENED", "eu")
+    assert mailing["subject"] == "New {{ x }}"
+    assert mailing["dkim"] == {"enabled": True, "selector": "s1", "domain": "example.org"}  # no private key
+    assert await api.get_mailings_count({"owner_guid": ["owner-1"]}) == 1
+    for bad in ({"unknown_key": 1}, {"type": "WEEKLY"}, {"owner_guid": "x" * 51},
+                {"scheduled_start": "tomorrow"}, {"click_tracking": "maybe"}, {"subject": "no charset"},
+                {"dkim": {"enabled": True, "selector": "s", "domain": "d", "privkey": "junk"}},
+                {"mail_from": "bad"}, {"sender_name": "a\r\nb"}, {"scheduled_duration": -1}):
+        assert (await _fault(api.set_mailing_properties, mailing_id, bad)).faultCode == 406, bad
+    assert (await _fault(api.set_mailing_properties, 999999, {"type": "REGULAR"})).faultCode == 404
+
+
+@aio_test
+async def test_start_pause_delete(running_master):
+    api = running_master.proxy()
+    mailing_id = await _new(api)
+    assert await api.start_mailing(mailing_id) == "READY"
+    assert await api.pause_mailing(mailing_id) == "PAUSED"
+    assert await api.start_mailing(mailing_id) == "READY"
+    assert await api.delete_mailing(mailing_id) == 0
+    for method in (api.start_mailing, api.pause_mailing, api.delete_mailing):
+        assert (await _fault(method, mailing_id)).faultCode == 404
+    assert (await _fault(api.start_mailing, "abc")).faultCode == 406
+
+
+@aio_test
+async def test_delete_all_mailings_for_domain(running_master):
+    api = running_master.proxy()
+    await _new(api, mail_from="a@one.example")
+    await _new(api, mail_from="b@one.example")
+    kept = await _new(api, mail_from="c@two.example")
+    assert await api.delete_all_mailings_for_domain("one.example") == 2
+    assert [m["id"] for m in await api.list_mailings()] == [kept]
+
+
+@aio_test
+async def test_introspection_and_legacy_methods(running_master):
+    api = running_master.proxy()
+    methods = await api.system.listMethods()
+    assert "add_recipients" in methods and "get_recipients_status_updated_since" in methods
+    assert "cursor" in await api.system.methodHelp("get_recipients_status_updated_since")
+    assert (await api.system.methodSignature("start_mailing")) == [["string", "int"]]
+    assert (await _fault(api.system.methodHelp, "nope")).faultCode == 404
+    assert (await _fault(api.no_such_method)).faultCode == 404
+    for legacy in (api.update_statistics, api.mailing_manager_force_check, api.force_purge_empty_mailings):
+        assert await legacy() == 0
+
+
+@aio_test
+async def test_force_purge_closes_started_empty_mailings(running_master):
+    api = running_master.proxy()
+    mailing_id = await _new(api)
+    await api.set_mailing_properties(mailing_id, {"dont_close_if_empty": True})
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "RUNNING"
+    await api.force_purge_empty_mailings()
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"

@@ -1,0 +1,144 @@
+"""Recipient methods end to end over HTTPS, including the seed client's polling loop."""
+
+from __future__ import annotations
+
+import xmlrpc.client
+
+import pytest
+
+from tests.helpers import aio_test
+
+
+async def _mailing(api) -> int:
+    return await api.create_mailing("news@example.org", "News", "Hi {{ firstname }}", "<p>x</p>", "x", "UTF-8")
+
+
+@aio_test
+async def test_add_recipients_answers_in_order_with_per_entry_errors(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    answer = await api.add_recipients(mailing_id, [
+        {"email": "john.doe@example.org", "firstname": "John", "lastname": "DOE"},
+        {"email": "not an address"},
+        {"firstname": "no email"},
+        {"email": "jose@bücher.de", "tracking_id": "T-1"},
+        {"email": "dup@example.org", "tracking_id": "T-1"},
+        {"email": "x@example.org", "bad.key": 1},
+        {"email": "y@example.org", "attachments": [{"filename": "a.txt", "content_type": "text/plain",
+                                                     "content": xmlrpc.client.Binary(b"hello")}]},
+        {"email": "z@example.org", "attachments": [{"filename": "a.txt"}]},
+    ])
+    assert [a["email"] for a in answer] == ["john.doe@example.org", "not an address", "", "jose@bücher.de",
+                                            "dup@example.org", "x@example.org", "y@example.org", "z@example.org"]
+    ok = [i for i, a in enumerate(answer) if "id" in a]
+    assert ok == [0, 3, 6]
+    assert all(("id" in a) != ("error" in a) for a in answer)
+    assert answer[3]["id"] == "T-1" and "already exists" in answer[4]["error"]
+    mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    assert mailing["total_recipient"] == 3 and mailing["total_pending"] == 3
+    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 3
+    status = await api.get_recipients_status([answer[0]["id"], "unknown-id"], {"with_contact_data": True})
+    assert len(status) == 1
+    assert status[0]["status"] == "READY" and status[0]["contact"] == {"firstname": "John", "lastname": "DOE"}
+
+
+@aio_test
+async def test_add_recipients_limits_and_unknown_mailing(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    with pytest.raises(xmlrpc.client.Fault) as raised:
+        await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(1001)])
+    assert raised.value.faultCode == 400
+    with pytest.raises(xmlrpc.client.Fault) as raised:
+        await api.add_recipients(987654, [{"email": "a@example.org"}])
+    assert raised.value.faultCode == 404
+    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 0
+
+
+@aio_test
+async def test_send_test_recipients_are_not_counted(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    answer = await api.send_test(mailing_id, [{"email": "qa@example.org"}])
+    assert "id" in answer[0]
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["total_recipient"] == 0
+    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 0
+
+
+@aio_test
+async def test_seed_client_polling_loop_sees_each_change_once(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    answer = await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(7)])
+    ids = [a["id"] for a in answer]
+    result = await api.get_recipients_status_updated_since("", [], 1000)
+    assert result["recipients"] == []  # READY is not reported by default
+    cursor = result["cursor"]
+    status_log = running_master.master.services.recipients._status_log
+    from cloudmailing.storage.status_log import StatusChange
+    from cloudmailing.services.clock import utc_now
+    await status_log.apply([StatusChange(rid, "FINISHED", {"reply_code": 250}) for rid in ids[:5]],
+                           utc_now(running_master.master.reactor))
+    collected = []
+    while True:
+        page = await api.get_recipients_status_updated_since(cursor, [], 2)
+        cursor = page["cursor"]
+        if not page["recipients"]:
+            break
+        collected.extend(page["recipients"])
+    assert [r["id"] for r in collected] == ids[:5]
+    assert all(r["status"] == "FINISHED" and r["reply_code"] == 250 for r in collected)
+    # A reset is a change too, reported when READY is asked for.
+    assert await api.reset_recipients_status(ids[:1]) == 0
+    page = await api.get_recipients_status_updated_since(cursor, {"status": ["READY"]}, 10)
+    assert [(r["id"], r["status"]) for r in page["recipients"]] == [(ids[0], "READY")]
+    mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    assert (mailing["total_sent"], mailing["total_pending"]) == (4, 3)
+    with pytest.raises(xmlrpc.client.Fault) as raised:
+        await api.get_recipients_status_updated_since("garbage", [], 10)
+    assert raised.value.faultCode == 406
+
+
+@aio_test
+async def test_recipient_filters(running_master):
+    api = running_master.proxy()
+    first = await _mailing(api)
+    second = await api.create_mailing("a@other.example", "A", "S", "<p>x</p>", "x", "utf-8")
+    await api.set_mailing_properties(second, {"owner_guid": "owner-2"})
+    await api.add_recipients(first, [{"email": "a@example.org"}])
+    await api.add_recipients(second, [{"email": "b@example.org"}, {"email": "c@example.org"}])
+    assert await api.get_recipients_count({"owners": ["owner-2"]}) == 2
+    assert await api.get_recipients_count({"sender_domains": ["other.example"]}) == 2
+    assert await api.get_recipients_count({"status": ["READY"], "mailings": [first]}) == 1
+    assert await api.get_recipients_count([]) == 3
+    with pytest.raises(xmlrpc.client.Fault) as raised:
+        await api.get_recipients_count({"status": ["SENT"]})
+    assert raised.value.faultCode == 406
+
+
+@aio_test
+async def test_satellite_registry(running_master):
+    api = running_master.proxy()
+    sat_id = await api.cloud_add_satellite("sat-1", {"group": "eu", "domain_affinity": ["Example.org"]})
+    assert await api.cloud_get_satellites_count() == 1
+    listed = await api.cloud_list_satellites()
+    assert listed[0]["serial"] == "sat-1" and listed[0]["domain_affinity"] == ["example.org"]
+    assert listed[0]["connected"] is False and listed[0]["in_flight"] == 0
+    assert await api.cloud_set_satellite_properties(sat_id, {"enabled": False}) == sat_id
+    assert (await api.cloud_list_satellites())[0]["enabled"] is False
+    for call, args, code in ((api.cloud_add_satellite, ("sat-1", {}), 400),
+                             (api.cloud_set_satellite_properties, (sat_id, {"colour": 1}), 406),
+                             (api.cloud_set_satellite_properties, (999, {"enabled": True}), 404),
+                             (api.cloud_delete_satellite, (999,), 404)):
+        with pytest.raises(xmlrpc.client.Fault) as raised:
+            await call(*args)
+        assert raised.value.faultCode == code
+    assert await api.cloud_delete_satellite(sat_id) == 0
+    assert await api.cloud_get_satellites_count() == 0
+
+
+@aio_test
+async def test_hourly_statistics_empty_without_deliveries(running_master):
+    api = running_master.proxy()
+    assert await api.get_hourly_statistics({"from_date": "2026-01-01T00:00:00", "to_date": "2026-12-31",
+                                            "senders": []}) == []

@@ -1,0 +1,95 @@
+"""Mailing life cycle driven by a fake clock: scheduled start, time-out, finish."""
+
+from __future__ import annotations
+
+import datetime
+
+from cloudmailing.master.app import build_services
+from cloudmailing.storage.status_log import SequenceAllocator, StatusChange, StatusLog
+from tests.helpers import aio_test
+
+
+async def _services(database, clock):
+    allocator = SequenceAllocator(database)
+    await allocator.start()
+    return build_services(database, StatusLog(database, allocator), clock)
+
+
+async def _status(services, mailing_id):
+    return (await services.mailings.list({"id": [mailing_id]}))[0]
+
+
+@aio_test
+async def test_scheduled_start_then_finish_when_all_final(database, clock):
+    services = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    start = datetime.datetime.utcfromtimestamp(clock.seconds() + 3600)
+    await services.mailings.set_properties(mailing_id, {"scheduled_start": start})
+    answer = await services.recipients.add(mailing_id, [{"email": "a@example.org"}, {"email": "b@example.org"}])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "READY"
+    clock.advance(3601)
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "RUNNING"
+    status_log = services.recipients._status_log
+    from cloudmailing.services.clock import utc_now
+    await status_log.apply([StatusChange(answer[0]["id"], "FINISHED")], utc_now(clock))
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "RUNNING"
+    await status_log.apply([StatusChange(answer[1]["id"], "ERROR")], utc_now(clock))
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert mailing["status"] == "FINISHED"
+    assert (mailing["total_sent"], mailing["total_error"], mailing["total_pending"]) == (1, 1, 0)
+
+
+@aio_test
+async def test_duration_times_out_remaining_recipients(database, clock):
+    services = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.mailings.set_properties(mailing_id, {"scheduled_duration": 60})
+    await services.recipients.add(mailing_id, [{"email": f"u{i}@example.org"} for i in range(5)])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    clock.advance(59 * 60)
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "RUNNING"
+    clock.advance(61)
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert mailing["status"] == "FINISHED" and mailing["total_error"] == 5
+    changes = await services.reports.updated_since("", {"status": ["TIMEOUT"]}, 100, {})
+    assert len(changes["recipients"]) == 5
+
+
+@aio_test
+async def test_opened_and_dont_close_if_empty_stay_open(database, clock):
+    services = await _services(database, clock)
+    opened = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.mailings.set_properties(opened, {"type": "OPENED"})
+    empty = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    closing = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.mailings.set_properties(empty, {"dont_close_if_empty": True})
+    for mailing_id in (opened, empty, closing):
+        await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    await services.lifecycle.tick()
+    assert (await _status(services, opened))["status"] == "RUNNING"
+    assert (await _status(services, empty))["status"] == "RUNNING"
+    assert (await _status(services, closing))["status"] == "FINISHED"
+
+
+@aio_test
+async def test_recover_rolls_back_cut_batches_and_recounts(database, clock):
+    services = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.recipients.add(mailing_id, [{"email": "kept@example.org"}])
+    # A batch cut by a crash: announced, partly written, never acknowledged.
+    await database.ingest_batches.insert_one({"_id": "cut", "mailing_id": mailing_id})
+    await database.recipients.insert_one({"_id": "half", "mailing_id": mailing_id, "email": "h@example.org",
+                                          "status": "READY", "test": False, "ingest_batch": "cut"})
+    await database.mailings.update_one({"_id": mailing_id}, {"$set": {"counts": {"READY": 7}}})
+    await services.lifecycle.recover()
+    assert await database.recipients.count_documents({}) == 1
+    assert (await _status(services, mailing_id))["total_recipient"] == 1

@@ -13,7 +13,7 @@ import time
 import uuid
 import xmlrpc.client
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet import task
@@ -117,7 +117,7 @@ class AsyncProxy:
         context.verify_mode = ssl.CERT_NONE
         self._proxy = xmlrpc.client.ServerProxy(url, context=context, use_builtin_types=True)
 
-    def __getattr__(self, name: str) -> "_AsyncMethod":
+    def __getattr__(self, name: str) -> _AsyncMethod:
         return _AsyncMethod(self._proxy, name)
 
 
@@ -125,7 +125,7 @@ class _AsyncMethod:
     def __init__(self, proxy: xmlrpc.client.ServerProxy, name: str) -> None:
         self._proxy, self._name = proxy, name
 
-    def __getattr__(self, name: str) -> "_AsyncMethod":  # system.listMethods and the like
+    def __getattr__(self, name: str) -> _AsyncMethod:  # system.listMethods and the like
         return _AsyncMethod(self._proxy, f"{self._name}.{name}")
 
     def __call__(self, *args: Any) -> Any:

@@ -15,7 +15,9 @@ def install_reactor() -> Any:
     if "twisted.internet.reactor" not in sys.modules:
         from twisted.internet import asyncioreactor
 
-        asyncioreactor.install(asyncio.new_event_loop())
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # start-up callbacks run before the loop does: they must find it
+        asyncioreactor.install(loop)
     from twisted.internet import reactor
 
     return reactor

@@ -75,8 +75,8 @@ async def test_seed_client_polling_loop_sees_each_change_once(running_master):
     assert result["recipients"] == []  # READY is not reported by default
     cursor = result["cursor"]
     status_log = running_master.master.services.recipients._status_log
-    from cloudmailing.storage.status_log import StatusChange
     from cloudmailing.services.clock import utc_now
+    from cloudmailing.storage.status_log import StatusChange
     await status_log.apply([StatusChange(rid, "FINISHED", {"reply_code": 250}) for rid in ids[:5]],
                            utc_now(running_master.master.reactor))
     collected = []

@@ -1,0 +1,514 @@
+"""Delivery policy: which connection sends which message, when to back off, what to report.
+
+:class:`DeliveryScheduler` takes :class:`DeliveryJob` objects (one personalized message for one
+recipient), resolves the recipient domain's mail hosts, and delivers through
+:class:`~cloudmailing.satellite.smtp_client.SmtpConnection` objects:
+
+* one queue per recipient domain, served by workers; each worker holds one connection and sends
+  queued messages on it one after another (up to ``max_messages_per_connection``), lingering
+  ``idle_timeout`` seconds for more before it says QUIT (at once when another destination
+  waits for a connection slot);
+* at most ``max_connections_per_host`` connections per MX address and ``max_connections`` in
+  all; new connections go to the best MX host that is not backing off, and a worker whose
+  connection fails tries the next MX host;
+* back-off (:class:`HostBackoff`): a 421, or ``backoff_burst`` temporary failures in a row,
+  pauses new connections to that MX address for a growing delay, reset by a delivered message.
+  Jobs wait for a short pause; when every MX host of a domain is paused for longer than
+  ``max_backoff_wait``, its queued jobs are reported as WARNING (the master retries them);
+* jobs of a ``testing`` mailing go to ``test_target`` (the domain is still resolved, so DNS
+  still decides deliverability).
+
+Every job gets exactly one :class:`~cloudmailing.satellite.outcomes.DeliveryOutcome`, passed to
+``on_outcome(job, outcome)``. The scheduler does not decide ``next_try``: the master does, with
+:class:`~cloudmailing.satellite.outcomes.RetrySchedule`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cloudmailing.satellite import outcomes
+from cloudmailing.satellite.mx_resolver import MailHost, PermanentDnsError
+from cloudmailing.satellite.outcomes import DeliveryOutcome
+from cloudmailing.satellite.smtp_client import (
+    Clock,
+    DelayedCallLike,
+    SmtpClientOptions,
+    SmtpConnectError,
+    SmtpConnection,
+    TcpReactor,
+)
+
+log = logging.getLogger("cloudmailing.satellite.delivery")
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """One message for one recipient, ready to send (personalized, signed, CRLF line endings)."""
+
+    recipient_id: str
+    domain: str
+    envelope_from: str
+    recipient: str
+    data: bytes
+    mailing_id: str = ""
+    testing: bool = False  # the mailing's ``testing`` property: deliver to ``test_target``
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Scheduler settings (the satellite's ``[delivery]`` configuration)."""
+
+    helo_hostname: str = "localhost"
+    smtp_port: int = 25
+    test_target: tuple[str, int] | None = None
+    max_connections: int = 200
+    max_connections_per_host: int = 4
+    max_messages_per_connection: int = 100
+    connect_timeout: float = 30.0
+    reply_timeout: float = 120.0
+    idle_timeout: float = 2.0
+    starttls: bool = True
+    backoff_initial: float = 5.0
+    backoff_factor: float = 2.0
+    backoff_maximum: float = 600.0
+    backoff_burst: int = 5
+    max_backoff_wait: float = 60.0
+
+
+class Resolver(Protocol):
+    """What the scheduler needs from ``mx_resolver.MxResolver``."""
+
+    async def resolve(self, domain: str) -> list[MailHost]: ...
+
+
+OutcomeCallback = Callable[[DeliveryJob, DeliveryOutcome], None]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where to connect: an MX host address (or the test target) and a port."""
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+class HostBackoff:
+    """Per-destination back-off: pause new connections after a 421 or a burst of failures."""
+
+    def __init__(self, clock: Clock, config: DeliveryConfig) -> None:
+        self._clock = clock
+        self._config = config
+        self._failures: dict[tuple[str, int], int] = {}
+        self._delay: dict[tuple[str, int], float] = {}
+        self._paused_until: dict[tuple[str, int], float] = {}
+
+    def remaining(self, key: tuple[str, int]) -> float:
+        """Seconds before new connections to ``key`` are allowed again (0: allowed now)."""
+        until = self._paused_until.get(key)
+        if until is None:
+            return 0.0
+        left = until - self._clock.seconds()
+        if left <= 0:
+            del self._paused_until[key]
+            return 0.0
+        return left
+
+    def success(self, key: tuple[str, int]) -> None:
+        """A message was delivered: the destination is healthy again."""
+        self._failures.pop(key, None)
+        self._delay.pop(key, None)
+        self._paused_until.pop(key, None)
+
+    def failure(self, key: tuple[str, int], reply_code: int | None) -> None:
+        """A temporary failure; pause at once on 421, else after a burst of them.
+
+        Failures seen while already paused (other connections of the same wave) are ignored,
+        so that a pause grows once per wave, not once per connection.
+        """
+        if self.remaining(key) > 0:
+            return
+        count = self._failures.get(key, 0) + 1
+        if reply_code == 421 or count >= self._config.backoff_burst:
+            self._pause(key)
+            count = 0
+        self._failures[key] = count
+
+    def _pause(self, key: tuple[str, int]) -> None:
+        previous = self._delay.get(key, 0.0)
+        delay = self._config.backoff_initial if previous == 0 else previous * self._config.backoff_factor
+        delay = min(delay, self._config.backoff_maximum)
+        self._delay[key] = delay
+        self._paused_until[key] = self._clock.seconds() + delay
+        log.info("backing off %s:%d for %.0f s", key[0], key[1], delay)
+
+
+@dataclass
+class _Destination:
+    """The queue of one recipient domain (testing jobs apart) and who serves it."""
+
+    domain: str
+    testing: bool
+    jobs: deque[DeliveryJob] = field(default_factory=deque)
+    route: list[_Target] | None = None
+    resolving: bool = False
+    workers: int = 0
+    connecting: int = 0
+    connected: int = 0
+    waking: bool = False  # an idle worker elsewhere was asked to free a slot for us
+    idle: deque[asyncio.Future[DeliveryJob | None]] = field(default_factory=deque)
+    wake_timer: DelayedCallLike | None = None
+
+
+class DeliveryScheduler:
+    """Delivers jobs through pooled SMTP connections and reports one outcome per job."""
+
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        resolver: Resolver,
+        on_outcome: OutcomeCallback,
+        reactor: TcpReactor | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if reactor is None or clock is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = reactor or default_reactor
+            clock = clock or default_reactor
+        self.config = config
+        self._resolver = resolver
+        self._on_outcome = on_outcome
+        self._reactor: TcpReactor = reactor
+        self._clock: Clock = clock
+        self._options = SmtpClientOptions(
+            config.helo_hostname, config.connect_timeout, config.reply_timeout, config.starttls
+        )
+        self.backoff = HostBackoff(self._clock, config)
+        self._destinations: dict[tuple[str, bool], _Destination] = {}
+        self._per_host: dict[tuple[str, int], int] = {}
+        self._connections = 0
+        self._blocked: dict[int, _Destination] = {}  # waiting for connection slots
+        self._idle_workers: dict[asyncio.Future[DeliveryJob | None], tuple[str, int]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._pending = 0
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- public API --------------------------------------------------------------------------
+    def submit(self, job: DeliveryJob) -> None:
+        """Queue a job; its outcome will be passed to ``on_outcome``."""
+        self._pending += 1
+        key = (job.domain.lower(), job.testing)
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(key[0], job.testing)
+        while dest.idle:
+            waiter = dest.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(job)  # a lingering connection takes it at once
+                return
+        dest.jobs.append(job)
+        self._pump(dest)
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet reported."""
+        return self._pending
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being opened or open."""
+        return self._connections
+
+    async def drain(self) -> None:
+        """Wait until every submitted job has been reported."""
+        while self._pending:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    async def close(self) -> None:
+        """QUIT lingering connections and wait for the workers. Queued jobs are not reported."""
+        for dest in self._destinations.values():
+            dest.jobs.clear()
+            while dest.idle:
+                waiter = dest.idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+            if dest.wake_timer is not None and dest.wake_timer.active():
+                dest.wake_timer.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _report(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        self._pending -= 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s: %s %s", job.recipient_id, outcome.status, outcome.reply_code,
+                outcome.reply_text,
+                extra={"mailing_id": job.mailing_id, "recipient_id": job.recipient_id},
+            )
+        try:
+            self._on_outcome(job, outcome)
+        except Exception:
+            log.exception("on_outcome failed for %s", job.recipient_id,
+                          extra={"mailing_id": job.mailing_id, "recipient_id": job.recipient_id})
+        if self._pending == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _fail_queued(self, dest: _Destination, make: Callable[[str], DeliveryOutcome]) -> None:
+        while dest.jobs:
+            job = dest.jobs.popleft()
+            self._report(job, make(job.recipient_id))
+        self._forget_if_idle(dest)
+
+    def _forget_if_idle(self, dest: _Destination) -> None:
+        if dest.jobs or dest.workers or dest.resolving:
+            return
+        if dest.wake_timer is not None and dest.wake_timer.active():
+            return
+        key = (dest.domain, dest.testing)
+        if self._destinations.get(key) is dest:
+            del self._destinations[key]
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _pump(self, dest: _Destination) -> None:
+        """Start workers for ``dest`` while it has waiting jobs and capacity allows."""
+        if dest.route is None:
+            if not dest.resolving and dest.jobs:
+                dest.resolving = True
+                self._spawn(self._resolve(dest))
+            return
+        while len(dest.jobs) > dest.connecting:
+            target_index = self._first_open_target(dest)
+            if target_index is None:
+                return
+            target = dest.route[target_index]
+            host_full = self._per_host.get(target.key, 0) >= self.config.max_connections_per_host
+            if host_full or self._connections >= self.config.max_connections:
+                self._blocked[id(dest)] = dest  # pumped again when a slot frees up
+                if not dest.waking:
+                    self._wake_idle_worker(target.key if host_full else None, dest)
+                return
+            self._reserve(target)
+            dest.workers += 1
+            dest.connecting += 1
+            self._spawn(self._worker(dest, target_index))
+
+    def _first_open_target(self, dest: _Destination) -> int | None:
+        """The best target not backing off; None (and a plan) when all of them are."""
+        assert dest.route is not None
+        waits = []
+        for index, target in enumerate(dest.route):
+            wait = self.backoff.remaining(target.key)
+            if wait == 0:
+                return index
+            waits.append(wait)
+        shortest = min(waits)
+        if shortest > self.config.max_backoff_wait:
+            self._fail_queued(dest, lambda rid: outcomes.temporary_failure(
+                rid, f"not tried: every mail host of {dest.domain} is backing off"))
+        elif dest.wake_timer is None or not dest.wake_timer.active():
+            dest.wake_timer = self._clock.callLater(shortest, self._pump, dest)
+        return None
+
+    def _reserve(self, target: _Target) -> None:
+        self._connections += 1
+        self._per_host[target.key] = self._per_host.get(target.key, 0) + 1
+
+    def _release(self, target: _Target) -> None:
+        self._connections -= 1
+        left = self._per_host[target.key] - 1
+        if left:
+            self._per_host[target.key] = left
+        else:
+            del self._per_host[target.key]
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _capacity_freed(self, dest: _Destination) -> None:
+        self._pump(dest)
+        blocked, self._blocked = self._blocked, {}
+        for waiting in blocked.values():
+            waiting.waking = False
+            self._pump(waiting)
+
+    def _wake_idle_worker(self, key: tuple[str, int] | None, dest: _Destination) -> None:
+        """Make a lingering connection (to ``key``, or any) QUIT so that ``dest`` gets its slot."""
+        for waiter, waiter_key in self._idle_workers.items():
+            if not waiter.done() and (key is None or waiter_key == key):
+                dest.waking = True
+                waiter.set_result(None)
+                return
+
+    # -- DNS ---------------------------------------------------------------------------------
+    async def _resolve(self, dest: _Destination) -> None:
+        try:
+            hosts = await self._resolver.resolve(dest.domain)
+        except PermanentDnsError as error:
+            self._dns_failed(dest, error.reason, permanent=True)
+            return
+        except Exception as error:  # noqa: BLE001 - TemporaryDnsError or a resolver bug: retry later
+            self._dns_failed(dest, getattr(error, "reason", str(error)), permanent=False)
+            return
+        dest.resolving = False
+        dest.route = self._route(dest, hosts)
+        if not dest.route:
+            self._fail_queued(dest, lambda rid: outcomes.temporary_failure(rid, self._no_route(dest)))
+            return
+        self._pump(dest)
+
+    def _dns_failed(self, dest: _Destination, reason: str, permanent: bool) -> None:
+        dest.resolving = False
+        make = outcomes.permanent_failure if permanent else outcomes.temporary_failure
+        log.info("DNS failure for %s: %s", dest.domain, reason)
+        self._fail_queued(dest, lambda rid: make(rid, reason))
+
+    def _route(self, dest: _Destination, hosts: Sequence[MailHost]) -> list[_Target]:
+        if dest.testing:
+            test = self.config.test_target
+            return [_Target("test-target", test[0], test[1])] if test else []
+        return [_Target(h.name, h.address, self.config.smtp_port) for h in hosts]
+
+    def _no_route(self, dest: _Destination) -> str:
+        if dest.testing:
+            return "testing mailing, but this satellite has no test_target"
+        return f"no mail host for {dest.domain}"
+
+    # -- workers -----------------------------------------------------------------------------
+    async def _worker(self, dest: _Destination, target_index: int) -> None:
+        """Open a connection (falling back along the MX list), then send queued jobs on it."""
+        try:
+            try:
+                opened = await self._open(dest, target_index)
+            finally:
+                dest.connecting -= 1
+            if opened is None:
+                return
+            connection, target = opened
+            dest.connected += 1
+            try:
+                await self._send_queued(dest, connection, target)
+            finally:
+                dest.connected -= 1
+                self._release(target)
+                self._capacity_freed(dest)  # blocked destinations may start while we QUIT
+                await connection.close()
+        finally:
+            dest.workers -= 1
+            self._capacity_freed(dest)
+            self._forget_if_idle(dest)
+
+    async def _open(
+        self, dest: _Destination, index: int
+    ) -> tuple[SmtpConnection, _Target] | None:
+        """Connect to ``route[index]``, else to the following targets; None if all fail."""
+        assert dest.route is not None
+        target = dest.route[index]
+        error: SmtpConnectError | None = None
+        while True:
+            connection = SmtpConnection(self._options, target.name, self._reactor, self._clock)
+            try:
+                await connection.connect(target.address, target.port)
+                return connection, target
+            except SmtpConnectError as failed:
+                error = failed
+                log.info("cannot connect to %s [%s]: %s", target.name, target.address, failed.reason)
+                self.backoff.failure(target.key, failed.reply_code)
+                self._release(target)
+            next_target = self._next_target(dest, index)
+            if next_target is None:
+                break
+            index, target = next_target
+            self._reserve(target)
+        if not self._busy_after(dest, index):
+            self._connection_failed_everywhere(dest, target, error)
+        return None
+
+    def _next_target(self, dest: _Destination, index: int) -> tuple[int, _Target] | None:
+        assert dest.route is not None
+        for next_index in range(index + 1, len(dest.route)):
+            target = dest.route[next_index]
+            if self.backoff.remaining(target.key) > 0:
+                continue
+            if self._per_host.get(target.key, 0) < self.config.max_connections_per_host:
+                return next_index, target
+        return None
+
+    def _busy_after(self, dest: _Destination, index: int) -> bool:
+        """Whether a target after ``index`` was skipped only because its pool is full."""
+        assert dest.route is not None
+        return any(
+            self.backoff.remaining(t.key) == 0
+            and self._per_host.get(t.key, 0) >= self.config.max_connections_per_host
+            for t in dest.route[index + 1 :]
+        )
+
+    def _connection_failed_everywhere(
+        self, dest: _Destination, target: _Target, error: SmtpConnectError | None
+    ) -> None:
+        # Other workers connected: they will serve the queue. Otherwise the domain is down now.
+        if dest.connected or error is None:
+            return
+        reason = f"{target.name} [{target.address}]: {error.reason}"
+        self._fail_queued(dest, lambda rid: outcomes.temporary_failure(
+            rid, reason, error.smtp_log, target.name, error.reply_code))
+
+    async def _send_queued(
+        self, dest: _Destination, connection: SmtpConnection, target: _Target
+    ) -> None:
+        while connection.usable and connection.messages_sent < self.config.max_messages_per_connection:
+            job = await self._next_job(dest, target)
+            if job is None:
+                return
+            if not connection.usable:  # closed by the server while we lingered
+                dest.jobs.appendleft(job)
+                return
+            outcome = await connection.send(job.envelope_from, job.recipient, job.data, job.recipient_id)
+            self._account(target, outcome, connection.saw_421)
+            self._report(job, outcome)
+
+    async def _next_job(self, dest: _Destination, target: _Target) -> DeliveryJob | None:
+        """The next queued job, or one submitted within ``idle_timeout``; None when none comes.
+
+        A lingering worker also gets None when another destination needs its connection slot.
+        """
+        if dest.jobs:
+            return dest.jobs.popleft()
+        if self._blocked:  # other destinations wait for a slot: give ours up rather than linger
+            return None
+        waiter: asyncio.Future[DeliveryJob | None] = asyncio.get_running_loop().create_future()
+        dest.idle.append(waiter)
+        self._idle_workers[waiter] = target.key
+        timer = self._clock.callLater(self.config.idle_timeout, _settle, waiter, None)
+        try:
+            return await waiter
+        finally:
+            del self._idle_workers[waiter]
+            if timer.active():
+                timer.cancel()
+
+    def _account(self, target: _Target, outcome: DeliveryOutcome, saw_421: bool) -> None:
+        if outcome.status == outcomes.FINISHED:
+            self.backoff.success(target.key)
+        elif outcome.status == outcomes.WARNING:
+            self.backoff.failure(target.key, 421 if saw_421 else outcome.reply_code)
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)

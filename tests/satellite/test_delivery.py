@@ -1,0 +1,388 @@
+"""DeliveryScheduler against real SMTP servers on 127.0.0.x, with an in-test resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from cloudmailing.satellite.delivery import (
+    DeliveryConfig,
+    DeliveryJob,
+    DeliveryScheduler,
+    HostBackoff,
+)
+from cloudmailing.satellite.mx_resolver import MailHost, PermanentDnsError, TemporaryDnsError
+from cloudmailing.satellite.outcomes import ERROR, FINISHED, WARNING, DeliveryOutcome
+from tests.helpers import run
+from tests.satellite.smtp_servers import Behaviour, start_servers
+
+MESSAGE = b"From: <s@example.test>\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+def aio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Deferred[None]]:
+    """Run an asyncio test coroutine on the reactor (pytest-twisted waits for the Deferred)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(test(*args, **kwargs)))
+
+    return wrapper
+
+
+class StaticResolver:
+    """Domain → MX hosts, or the DNS error to raise; counts lookups."""
+
+    def __init__(self, table: dict[str, list[MailHost] | Exception]) -> None:
+        self.table = table
+        self.lookups = 0
+
+    async def resolve(self, domain: str) -> list[MailHost]:
+        self.lookups += 1
+        answer = self.table[domain]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def mx(address: str, preference: int = 10) -> MailHost:
+    return MailHost(f"mx-{address}", address, preference)
+
+
+class World:
+    """Servers on several loopback addresses sharing one port, and a scheduler to drive."""
+
+    def __init__(self, behaviours: dict[str, Behaviour]) -> None:
+        self.servers, self.port = start_servers(behaviours)
+        self.outcomes: list[tuple[DeliveryJob, DeliveryOutcome]] = []
+        self.scheduler: DeliveryScheduler | None = None
+
+    def start(self, table: dict[str, list[MailHost] | Exception], clock: Clock | None = None,
+              **config: Any) -> DeliveryScheduler:
+        settings = {"helo_hostname": "sat.example.test", "smtp_port": self.port,
+                    "connect_timeout": 5.0, "reply_timeout": 5.0, **config}
+        self.resolver = StaticResolver(table)
+        self.scheduler = DeliveryScheduler(
+            DeliveryConfig(**settings), self.resolver,
+            lambda job, outcome: self.outcomes.append((job, outcome)), clock=clock,
+        )
+        return self.scheduler
+
+    def statuses(self) -> dict[str, str]:
+        return {job.recipient_id: outcome.status for job, outcome in self.outcomes}
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        for server in self.servers.values():
+            await server.stop()
+
+
+@pytest.fixture
+def world() -> Iterator[Callable[[dict[str, Behaviour]], World]]:
+    made: list[World] = []
+
+    def make(behaviours: dict[str, Behaviour]) -> World:
+        made.append(World(behaviours))
+        return made[-1]
+
+    yield make
+    for item in made:
+        run(item.stop())
+
+
+def jobs(domain: str, count: int, prefix: str = "", testing: bool = False) -> list[DeliveryJob]:
+    prefix = prefix or domain
+    return [
+        DeliveryJob(f"{prefix}-{i}", domain, "bounce@example.test", f"user{i}@{domain}", MESSAGE,
+                    "mailing-1", testing)
+        for i in range(count)
+    ]
+
+
+async def deliver(scheduler: DeliveryScheduler, batch: list[DeliveryJob]) -> None:
+    for job in batch:
+        scheduler.submit(job)
+    await scheduler.drain()
+
+
+# -- delivering -----------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_every_job_delivered_and_reported_once(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]})
+    await deliver(scheduler, jobs("a.test", 40))
+
+    assert w.statuses() == {f"a.test-{i}": FINISHED for i in range(40)}
+    assert len(w.outcomes) == 40
+    server = w.servers["127.0.0.2"]
+    assert sorted(m.rcpt_to[0] for m in server.messages) == sorted(f"user{i}@a.test" for i in range(40))
+    assert server.connections_total <= 4  # connections were reused
+    assert w.resolver.lookups == 1
+    assert all(o.mx_host == "mx-127.0.0.2" for _, o in w.outcomes)
+
+
+@aio_test
+async def test_per_host_connection_bound(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, max_connections_per_host=3)
+    await deliver(scheduler, jobs("a.test", 90))
+
+    assert w.servers["127.0.0.2"].max_concurrent == 3
+    assert set(w.statuses().values()) == {FINISHED}
+
+
+@aio_test
+async def test_global_connection_bound(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")], "b.test": [mx("127.0.0.3")]},
+                        max_connections=3, max_connections_per_host=4)
+    peak = 0
+
+    def watch(job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        nonlocal peak
+        peak = max(peak, scheduler.open_connections)
+
+    scheduler._on_outcome = watch  # observe the bound while delivering
+    await deliver(scheduler, jobs("a.test", 60) + jobs("b.test", 60))
+
+    assert peak == 3
+    assert w.servers["127.0.0.2"].message_count == w.servers["127.0.0.3"].message_count == 60
+
+
+@aio_test
+async def test_messages_per_connection_limit(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]},
+                        max_connections_per_host=1, max_messages_per_connection=5)
+    await deliver(scheduler, jobs("a.test", 20))
+
+    server = w.servers["127.0.0.2"]
+    assert server.connections_total == 4 and server.message_count == 20
+
+
+@aio_test
+async def test_lingering_connection_takes_later_jobs(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, idle_timeout=5.0)
+    await deliver(scheduler, jobs("a.test", 1, "first"))
+    await deliver(scheduler, jobs("a.test", 1, "second"))
+
+    assert w.servers["127.0.0.2"].connections_total == 1
+    assert w.statuses() == {"first-0": FINISHED, "second-0": FINISHED}
+
+
+@aio_test
+async def test_idle_connection_is_closed_after_idle_timeout(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    clock = Clock()
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, clock=clock, idle_timeout=2.0)
+    await deliver(scheduler, jobs("a.test", 1))
+    server = w.servers["127.0.0.2"]
+    assert server.open_connections == 1
+    clock.advance(2.0)
+    for _ in range(100):
+        if server.open_connections == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.open_connections == 0 and scheduler.open_connections == 0
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_rejections_and_greylisting(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(rcpt_code=550), "127.0.0.3": Behaviour(tempfail_first=True)})
+    scheduler = w.start({"reject.test": [mx("127.0.0.2")], "grey.test": [mx("127.0.0.3")]})
+    await deliver(scheduler, jobs("reject.test", 3) + jobs("grey.test", 3))
+
+    by_id = {job.recipient_id: outcome for job, outcome in w.outcomes}
+    assert {by_id[f"reject.test-{i}"].reply_code for i in range(3)} == {550}
+    assert {by_id[f"reject.test-{i}"].status for i in range(3)} == {ERROR}
+    assert {(by_id[f"grey.test-{i}"].status, by_id[f"grey.test-{i}"].reply_code) for i in range(3)} == {
+        (WARNING, 451)}
+
+    w.outcomes.clear()
+    await deliver(scheduler, jobs("grey.test", 3))  # the master's retry
+    assert set(w.statuses().values()) == {FINISHED}
+    assert w.servers["127.0.0.3"].message_count == 3
+
+
+@aio_test
+async def test_dns_failures(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({
+        "gone.test": PermanentDnsError("gone.test", "NXDOMAIN"),
+        "flaky.test": TemporaryDnsError("flaky.test", "SERVFAIL"),
+    })
+    await deliver(scheduler, jobs("gone.test", 2) + jobs("flaky.test", 2))
+
+    by_id = {job.recipient_id: outcome for job, outcome in w.outcomes}
+    assert (by_id["gone.test-0"].status, by_id["gone.test-0"].reply_text) == (ERROR, "NXDOMAIN")
+    assert (by_id["flaky.test-1"].status, by_id["flaky.test-1"].retryable) == (WARNING, True)
+    assert len(w.outcomes) == 4
+
+
+@aio_test
+async def test_fallback_to_second_mx_when_first_refuses(world: Any) -> None:
+    # 127.0.0.4 has no server: connections to it are refused; 127.0.0.5 answers 421.
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.5": Behaviour(greeting_code=421)})
+    scheduler = w.start({
+        "a.test": [mx("127.0.0.4", 5), mx("127.0.0.2", 10)],
+        "b.test": [mx("127.0.0.5", 5), mx("127.0.0.2", 10)],
+    })
+    await deliver(scheduler, jobs("a.test", 5) + jobs("b.test", 5))
+
+    assert set(w.statuses().values()) == {FINISHED}
+    assert {o.mx_host for _, o in w.outcomes} == {"mx-127.0.0.2"}
+    assert w.servers["127.0.0.2"].message_count == 10
+
+
+@aio_test
+async def test_every_mx_down_reports_warnings(world: Any) -> None:
+    w = world({"127.0.0.5": Behaviour(greeting_code=421)})
+    scheduler = w.start({"down.test": [mx("127.0.0.4", 5), mx("127.0.0.5", 10)]})
+    await deliver(scheduler, jobs("down.test", 6))
+
+    assert len(w.outcomes) == 6
+    assert {(o.status, o.retryable) for _, o in w.outcomes} == {(WARNING, True)}
+    last = w.outcomes[0][1]
+    assert last.reply_code == 421 and last.mx_host == "mx-127.0.0.5"
+
+
+@aio_test
+async def test_hanging_server_times_out(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(hang_at="mail")})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, reply_timeout=0.2, max_connections_per_host=1)
+    await deliver(scheduler, jobs("a.test", 2))
+
+    assert {(o.status, o.reply_code) for _, o in w.outcomes} == {(WARNING, None)}
+    assert all("no reply within 0.2 s" in o.reply_text for _, o in w.outcomes)
+
+
+@aio_test
+async def test_test_target_receives_testing_mailings(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+    scheduler = w.start(
+        {"real.test": [mx("127.0.0.2")], "gone.test": PermanentDnsError("gone.test", "NXDOMAIN")},
+        test_target=("127.0.0.3", w.port),
+    )
+    await deliver(scheduler, jobs("real.test", 3, "test", testing=True)
+                  + jobs("real.test", 2, "live") + jobs("gone.test", 1, "gone", testing=True))
+
+    assert w.servers["127.0.0.3"].message_count == 3  # the testing mailing
+    assert w.servers["127.0.0.2"].message_count == 2  # the regular one
+    assert w.statuses()["gone-0"] == ERROR  # DNS still decides deliverability
+
+
+@aio_test
+async def test_failing_callback_does_not_lose_other_outcomes(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]})
+    seen: list[str] = []
+
+    def flaky(job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        seen.append(job.recipient_id)
+        if len(seen) == 1:
+            raise RuntimeError("callback bug")
+
+    scheduler._on_outcome = flaky
+    await deliver(scheduler, jobs("a.test", 5))
+    assert len(seen) == 5 and scheduler.pending == 0
+
+
+# -- back-off -------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_and_resets() -> None:
+    clock = Clock()
+    backoff = HostBackoff(clock, DeliveryConfig(backoff_initial=5, backoff_factor=2,
+                                                backoff_maximum=15, backoff_burst=3))
+    key = ("192.0.2.1", 25)
+    backoff.failure(key, 451)
+    backoff.failure(key, None)
+    assert backoff.remaining(key) == 0
+    backoff.failure(key, 451)  # third in a row: a burst
+    assert backoff.remaining(key) == 5
+    clock.advance(5)
+    assert backoff.remaining(key) == 0
+    backoff.failure(key, 421)  # a 421 pauses at once, longer each time
+    assert backoff.remaining(key) == 10
+    backoff.failure(key, 421)  # same wave (already paused): no growth
+    assert backoff.remaining(key) == 10
+    clock.advance(10)
+    backoff.failure(key, 421)
+    assert backoff.remaining(key) == 15  # capped
+    assert backoff.remaining(("192.0.2.2", 25)) == 0
+    backoff.success(key)
+    assert backoff.remaining(key) == 0
+    backoff.failure(key, 421)
+    assert backoff.remaining(key) == 5
+
+
+@aio_test
+async def test_backoff_on_one_destination_does_not_slow_another(world: Any) -> None:
+    w = world({"127.0.0.5": Behaviour(greeting_code=421), "127.0.0.2": Behaviour()})
+    clock = Clock()
+    scheduler = w.start({"busy.test": [mx("127.0.0.5")], "fine.test": [mx("127.0.0.2")]},
+                        clock=clock, backoff_initial=30.0, max_backoff_wait=10.0)
+    busy, fine = w.servers["127.0.0.5"], w.servers["127.0.0.2"]
+
+    await deliver(scheduler, jobs("busy.test", 5, "busy1") + jobs("fine.test", 5, "fine1"))
+    attempts = busy.connections_total
+    assert scheduler.backoff.remaining(("127.0.0.5", w.port)) == 30.0
+    assert scheduler.backoff.remaining(("127.0.0.2", w.port)) == 0
+
+    # While busy.test backs off: its jobs are deferred without a connection; fine.test flows.
+    await deliver(scheduler, jobs("busy.test", 5, "busy2") + jobs("fine.test", 5, "fine2"))
+    assert busy.connections_total == attempts
+    assert fine.message_count == 10
+    statuses = w.statuses()
+    assert {statuses[f"busy2-{i}"] for i in range(5)} == {WARNING}
+    assert {statuses[f"fine2-{i}"] for i in range(5)} == {FINISHED}
+    assert all("backing off" in o.reply_text for j, o in w.outcomes if j.recipient_id.startswith("busy2"))
+
+    clock.advance(30.0)  # the pause is over: busy.test is tried again
+    await deliver(scheduler, jobs("busy.test", 1, "busy3"))
+    assert busy.connections_total > attempts
+
+
+@aio_test
+async def test_short_backoff_holds_jobs_until_it_ends(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    clock = Clock()
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, clock=clock, backoff_initial=5.0,
+                        max_backoff_wait=60.0)
+    scheduler.backoff.failure(("127.0.0.2", w.port), 421)  # as if a 421 had just been seen
+    for job in jobs("a.test", 3):
+        scheduler.submit(job)
+    await asyncio.sleep(0.1)
+    assert w.outcomes == [] and w.servers["127.0.0.2"].connections_total == 0
+
+    clock.advance(5.0)
+    await scheduler.drain()
+    assert set(w.statuses().values()) == {FINISHED}
+
+
+@pytest.mark.parametrize("bound", ["global", "per_host"])
+@aio_test
+async def test_lingering_connection_yields_its_slot(world: Any, bound: str) -> None:
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+    limits = {"max_connections": 1} if bound == "global" else {"max_connections_per_host": 1}
+    other = "127.0.0.3" if bound == "global" else "127.0.0.2"
+    clock = Clock()  # never advanced: only a wake-up can end the linger
+    scheduler = w.start({"a.test": [mx("127.0.0.2")], "b.test": [mx(other)]},
+                        clock=clock, idle_timeout=30.0, **limits)
+    await deliver(scheduler, jobs("a.test", 1))
+    assert scheduler.open_connections == 1  # lingering
+
+    await asyncio.wait_for(deliver(scheduler, jobs("b.test", 1)), timeout=5)
+    assert w.statuses() == {"a.test-0": FINISHED, "b.test-0": FINISHED}

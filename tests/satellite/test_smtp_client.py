@@ -1,0 +1,326 @@
+"""SmtpConnection against real SMTP servers on loopback (tests/satellite/smtp_servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import functools
+import socket
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from cloudmailing.satellite.outcomes import ERROR, FINISHED, WARNING
+from cloudmailing.satellite.smtp_client import (
+    SmtpClientOptions,
+    SmtpConnectError,
+    SmtpConnection,
+    dot_stuff,
+)
+from tests.helpers import run
+from tests.satellite.smtp_servers import Behaviour, SmtpTestServer, make_tls_options
+
+HOST = "127.0.0.2"
+OPTIONS = SmtpClientOptions("client.example.test", connect_timeout=5, reply_timeout=5)
+MESSAGE = (
+    b"From: <sender@example.test>\r\nTo: <rcpt@dest.test>\r\nSubject: hello\r\n"
+    b"Message-ID: <1@example.test>\r\n\r\nHello world.\r\n"
+)
+
+
+def aio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Deferred[None]]:
+    """Run an asyncio test coroutine on the reactor (pytest-twisted waits for the Deferred)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(test(*args, **kwargs)))
+
+    return wrapper
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., tuple[SmtpTestServer, int]]]:
+    """Start servers on 127.0.0.2 with a behaviour; all are stopped after the test."""
+    started: list[SmtpTestServer] = []
+
+    def start(behaviour: Behaviour | None = None, tls: Any = None) -> tuple[SmtpTestServer, int]:
+        server = SmtpTestServer(behaviour or Behaviour(), tls)
+        started.append(server)
+        return server, server.listen(HOST, 0)
+
+    yield start
+    for server in started:
+        run(server.stop())
+
+
+async def connected(port: int, options: SmtpClientOptions = OPTIONS, **kwargs: Any) -> SmtpConnection:
+    connection = SmtpConnection(options, "mx.dest.test", **kwargs)
+    await connection.connect(HOST, port)
+    return connection
+
+
+# -- the happy path -------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_accepted_message_is_received_intact(serve: Any) -> None:
+    server, port = serve()
+    connection = await connected(port)
+    outcome = await connection.send("bounce@example.test", "rcpt@dest.test", MESSAGE, "r1")
+    await connection.close()
+
+    assert (outcome.status, outcome.reply_code, outcome.reply_enhanced_code) == (FINISHED, 250, "2.0.0")
+    assert (outcome.recipient_id, outcome.mx_host, outcome.retryable) == ("r1", "mx.dest.test", False)
+    assert "> RCPT TO:<rcpt@dest.test>" in outcome.smtp_log
+    [received] = server.messages
+    assert (received.mail_from, received.rcpt_to) == ("bounce@example.test", ["rcpt@dest.test"])
+    assert received.helo == "client.example.test"
+    parsed = email.message_from_bytes(received.data, policy=email.policy.SMTP)
+    assert parsed["Subject"] == "hello" and parsed.get_content() == "Hello world.\r\n"
+
+
+@aio_test
+async def test_several_messages_on_one_connection_with_rset_between(serve: Any) -> None:
+    server, port = serve()
+    connection = await connected(port)
+    results = [await connection.send("b@x.test", f"r{i}@dest.test", MESSAGE) for i in range(5)]
+    await connection.close()
+
+    assert [r.status for r in results] == [FINISHED] * 5
+    assert server.connections_total == 1
+    assert [m.rcpt_to for m in server.messages] == [[f"r{i}@dest.test"] for i in range(5)]
+    verbs = [verb for segment in server.batches[0] for verb in segment]
+    assert verbs.count("RSET") == 4 and verbs[-1] == "QUIT"
+
+
+@aio_test
+async def test_pipelining_sends_the_envelope_in_one_segment(serve: Any) -> None:
+    server, port = serve()
+    connection = await connected(port)
+    for i in range(3):
+        await connection.send("b@x.test", f"r{i}@dest.test", MESSAGE)
+    await connection.close()
+
+    segments = [s for s in server.batches[0] if s]
+    assert segments[1] == ["MAIL", "RCPT", "DATA"]
+    assert segments[2:4] == [["RSET", "MAIL", "RCPT", "DATA"]] * 2
+
+
+@aio_test
+async def test_without_pipelining_commands_wait_for_replies(serve: Any) -> None:
+    server, port = serve(Behaviour(pipelining=False))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
+    await connection.close()
+
+    assert outcome.status == FINISHED
+    segments = [s for s in server.batches[0] if s]
+    assert segments[:4] == [["EHLO"], ["MAIL"], ["RCPT"], ["DATA"]]
+
+
+@aio_test
+async def test_helo_fallback_when_ehlo_refused(serve: Any) -> None:
+    server, port = serve(Behaviour(esmtp=False))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
+    await connection.close()
+
+    assert outcome.status == FINISHED and not connection.esmtp
+    assert [s for s in server.batches[0] if s][:2] == [["EHLO"], ["HELO"]]
+
+
+@aio_test
+async def test_dot_stuffing_round_trip(serve: Any) -> None:
+    server, port = serve()
+    body = b".starts with a dot\r\n.\r\n..\r\nmiddle . dot\r\n.\r\n.end"  # no final CRLF
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", body)
+    await connection.close()
+
+    assert outcome.status == FINISHED
+    assert server.messages[0].data == body + b"\r\n"
+
+
+def test_dot_stuff() -> None:
+    assert dot_stuff(b".a\r\n.b\r\nc\r\n") == b"..a\r\n..b\r\nc\r\n.\r\n"
+    assert dot_stuff(b"abc") == b"abc\r\n.\r\n"
+
+
+# -- extensions -----------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_starttls_is_negotiated_when_offered(serve: Any) -> None:
+    server, port = serve(Behaviour(starttls=True), tls=make_tls_options())
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
+    await connection.close()
+
+    assert connection.tls and outcome.status == FINISHED
+    assert server.messages[0].tls and server.messages[0].helo == "client.example.test"
+    assert "STARTTLS" not in connection.extensions  # the post-TLS EHLO answer is the one kept
+
+
+@aio_test
+async def test_starttls_not_used_when_not_offered_or_disabled(serve: Any) -> None:
+    plain, plain_port = serve()
+    offered, offered_port = serve(Behaviour(starttls=True), tls=make_tls_options())
+    no_tls = SmtpClientOptions("client.example.test", starttls=False)
+    first = await connected(plain_port)
+    second = await connected(offered_port, no_tls)
+    for connection in (first, second):
+        await connection.send("b@x.test", "r@dest.test", MESSAGE)
+        await connection.close()
+
+    assert not first.tls and not second.tls
+    assert not plain.messages[0].tls and not offered.messages[0].tls
+
+
+@aio_test
+async def test_8bitmime_and_smtputf8_used_when_needed(serve: Any) -> None:
+    server, port = serve()
+    connection = await connected(port)
+    await connection.send("b@x.test", "r@dest.test", MESSAGE)
+    await connection.send("b@x.test", "r@dest.test", "Subject: été\r\n\r\ncafé\r\n".encode())
+    await connection.send("b@x.test", "josé@dest.test", MESSAGE)
+    await connection.close()
+
+    assert [m.mail_params for m in server.messages] == [[], ["BODY=8BITMIME"], ["SMTPUTF8"]]
+    assert server.messages[2].rcpt_to == ["josé@dest.test"]
+
+
+@aio_test
+async def test_utf8_address_refused_without_smtputf8(serve: Any) -> None:
+    server, port = serve(Behaviour(smtputf8=False))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "josé@dest.test", MESSAGE)
+    await connection.close()
+
+    assert (outcome.status, outcome.retryable) == (ERROR, False)
+    assert "SMTPUTF8" in outcome.reply_text and server.messages == []
+
+
+@aio_test
+async def test_address_with_line_break_is_never_sent(serve: Any) -> None:
+    server, port = serve()
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test>\r\nRSET", MESSAGE)
+    assert outcome.status == ERROR and connection.usable
+    assert (await connection.send("b@x.test", "r@dest.test", MESSAGE)).status == FINISHED
+    await connection.close()
+    assert [m.rcpt_to for m in server.messages] == [["r@dest.test"]]
+
+
+# -- refusals and failures ------------------------------------------------------------------------
+
+
+@aio_test
+async def test_rcpt_rejected_with_550_is_an_error(serve: Any) -> None:
+    server, port = serve(Behaviour(rcpt_code=550))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "nobody@dest.test", MESSAGE, "r9")
+    again = await connection.send("b@x.test", "other@dest.test", MESSAGE)
+    await connection.close()
+
+    assert (outcome.status, outcome.reply_code, outcome.reply_enhanced_code) == (ERROR, 550, "5.1.1")
+    assert outcome.reply_text == "5.1.1 no such user" and not outcome.retryable
+    assert again.status == ERROR and server.messages == []
+
+
+@aio_test
+async def test_451_then_accepted_on_retry(serve: Any) -> None:
+    server, port = serve(Behaviour(tempfail_first=True))
+    connection = await connected(port)
+    first = await connection.send("b@x.test", "grey@dest.test", MESSAGE)
+    second = await connection.send("b@x.test", "grey@dest.test", MESSAGE)
+    await connection.close()
+
+    assert (first.status, first.reply_code, first.reply_enhanced_code) == (WARNING, 451, "4.7.1")
+    assert first.retryable
+    assert second.status == FINISHED and len(server.messages) == 1
+
+
+@aio_test
+async def test_421_greeting_fails_the_connection(serve: Any) -> None:
+    _, port = serve(Behaviour(greeting_code=421))
+    with pytest.raises(SmtpConnectError) as raised:
+        await connected(port)
+    assert raised.value.reply_code == 421
+    assert any(line.startswith("< 421") for line in raised.value.smtp_log)
+
+
+@aio_test
+async def test_refused_connection() -> None:
+    with socket.socket() as sock:  # a port nobody listens on: bound, not listening
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+        with pytest.raises(SmtpConnectError) as raised:
+            await connected(port)
+    assert "refused" in raised.value.reason.lower()
+
+
+@aio_test
+async def test_drop_after_greeting_fails_the_connection(serve: Any) -> None:
+    _, port = serve(Behaviour(drop_at="greeting"))
+    with pytest.raises(SmtpConnectError) as raised:
+        await connected(port)
+    assert "connection lost" in raised.value.reason
+
+
+@aio_test
+async def test_drop_after_mail_is_a_warning(serve: Any) -> None:
+    server, port = serve(Behaviour(drop_at="mail"))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
+
+    assert (outcome.status, outcome.reply_code, outcome.retryable) == (WARNING, None, True)
+    assert "connection lost" in outcome.reply_text and not connection.usable
+    assert (await connection.send("b@x.test", "r@dest.test", MESSAGE)).status == WARNING
+    await connection.close()
+
+
+@aio_test
+async def test_greeting_timeout_when_server_hangs(serve: Any) -> None:
+    server, port = serve(Behaviour(hang_at="connect"))
+    clock = Clock()
+    connection = SmtpConnection(OPTIONS, "mx", clock=clock)
+    attempt = asyncio.ensure_future(connection.connect(HOST, port))
+    await server.wait_for_connection()
+    await asyncio.sleep(0.05)  # let the client see the connection too
+    clock.advance(OPTIONS.reply_timeout - 0.1)
+    await asyncio.sleep(0.01)
+    assert not attempt.done()
+    clock.advance(0.2)
+    with pytest.raises(SmtpConnectError) as raised:
+        await attempt
+    assert "no reply within 5 s" in raised.value.reason
+
+
+@aio_test
+async def test_reply_timeout_during_a_transaction(serve: Any) -> None:
+    _, port = serve(Behaviour(hang_at="mail"))
+    clock = Clock()
+    connection = await connected(port, clock=clock)
+    sending = asyncio.ensure_future(connection.send("b@x.test", "r@dest.test", MESSAGE))
+    await asyncio.sleep(0.05)
+    assert not sending.done()
+    clock.advance(OPTIONS.reply_timeout)
+    outcome = await sending
+
+    assert (outcome.status, outcome.reply_code) == (WARNING, None)
+    assert "no reply within" in outcome.reply_text and not connection.usable
+    await connection.close()
+
+
+@aio_test
+async def test_short_real_reply_timeout(serve: Any) -> None:
+    _, port = serve(Behaviour(hang_at="mail"))
+    options = SmtpClientOptions("client.example.test", reply_timeout=0.2)
+    connection = await connected(port, options)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
+    assert outcome.status == WARNING and "no reply within 0.2 s" in outcome.reply_text
+    await connection.close()

@@ -1,8 +1,8 @@
 """XML-RPC requests in, responses out: the standard library's (un)marshaller, made hostile-proof.
 
 Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: any DOCTYPE is
-refused (so no entity expansion, internal or external: XML-RPC never needs one), nesting is
-bounded, and dates are read liberally (``20261123T10:00:00``, ISO 8601 with dashes or a zone).
+refused (so no entity expansion, internal or external: XML-RPC never needs one), nesting of
+the values is bounded (the body's size is bounded before parsing), and dates are read liberally (``20261123T10:00:00``, ISO 8601 with dashes or a zone).
 Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape).
 """
 
@@ -21,25 +21,13 @@ class MalformedRequest(ValueError):
     """The body is not a well-formed, acceptable XML-RPC call."""
 
 
-class _GuardedUnmarshaller(xmlrpc.client.Unmarshaller):
-    """The stdlib unmarshaller with a nesting bound and liberal dates."""
+class _LiberalUnmarshaller(xmlrpc.client.Unmarshaller):
+    """The stdlib unmarshaller, reading dates liberally."""
 
     dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self) -> None:
         super().__init__(use_datetime=True, use_builtin_types=True)
-        self._depth = 0
-        self._max_depth = max_depth
-
-    def start(self, tag: str, attrs: dict[str, str]) -> None:
-        self._depth += 1
-        if self._depth > self._max_depth:
-            raise MalformedRequest(f"XML nested deeper than {self._max_depth} levels")
-        super().start(tag, attrs)
-
-    def end(self, tag: str) -> None:
-        self._depth -= 1
-        super().end(tag)
 
     def end_datetime(self, data: str) -> None:
         try:
@@ -52,13 +40,26 @@ class _GuardedUnmarshaller(xmlrpc.client.Unmarshaller):
     dispatch["dateTime.iso8601"] = end_datetime  # type: ignore[assignment]
 
 
+def _check_depth(params: Any, max_depth: int) -> None:
+    """Refuse absurdly nested values (checked after parsing: per-element hooks would halve the speed)."""
+    pending = [(params, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > max_depth:
+            raise MalformedRequest(f"values nested deeper than {max_depth} levels")
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values() if isinstance(item, (dict, list, tuple)))
+        elif isinstance(value, (list, tuple)):
+            pending.extend((item, depth + 1) for item in value if isinstance(item, (dict, list, tuple)))
+
+
 def _refuse_doctype(*_args: Any) -> None:
     raise MalformedRequest("DOCTYPE and entity declarations are not accepted")
 
 
 def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
     """Return ``(method name, params)`` of an XML-RPC call, or raise :class:`MalformedRequest`."""
-    target = _GuardedUnmarshaller(max_depth)
+    target = _LiberalUnmarshaller()
     parser = expat.ParserCreate()
     parser.buffer_text = True
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -79,6 +80,7 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
     method = target.getmethodname()
     if not method:
         raise MalformedRequest("not an XML-RPC method call")
+    _check_depth(params, max_depth)
     return method, params
 
 

@@ -1,8 +1,9 @@
 """XML-RPC requests in, responses out: the standard library's (un)marshaller, made hostile-proof.
 
 Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: any DOCTYPE is
-refused (so no entity expansion, internal or external: XML-RPC never needs one), nesting of
-the values is bounded (the body's size is bounded before parsing), and dates are read liberally (``20261123T10:00:00``, ISO 8601 with dashes or a zone).
+refused (so no entity expansion, internal or external: XML-RPC never needs one), the nesting of
+values is bounded (the body's size is bounded before parsing), and dates are read liberally
+(``20261123T10:00:00``, or ISO 8601 with dashes or a zone).
 Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape).
 """
 

@@ -60,11 +60,13 @@ class MailingLifecycle:
             log.info("mailing running", extra={"mailing": mailing_id})
         if mailing["status"] == READY:
             return
+        if mailing.get("type", REGULAR) != REGULAR:
+            return  # an OPENED mailing (a transactional stream) never finishes by itself
         end = deadline(mailing)
         if end is not None and end <= now:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
-        elif mailing["status"] == RUNNING and mailing.get("type", REGULAR) == REGULAR:
+        elif mailing["status"] == RUNNING:
             counts = await self._fresh_counts(mailing_id)
             total = totals(counts)
             if total["total_pending"] == 0 and (total["total_recipient"] or not mailing.get("dont_close_if_empty")):

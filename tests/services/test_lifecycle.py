@@ -67,13 +67,14 @@ async def test_duration_times_out_remaining_recipients(database, clock):
 async def test_opened_and_dont_close_if_empty_stay_open(database, clock):
     services = await _services(database, clock)
     opened = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
-    await services.mailings.set_properties(opened, {"type": "OPENED"})
+    await services.mailings.set_properties(opened, {"type": "OPENED", "scheduled_duration": 1})
     empty = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
     closing = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
     await services.mailings.set_properties(empty, {"dont_close_if_empty": True})
     for mailing_id in (opened, empty, closing):
         await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
+    clock.advance(120)  # past the OPENED mailing's duration: it still does not finish
     await services.lifecycle.tick()
     assert (await _status(services, opened))["status"] == "RUNNING"
     assert (await _status(services, empty))["status"] == "RUNNING"

@@ -18,10 +18,8 @@ from typing import Any, Iterator
 import pytest
 from twisted.internet import task
 
-from cloudmailing.common.keys import generate_key, hash_secret, parse_key
 from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, Settings
-from cloudmailing.services.clock import utc_now
-from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.storage.database import Database, open_database
 from tests.helpers import run
 
@@ -133,11 +131,7 @@ class _AsyncMethod:
 
 
 def create_key(database: Database, name: str = "tests") -> str:
-    key_id, key = generate_key()
-    parsed = parse_key(key)
-    assert parsed is not None
-    run(ApiKeyStore(database).insert(key_id, name, hash_secret(parsed.secret), utc_now(_reactor())))
-    return key
+    return run(ApiKeyService(database, _reactor()).create(name))
 
 
 @pytest.fixture

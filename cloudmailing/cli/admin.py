@@ -9,11 +9,9 @@ import time
 from typing import Any
 
 from cloudmailing.cli.runtime import base_parser, run_once, settings_or_exit
-from cloudmailing.common.keys import generate_key, hash_secret
 from cloudmailing.config.settings import Settings
-from cloudmailing.services.clock import utc_now
+from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.services.errors import ServiceError
-from cloudmailing.storage.api_keys import ApiKeyStore
 from cloudmailing.storage.database import Database, open_database
 
 
@@ -44,21 +42,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _api_key(args: argparse.Namespace, database: Database) -> int:
-    store = ApiKeyStore(database)
-    now = utc_now(_WallClock())
+    service = ApiKeyService(database, _WallClock())
     if args.action == "create":
-        if await store.find_active_by_name(args.name):
-            print(f"an active key named {args.name!r} exists; revoke it first", file=sys.stderr)
+        try:
+            print(await service.create(args.name))
+        except ServiceError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 1
-        key_id, key = generate_key()
-        await store.insert(key_id, args.name, hash_secret(key.split("_", 2)[2]), now)
-        print(key)
     elif args.action == "list":
-        for doc in await store.list():
+        for doc in await service.list():
             state = f"revoked {doc['revoked']:%Y-%m-%d %H:%M}" if doc.get("revoked") else "active"
             print(f"{doc['name']}\t{doc['created']:%Y-%m-%d %H:%M:%S} UTC\t{state}")
     elif args.action == "revoke":
-        if not await store.revoke(args.name, now):
+        if not await service.revoke(args.name):
             print(f"no active key named {args.name!r}", file=sys.stderr)
             return 1
         print(f"revoked {args.name}")

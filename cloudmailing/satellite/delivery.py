@@ -42,6 +42,7 @@ from cloudmailing.satellite.smtp_client import (
     SmtpConnectError,
     SmtpConnection,
     TcpReactor,
+    reactor_and_clock,
 )
 
 log = logging.getLogger("cloudmailing.satellite.delivery")
@@ -181,11 +182,7 @@ class DeliveryScheduler:
         reactor: TcpReactor | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if reactor is None or clock is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = reactor or default_reactor
-            clock = clock or default_reactor
+        reactor, clock = reactor_and_clock(reactor, clock)
         self.config = config
         self._resolver = resolver
         self._on_outcome = on_outcome

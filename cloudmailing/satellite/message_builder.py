@@ -37,10 +37,10 @@ from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import formatdate
-from html.parser import HTMLParser
 from typing import Protocol
 from urllib.parse import quote
 
+from cloudmailing.common.html_text import html_to_text
 from cloudmailing.satellite.templates import (
     DEFAULT_MAX_OUTPUT_CHARS,
     CompiledTemplate,
@@ -278,44 +278,6 @@ def _is_7bit(data: bytes, lines: list[bytes], boundaries: tuple[bytes, ...]) -> 
     if len(data) > MAX_LINE and max(map(len, lines)) > MAX_LINE:
         return False
     return not any(delimiter in data for delimiter in boundaries)
-
-
-class _TextExtractor(HTMLParser):
-    """Plain text of an HTML template (used when a mailing has no plain part)."""
-
-    _BREAKS = frozenset({"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table"})
-    _HIDDEN = frozenset({"script", "style", "head", "title"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._HIDDEN:
-            self._hidden += 1
-        elif tag in self._BREAKS:
-            self.out.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._HIDDEN:
-            self._hidden = max(0, self._hidden - 1)
-        elif tag in self._BREAKS:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.out.append(re.sub(r"[ \t\r\n]+", " ", data))
-
-
-def html_to_text(html: str) -> str:
-    """Readable plain text of an HTML document (Jinja tags in text are kept)."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    text = "".join(parser.out)
-    lines = [line.strip() for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
 # ---------------------------------------------------------------- MIME skeleton

@@ -94,31 +94,28 @@ def temporary_failure(
     reply_code: int | None = None,
 ) -> DeliveryOutcome:
     """A WARNING without a decisive reply: timeout, refused or lost connection, DNS trouble."""
-    return DeliveryOutcome(
-        recipient_id=recipient_id,
-        status=WARNING,
-        reply_code=reply_code,
-        reply_enhanced_code="",
-        reply_text=reason[:SMTP_LOG_MAX_LINE_CHARS],
-        smtp_log=bounded_log(smtp_log),
-        mx_host=mx_host,
-        retryable=True,
-    )
+    return _failure(WARNING, recipient_id, reason, smtp_log, mx_host, reply_code)
 
 
 def permanent_failure(
     recipient_id: str, reason: str, smtp_log: Iterable[str] = (), mx_host: str = ""
 ) -> DeliveryOutcome:
     """An ERROR without a decisive reply: permanent DNS failure, unusable address."""
+    return _failure(ERROR, recipient_id, reason, smtp_log, mx_host, None)
+
+
+def _failure(
+    status: str, recipient_id: str, reason: str, smtp_log: Iterable[str], mx_host: str, reply_code: int | None
+) -> DeliveryOutcome:
     return DeliveryOutcome(
         recipient_id=recipient_id,
-        status=ERROR,
-        reply_code=None,
+        status=status,
+        reply_code=reply_code,
         reply_enhanced_code="",
         reply_text=reason[:SMTP_LOG_MAX_LINE_CHARS],
         smtp_log=bounded_log(smtp_log),
         mx_host=mx_host,
-        retryable=False,
+        retryable=status == WARNING,
     )
 
 

@@ -367,6 +367,16 @@ def _opportunistic_tls() -> Any:
     return _tls_options
 
 
+def reactor_and_clock(reactor: TcpReactor | None, clock: Clock | None) -> tuple[TcpReactor, Clock]:
+    """The given reactor and clock, the global reactor standing in for either one left out."""
+    if reactor is None or clock is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = reactor or default_reactor
+        clock = clock or default_reactor
+    return reactor, clock
+
+
 class SmtpConnection:
     """One SMTP connection to one MX host, sending one-recipient messages one after another."""
 
@@ -377,11 +387,7 @@ class SmtpConnection:
         reactor: TcpReactor | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if reactor is None or clock is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = reactor or default_reactor
-            clock = clock or default_reactor
+        reactor, clock = reactor_and_clock(reactor, clock)
         self.options = options
         self.mx_host = mx_host
         self.extensions: dict[str, str] = {}

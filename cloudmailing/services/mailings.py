@@ -13,11 +13,11 @@ from typing import Any, Callable, Mapping
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from cloudmailing.common.html_text import html_to_text
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
-from cloudmailing.services.html_text import html_to_text
 from cloudmailing.services.templates import check_template
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore

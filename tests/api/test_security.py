@@ -11,7 +11,7 @@ import xmlrpc.client
 
 import pytest
 
-from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.services.api_keys import ApiKeyService
 from tests.helpers import aio_test
 
 
@@ -65,13 +65,9 @@ async def test_rpc2_path_and_unknown_path(running_master):
 
 @aio_test
 async def test_revoked_key_stops_working(running_master, database):
-    from cloudmailing.common.keys import generate_key, hash_secret, parse_key
-    from cloudmailing.services.clock import utc_now
-
-    store = ApiKeyStore(database)
-    key_id, key = generate_key()
-    await store.insert(key_id, "temp", hash_secret(parse_key(key).secret), utc_now(running_master.master.reactor))
-    await store.revoke("temp", utc_now(running_master.master.reactor))
+    service = ApiKeyService(database, running_master.master.reactor)
+    key = await service.create("temp")
+    assert await service.revoke("temp") == 1
     assert (await post(running_master, CALL, key=key))[0] == 401
 
 

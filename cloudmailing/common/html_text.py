@@ -37,7 +37,7 @@ class _TextExtractor(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         if not self._skip_depth:
-            self.parts.append(re.sub(r"\s+", " ", data))
+            self.parts.append(re.sub(r"[ \t\r\n]+", " ", data))  # a &nbsp; stays non-breaking
 
 
 def html_to_text(html: str) -> str:

@@ -106,7 +106,8 @@ def main() -> None:
         port = free_port()
         config = tmp / "bench.ini"
         config.write_text(f"[database]\nurl = {mongo_url}\nname = {db_name}\n[api]\nhost = 127.0.0.1\n"
-                          f"port = {port}\n[paths]\ndata_dir = {tmp / 'data'}\n[logging]\nlevel = WARNING\n")
+                          f"port = {port}\n[satellite_link]\nhost = 127.0.0.1\nport = 0\n"
+                          f"[paths]\ndata_dir = {tmp / 'data'}\n[logging]\nlevel = WARNING\n")
         python = sys.executable
         key = subprocess.run([python, "-m", "cloudmailing.cli.admin", "--config", str(config), "api-key", "create",
                               "--name", "bench"], capture_output=True, text=True, check=True).stdout.strip()

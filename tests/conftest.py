@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 from twisted.internet import task
 
-from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, Settings
+from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, SatelliteLinkConfig, Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.storage.database import Database, open_database
 from tests.helpers import run
@@ -92,6 +92,7 @@ def clock() -> task.Clock:
 def settings(mongo_url: str, db_name: str, tmp_path: Path) -> Settings:
     return Settings(database=DatabaseConfig(url=mongo_url, name=db_name),
                     api=ApiConfig(host="127.0.0.1", port=0, key_cache_seconds=30.0),
+                    satellite_link=SatelliteLinkConfig(host="127.0.0.1", port=0),
                     paths=PathsConfig(data_dir=str(tmp_path / "data")))
 
 

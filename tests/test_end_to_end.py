@@ -19,7 +19,7 @@ from tests.helpers import aio_test
 def _config(tmp_path: Path, mongo_url: str, db_name: str, port: int) -> Path:
     path = tmp_path / "cloudmailing.ini"
     path.write_text(f"[database]\nurl = {mongo_url}\nname = {db_name}\n\n[api]\nhost = 127.0.0.1\nport = {port}\n"
-                    f"\n[paths]\ndata_dir = {tmp_path / 'data'}\n")
+                    f"\n[satellite_link]\nhost = 127.0.0.1\nport = 0\n[paths]\ndata_dir = {tmp_path / 'data'}\n")
     return path
 
 

@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.lifecycle import MailingLifecycle
 from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
@@ -57,7 +58,8 @@ class Services:
     reports: ReportService
     satellites: SatelliteService
     lifecycle: MailingLifecycle
-    connected_satellites: Callable[[], dict[str, int]] = dict
+    dispatcher: Dispatcher | None = None
+    connected_satellites: Callable[[], set[str]] = set
 
 
 class CloudMailingApi:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
         print(f"CloudMailing master: API on https://{host}:{master.api_port}/CloudMailing "
               f"(listening on {api.host}:{master.api_port})", flush=True)
+        print(f"Satellites connect on {settings.satellite_link.host}:{master.satellite_port}", flush=True)
         print(f"TLS certificate {master.tls.cert_path} SHA-256 {master.tls.fingerprint_sha256()}", flush=True)
         print("Create an API key with: cm-admin" + (f" --config {args.config}" if args.config else "")
               + " api-key create --name NAME", flush=True)

@@ -45,6 +45,35 @@ class SatelliteLinkConfig:
 
 
 @dataclass(frozen=True)
+class DispatchConfig:
+    lease_seconds: int = 300          # a lease not reported within this goes back to the queue
+    max_lease_size: int = 1000        # most recipients one lease call hands out
+    retry_initial_seconds: int = 300  # first retry after a soft bounce; doubles each try
+    retry_factor: float = 2.0
+    retry_max_seconds: int = 14400
+    retry_max_age_hours: float = 48.0  # soft-bouncing longer than this since the first try: TIMEOUT
+
+
+@dataclass(frozen=True)
+class SatelliteConfig:
+    """The ``cm-satellite`` program's own settings."""
+
+    master_host: str = "127.0.0.1"
+    master_port: int = 33620
+    serial: str = ""                  # empty: the host name
+    secret: str = ""                  # empty: one generated and kept in data_dir
+    helo_hostname: str = ""           # empty: the host's FQDN
+    dns_servers: str = ""             # host:port list, comma-separated; empty: the system's
+    smtp_port: int = 25
+    test_target: str = ""             # host:port receiving every message of `testing` mailings
+    lease_size: int = 200
+    max_connections: int = 200
+    max_connections_per_host: int = 4
+    connect_timeout: float = 30.0
+    reply_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
 class ReportsConfig:
     status_log_retention_days: int = 30
 
@@ -69,6 +98,8 @@ class Settings:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     satellite_link: SatelliteLinkConfig = field(default_factory=SatelliteLinkConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    satellite: SatelliteConfig = field(default_factory=SatelliteConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -83,6 +114,8 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig,
     "api": ApiConfig,
     "satellite_link": SatelliteLinkConfig,
+    "dispatch": DispatchConfig,
+    "satellite": SatelliteConfig,
     "reports": ReportsConfig,
     "paths": PathsConfig,
     "logging": LoggingConfig,
@@ -140,7 +173,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     sections: dict[str, dict[str, str]] = {name: {} for name in _SECTIONS}
     for name in parser.sections():
         if name not in _SECTIONS:
-            continue  # other programs' sections (e.g. [satellite]) share the file
+            raise ConfigError(f"[{name}]: unknown section")
         sections[name].update(parser[name])
     if environ.get("CM_MONGODB_URL"):
         sections["database"]["url"] = environ["CM_MONGODB_URL"]

@@ -15,7 +15,9 @@ from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
 from cloudmailing.common.aio import as_deferred, wait_deferred
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
-from cloudmailing.config.settings import Settings
+from cloudmailing.config.settings import DispatchConfig, Settings
+from cloudmailing.master.link_server import SatelliteLinkFactory
+from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.lifecycle import MailingLifecycle
 from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
@@ -41,6 +43,7 @@ class Master:
     tls: TlsFiles | None = None
     _ports: list[Any] = field(default_factory=list)
     _loop: LoopingCall | None = None
+    link_factory: SatelliteLinkFactory | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -48,9 +51,10 @@ class Master:
         allocator = SequenceAllocator(self.database)
         await allocator.start()
         self.services = build_services(self.database, StatusLog(self.database, allocator), self.reactor,
-                                       settings.reports.status_log_retention_days)
+                                       settings.reports.status_log_retention_days, settings.dispatch)
         await self.services.lifecycle.recover()
         self._listen_api()
+        self._listen_satellites()
         self._loop = LoopingCall(lambda: as_deferred(self._tick()))
         self._loop.clock = self.reactor
         self._loop.start(LIFECYCLE_INTERVAL, now=False)
@@ -59,6 +63,8 @@ class Master:
         assert self.services is not None
         try:
             await self.services.lifecycle.tick()
+            assert self.services.dispatcher is not None
+            await self.services.dispatcher.expire_leases()
         except Exception:  # the database may be away for a while: try again next time
             log.exception("life-cycle check failed")
 
@@ -76,9 +82,23 @@ class Master:
         context = ssl.PrivateCertificate.loadPEM(pem).options()
         self._ports.append(self.reactor.listenSSL(api.port, site, context, interface=api.host))
 
+    def _listen_satellites(self) -> None:
+        assert self.database is not None and self.services is not None and self.tls is not None
+        assert self.services.dispatcher is not None
+        link = self.settings.satellite_link
+        self.link_factory = SatelliteLinkFactory(self.database, self.services.dispatcher, self.reactor)
+        self.services.connected_satellites = self.link_factory.connected
+        pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
+        context = ssl.PrivateCertificate.loadPEM(pem).options()
+        self._ports.append(self.reactor.listenSSL(link.port, self.link_factory, context, interface=link.host))
+
     @property
     def api_port(self) -> int:
         return int(self._ports[0].getHost().port)
+
+    @property
+    def satellite_port(self) -> int:
+        return int(self._ports[1].getHost().port)
 
     async def stop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -89,9 +109,11 @@ class Master:
             await self.database.close()
 
 
-def build_services(database: Database, status_log: StatusLog, clock: Any, retention_days: int = 30) -> Services:
+def build_services(database: Database, status_log: StatusLog, clock: Any, retention_days: int = 30,
+                   dispatch: DispatchConfig | None = None) -> Services:
     mailings = MailingService(database, clock)
     return Services(
+        dispatcher=Dispatcher(database, status_log, clock, dispatch),
         mailings=mailings,
         recipients=RecipientService(database, status_log, mailings, clock),
         reports=ReportService(database, status_log),

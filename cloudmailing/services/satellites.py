@@ -8,6 +8,7 @@ from typing import Any
 from cloudmailing.services import values
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
 from cloudmailing.storage.database import Database
+from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.satellites import SatelliteStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def _properties(given: Any) -> dict[str, Any]:
 class SatelliteService:
     def __init__(self, database: Database) -> None:
         self._store = SatelliteStore(database)
+        self._recipients = RecipientStore(database)
 
     async def add(self, serial: Any, properties: Any) -> int:
         name = values.text("serial", serial, max_length=100, header=True).strip()
@@ -62,12 +64,12 @@ class SatelliteService:
     async def count(self) -> int:
         return await self._store.count()
 
-    async def list(self, connected: dict[str, int] | None = None) -> list[dict[str, Any]]:
-        """Registered satellites; ``connected`` maps serials now linked to their in-flight counts."""
-        connected = connected or {}
+    async def list(self, connected: set[str] | None = None) -> list[dict[str, Any]]:
+        """Registered satellites; ``connected`` holds the serials linked now."""
+        connected = connected or set()
         return [{"id": doc["_id"], "serial": doc["serial"], "enabled": doc.get("enabled", False),
                  "paired": doc.get("paired", False), "connected": doc["serial"] in connected,
                  "group": doc.get("group", ""), "domain_affinity": doc.get("domain_affinity", []),
                  "version": doc.get("version", ""), "last_seen": doc.get("last_seen"),
-                 "in_flight": connected.get(doc["serial"], 0)}
+                 "in_flight": await self._recipients.count({"in_progress": True, "lease_owner": doc["serial"]})}
                 for doc in await self._store.list()]

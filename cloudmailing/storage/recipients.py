@@ -90,3 +90,31 @@ def _batch_errors(error: BulkWriteError, total: int) -> BatchResult:
             raise error
         errors[int(write_error["index"])] = "a recipient with this id (tracking_id) already exists"
     return BatchResult(inserted=total - len(errors), errors=errors)
+
+
+class LeaseStore:
+    """Leases: which satellite may deliver which recipients, until when. Not status changes."""
+
+    LEASE_FIELDS = ("lease_owner", "lease_id", "lease_expires")
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def claim(self, query: Mapping[str, Any], owner: str, expires: Any, limit: int) -> list[dict[str, Any]]:
+        """Mark up to ``limit`` recipients matching ``query`` as in progress for ``owner``."""
+        ids = [doc["_id"] async for doc in self._db.recipients.find(dict(query), {"_id": 1}, limit=limit)]
+        if not ids:
+            return []
+        lease_id = uuid.uuid4().hex
+        # Conditional on the status again: a report may have landed since the find.
+        await self._db.recipients.update_many(
+            {"_id": {"$in": ids}, "in_progress": False, "status": query.get("status", {"$exists": True})},
+            {"$set": {"in_progress": True, "lease_owner": owner, "lease_id": lease_id, "lease_expires": expires}})
+        return await self._db.recipients.find({"lease_id": lease_id, "_id": {"$in": ids}}).to_list()
+
+    async def release(self, query: Mapping[str, Any]) -> int:
+        """End the leases matching ``query`` (expired, or of a satellite that went away)."""
+        result = await self._db.recipients.update_many(
+            {"in_progress": True, **query},
+            {"$set": {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}})
+        return result.modified_count

@@ -72,7 +72,7 @@ class SequenceAllocator:
 
 @dataclass(frozen=True)
 class StatusChange:
-    """One recipient moving to ``status``; ``fields`` are the other status fields to set."""
+    """One recipient moving to ``status``; ``fields`` are other fields to set (status fields are logged)."""
 
     recipient_id: str
     status: str
@@ -140,7 +140,8 @@ class StatusLog:
             # The log first: a crash between the two writes repeats a change, never loses one.
             await self._db.status_log.insert_many(entries, ordered=True)
             await self._db.recipients.bulk_write(
-                [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e)}) for e in entries],
+                [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
+                 for e, change in zip(entries, known, strict=True)],
                 ordered=False)
             await self._move_counts(known, current)
         finally:
@@ -182,16 +183,16 @@ class StatusLog:
 
 
 def _log_entry(seq: int, change: StatusChange, old: Mapping[str, Any], now: datetime.datetime) -> dict[str, Any]:
-    record = {name: old.get(name) for name in STATUS_FIELDS}
-    record.update(change.fields)
+    record = {name: change.fields.get(name, old.get(name)) for name in STATUS_FIELDS}
     record["status"] = change.status
     record["modified"] = now
     return {"_id": seq, "recipient_id": change.recipient_id, "mailing_id": old["mailing_id"],
             "test": bool(old.get("test")), "status": change.status, "logged_at": now, "record": record}
 
 
-def _recipient_update(entry: Mapping[str, Any]) -> dict[str, Any]:
-    update = dict(entry["record"])
+def _recipient_update(entry: Mapping[str, Any], change: StatusChange) -> dict[str, Any]:
+    """The logged status fields, plus the change's other fields (e.g. ending a lease)."""
+    update = {**change.fields, **entry["record"]}
     update.pop("email", None)
     update["seq"] = entry["_id"]
     return update

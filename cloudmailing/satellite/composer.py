@@ -1,0 +1,55 @@
+"""From a leased recipient to a ready-to-send message: template, personalization, DKIM.
+
+Templates and signers are made once per mailing and reused for all its recipients. A recipient
+whose message cannot be built fails alone, as GENERAL_ERROR.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cloudmailing.satellite.delivery import DeliveryJob
+from cloudmailing.satellite.dkim_signer import DkimSigner
+from cloudmailing.satellite.message_builder import MailingContent, MailingMessageTemplate
+from cloudmailing.satellite.templates import PersonalizationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedMailing:
+    mailing_id: int
+    template: MailingMessageTemplate
+    signer: DkimSigner | None
+    testing: bool
+
+
+def prepare(content: dict[str, Any]) -> PreparedMailing:
+    """Compile a mailing (as the master's ``mailing`` link method returns it)."""
+    rfc822 = base64.b64decode(content.get("rfc822") or "") or None
+    template = MailingMessageTemplate(MailingContent(
+        mailing_id=int(content["id"]), mail_from=content["mail_from"], sender_name=content.get("sender_name") or "",
+        subject=content.get("subject") or "", html=content.get("html") or "", plain=content.get("plain") or "",
+        charset=content.get("charset") or "utf-8", tracking_url=content.get("tracking_url") or "", rfc822=rfc822))
+    dkim = content.get("dkim") or {}
+    signer = (DkimSigner(dkim["domain"], dkim["selector"], dkim["privkey"].encode())
+              if dkim.get("enabled") else None)
+    return PreparedMailing(int(content["id"]), template, signer, bool(content.get("testing")))
+
+
+def compose(mailing: PreparedMailing, recipient: dict[str, Any]) -> DeliveryJob:
+    """The signed message for one recipient; raises PersonalizationError for that one only."""
+    built = mailing.template.build(recipient["id"], recipient["email"], recipient.get("contact") or {})
+    data = mailing.signer.sign(built.data) if mailing.signer else built.data
+    return DeliveryJob(recipient_id=recipient["id"], domain=recipient["domain"], envelope_from=built.envelope_from,
+                       recipient=built.recipient, data=data, mailing_id=str(mailing.mailing_id),
+                       testing=mailing.testing)
+
+
+def build_failure(recipient_id: str, error: Exception) -> dict[str, Any]:
+    reason = error.reason if isinstance(error, PersonalizationError) else f"message build failed: {error}"
+    return {"recipient_id": recipient_id, "status": "GENERAL_ERROR", "reply_code": None,
+            "reply_enhanced_code": "", "reply_text": reason, "smtp_log": [], "mx_host": ""}

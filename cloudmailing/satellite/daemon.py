@@ -1,0 +1,182 @@
+"""The satellite daemon: lease recipients from the master, deliver them, report every outcome.
+
+Three loops share one link: the *feeder* leases recipients whenever the delivery queue runs low
+and turns each into a signed message; the *scheduler* (``delivery.py``) delivers; the *reporter*
+sends outcomes back in batches, after writing them to the outbox on disk. A lost link ends the
+session: the master takes the leases back, and the satellite reconnects and first reports what
+its outbox still holds. The satellite keeps no other state: the master is the only truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+from cloudmailing import __version__
+from cloudmailing.common.aio import wait_deferred
+from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.config.settings import SatelliteConfig
+from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
+from cloudmailing.satellite.delivery import DeliveryConfig, DeliveryJob, DeliveryScheduler
+from cloudmailing.satellite.mx_resolver import MxResolver
+from cloudmailing.satellite.outbox import Outbox
+from cloudmailing.satellite.outcomes import DeliveryOutcome
+
+log = logging.getLogger(__name__)
+
+REPORT_BATCH = 500
+REPORT_INTERVAL = 0.2
+IDLE_POLL = 1.0
+MAILING_CACHE_SECONDS = 60.0
+RECONNECT_MAX = 30.0
+
+
+def host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":")
+    return (host, int(port)) if host else (text.strip(), default_port)
+
+
+def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
+    return DeliveryConfig(
+        helo_hostname=config.helo_hostname or socket.getfqdn(), smtp_port=config.smtp_port,
+        test_target=host_port(config.test_target, 25) if config.test_target else None,
+        max_connections=config.max_connections, max_connections_per_host=config.max_connections_per_host,
+        connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout)
+
+
+def load_or_create_secret(config: SatelliteConfig, data_dir: Path) -> str:
+    """The configured secret, else one made on first start and kept in ``data_dir``."""
+    if config.secret:
+        return config.secret
+    path = data_dir / "satellite.secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class SatelliteDaemon:
+    def __init__(self, config: SatelliteConfig, data_dir: Path, reactor: Any, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.serial = config.serial or socket.gethostname()
+        self._secret = load_or_create_secret(config, data_dir)
+        self._reactor = reactor
+        nameservers = [host_port(s, 53) for s in config.dns_servers.split(",") if s.strip()] or None
+        self._resolver = MxResolver(nameservers, clock=reactor, rng=rng or random.Random())
+        self._outbox = Outbox(data_dir / "outbox.jsonl")
+        self._scheduler = DeliveryScheduler(delivery_config(config), self._resolver, self._delivered,
+                                            reactor=reactor, clock=reactor)
+        self._mailings: dict[int, tuple[float, PreparedMailing]] = {}
+        self._stopping = False
+        self.sessions = 0  # how many times it has connected (for tests and logs)
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        report = asdict(outcome)
+        report.pop("retryable", None)
+        self._outbox.add(report)
+
+    # -- the link ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with a growing pause, until :meth:`stop`."""
+        pause = 1.0
+        while not self._stopping:
+            try:
+                link = await self._connect()
+            except Exception as error:  # refused, TLS failure, master away
+                log.warning("cannot reach the master: %s", error, extra={"satellite": self.serial})
+            else:
+                pause = 1.0
+                await self._session(link)
+            if not self._stopping:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECONNECT_MAX)
+
+    async def _connect(self) -> LinkProtocol:
+        # The link is encrypted; the master is identified by the secret it accepts (see docs).
+        options = ssl.CertificateOptions(verify=False)
+        endpoint = SSL4ClientEndpoint(self._reactor, self.config.master_host, self.config.master_port, options)
+        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+        return link
+
+    async def _session(self, link: LinkProtocol) -> None:
+        try:
+            await link.call("hello", serial=self.serial, secret=self._secret, version=__version__)
+        except LinkError as error:
+            log.error("the master refused this satellite: %s", error, extra={"satellite": self.serial})
+            link.close()
+            return
+        self.sessions += 1
+        log.info("connected to the master", extra={"satellite": self.serial})
+        tasks = [asyncio.ensure_future(self._feed(link)), asyncio.ensure_future(self._report(link))]
+        await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        link.close()
+        log.warning("link to the master lost", extra={"satellite": self.serial})
+
+    # -- leasing and composing --------------------------------------------------------------
+
+    async def _feed(self, link: LinkProtocol) -> None:
+        low_water = max(1, self.config.lease_size // 2)
+        while True:
+            if self._scheduler.pending >= low_water:
+                await asyncio.sleep(0.05)
+                continue
+            answer = await link.call("lease", max_recipients=self.config.lease_size - self._scheduler.pending)
+            recipients = answer["recipients"]
+            for recipient in recipients:
+                await self._submit(link, recipient)
+            if not recipients:
+                await asyncio.sleep(IDLE_POLL)
+
+    async def _submit(self, link: LinkProtocol, recipient: dict[str, Any]) -> None:
+        try:
+            mailing = await self._mailing(link, int(recipient["mailing_id"]))
+            job = compose(mailing, recipient)
+        except LinkError:
+            raise
+        except Exception as error:  # this recipient fails alone
+            log.warning("cannot build the message: %s", error,
+                        extra={"mailing": recipient.get("mailing_id"), "recipient": recipient.get("id")})
+            self._outbox.add(build_failure(recipient["id"], error))
+            return
+        self._scheduler.submit(job)
+
+    async def _mailing(self, link: LinkProtocol, mailing_id: int) -> PreparedMailing:
+        now = self._reactor.seconds()
+        cached = self._mailings.get(mailing_id)
+        if cached and now - cached[0] < MAILING_CACHE_SECONDS:
+            return cached[1]
+        prepared = prepare(await link.call("mailing", mailing_id=mailing_id))
+        self._mailings[mailing_id] = (now, prepared)
+        return prepared
+
+    # -- reporting --------------------------------------------------------------------------
+
+    async def _report(self, link: LinkProtocol) -> None:
+        while True:
+            batch = self._outbox.batch(REPORT_BATCH)
+            if not batch:
+                await asyncio.sleep(REPORT_INTERVAL)
+                continue
+            self._outbox.sync()
+            answer = await link.call("report", outcomes=batch)
+            self._outbox.acknowledge(answer["acknowledged"])
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._scheduler.close()
+        self._outbox.close()

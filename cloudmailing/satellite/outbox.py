@@ -1,0 +1,68 @@
+"""Outcomes not yet acknowledged by the master, kept on disk until they are.
+
+An append-only JSON-lines file: ``{"outcome": {...}}`` when a delivery ends, ``{"ack": [ids]}``
+when the master acknowledged them. On start the file is replayed, so a satellite that died
+reports what it had delivered; the file is truncated whenever nothing is pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._replay()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the outbox
+
+    def _replay(self) -> None:
+        if not self._path.exists():
+            return
+        with open(self._path, encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if "outcome" in entry:
+                    self._pending[entry["outcome"]["recipient_id"]] = entry["outcome"]
+                for recipient_id in entry.get("ack", []):
+                    self._pending.pop(recipient_id, None)
+        if self._pending:
+            log.info("%d outcomes from an earlier run still to report", len(self._pending))
+
+    def add(self, outcome: dict[str, Any]) -> None:
+        self._pending[outcome["recipient_id"]] = outcome
+        self._file.write(json.dumps({"outcome": outcome}) + "\n")
+
+    def sync(self) -> None:
+        """Make what was added durable (called before reporting it)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def batch(self, limit: int) -> list[dict[str, Any]]:
+        return [outcome for _, outcome in zip(range(limit), self._pending.values(), strict=False)]
+
+    def acknowledge(self, recipient_ids: Iterable[str]) -> None:
+        ids = [rid for rid in recipient_ids if self._pending.pop(rid, None) is not None]
+        if not self._pending:
+            self._file.truncate(0)
+            self._file.seek(0)
+        elif ids:
+            self._file.write(json.dumps({"ack": ids}) + "\n")
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        self._file.flush()
+        self._file.close()

@@ -1,0 +1,141 @@
+"""The dispatcher: leases of queued recipients to satellites, and their reports back.
+
+A satellite takes a *lease* on a batch of deliverable recipients (READY, or WARNING whose
+``next_try`` has come) of RUNNING mailings of its group, plus any test recipient. A lease not
+reported in time, or held by a satellite that disconnects, ends and its recipients are handed
+out again. Reports go through the status log like every status change; the master, not the
+satellite, decides when a soft bounce is retried and when it has tried long enough.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+from cloudmailing.config.settings import DispatchConfig
+from cloudmailing.services.clock import SecondsClock, utc_now
+from cloudmailing.services.mailings import RUNNING
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipients import LeaseStore, RecipientStore
+from cloudmailing.storage.statistics import HourlyStatsStore
+from cloudmailing.storage.status_log import StatusChange, StatusLog
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = ("FINISHED", "ERROR", "GENERAL_ERROR", "TIMEOUT")
+REPORTED_STATUSES = ("FINISHED", "WARNING", "ERROR", "GENERAL_ERROR")
+_LEASE_END = {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}
+_CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "charset", "tracking_url", "testing",
+                   "type", "dkim")
+
+
+def retry_delay(config: DispatchConfig, try_count: int) -> float:
+    """Seconds before the next try after ``try_count`` tries: initial × factor^(n-1), capped."""
+    delay = config.retry_initial_seconds * config.retry_factor ** max(try_count - 1, 0)
+    return float(min(delay, config.retry_max_seconds))
+
+
+class Dispatcher:
+    def __init__(self, database: Database, status_log: StatusLog, clock: SecondsClock,
+                 config: DispatchConfig | None = None) -> None:
+        self._mailings = MailingStore(database)
+        self._recipients = RecipientStore(database)
+        self._leases = LeaseStore(database)
+        self._stats = HourlyStatsStore(database)
+        self._status_log = status_log
+        self._clock = clock
+        self.config = config or DispatchConfig()
+
+    async def lease(self, satellite: Mapping[str, Any], wanted: int) -> list[dict[str, Any]]:
+        """Lease up to ``wanted`` recipients to ``satellite`` (its registry document)."""
+        now = utc_now(self._clock)
+        wanted = max(0, min(wanted, self.config.max_lease_size))
+        expires = now + datetime.timedelta(seconds=self.config.lease_seconds)
+        owner = satellite["serial"]
+        affinity = {"domain": {"$in": satellite["domain_affinity"]}} if satellite.get("domain_affinity") else {}
+        tests = {"test": True, "status": "READY", "in_progress": False, **affinity}
+        leased = await self._leases.claim(tests, owner, expires, wanted) if wanted else []
+        mailing_ids = await self._mailings.ids({"status": RUNNING, "satellite_group": {"$in": _groups(satellite)}})
+        if mailing_ids and len(leased) < wanted:
+            query = {"mailing_id": {"$in": mailing_ids}, "test": False, "status": {"$in": ["READY", "WARNING"]},
+                     "in_progress": False, "$or": [{"next_try": None}, {"next_try": {"$lte": now}}], **affinity}
+            leased += await self._leases.claim(query, owner, expires, wanted - len(leased))
+        if leased:
+            log.info("leased %d recipients", len(leased), extra={"satellite": owner})
+        return [{"id": doc["_id"], "mailing_id": doc["mailing_id"], "email": doc["email"], "domain": doc["domain"],
+                 "contact": doc.get("contact") or {}, "test": bool(doc.get("test"))} for doc in leased]
+
+    async def mailing_content(self, mailing_id: int) -> dict[str, Any] | None:
+        mailing = await self._mailings.get(mailing_id)
+        if mailing is None:
+            return None
+        content = {name: mailing.get(name) for name in _CONTENT_FIELDS}
+        content.update(id=mailing_id, rfc822=mailing.get("rfc822") or b"")
+        return content
+
+    async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Record each outcome once; returns the recipient ids the satellite may forget."""
+        now = utc_now(self._clock)
+        usable = [o for o in outcomes if o.get("status") in REPORTED_STATUSES and isinstance(o.get("recipient_id"),
+                                                                                                 str)]
+        current = await self._recipients.get_many([o["recipient_id"] for o in usable],
+                                                  {"try_count": 1, "first_try": 1, "status": 1})
+        changes = [self._change(outcome, current[outcome["recipient_id"]], satellite["serial"], now)
+                   for outcome in usable if outcome["recipient_id"] in current]
+        if changes:
+            await self._status_log.apply(_last_per_recipient(changes), now)
+            await self._count(satellite["serial"], changes, now)
+        # Unknown (deleted) recipients and unusable entries are acknowledged too: nothing to keep.
+        return [str(o.get("recipient_id")) for o in outcomes]
+
+    def _change(self, outcome: Mapping[str, Any], current: Mapping[str, Any], serial: str,
+                now: datetime.datetime) -> StatusChange:
+        tries = int(current.get("try_count") or 0) + 1
+        first_try = current.get("first_try") or now
+        status, next_try = outcome["status"], None
+        if status == "WARNING":
+            next_try = now + datetime.timedelta(seconds=retry_delay(self.config, tries))
+            if now - first_try > datetime.timedelta(hours=self.config.retry_max_age_hours):
+                status, next_try = "TIMEOUT", None
+        fields = {
+            "reply_code": outcome.get("reply_code"), "reply_enhanced_code": outcome.get("reply_enhanced_code") or "",
+            "reply_text": str(outcome.get("reply_text") or "")[:1000],
+            "smtp_log": "\n".join(str(line) for line in outcome.get("smtp_log") or [])[:10000],
+            "try_count": tries, "first_try": first_try, "next_try": next_try, "cloud_client": serial,
+            **_LEASE_END,
+        }
+        return StatusChange(outcome["recipient_id"], status, fields)
+
+    async def _count(self, serial: str, changes: Sequence[StatusChange], now: datetime.datetime) -> None:
+        statuses = Counter(change.status for change in changes)
+        failed = statuses["ERROR"] + statuses["GENERAL_ERROR"] + statuses["TIMEOUT"]
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        await self._stats.add(hour, serial, sent=statuses["FINISHED"], failed=failed, tries=len(changes))
+
+    async def expire_leases(self) -> int:
+        released = await self._leases.release({"lease_expires": {"$lt": utc_now(self._clock)}})
+        if released:
+            log.warning("%d expired leases returned to the queue", released)
+        return released
+
+    async def release_satellite(self, serial: str) -> int:
+        released = await self._leases.release({"lease_owner": serial})
+        if released:
+            log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
+        return released
+
+
+def _groups(satellite: Mapping[str, Any]) -> list[str]:
+    """A satellite serves mailings of its group; mailings without a group go to any satellite."""
+    group = satellite.get("group") or ""
+    return ["", group] if group else [""]
+
+
+def _last_per_recipient(changes: Sequence[StatusChange]) -> list[StatusChange]:
+    last: dict[str, StatusChange] = {}
+    for change in changes:
+        last[change.recipient_id] = change
+    return list(last.values())

@@ -1,0 +1,131 @@
+"""A mailing from start_mailing to a final status for every recipient: master, satellite, a
+DNS server and SMTP servers on 127.0.0.x, all real, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import random
+from pathlib import Path
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cloudmailing.config.settings import DispatchConfig, SatelliteConfig
+from cloudmailing.satellite.daemon import SatelliteDaemon
+from cloudmailing.satellite.dkim_signer import DkimSigner
+from tests.helpers import aio_test
+from tests.satellite.dns_server import DnsTestServer
+from tests.satellite.smtp_servers import Behaviour, start_servers
+
+DOMAINS = {"ok.test": ("127.0.0.2", Behaviour()), "reject.test": ("127.0.0.3", Behaviour(rcpt_code=550)),
+           "later.test": ("127.0.0.4", Behaviour(tempfail_first=True))}
+EXPECTED = {"ok.test": "FINISHED", "reject.test": "ERROR", "later.test": "FINISHED", "nomail.test": "ERROR"}
+
+
+@pytest.fixture
+def settings(settings):
+    # Soft bounces are retried after 1 s here, not 5 minutes.
+    from dataclasses import replace
+    return replace(settings, dispatch=DispatchConfig(retry_initial_seconds=1, lease_seconds=60))
+
+
+@pytest.fixture
+def dns():
+    with DnsTestServer() as server:
+        for domain, (address, _) in DOMAINS.items():
+            server.add_mail_domain(domain, address)
+        server.add_null_mx("nomail.test")
+        yield server
+
+
+def _private_key() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+async def _wait_finished(api, mailing_id: int, seconds: float = 90.0) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        await api.mailing_manager_force_check()
+        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+        if mailing["status"] == "FINISHED":
+            return mailing
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"mailing not finished: {mailing}")
+
+
+@aio_test
+async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(running_master, dns, tmp_path: Path):
+    from twisted.internet import reactor
+
+    servers, smtp_port = start_servers({address: behaviour for address, behaviour in DOMAINS.values()})
+    api = running_master.proxy()
+    privkey = _private_key()
+    mailing_id = await api.create_mailing("news@sender.test", "Société Test", "Bonjour {{ firstname }}",
+                                          "<p>Hello {{ firstname }}, {{ 100 // n }} points</p>", "", "utf-8")
+    await api.set_mailing_properties(mailing_id, {
+        "tracking_url": "https://t.sender.test",
+        "dkim": {"enabled": True, "selector": "s1", "domain": "sender.test", "privkey": privkey}})
+    entries = [{"email": f"user{i}@{domain}", "firstname": f"Zoé{i}", "n": 1 + i}
+               for i in range(6) for domain in EXPECTED]
+    entries.append({"email": "broken@ok.test", "firstname": "Broken", "n": 0})  # 100 // 0 fails
+    answer = await api.add_recipients(mailing_id, entries)
+    ids = {a["email"]: a["id"] for a in answer}
+    await api.cloud_add_satellite("sat-e2e", {})
+    assert await api.start_mailing(mailing_id) == "READY"
+
+    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-e2e",
+                             secret="s3cret", helo_hostname="sat.test", dns_servers=dns.nameserver,
+                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=5)
+    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
+    running = asyncio.ensure_future(satellite.run())
+    try:
+        mailing = await _wait_finished(api, mailing_id)
+    finally:
+        await satellite.stop()
+        running.cancel()
+        for server in servers.values():
+            await server.stop()
+
+    assert mailing["total_recipient"] == len(entries)
+    assert mailing["total_sent"] == 12 and mailing["total_error"] == 13 and mailing["total_pending"] == 0
+    statuses = await api.get_recipients_status(list(ids.values()), {})
+    by_id = {s["id"]: s for s in statuses}
+    for address, recipient_id in ids.items():
+        expected = "GENERAL_ERROR" if address == "broken@ok.test" else EXPECTED[address.split("@")[1]]
+        assert by_id[recipient_id]["status"] == expected, address
+        assert by_id[recipient_id]["cloud_client"] == "sat-e2e"
+    later = [by_id[ids[f"user{i}@later.test"]] for i in range(6)]
+    assert all(s["try_count"] == 2 for s in later)  # 451 first, accepted on the retry
+    assert by_id[ids["user0@reject.test"]]["reply_code"] == 550
+    assert "division" in by_id[ids["broken@ok.test"]]["reply_text"].lower()
+
+    # Every status change reached the cursor once (the 451s as WARNING, then their final status).
+    changes, cursor = [], ""
+    while True:
+        page = await api.get_recipients_status_updated_since(cursor, {"mailings": [mailing_id]}, 7)
+        cursor = page["cursor"]
+        if not page["recipients"]:
+            break
+        changes.extend((r["id"], r["status"]) for r in page["recipients"])
+    assert len(changes) == len(entries) + 6 and len(set(changes)) == len(changes)
+
+    txt = DkimSigner("sender.test", "s1", privkey.encode()).dns_txt_record().encode()
+    accepted = servers["127.0.0.2"].messages + servers["127.0.0.4"].messages
+    assert len(accepted) == 12
+    for received in accepted:
+        message = email.message_from_bytes(received.data, policy=email.policy.default)
+        index = int(received.rcpt_to[0].split("@")[0].removeprefix("user"))
+        assert message["Subject"] == f"Bonjour Zoé{index}"
+        assert f"Hello Zoé{index}, {100 // (1 + index)} points" in message.get_body(("html",)).get_content()
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert received.mail_from.startswith("bounce-") and received.mail_from.endswith("@sender.test")
+        assert dkim.verify(received.data, dnsfunc=lambda name, timeout=5: txt)
+    hourly = await api.get_hourly_statistics({"senders": ["sat-e2e"]})
+    assert sum(h["sent"] for h in hourly) == 12 and sum(h["tries"] for h in hourly) == len(entries) + 6

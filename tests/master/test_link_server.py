@@ -1,0 +1,80 @@
+"""The satellite link over real TLS: who is served, and what a disconnect gives back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+from cloudmailing.common.aio import wait_deferred
+from cloudmailing.common.link import LinkError, LinkProtocol
+from tests.helpers import aio_test
+
+
+async def _connect(master) -> LinkProtocol:
+    from twisted.internet import reactor
+
+    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.satellite_port, ssl.CertificateOptions(verify=False))
+    return await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+
+
+async def _refused(link: LinkProtocol, method: str, **params) -> str:
+    with pytest.raises(LinkError) as raised:
+        await link.call(method, **params)
+    return raised.value.code
+
+
+@aio_test
+async def test_unknown_satellites_wait_for_approval(running_master):
+    api = running_master.proxy()
+    link = await _connect(running_master.master)
+    assert await _refused(link, "lease", max_recipients=1) == "unauthorized"  # no hello yet
+    assert await _refused(link, "hello", serial="newcomer", secret="pw") == "not_paired"
+    listed = await api.cloud_list_satellites()
+    assert [(s["serial"], s["paired"]) for s in listed] == [("newcomer", False)]
+    await api.cloud_set_satellite_properties(listed[0]["id"], {"paired": True})
+    assert (await link.call("hello", serial="newcomer", secret="pw"))["satellite_id"] == listed[0]["id"]
+    assert await _refused(link, "mailing", mailing_id=12345) == "not_found"
+    link.close()
+
+
+@aio_test
+async def test_first_secret_is_kept_and_a_wrong_one_refused(running_master):
+    api = running_master.proxy()
+    satellite_id = await api.cloud_add_satellite("sat-1", {"group": "eu"})
+    link = await _connect(running_master.master)
+    assert (await link.call("hello", serial="sat-1", secret="right"))["group"] == "eu"
+    assert (await api.cloud_list_satellites())[0]["connected"] is True
+    other = await _connect(running_master.master)
+    assert await _refused(other, "hello", serial="sat-1", secret="wrong") == "unauthorized"
+    await api.cloud_set_satellite_properties(satellite_id, {"enabled": False})
+    assert await _refused(link, "lease", max_recipients=5) == "not_paired"
+    link.close()
+    other.close()
+
+
+@aio_test
+async def test_a_disconnect_returns_the_leases(running_master):
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(3)])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    await api.cloud_add_satellite("sat-2", {})
+    link = await _connect(running_master.master)
+    await link.call("hello", serial="sat-2", secret="pw")
+    leased = (await link.call("lease", max_recipients=10))["recipients"]
+    assert len(leased) == 3
+    assert (await api.cloud_list_satellites())[0]["in_flight"] == 3
+    statuses = await api.get_recipients_status([r["id"] for r in leased], {})
+    assert {s["status"] for s in statuses} == {"IN PROGRESS"}
+    link.close()
+    await link.closed_future
+    for _ in range(50):
+        if (await api.cloud_list_satellites())[0]["in_flight"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await api.cloud_list_satellites())[0]["connected"] is False
+    assert {s["status"] for s in await api.get_recipients_status([r["id"] for r in leased], {})} == {"READY"}

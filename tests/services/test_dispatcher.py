@@ -1,0 +1,120 @@
+"""Leases and reports, driven by a fake clock."""
+
+from __future__ import annotations
+
+import datetime
+
+from cloudmailing.config.settings import DispatchConfig
+from cloudmailing.master.app import build_services
+from cloudmailing.services.dispatcher import retry_delay
+from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+from tests.helpers import aio_test
+
+SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
+
+
+async def _world(database, clock, **config):
+    allocator = SequenceAllocator(database)
+    await allocator.start()
+    services = build_services(database, StatusLog(database, allocator), clock,
+                              dispatch=DispatchConfig(**config))
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    return services, mailing_id
+
+
+async def _add(services, mailing_id, count, domain="example.org"):
+    answer = await services.recipients.add(mailing_id, [{"email": f"u{i}@{domain}"} for i in range(count)])
+    return [a["id"] for a in answer]
+
+
+def _outcome(recipient_id, status, code=250):
+    return {"recipient_id": recipient_id, "status": status, "reply_code": code, "reply_text": "x",
+            "smtp_log": ["> RCPT", f"< {code}"]}
+
+
+@aio_test
+async def test_only_running_mailings_are_leased_and_pause_stops_leases(database, clock):
+    services, mailing_id = await _world(database, clock)
+    await _add(services, mailing_id, 5)
+    assert await services.dispatcher.lease(SATELLITE, 10) == []  # not started
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    first = await services.dispatcher.lease(SATELLITE, 2)
+    assert len(first) == 2
+    await services.mailings.pause(mailing_id)
+    assert await services.dispatcher.lease(SATELLITE, 10) == []
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    rest = await services.dispatcher.lease(SATELLITE, 10)
+    assert len(rest) == 3 and not {r["id"] for r in rest} & {r["id"] for r in first}
+
+
+@aio_test
+async def test_test_recipients_go_out_before_the_mailing_starts(database, clock):
+    services, mailing_id = await _world(database, clock)
+    await _add(services, mailing_id, 3)
+    answer = await services.recipients.add(mailing_id, [{"email": "qa@example.org"}], test=True)
+    leased = await services.dispatcher.lease(SATELLITE, 10)
+    assert [r["id"] for r in leased] == [answer[0]["id"]] and leased[0]["test"] is True
+
+
+@aio_test
+async def test_groups_and_domain_affinity(database, clock):
+    services, mailing_id = await _world(database, clock)
+    await services.mailings.set_properties(mailing_id, {"satellite_group": "eu"})
+    await _add(services, mailing_id, 2, "one.test")
+    await _add(services, mailing_id, 2, "two.test")
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    assert await services.dispatcher.lease(SATELLITE, 10) == []  # not in group eu
+    specialist = {"serial": "sat-b", "group": "eu", "domain_affinity": ["two.test"]}
+    leased = await services.dispatcher.lease(specialist, 10)
+    assert sorted(r["domain"] for r in leased) == ["two.test", "two.test"]
+
+
+@aio_test
+async def test_expired_and_abandoned_leases_come_back(database, clock):
+    services, mailing_id = await _world(database, clock, lease_seconds=60)
+    await _add(services, mailing_id, 4)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    assert len(await services.dispatcher.lease(SATELLITE, 2)) == 2
+    assert len(await services.dispatcher.lease({**SATELLITE, "serial": "sat-b"}, 2)) == 2
+    assert await services.dispatcher.lease(SATELLITE, 10) == []
+    clock.advance(30)
+    assert await services.dispatcher.expire_leases() == 0
+    assert await services.dispatcher.release_satellite("sat-b") == 2  # disconnected
+    clock.advance(31)
+    assert await services.dispatcher.expire_leases() == 2
+    assert len(await services.dispatcher.lease(SATELLITE, 10)) == 4
+
+
+@aio_test
+async def test_reports_set_final_statuses_and_soft_bounce_retries(database, clock):
+    services, mailing_id = await _world(database, clock, retry_initial_seconds=300, retry_max_age_hours=1)
+    ids = await _add(services, mailing_id, 3)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    await services.dispatcher.lease(SATELLITE, 3)
+    acknowledged = await services.dispatcher.report(SATELLITE, [
+        _outcome(ids[0], "FINISHED"), _outcome(ids[1], "ERROR", 550), _outcome(ids[2], "WARNING", 451),
+        _outcome("deleted-id", "FINISHED")])
+    assert sorted(acknowledged) == sorted([*ids, "deleted-id"])
+    status = {s["id"]: s for s in await services.reports.statuses(ids, {})}
+    assert [status[i]["status"] for i in ids] == ["FINISHED", "ERROR", "WARNING"]
+    assert status[ids[2]]["next_try"] - status[ids[2]]["first_try"] == datetime.timedelta(seconds=300)
+    assert status[ids[0]]["in_progress"] is False and status[ids[0]]["cloud_client"] == "sat-a"
+    assert await services.dispatcher.lease(SATELLITE, 10) == []  # the soft bounce waits for next_try
+    clock.advance(301)
+    retry = await services.dispatcher.lease(SATELLITE, 10)
+    assert [r["id"] for r in retry] == [ids[2]]
+    clock.advance(3600)  # soft-bouncing for over retry_max_age_hours: TIMEOUT
+    await services.dispatcher.report(SATELLITE, [_outcome(ids[2], "WARNING", 451)])
+    assert (await services.reports.statuses([ids[2]], {}))[0]["status"] == "TIMEOUT"
+    mailing = (await services.mailings.list({"id": [mailing_id]}))[0]
+    assert (mailing["total_sent"], mailing["total_error"], mailing["total_pending"]) == (1, 2, 0)
+
+
+def test_retry_delay_doubles_up_to_the_cap():
+    config = DispatchConfig(retry_initial_seconds=300, retry_factor=2, retry_max_seconds=14400)
+    assert [retry_delay(config, n) for n in (1, 2, 3, 6, 7, 20)] == [300, 600, 1200, 9600, 14400, 14400]

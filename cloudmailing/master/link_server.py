@@ -50,6 +50,8 @@ class SatelliteSession(LinkProtocol):
     async def lease(self, max_recipients: int) -> dict[str, Any]:
         satellite = await self._factory.refresh(self._authenticated())
         recipients = await self._factory.dispatcher.lease(satellite, int(max_recipients))
+        if self.closed_future.done():  # the satellite left while its lease was being made
+            await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
         return {"recipients": recipients, "lease_seconds": self._factory.dispatcher.config.lease_seconds}
 
     async def mailing(self, mailing_id: int) -> dict[str, Any]:

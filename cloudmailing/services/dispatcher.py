@@ -121,6 +121,9 @@ class Dispatcher:
             log.warning("%d expired leases returned to the queue", released)
         return released
 
+    async def release_recipients(self, recipient_ids: Sequence[str]) -> int:
+        return await self._leases.release({"_id": {"$in": list(recipient_ids)}}) if recipient_ids else 0
+
     async def release_satellite(self, serial: str) -> int:
         released = await self._leases.release({"lease_owner": serial})
         if released:

@@ -9,8 +9,9 @@ from cloudmailing.storage.database import Database
 
 async def increment(database: Database, name: str, by: int = 1) -> int:
     """Atomically add ``by`` to counter ``name`` and return its new value (first value: ``by``)."""
-    doc = await database.counters.find_one_and_update(
-        {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER)
+    async with database.write_lock:
+        doc = await database.counters.find_one_and_update(
+            {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER)
     assert doc is not None  # upsert always returns the document
     return int(doc["value"])
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
@@ -29,6 +30,10 @@ class Database:
 
     client: AsyncMongoClient
     db: AsyncDatabase
+    # FerretDB v1 updates documents as read-modify-write outside any lock, so two concurrent
+    # updates of one document can lose one (seen: a lease written over a delivery report).
+    # The master is the only writer: it runs its updates one at a time under this lock.
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def mailings(self) -> AsyncCollection:

@@ -29,7 +29,8 @@ class MailingStore:
         query: dict[str, Any] = {"_id": mailing_id}
         if only_if_status is not None:
             query["status"] = {"$in": only_if_status}
-        result = await self._db.mailings.update_one(query, {"$set": dict(fields)})
+        async with self._db.write_lock:  # a $set racing an $inc would write the counts back
+            result = await self._db.mailings.update_one(query, {"$set": dict(fields)})
         return result.matched_count == 1
 
     async def delete(self, mailing_id: int) -> bool:
@@ -51,7 +52,9 @@ class MailingStore:
         """Move recipients between per-status counts (``{"READY": -1, "FINISHED": 1}``)."""
         inc = {f"counts.{status}": delta for status, delta in deltas.items() if delta}
         if inc:
-            await self._db.mailings.update_one({"_id": mailing_id}, {"$inc": inc})
+            async with self._db.write_lock:
+                await self._db.mailings.update_one({"_id": mailing_id}, {"$inc": inc})
 
     async def set_counts(self, mailing_id: int, counts: Mapping[str, int]) -> None:
-        await self._db.mailings.update_one({"_id": mailing_id}, {"$set": {"counts": dict(counts)}})
+        async with self._db.write_lock:
+            await self._db.mailings.update_one({"_id": mailing_id}, {"$set": {"counts": dict(counts)}})

@@ -107,14 +107,17 @@ class LeaseStore:
             return []
         lease_id = uuid.uuid4().hex
         # Conditional on the status again: a report may have landed since the find.
-        await self._db.recipients.update_many(
-            {"_id": {"$in": ids}, "in_progress": False, "status": query.get("status", {"$exists": True})},
-            {"$set": {"in_progress": True, "lease_owner": owner, "lease_id": lease_id, "lease_expires": expires}})
+        async with self._db.write_lock:
+            await self._db.recipients.update_many(
+                {"_id": {"$in": ids}, "in_progress": False, "status": query.get("status", {"$exists": True})},
+                {"$set": {"in_progress": True, "lease_owner": owner, "lease_id": lease_id,
+                          "lease_expires": expires}})
         return await self._db.recipients.find({"lease_id": lease_id, "_id": {"$in": ids}}).to_list()
 
     async def release(self, query: Mapping[str, Any]) -> int:
         """End the leases matching ``query`` (expired, or of a satellite that went away)."""
-        result = await self._db.recipients.update_many(
-            {"in_progress": True, **query},
-            {"$set": {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}})
+        async with self._db.write_lock:
+            result = await self._db.recipients.update_many(
+                {"in_progress": True, **query},
+                {"$set": {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}})
         return result.modified_count

@@ -13,11 +13,12 @@ class HourlyStatsStore:
         self._db = database
 
     async def add(self, hour: datetime.datetime, sender: str, sent: int, failed: int, tries: int) -> None:
-        await self._db.hourly_stats.update_one(
-            {"_id": f"{hour:%Y%m%d%H}|{sender}"},
-            {"$inc": {"sent": sent, "failed": failed, "tries": tries},
-             "$set": {"hour": hour, "sender": sender}},
-            upsert=True)
+        async with self._db.write_lock:
+            await self._db.hourly_stats.update_one(
+                {"_id": f"{hour:%Y%m%d%H}|{sender}"},
+                {"$inc": {"sent": sent, "failed": failed, "tries": tries},
+                 "$set": {"hour": hour, "sender": sender}},
+                upsert=True)
 
     async def between(self, start: datetime.datetime | None, end: datetime.datetime | None,
                       senders: Sequence[str]) -> list[dict[str, Any]]:

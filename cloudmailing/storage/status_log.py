@@ -139,10 +139,11 @@ class StatusLog:
                        for seq, change in zip(numbers, known, strict=True)]
             # The log first: a crash between the two writes repeats a change, never loses one.
             await self._db.status_log.insert_many(entries, ordered=True)
-            await self._db.recipients.bulk_write(
-                [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
-                 for e, change in zip(entries, known, strict=True)],
-                ordered=False)
+            async with self._db.write_lock:
+                await self._db.recipients.bulk_write(
+                    [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
+                     for e, change in zip(entries, known, strict=True)],
+                    ordered=False)
             await self._move_counts(known, current)
         finally:
             self._allocator.release(numbers)

@@ -1,0 +1,471 @@
+"""Delivery benchmark: one satellite delivering N personalized, DKIM-signed messages to local sinks.
+
+Ten test domains, each with its MX on its own loopback address (127.0.0.2 ... 127.0.0.11), are
+served by a DNS server on loopback; each MX is a Postfix ``smtp-sink`` on the same port. In the
+same run, on the same sinks, Postfix's ``smtp-source`` sends the same number of messages of the
+same size with the same concurrency (``-d``: several messages per connection): the reference.
+
+Then a real ``cm-master`` (its own database) and one real ``cm-satellite`` deliver a mailing of
+N recipients (every message personalized and RSA-2048 DKIM-signed, or Ed25519 with --ed25519).
+Printed:
+
+* the end-to-end rate: ``start_mailing`` until ``list_mailings`` says FINISHED (every
+  recipient's outcome reported and written by the master);
+* the satellite pipeline rate: messages accepted by the sinks per second, from the first to the
+  last message the sinks counted (the sending itself, whatever the master's writes cost);
+* each with its ratio to smtp-source, and the peak memory (VmHWM) of the master and satellite
+  (and FerretDB), with the CPU seconds each used during the mailing (where the time goes).
+
+    .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519]
+                                       [--postgresql URL] [--profile DIR]
+
+Needs ``smtp-sink`` and ``smtp-source`` (Debian: ``apt-get install postfix``). Uses
+CM_MONGODB_URL when set, else starts FerretDB (SQLite backend) in a temporary directory;
+``--postgresql URL`` runs FerretDB on that PostgreSQL database instead. With FerretDB every
+recipient status write costs milliseconds, so the end-to-end rate is bound by the database:
+the default 20,000 messages can take well over 10 minutes there (use --messages 2000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from pymongo import MongoClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cloudmailing.satellite.composer import compose, prepare  # noqa: E402
+from tests.conftest import free_port, wait_for_port  # noqa: E402
+from tests.satellite.dns_server import DnsTestServer  # noqa: E402
+
+DOMAINS = [(f"d{i}.bench.test", f"127.0.0.{2 + i}") for i in range(10)]
+MAIL_FROM = "news@sender.bench.test"
+SERIAL = "bench-satellite"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_MESG = re.compile(rb"mesg=(\d+)")
+
+
+# -- the sinks ------------------------------------------------------------------------------
+
+
+@dataclass
+class Sink:
+    """One ``smtp-sink`` process and its running message counter, read from its ``-c`` output."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+    count: int = 0
+    changes: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, count)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def follow(self) -> None:
+        """Reader thread: the counter line is rewritten with ``\\r``; keep each new value."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            found = _MESG.findall(chunk)
+            if found and int(found[-1]) != self.count:
+                with self.lock:
+                    self.count = int(found[-1])
+                    self.changes.append((time.monotonic(), self.count))
+
+    def window(self, baseline: int) -> tuple[float, float, int] | None:
+        """First time the count passed ``baseline``, last change time, messages since baseline."""
+        with self.lock:
+            after = [(moment, count) for moment, count in self.changes if count > baseline]
+        if not after:
+            return None
+        return after[0][0], after[-1][0], after[-1][1] - baseline
+
+
+def start_sinks(sink_binary: str, port: int) -> list[Sink]:
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
+    sinks = []
+    for _, address in DOMAINS:
+        process = subprocess.Popen([sink_binary, "-c", *user, f"{address}:{port}", "1000"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        sink = Sink(address, process)
+        threading.Thread(target=sink.follow, daemon=True).start()
+        sinks.append(sink)
+    for _, address in DOMAINS:
+        wait_for_address(address, port)
+    return sinks
+
+
+def sink_rate(sinks: list[Sink], baselines: list[int]) -> tuple[float, int]:
+    """Messages per second seen by all sinks together (first to last message), and their count."""
+    windows = [w for w in (s.window(b) for s, b in zip(sinks, baselines)) if w]
+    if not windows:
+        return 0.0, 0
+    first, last = min(w[0] for w in windows), max(w[1] for w in windows)
+    total = sum(w[2] for w in windows)
+    return total / max(last - first, 1e-6), total
+
+
+def wait_for_address(address: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {address}:{port}")
+
+
+def port_free_everywhere() -> int:
+    """A port free on every sink address (they all listen on the same port, like port 25)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            for _, address in DOMAINS:
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on every 127.0.0.x sink address")
+
+
+# -- the reference --------------------------------------------------------------------------
+
+
+def smtp_source_run(source_binary: str, port: int, messages: int, size: int, sessions: int) -> float:
+    """Seconds smtp-source needs for ``messages`` split over the ten sinks, ``sessions`` each."""
+    shares = [messages // len(DOMAINS) + (i < messages % len(DOMAINS)) for i in range(len(DOMAINS))]
+    started = time.monotonic()
+    processes = [subprocess.Popen([source_binary, "-d", "-s", str(sessions), "-m", str(share), "-l", str(size),
+                                   "-f", MAIL_FROM, "-t", f"user@{domain}", f"{address}:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for (domain, address), share in zip(DOMAINS, shares) if share]
+    for process in processes:
+        _, errors = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"smtp-source failed: {errors.decode(errors='replace')}")
+    return time.monotonic() - started
+
+
+# -- the mailing ----------------------------------------------------------------------------
+
+
+def private_key(use_ed25519: bool) -> str:
+    key = ed25519.Ed25519PrivateKey.generate() if use_ed25519 else rsa.generate_private_key(65537, 2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def mailing_content(filler_lines: int) -> tuple[str, str, str]:
+    """Subject, HTML and plain templates; every part is personalized."""
+    line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt."
+    html = ("<html><body><p>Hello {{ firstname }} {{ lastname }},</p>\n"
+            + "".join(f"<p>{line} {{{{ firstname }}}} #{n}</p>\n" for n in range(filler_lines))
+            + "<p>Your code: {{ code }}</p></body></html>\n")
+    plain = ("Hello {{ firstname }} {{ lastname }},\n"
+             + "".join(f"{line} #{n}\n" for n in range(filler_lines // 2)) + "Your code: {{ code }}\n")
+    return "News for {{ firstname }} {{ lastname }}", html, plain
+
+
+def contact(index: int) -> dict[str, str]:
+    domain = DOMAINS[index % len(DOMAINS)][0]
+    return {"email": f"user{index}@{domain}", "firstname": f"First{index}", "lastname": f"Last{index}",
+            "code": f"C{index:08d}"}
+
+
+def signed_size(filler_lines: int, privkey: str) -> int:
+    """Bytes of one built and signed message, with the satellite's own code."""
+    subject, html, plain = mailing_content(filler_lines)
+    prepared = prepare({"id": 1, "mail_from": MAIL_FROM, "sender_name": "Bench", "subject": subject, "html": html,
+                        "plain": plain, "charset": "utf-8", "dkim": {"enabled": True, "selector": "s1",
+                                                                     "domain": "sender.bench.test",
+                                                                     "privkey": privkey}})
+    person = contact(123456)
+    return len(compose(prepared, {"id": uuid.uuid4().hex, "email": person["email"], "domain": DOMAINS[0][0],
+                                  "contact": person}).data)
+
+
+def filler_for(size: int, privkey: str) -> int:
+    """Number of filler lines giving messages of about ``size`` bytes."""
+    base, per_line = signed_size(0, privkey), (signed_size(40, privkey) - signed_size(0, privkey)) / 40
+    return max(0, round((size - base) / per_line))
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def start_database(tmp: Path, postgresql: str | None) -> tuple[str, subprocess.Popen[bytes] | None]:
+    if os.environ.get("CM_MONGODB_URL"):
+        return os.environ["CM_MONGODB_URL"], None
+    port = free_port()
+    command = ([str(ROOT / "bin/ferretdb"), "start-pg", postgresql, str(port)] if postgresql
+               else [str(ROOT / "bin/ferretdb"), "start", str(tmp / "ferretdb"), str(port)])
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(tmp / "ferretdb.log", "wb"))
+    wait_for_port(port, timeout=120)
+    return f"mongodb://127.0.0.1:{port}/", process
+
+
+def cli(module: str, config: Path, profile: Path | None) -> list[str]:
+    wrapper = ["-m", "cProfile", "-o", str(profile / f"{module}.prof")] if profile else []
+    return [sys.executable, *wrapper, "-m", f"cloudmailing.cli.{module}", "--config", str(config)]
+
+
+def write_config(path: Path, common: str, log_file: Path) -> Path:
+    path.write_text(common + f"[logging]\nlevel = WARNING\nfile = {log_file}\n")
+    return path
+
+
+def peak_memory_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used so far by every process named ``postgres`` (the PostgreSQL server's backends)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return total
+
+
+def stop(process: subprocess.Popen[Any] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def print_profile(path: Path, title: str) -> None:
+    import pstats
+
+    if not path.exists():
+        return
+    print(f"\n--- {title}: top functions by own time ({path}) ---")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(12)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class MailingResult:
+    seconds: float
+    mailing: dict[str, Any]
+    finished: bool
+    memory: dict[str, float]
+    cpu: dict[str, float]
+    ingest_seconds: float
+
+
+def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if satellite.poll() is not None:
+            raise RuntimeError(f"the satellite exited:\n{tail(log)}")
+        if any(s["serial"] == SERIAL and s.get("connected") for s in proxy.cloud_list_satellites()):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the satellite did not connect:\n{tail(log)}")
+
+
+def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: float,
+                   watched: dict[str, int]) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
+    """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used."""
+    cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    pg_before = postgres_cpu_seconds()
+    started = time.monotonic()
+    proxy.start_mailing(mailing_id)
+    next_progress = started + 10
+    while True:
+        proxy.mailing_manager_force_check()
+        mailing = proxy.list_mailings({"id": [mailing_id]})[0]
+        now = time.monotonic()
+        if mailing["status"] == "FINISHED" or now - started > timeout:
+            break
+        if now >= next_progress:
+            print(f"  {now - started:6.0f} s: status {mailing['status']}, sent {mailing['total_sent']}, "
+                  f"pending {mailing['total_pending']}, at the sinks {sum(s.count for s in sinks)}", flush=True)
+            next_progress = now + 10
+        time.sleep(0.25)
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
+    if pg_before or postgres_cpu_seconds():
+        cpu["postgres (all backends)"] = postgres_cpu_seconds() - pg_before
+    return now - started, mailing, mailing["status"] == "FINISHED", cpu
+
+
+def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTestServer, sinks: list[Sink],
+                database: subprocess.Popen[bytes] | None) -> MailingResult:
+    mongo_url = args.mongo_url
+    api_port, link_port = free_port(), free_port()
+    common = (f"[database]\nurl = {mongo_url}\nname = {args.db_name}\n"
+              f"[api]\nhost = 127.0.0.1\nport = {api_port}\n"
+              f"[satellite_link]\nhost = 127.0.0.1\nport = {link_port}\n"
+              f"[dispatch]\nlease_seconds = 3600\n"
+              f"[satellite]\nmaster_host = 127.0.0.1\nmaster_port = {link_port}\nserial = {SERIAL}\n"
+              f"secret = bench-secret\nhelo_hostname = sat.bench.test\ndns_servers = {dns.nameserver}\n"
+              f"smtp_port = {sink_port}\nlease_size = {args.lease_size}\n"
+              f"max_connections = {10 * args.sessions}\nmax_connections_per_host = {args.sessions}\n"
+              f"connect_timeout = 10\nreply_timeout = 30\n"
+              f"[paths]\ndata_dir = {tmp / 'data'}\n")
+    master_config = write_config(tmp / "master.ini", common, tmp / "master.log")
+    satellite_config = write_config(tmp / "satellite.ini", common, tmp / "satellite.log")
+    key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(master_config),
+                          "api-key", "create", "--name", "bench"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    master = subprocess.Popen(cli("master", master_config, args.profile), stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / "master.err", "wb"), cwd=ROOT)
+    satellite = None
+    try:
+        wait_for_port(api_port, timeout=60)
+        proxy = xmlrpc.client.ServerProxy(f"https://admin:{key}@127.0.0.1:{api_port}/CloudMailing",
+                                          context=ssl._create_unverified_context(), allow_none=True)
+        privkey = private_key(args.ed25519)
+        subject, html, plain = mailing_content(filler_for(args.size, privkey))
+        mailing_id = proxy.create_mailing(MAIL_FROM, "Bench", subject, html, plain, "utf-8")
+        proxy.set_mailing_properties(mailing_id, {"dkim": {"enabled": True, "selector": "s1",
+                                                           "domain": "sender.bench.test", "privkey": privkey}})
+        started = time.monotonic()
+        for first in range(0, args.messages, 1000):
+            proxy.add_recipients(mailing_id, [contact(i) for i in range(first, min(first + 1000, args.messages))])
+        ingest_seconds = time.monotonic() - started
+        proxy.cloud_add_satellite(SERIAL, {})
+        satellite = subprocess.Popen(cli("satellite", satellite_config, args.profile), stdout=subprocess.DEVNULL,
+                                     stderr=open(tmp / "satellite.err", "wb"), cwd=ROOT)
+        wait_connected(proxy, satellite, tmp / "satellite.log")
+        watched = {"master": master.pid, "satellite": satellite.pid}
+        if database is not None:
+            watched["ferretdb"] = database.pid
+        seconds, mailing, finished, cpu = follow_mailing(proxy, mailing_id, sinks, args.timeout, watched)
+        memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
+        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds)
+    finally:
+        stop(satellite)
+        stop(master)
+        for name in ("master", "satellite"):
+            errors = tail(tmp / f"{name}.log", 5)
+            if errors:
+                print(f"  last lines of the {name} log:\n{errors}")
+
+
+def find_postfix_tools() -> tuple[str, str]:
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
+    sink, source = shutil.which("smtp-sink", path=path), shutil.which("smtp-source", path=path)
+    if not (sink and source):
+        sys.exit("smtp-sink and smtp-source (Postfix) are needed: install them, e.g. on Debian/Ubuntu\n"
+                 "    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix\n"
+                 "(the Postfix daemon itself need not run).")
+    return sink, source
+
+
+def report(args: argparse.Namespace, backend: str, source_rate: float, result: MailingResult,
+           pipeline_rate: float, at_sinks: int) -> None:
+    key = "Ed25519" if args.ed25519 else "RSA-2048"
+    mailing = result.mailing
+    print(f"\ndatabase: {backend}; {args.messages} messages of ~{args.size} bytes, personalized, {key} DKIM; "
+          f"10 domains, {args.sessions} connections per MX ({10 * args.sessions} in all)")
+    print(f"add_recipients: {args.messages / result.ingest_seconds:,.0f} recipients/s (not part of the rates)")
+    print(f"mailing: {mailing['status']}, sent {mailing['total_sent']}, errors {mailing['total_error']}, "
+          f"soft bounces {mailing['total_softbounce']}, pending {mailing['total_pending']}; "
+          f"messages at the sinks {at_sinks}")
+    if not result.finished:
+        print(f"NOT FINISHED within --timeout {args.timeout:.0f} s: the end-to-end rate below counts the "
+              f"recipients reported so far. Use a smaller --messages on this database.")
+    e2e_rate = mailing["total_sent"] / result.seconds
+    print(f"smtp-source (reference):            {source_rate:10,.0f} messages/s")
+    print(f"end to end (start -> FINISHED):     {e2e_rate:10,.0f} messages/s   ratio {e2e_rate / source_rate:.3f}"
+          f"   ({result.seconds:.1f} s)")
+    print(f"satellite pipeline (at the sinks):  {pipeline_rate:10,.0f} messages/s   "
+          f"ratio {pipeline_rate / source_rate:.3f}   (target >= 0.5)")
+    print("peak memory (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MiB" for name, mb in result.memory.items()))
+    print(f"CPU seconds during the {result.seconds:.1f} s mailing: "
+          + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.cpu.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--size", type=int, default=20_000, help="bytes per message (default 20000)")
+    parser.add_argument("--ed25519", action="store_true", help="sign with Ed25519 instead of RSA-2048")
+    parser.add_argument("--postgresql", metavar="URL", help="FerretDB on this PostgreSQL database")
+    parser.add_argument("--sessions", type=int, default=4,
+                        help="connections per MX, for the satellite and for smtp-source (default 4)")
+    parser.add_argument("--lease-size", type=int, default=1000, help="the satellite's lease_size (default 1000)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for FINISHED (default 1800)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run master and satellite under cProfile, keep the profiles in DIR, print the top")
+    args = parser.parse_args()
+    sink_binary, source_binary = find_postfix_tools()
+    if args.profile:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+    backend = "MongoDB (CM_MONGODB_URL)" if os.environ.get("CM_MONGODB_URL") else (
+        "FerretDB/PostgreSQL" if args.postgresql else "FerretDB/SQLite")
+    with tempfile.TemporaryDirectory() as tmp_name, DnsTestServer() as dns:
+        tmp = Path(tmp_name)
+        for domain, address in DOMAINS:
+            dns.add_mail_domain(domain, address)
+        sink_port = port_free_everywhere()
+        sinks = start_sinks(sink_binary, sink_port)
+        database = None
+        try:
+            print(f"smtp-source: {args.messages} messages of {args.size} bytes to 10 smtp-sinks on port {sink_port}",
+                  flush=True)
+            source_rate = args.messages / smtp_source_run(source_binary, sink_port, args.messages, args.size,
+                                                          args.sessions)
+            time.sleep(0.5)  # let the sinks' last counters arrive
+            args.mongo_url, database = start_database(tmp, args.postgresql)
+            args.db_name = f"bench_delivery_{uuid.uuid4().hex[:8]}"
+            print(f"CloudMailing: master + 1 satellite, database {backend} ({args.db_name})", flush=True)
+            baselines = [sink.count for sink in sinks]
+            result = run_mailing(args, tmp, sink_port, dns, sinks, database)
+            time.sleep(0.5)
+            pipeline_rate, at_sinks = sink_rate(sinks, baselines)
+            MongoClient(args.mongo_url).drop_database(args.db_name)
+        finally:
+            stop(database)
+            for sink in sinks:
+                stop(sink.process)
+    report(args, backend, source_rate, result, pipeline_rate, at_sinks)
+    if args.profile:
+        print_profile(args.profile / "master.prof", "master")
+        print_profile(args.profile / "satellite.prof", "satellite")
+
+
+if __name__ == "__main__":
+    main()

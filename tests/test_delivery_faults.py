@@ -1,0 +1,187 @@
+"""Fault tests with real processes: a satellite or the master killed with -9 mid-mailing.
+
+Every recipient still reaches a final status; none is lost; a message may go out twice only if
+it was in flight at the kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import xmlrpc.client
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_for_port
+from tests.helpers import aio_test
+from tests.satellite.dns_server import DnsTestServer
+from tests.satellite.smtp_servers import Behaviour, start_servers
+
+RECIPIENTS = 120
+LEASE = 10
+
+
+@pytest.fixture
+def world():
+    """A DNS server and two accepting MX hosts (in this process, serving while tests await)."""
+    with DnsTestServer() as dns:
+        dns.add_mail_domain("one.test", "127.0.0.2")
+        dns.add_mail_domain("two.test", "127.0.0.3")
+        servers, smtp_port = start_servers({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+        yield dns, servers, smtp_port
+
+
+def _write(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+                            for name, values in sections.items()))
+    return path
+
+
+def _start(module: str, config: Path) -> subprocess.Popen:
+    log = open(config.with_suffix(".log"), "ab")  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen([sys.executable, "-m", f"cloudmailing.cli.{module}", "--config", str(config)],
+                            stdout=log, stderr=log)
+
+
+def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port: int) -> Path:
+    return _write(tmp_path / f"{name}.ini", {
+        "satellite": {"master_port": link_port, "serial": name, "secret": f"{name}-secret",
+                      "helo_hostname": "sat.test", "dns_servers": dns.nameserver, "smtp_port": smtp_port,
+                      "lease_size": LEASE, "connect_timeout": 5, "reply_timeout": 5},
+        "paths": {"data_dir": tmp_path / name}, "logging": {"level": "WARNING"}})
+
+
+def _received(servers) -> list[str]:
+    return [rcpt for server in servers.values() for message in server.messages for rcpt in message.rcpt_to]
+
+
+async def _until(predicate, seconds: float = 90.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not await predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+async def _new_mailing(api) -> tuple[int, list[str]]:
+    mailing_id = await api.create_mailing("news@sender.test", "N", "Hi {{ n }}", "<p>{{ n }}</p>", "", "utf-8")
+    entries = [{"email": f"u{i}@{'one' if i % 2 else 'two'}.test", "n": i} for i in range(RECIPIENTS)]
+    await api.add_recipients(mailing_id, entries)
+    await api.start_mailing(mailing_id)
+    return mailing_id, [e["email"] for e in entries]
+
+
+def _check_everyone_delivered(emails: list[str], received: list[str], mailing: dict) -> None:
+    assert mailing["status"] == "FINISHED" and mailing["total_sent"] == RECIPIENTS, mailing
+    assert set(received) == set(emails), "a recipient was lost"
+    duplicates = len(received) - len(emails)
+    assert duplicates <= 2 * LEASE, f"{duplicates} duplicates: more than what was in flight"
+
+
+@aio_test
+async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_master, world, tmp_path, database):
+    dns, servers, smtp_port = world
+    api = running_master.proxy()
+    link_port = running_master.master.satellite_port
+    for serial in ("sat-a", "sat-b"):
+        await api.cloud_add_satellite(serial, {})
+    mailing_id, emails = await _new_mailing(api)
+    await api.mailing_manager_force_check()
+
+    first = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port))
+
+    async def some_delivered() -> bool:
+        return len(_received(servers)) >= 20
+
+    await _until(some_delivered)
+    os.kill(first.pid, signal.SIGKILL)
+    await asyncio.to_thread(first.wait)
+    second = _start("satellite", _satellite_config(tmp_path, "sat-b", link_port, dns, smtp_port))
+
+    async def finished() -> bool:
+        await api.mailing_manager_force_check()
+        return (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
+
+    try:
+        try:
+            await _until(finished)
+        except AssertionError:
+            stuck = await database.recipients.find({"status": {"$ne": "FINISHED"}}).to_list()
+            print("STUCK", (await api.list_mailings({"id": [mailing_id]}))[0], stuck[:3], len(stuck))
+            raise
+        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+        lost = set(emails) - set(_received(servers))
+        if lost:
+            print("LOST", await database.recipients.find({"email": {"$in": list(lost)}}).to_list())
+        _check_everyone_delivered(emails, _received(servers), mailing)
+        # The killed satellite comes back with its outbox: what it had not reported is reported now.
+        restarted = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port))
+        outbox = tmp_path / "sat-a" / "satellite" / "outbox.jsonl"
+
+        async def outbox_empty() -> bool:
+            return not outbox.exists() or outbox.stat().st_size == 0
+
+        await _until(outbox_empty, 30)
+        restarted.terminate()
+        await asyncio.to_thread(restarted.wait)
+    finally:
+        second.terminate()
+        await asyncio.to_thread(second.wait)
+        for server in servers.values():
+            await server.stop()
+
+
+@aio_test
+async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world, tmp_path):
+    dns, servers, smtp_port = world
+    api_port, link_port = free_port(), free_port()
+    master_config = _write(tmp_path / "master.ini", {
+        "database": {"url": mongo_url, "name": db_name}, "api": {"host": "127.0.0.1", "port": api_port},
+        "satellite_link": {"host": "127.0.0.1", "port": link_port}, "dispatch": {"lease_seconds": 5},
+        "paths": {"data_dir": tmp_path / "master"}, "logging": {"level": "WARNING"}})
+    key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(master_config),
+                          "api-key", "create", "--name", "t"], capture_output=True, text=True, check=True
+                         ).stdout.strip()
+    url = f"https://admin:{key}@127.0.0.1:{api_port}/CloudMailing"
+
+    class Api:  # a new connection per call: a kept-alive one would be dead after the kill
+        def __getattr__(self, name):
+            def call(*args):
+                proxy = xmlrpc.client.ServerProxy(url, context=ssl._create_unverified_context())
+                return getattr(proxy, name)(*args)
+            return lambda *args: asyncio.to_thread(call, *args)
+
+    api = Api()
+    master = _start("master", master_config)
+    await asyncio.to_thread(wait_for_port, api_port)
+    await api.cloud_add_satellite("sat-m", {})
+    mailing_id, emails = await _new_mailing(api)
+    satellite = _start("satellite", _satellite_config(tmp_path, "sat-m", link_port, dns, smtp_port))
+    try:
+        async def some_delivered() -> bool:
+            return len(_received(servers)) >= 20
+
+        await _until(some_delivered)
+        os.kill(master.pid, signal.SIGKILL)
+        await asyncio.to_thread(master.wait)
+        master = _start("master", master_config)  # the satellite reconnects by itself
+        await asyncio.to_thread(wait_for_port, api_port)
+
+        async def finished() -> bool:
+            await api.mailing_manager_force_check()
+            return (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
+
+        await _until(finished, 120)
+        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+        _check_everyone_delivered(emails, _received(servers), mailing)
+    finally:
+        for process in (satellite, master):
+            process.terminate()
+            await asyncio.to_thread(process.wait)
+        for server in servers.values():
+            await server.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import ROOT, free_port, wait_for_port
 from tests.helpers import aio_test
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
@@ -53,7 +53,7 @@ def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port:
         "satellite": {"master_port": link_port, "serial": name, "secret": f"{name}-secret",
                       "helo_hostname": "sat.test", "dns_servers": dns.nameserver, "smtp_port": smtp_port,
                       "lease_size": LEASE, "connect_timeout": 5, "reply_timeout": 5},
-        "paths": {"data_dir": tmp_path / name}, "logging": {"level": "WARNING"}})
+        "paths": {"data_dir": tmp_path / name}, "logging": {"level": "INFO"}})
 
 
 def _received(servers) -> list[str]:
@@ -136,52 +136,111 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
             await server.stop()
 
 
+class _ProcessMaster:
+    """A master process on its own ports, and an API client making a new connection per call
+    (a kept-alive connection would be dead after a kill)."""
+
+    def __init__(self, tmp_path: Path, mongo_url: str, db_name: str) -> None:
+        self.api_port, self.link_port = free_port(), free_port()
+        self.config = _write(tmp_path / "master.ini", {
+            "database": {"url": mongo_url, "name": db_name},
+            "api": {"host": "127.0.0.1", "port": self.api_port},
+            "satellite_link": {"host": "127.0.0.1", "port": self.link_port}, "dispatch": {"lease_seconds": 5},
+            "paths": {"data_dir": tmp_path / "master"}, "logging": {"level": "INFO"}})
+        key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(self.config),
+                              "api-key", "create", "--name", "t"], capture_output=True, text=True, check=True
+                             ).stdout.strip()
+        self.url = f"https://admin:{key}@127.0.0.1:{self.api_port}/CloudMailing"
+        self.process: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        self.process = _start("master", self.config)
+        await asyncio.to_thread(wait_for_port, self.api_port)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait)
+
+    async def call(self, name: str, *args):
+        def call():
+            proxy = xmlrpc.client.ServerProxy(self.url, context=ssl._create_unverified_context())
+            return getattr(proxy, name)(*args)
+        return await asyncio.to_thread(call)
+
+    def __getattr__(self, name: str):
+        return lambda *args: self.call(name, *args)
+
+    async def wait_finished(self, mailing_id: int, seconds: float) -> dict:
+        async def finished() -> bool:
+            try:
+                await self.call("mailing_manager_force_check")
+                return (await self.call("list_mailings", {"id": [mailing_id]}))[0]["status"] == "FINISHED"
+            except (OSError, xmlrpc.client.Error):
+                return False  # the master or its database is still coming back
+
+        await _until(finished, seconds)
+        return (await self.call("list_mailings", {"id": [mailing_id]}))[0]
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.to_thread(self.process.wait)
+
+
 @aio_test
 async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world, tmp_path):
     dns, servers, smtp_port = world
-    api_port, link_port = free_port(), free_port()
-    master_config = _write(tmp_path / "master.ini", {
-        "database": {"url": mongo_url, "name": db_name}, "api": {"host": "127.0.0.1", "port": api_port},
-        "satellite_link": {"host": "127.0.0.1", "port": link_port}, "dispatch": {"lease_seconds": 5},
-        "paths": {"data_dir": tmp_path / "master"}, "logging": {"level": "WARNING"}})
-    key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(master_config),
-                          "api-key", "create", "--name", "t"], capture_output=True, text=True, check=True
-                         ).stdout.strip()
-    url = f"https://admin:{key}@127.0.0.1:{api_port}/CloudMailing"
-
-    class Api:  # a new connection per call: a kept-alive one would be dead after the kill
-        def __getattr__(self, name):
-            def call(*args):
-                proxy = xmlrpc.client.ServerProxy(url, context=ssl._create_unverified_context())
-                return getattr(proxy, name)(*args)
-            return lambda *args: asyncio.to_thread(call, *args)
-
-    api = Api()
-    master = _start("master", master_config)
-    await asyncio.to_thread(wait_for_port, api_port)
-    await api.cloud_add_satellite("sat-m", {})
-    mailing_id, emails = await _new_mailing(api)
-    satellite = _start("satellite", _satellite_config(tmp_path, "sat-m", link_port, dns, smtp_port))
+    master = _ProcessMaster(tmp_path, mongo_url, db_name)
+    await master.start()
+    await master.cloud_add_satellite("sat-m", {})
+    mailing_id, emails = await _new_mailing(master)
+    satellite = _start("satellite", _satellite_config(tmp_path, "sat-m", master.link_port, dns, smtp_port))
     try:
         async def some_delivered() -> bool:
             return len(_received(servers)) >= 20
 
         await _until(some_delivered)
-        os.kill(master.pid, signal.SIGKILL)
-        await asyncio.to_thread(master.wait)
-        master = _start("master", master_config)  # the satellite reconnects by itself
-        await asyncio.to_thread(wait_for_port, api_port)
-
-        async def finished() -> bool:
-            await api.mailing_manager_force_check()
-            return (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
-
-        await _until(finished, 120)
-        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+        await master.kill()
+        await master.start()  # the satellite reconnects by itself
+        mailing = await master.wait_finished(mailing_id, 120)
         _check_everyone_delivered(emails, _received(servers), mailing)
     finally:
-        for process in (satellite, master):
-            process.terminate()
-            await asyncio.to_thread(process.wait)
+        satellite.terminate()
+        await asyncio.to_thread(satellite.wait)
+        await master.stop()
+        for server in servers.values():
+            await server.stop()
+
+
+@aio_test
+async def test_the_database_going_away_for_a_few_seconds(world, tmp_path):
+    dns, servers, smtp_port = world
+    db_port = free_port()
+    ferretdb = [str(ROOT / "bin" / "ferretdb"), "start", str(tmp_path / "ferretdb"), str(db_port)]
+    database = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await asyncio.to_thread(wait_for_port, db_port)
+    master = _ProcessMaster(tmp_path, f"mongodb://127.0.0.1:{db_port}/", "outage")
+    await master.start()
+    await master.cloud_add_satellite("sat-d", {})
+    mailing_id, emails = await _new_mailing(master)
+    satellite = _start("satellite", _satellite_config(tmp_path, "sat-d", master.link_port, dns, smtp_port))
+    try:
+        async def some_delivered() -> bool:
+            return len(_received(servers)) >= 20
+
+        await _until(some_delivered)
+        os.kill(database.pid, signal.SIGKILL)
+        await asyncio.to_thread(database.wait)
+        await asyncio.sleep(3)
+        database = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mailing = await master.wait_finished(mailing_id, 120)
+        _check_everyone_delivered(emails, _received(servers), mailing)
+    finally:
+        satellite.terminate()
+        await asyncio.to_thread(satellite.wait)
+        await master.stop()
+        database.terminate()
+        await asyncio.to_thread(database.wait)
         for server in servers.values():
             await server.stop()

@@ -101,9 +101,18 @@ class LinkProtocol(Int32StringReceiver):
             self._send({"id": request_id, "result": result})
         except LinkError as error:
             self._send({"id": request_id, "error": {"code": error.code, "message": error.message}})
-        except Exception:  # one bad request must not take the link down
-            log.exception("link request %s failed", message.get("method"))
+        except Exception as error:  # one bad request must not take the link down
+            known = self.describe_error(error)
+            if known is not None:
+                log.warning("link request %s failed: %s", message.get("method"), known[1])
+                self._send({"id": request_id, "error": {"code": known[0], "message": known[1]}})
+                return
+            log.exception("link request %s failed", message.get("method"), exc_info=error)
             self._send({"id": request_id, "error": {"code": "internal", "message": "internal error"}})
+
+    def describe_error(self, error: Exception) -> tuple[str, str] | None:
+        """``(code, message)`` for an expected failure of a handler; None logs it as a bug."""
+        return None
 
     def close(self) -> None:
         transport: Any = self.transport

@@ -13,6 +13,7 @@ import base64
 import logging
 from typing import Any
 
+from pymongo.errors import PyMongoError
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
@@ -65,6 +66,11 @@ class SatelliteSession(LinkProtocol):
     async def report(self, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         satellite = self._authenticated()
         return {"acknowledged": await self._factory.dispatcher.report(satellite, outcomes)}
+
+    def describe_error(self, error: Exception) -> tuple[str, str] | None:
+        if isinstance(error, PyMongoError):  # the database is away: the satellite retries
+            return "unavailable", f"database unavailable: {error}"
+        return None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)

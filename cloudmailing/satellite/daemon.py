@@ -38,6 +38,7 @@ REPORT_INTERVAL = 0.2
 IDLE_POLL = 1.0
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
+RETRY_PAUSE = 1.0
 
 
 def host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -135,8 +136,8 @@ class SatelliteDaemon:
             if self._scheduler.pending >= low_water:
                 await asyncio.sleep(0.05)
                 continue
-            answer = await link.call("lease", max_recipients=self.config.lease_size - self._scheduler.pending)
-            recipients = answer["recipients"]
+            answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - self._scheduler.pending)
+            recipients = answer["recipients"] if answer else []
             for recipient in recipients:
                 await self._submit(link, recipient)
             if not recipients:
@@ -160,7 +161,10 @@ class SatelliteDaemon:
         cached = self._mailings.get(mailing_id)
         if cached and now - cached[0] < MAILING_CACHE_SECONDS:
             return cached[1]
-        prepared = prepare(await link.call("mailing", mailing_id=mailing_id))
+        content = None
+        while content is None:  # the recipient is leased to us: wait out the master's troubles
+            content = await self._ask(link, "mailing", mailing_id=mailing_id)
+        prepared = prepare(content)
         self._mailings[mailing_id] = (now, prepared)
         return prepared
 
@@ -173,8 +177,20 @@ class SatelliteDaemon:
                 await asyncio.sleep(REPORT_INTERVAL)
                 continue
             self._outbox.sync()
-            answer = await link.call("report", outcomes=batch)
-            self._outbox.acknowledge(answer["acknowledged"])
+            answer = await self._ask(link, "report", outcomes=batch)
+            if answer:
+                self._outbox.acknowledge(answer["acknowledged"])
+
+    async def _ask(self, link: LinkProtocol, method: str, **params: Any) -> Any:
+        """A call that survives the master's passing troubles (its database away): None, then retry."""
+        try:
+            return await link.call(method, **params)
+        except LinkError as error:
+            if error.code in ("disconnected", "unauthorized", "not_paired"):
+                raise
+            log.warning("the master could not answer %s: %s", method, error, extra={"satellite": self.serial})
+            await asyncio.sleep(RETRY_PAUSE)
+            return None
 
     async def stop(self) -> None:
         self._stopping = True

@@ -88,6 +88,7 @@ class Dispatcher:
         if changes:
             await self._status_log.apply(_last_per_recipient(changes), now)
             await self._count(satellite["serial"], changes, now)
+        log.info("%d outcomes recorded", len(changes), extra={"satellite": satellite["serial"]})
         # Unknown (deleted) recipients and unusable entries are acknowledged too: nothing to keep.
         return [str(o.get("recipient_id")) for o in outcomes]
 

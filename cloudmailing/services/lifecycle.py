@@ -43,6 +43,7 @@ class MailingLifecycle:
 
     async def tick(self) -> None:
         now = utc_now(self._clock)
+        await self._recount_interrupted()
         async for mailing in self._mailings.find({"status": {"$in": [READY, RUNNING, PAUSED]}},
                                                  {"html": 0, "plain": 0, "rfc822": 0}):
             try:
@@ -66,15 +67,30 @@ class MailingLifecycle:
         if end is not None and end <= now:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
-        elif mailing["status"] == RUNNING:
-            counts = await self._fresh_counts(mailing_id)
-            total = totals(counts)
-            if total["total_pending"] == 0 and (total["total_recipient"] or not mailing.get("dont_close_if_empty")):
+        elif mailing["status"] == RUNNING and await self._nothing_pending(mailing_id):
+            counts = await self._recount(mailing_id)  # the totals are exact when it finishes
+            if sum(counts.values()) or not mailing.get("dont_close_if_empty"):
                 await self._finish(mailing_id, now)
 
-    async def _fresh_counts(self, mailing_id: int) -> dict[str, int]:
-        mailing = await self._mailings.get(mailing_id)
-        return dict((mailing or {}).get("counts") or {})
+    async def _nothing_pending(self, mailing_id: int) -> bool:
+        # Counted from the recipients (indexed), not from the counters, which an interrupted
+        # write may have left behind.
+        query = {"mailing_id": mailing_id, "test": False, "status": {"$in": list(PENDING_STATUSES)}}
+        return await self._recipients.count(query) == 0
+
+    async def _recount(self, mailing_id: int) -> dict[str, int]:
+        counts = await self._recipients.count_by_status(mailing_id)
+        await self._mailings.set_counts(mailing_id, counts)
+        return counts
+
+    async def _recount_interrupted(self) -> None:
+        while self._status_log.mailings_to_recount:
+            mailing_id = self._status_log.mailings_to_recount.pop()
+            try:
+                await self._recount(mailing_id)
+            except Exception:
+                self._status_log.mailings_to_recount.add(mailing_id)
+                raise
 
     async def _time_out(self, mailing_id: int, now: datetime.datetime) -> None:
         query = {"mailing_id": mailing_id, "status": {"$in": list(PENDING_STATUSES)}, "test": False}
@@ -108,5 +124,4 @@ class MailingLifecycle:
             log.warning("rolled back an unacknowledged batch of %d recipients", removed,
                         extra={"mailing": batch.get("mailing_id")})
         async for mailing in self._mailings.find({"status": {"$ne": FINISHED}}, {"_id": 1}):
-            counts = await self._recipients.count_by_status(mailing["_id"])
-            await self._mailings.set_counts(mailing["_id"], counts)
+            await self._recount(mailing["_id"])

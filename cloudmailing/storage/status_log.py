@@ -115,6 +115,7 @@ class StatusLog:
         self._before_write = before_write  # a test seam: lets writers finish out of order
         self._mailings = MailingStore(database)
         self._claims = _RecipientClaims()
+        self.mailings_to_recount: set[int] = set()
 
     async def apply(self, changes: Sequence[StatusChange], now: datetime.datetime) -> ApplyResult:
         """Apply ``changes`` (at most one per recipient) and log each one."""
@@ -145,6 +146,10 @@ class StatusLog:
                      for e, change in zip(entries, known, strict=True)],
                     ordered=False)
             await self._move_counts(known, current)
+        except BaseException:
+            # Some of the writes may have happened: the counts are recounted from the recipients.
+            self.mailings_to_recount.update(doc["mailing_id"] for doc in current.values())
+            raise
         finally:
             self._allocator.release(numbers)
         result.applied = [change.recipient_id for change in known]

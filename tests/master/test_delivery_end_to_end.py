@@ -22,15 +22,19 @@ from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
 DOMAINS = {"ok.test": ("127.0.0.2", Behaviour()), "reject.test": ("127.0.0.3", Behaviour(rcpt_code=550)),
-           "later.test": ("127.0.0.4", Behaviour(tempfail_first=True))}
-EXPECTED = {"ok.test": "FINISHED", "reject.test": "ERROR", "later.test": "FINISHED", "nomail.test": "ERROR"}
+           "later.test": ("127.0.0.4", Behaviour(tempfail_first=True)),
+           "hang.test": ("127.0.0.5", Behaviour(hang_at="mail")), "drop.test": ("127.0.0.6", Behaviour(drop_at="mail"))}
+# hang.test and drop.test soft-bounce on every try until the retry age runs out: TIMEOUT.
+EXPECTED = {"ok.test": "FINISHED", "reject.test": "ERROR", "later.test": "FINISHED", "nomail.test": "ERROR",
+            "hang.test": "TIMEOUT", "drop.test": "TIMEOUT"}
 
 
 @pytest.fixture
 def settings(settings):
-    # Soft bounces are retried after 1 s here, not 5 minutes.
+    # Soft bounces are retried after 1 s here, not 5 minutes, and given up after 3.6 s, not 48 h.
     from dataclasses import replace
-    return replace(settings, dispatch=DispatchConfig(retry_initial_seconds=1, lease_seconds=60))
+    return replace(settings, dispatch=DispatchConfig(retry_initial_seconds=1, retry_max_age_hours=0.001,
+                                                     lease_seconds=60))
 
 
 @pytest.fixture
@@ -82,7 +86,7 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
 
     config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-e2e",
                              secret="s3cret", helo_hostname="sat.test", dns_servers=dns.nameserver,
-                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=5)
+                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=1)
     satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
     running = asyncio.ensure_future(satellite.run())
     try:
@@ -94,7 +98,7 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
             await server.stop()
 
     assert mailing["total_recipient"] == len(entries)
-    assert mailing["total_sent"] == 12 and mailing["total_error"] == 13 and mailing["total_pending"] == 0
+    assert mailing["total_sent"] == 12 and mailing["total_error"] == 25 and mailing["total_pending"] == 0
     statuses = await api.get_recipients_status(list(ids.values()), {})
     by_id = {s["id"]: s for s in statuses}
     for address, recipient_id in ids.items():
@@ -114,7 +118,11 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
         if not page["recipients"]:
             break
         changes.extend((r["id"], r["status"]) for r in page["recipients"])
-    assert len(changes) == len(entries) + 6 and len(set(changes)) == len(changes)
+    retried = sum(by_id[ids[f"user{i}@{d}"]]["try_count"] - 1 for i in range(6) for d in ("later.test",
+                                                                                           "hang.test", "drop.test"))
+    assert len(changes) == len(entries) + retried  # every change once: first tries, then each retry
+    timed_out = [by_id[ids[f"user{i}@hang.test"]] for i in range(6)]
+    assert all(s["try_count"] >= 2 and s["reply_text"] for s in timed_out)
 
     txt = DkimSigner("sender.test", "s1", privkey.encode()).dns_txt_record().encode()
     accepted = servers["127.0.0.2"].messages + servers["127.0.0.4"].messages
@@ -128,4 +136,4 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
         assert received.mail_from.startswith("bounce-") and received.mail_from.endswith("@sender.test")
         assert dkim.verify(received.data, dnsfunc=lambda name, timeout=5: txt)
     hourly = await api.get_hourly_statistics({"senders": ["sat-e2e"]})
-    assert sum(h["sent"] for h in hourly) == 12 and sum(h["tries"] for h in hourly) == len(entries) + 6
+    assert sum(h["sent"] for h in hourly) == 12 and sum(h["tries"] for h in hourly) == len(entries) + retried

@@ -60,6 +60,7 @@ class SatelliteConfig:
 
     master_host: str = "127.0.0.1"
     master_port: int = 33620
+    master_fingerprint: str = ""      # SHA-256 of the master's certificate; empty: the first one seen
     serial: str = ""                  # empty: the host name
     secret: str = ""                  # empty: one generated and kept in data_dir
     helo_hostname: str = ""           # empty: the host's FQDN

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
 from cloudmailing import __version__
@@ -27,6 +26,7 @@ from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
 from cloudmailing.satellite.delivery import DeliveryConfig, DeliveryJob, DeliveryScheduler
+from cloudmailing.satellite.master_identity import master_options
 from cloudmailing.satellite.mx_resolver import MxResolver
 from cloudmailing.satellite.outbox import Outbox
 from cloudmailing.satellite.outcomes import DeliveryOutcome
@@ -71,6 +71,7 @@ class SatelliteDaemon:
         self.config = config
         self.serial = config.serial or socket.gethostname()
         self._secret = load_or_create_secret(config, data_dir)
+        self._data_dir = data_dir
         self._reactor = reactor
         nameservers = [host_port(s, 53) for s in config.dns_servers.split(",") if s.strip()] or None
         self._resolver = MxResolver(nameservers, clock=reactor, rng=rng or random.Random())
@@ -106,8 +107,7 @@ class SatelliteDaemon:
                 pause = min(pause * 2, RECONNECT_MAX)
 
     async def _connect(self) -> LinkProtocol:
-        # The link is encrypted; the master is identified by the secret it accepts (see docs).
-        options = ssl.CertificateOptions(verify=False)
+        options = master_options(self.config.master_fingerprint, self._data_dir)
         endpoint = SSL4ClientEndpoint(self._reactor, self.config.master_host, self.config.master_port, options)
         link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
         return link

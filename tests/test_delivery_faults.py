@@ -188,21 +188,18 @@ class _ProcessMaster:
             await asyncio.to_thread(self.process.wait)
 
 
-@aio_test
-async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world, tmp_path):
+async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path, serial: str, fault) -> None:
+    """Start a mailing with one satellite, run ``fault()`` once some mail is out, check the end."""
     dns, servers, smtp_port = world
-    master = _ProcessMaster(tmp_path, mongo_url, db_name)
-    await master.start()
-    await master.cloud_add_satellite("sat-m", {})
+    await master.cloud_add_satellite(serial, {})
     mailing_id, emails = await _new_mailing(master)
-    satellite = _start("satellite", _satellite_config(tmp_path, "sat-m", master.link_port, dns, smtp_port))
+    satellite = _start("satellite", _satellite_config(tmp_path, serial, master.link_port, dns, smtp_port))
     try:
         async def some_delivered() -> bool:
             return len(_received(servers)) >= 20
 
         await _until(some_delivered)
-        await master.kill()
-        await master.start()  # the satellite reconnects by itself
+        await fault()
         mailing = await master.wait_finished(mailing_id, 120)
         _check_everyone_delivered(emails, _received(servers), mailing)
     finally:
@@ -211,36 +208,37 @@ async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world
         await master.stop()
         for server in servers.values():
             await server.stop()
+
+
+@aio_test
+async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world, tmp_path):
+    master = _ProcessMaster(tmp_path, mongo_url, db_name)
+    await master.start()
+
+    async def restart_master() -> None:
+        await master.kill()
+        await master.start()  # the satellite reconnects by itself
+
+    await _mailing_through_a_fault(master, world, tmp_path, "sat-m", restart_master)
 
 
 @aio_test
 async def test_the_database_going_away_for_a_few_seconds(world, tmp_path):
-    dns, servers, smtp_port = world
     db_port = free_port()
     ferretdb = [str(ROOT / "bin" / "ferretdb"), "start", str(tmp_path / "ferretdb"), str(db_port)]
-    database = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    databases = [subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     await asyncio.to_thread(wait_for_port, db_port)
     master = _ProcessMaster(tmp_path, f"mongodb://127.0.0.1:{db_port}/", "outage")
     await master.start()
-    await master.cloud_add_satellite("sat-d", {})
-    mailing_id, emails = await _new_mailing(master)
-    satellite = _start("satellite", _satellite_config(tmp_path, "sat-d", master.link_port, dns, smtp_port))
-    try:
-        async def some_delivered() -> bool:
-            return len(_received(servers)) >= 20
 
-        await _until(some_delivered)
-        os.kill(database.pid, signal.SIGKILL)
-        await asyncio.to_thread(database.wait)
+    async def database_away_for_3_seconds() -> None:
+        os.kill(databases[0].pid, signal.SIGKILL)
+        await asyncio.to_thread(databases[0].wait)
         await asyncio.sleep(3)
-        database = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        mailing = await master.wait_finished(mailing_id, 120)
-        _check_everyone_delivered(emails, _received(servers), mailing)
+        databases[0] = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    try:
+        await _mailing_through_a_fault(master, world, tmp_path, "sat-d", database_away_for_3_seconds)
     finally:
-        satellite.terminate()
-        await asyncio.to_thread(satellite.wait)
-        await master.stop()
-        database.terminate()
-        await asyncio.to_thread(database.wait)
-        for server in servers.values():
-            await server.stop()
+        databases[0].terminate()
+        await asyncio.to_thread(databases[0].wait)

@@ -9,6 +9,7 @@ satellite, decides when a soft bounce is retried and when it has tried long enou
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 from collections import Counter
@@ -66,7 +67,11 @@ class Dispatcher:
         if leased:
             log.info("leased %d recipients", len(leased), extra={"satellite": owner})
         return [{"id": doc["_id"], "mailing_id": doc["mailing_id"], "email": doc["email"], "domain": doc["domain"],
-                 "contact": doc.get("contact") or {}, "test": bool(doc.get("test"))} for doc in leased]
+                 "contact": doc.get("contact") or {}, "test": bool(doc.get("test")),
+                 "attachments": [{"filename": a["filename"], "content_type": a["content_type"],
+                                  "content": base64.b64encode(a["content"]).decode("ascii")}
+                                 for a in doc.get("attachments") or []]}
+                for doc in leased]
 
     async def mailing_content(self, mailing_id: int) -> dict[str, Any] | None:
         mailing = await self._mailings.get(mailing_id)

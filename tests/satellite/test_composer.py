@@ -1,0 +1,62 @@
+"""From a leased recipient to a signed message, per-recipient attachments included."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloudmailing.satellite.composer import build_failure, compose, prepare
+from cloudmailing.satellite.dkim_signer import DkimSigner
+
+KEY = ed25519.Ed25519PrivateKey.generate().private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+CONTENT = {"id": 7, "mail_from": "news@sender.test", "sender_name": "News", "subject": "Hi {{ name }}",
+           "html": "<p>Dear {{ name }}</p>", "plain": "Dear {{ name }}", "charset": "utf-8", "tracking_url": "",
+           "testing": False, "rfc822": "", "dkim": {"enabled": True, "selector": "s", "domain": "sender.test",
+                                                   "privkey": KEY}}
+
+
+def _txt(name: bytes, timeout: int = 5) -> bytes:
+    assert name == b"s._domainkey.sender.test."
+    return DkimSigner("sender.test", "s", KEY.encode()).dns_txt_record().encode()
+
+
+def test_a_recipient_with_attachments_gets_them_signed():
+    mailing = prepare(CONTENT)
+    recipient = {"id": "r1", "email": "ann@one.test", "domain": "one.test", "contact": {"name": "Ann"},
+                 "attachments": [{"filename": "invoice.pdf", "content_type": "application/pdf",
+                                  "content": base64.b64encode(b"%PDF-1.4 ann").decode()}]}
+    job = compose(mailing, recipient)
+    message = email.message_from_bytes(job.data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/mixed" and message["Subject"] == "Hi Ann"
+    (attachment,) = list(message.iter_attachments())
+    assert attachment.get_filename() == "invoice.pdf" and attachment.get_content() == b"%PDF-1.4 ann"
+    assert "Dear Ann" in message.get_body(("plain",)).get_content()
+    assert dkim.verify(job.data, dnsfunc=_txt)
+    assert b"\r\n" in job.data and b"\n" not in job.data.replace(b"\r\n", b"")
+
+
+def test_a_recipient_without_attachments_keeps_the_fast_path():
+    job = compose(prepare(CONTENT), {"id": "r2", "email": "bob@two.test", "domain": "two.test",
+                                     "contact": {"name": "Bob"}, "attachments": []})
+    message = email.message_from_bytes(job.data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/alternative"
+    assert dkim.verify(job.data, dnsfunc=_txt)
+
+
+def test_a_template_failure_fails_that_recipient_alone():
+    mailing = prepare(dict(CONTENT, subject="{{ 1 // n }}"))
+    try:
+        compose(mailing, {"id": "r3", "email": "c@one.test", "domain": "one.test", "contact": {"n": 0}})
+    except Exception as error:  # noqa: BLE001 - the daemon turns any build error into GENERAL_ERROR
+        outcome = build_failure("r3", error)
+    else:
+        raise AssertionError("the template should have failed")
+    assert outcome["status"] == "GENERAL_ERROR" and "division" in outcome["reply_text"].lower()
+    ok = compose(mailing, {"id": "r4", "email": "d@one.test", "domain": "one.test", "contact": {"n": 2}})
+    assert ok.recipient == "d@one.test"

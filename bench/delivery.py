@@ -24,6 +24,12 @@ CM_MONGODB_URL when set, else starts FerretDB (SQLite backend) in a temporary di
 ``--postgresql URL`` runs FerretDB on that PostgreSQL database instead. With FerretDB every
 recipient status write costs milliseconds, so the end-to-end rate is bound by the database:
 the default 20,000 messages can take well over 10 minutes there (use --messages 2000).
+
+FerretDB v1 deadlocks on an ``update`` command of more than about 100 statements (each statement
+keeps a pooled connection until the command ends; 100 exhaust the pool). The master writes
+each satellite report in one such command, and the satellite sends up to 500 outcomes per report,
+so the benchmark caps reports at --report-batch (50) by setting the satellite's REPORT_BATCH.
+A master stuck that way is detected (API calls time out after --api-timeout) and reported.
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ def start_sinks(sink_binary: str, port: int) -> list[Sink]:
 
 def sink_rate(sinks: list[Sink], baselines: list[int]) -> tuple[float, int]:
     """Messages per second seen by all sinks together (first to last message), and their count."""
-    windows = [w for w in (s.window(b) for s, b in zip(sinks, baselines)) if w]
+    windows = [w for w in (s.window(b) for s, b in zip(sinks, baselines, strict=True)) if w]
     if not windows:
         return 0.0, 0
     first, last = min(w[0] for w in windows), max(w[1] for w in windows)
@@ -156,7 +162,7 @@ def smtp_source_run(source_binary: str, port: int, messages: int, size: int, ses
     processes = [subprocess.Popen([source_binary, "-d", "-s", str(sessions), "-m", str(share), "-l", str(size),
                                    "-f", MAIL_FROM, "-t", f"user@{domain}", f"{address}:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for (domain, address), share in zip(DOMAINS, shares) if share]
+                 for (domain, address), share in zip(DOMAINS, shares, strict=True) if share]
     for process in processes:
         _, errors = process.communicate()
         if process.returncode:
@@ -222,9 +228,22 @@ def start_database(tmp: Path, postgresql: str | None) -> tuple[str, subprocess.P
     return f"mongodb://127.0.0.1:{port}/", process
 
 
-def cli(module: str, config: Path, profile: Path | None) -> list[str]:
-    wrapper = ["-m", "cProfile", "-o", str(profile / f"{module}.prof")] if profile else []
-    return [sys.executable, *wrapper, "-m", f"cloudmailing.cli.{module}", "--config", str(config)]
+LAUNCHER = """import sys
+sys.path.insert(0, {root!r})
+{patch}
+from cloudmailing.cli.{module} import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(module: str, config: Path, args: argparse.Namespace) -> list[str]:
+    """The command running ``cloudmailing.cli.<module>``, under cProfile with --profile."""
+    launcher = config.with_suffix(".py")
+    launcher.write_text(LAUNCHER.format(
+        root=str(ROOT), module=module, patch=f"from cloudmailing.satellite import daemon\ndaemon.REPORT_BATCH = "
+        f"{args.report_batch}  # see --report-batch" if module == "satellite" else ""))
+    wrapper = ["-m", "cProfile", "-o", str(args.profile / f"{module}.prof")] if args.profile else []
+    return [sys.executable, *wrapper, str(launcher), "--config", str(config)]
 
 
 def write_config(path: Path, common: str, log_file: Path) -> Path:
@@ -305,26 +324,36 @@ def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, ti
 
 
 def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: float,
-                   watched: dict[str, int]) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
+                   watched: dict[str, int], postgresql: bool) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
     """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used."""
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     pg_before = postgres_cpu_seconds()
+    baseline = sum(s.count for s in sinks)
     started = time.monotonic()
     proxy.start_mailing(mailing_id)
     next_progress = started + 10
+    mailing: dict[str, Any] = {"status": "STALLED", "total_sent": 0, "total_error": 0, "total_softbounce": 0,
+                               "total_pending": -1}
     while True:
-        proxy.mailing_manager_force_check()
-        mailing = proxy.list_mailings({"id": [mailing_id]})[0]
+        try:
+            proxy.mailing_manager_force_check()
+            mailing = proxy.list_mailings({"id": [mailing_id]})[0]
+        except OSError as error:  # the API timed out: the master waits on its database
+            print(f"  the master stopped answering ({error!r}): its database is stuck", flush=True)
+            mailing = dict(mailing, status="STALLED")
+            now = time.monotonic()
+            break
         now = time.monotonic()
         if mailing["status"] == "FINISHED" or now - started > timeout:
             break
         if now >= next_progress:
+            at_sinks = sum(s.count for s in sinks) - baseline
             print(f"  {now - started:6.0f} s: status {mailing['status']}, sent {mailing['total_sent']}, "
-                  f"pending {mailing['total_pending']}, at the sinks {sum(s.count for s in sinks)}", flush=True)
+                  f"pending {mailing['total_pending']}, at the sinks {at_sinks}", flush=True)
             next_progress = now + 10
         time.sleep(0.25)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
-    if pg_before or postgres_cpu_seconds():
+    if postgresql:
         cpu["postgres (all backends)"] = postgres_cpu_seconds() - pg_before
     return now - started, mailing, mailing["status"] == "FINISHED", cpu
 
@@ -348,7 +377,7 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
     key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(master_config),
                           "api-key", "create", "--name", "bench"], capture_output=True, text=True,
                          check=True).stdout.strip()
-    master = subprocess.Popen(cli("master", master_config, args.profile), stdout=subprocess.DEVNULL,
+    master = subprocess.Popen(cli("master", master_config, args), stdout=subprocess.DEVNULL,
                               stderr=open(tmp / "master.err", "wb"), cwd=ROOT)
     satellite = None
     try:
@@ -365,13 +394,14 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
             proxy.add_recipients(mailing_id, [contact(i) for i in range(first, min(first + 1000, args.messages))])
         ingest_seconds = time.monotonic() - started
         proxy.cloud_add_satellite(SERIAL, {})
-        satellite = subprocess.Popen(cli("satellite", satellite_config, args.profile), stdout=subprocess.DEVNULL,
+        satellite = subprocess.Popen(cli("satellite", satellite_config, args), stdout=subprocess.DEVNULL,
                                      stderr=open(tmp / "satellite.err", "wb"), cwd=ROOT)
         wait_connected(proxy, satellite, tmp / "satellite.log")
         watched = {"master": master.pid, "satellite": satellite.pid}
         if database is not None:
             watched["ferretdb"] = database.pid
-        seconds, mailing, finished, cpu = follow_mailing(proxy, mailing_id, sinks, args.timeout, watched)
+        seconds, mailing, finished, cpu = follow_mailing(proxy, mailing_id, sinks, args.timeout, watched,
+                                                          bool(args.postgresql))
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
         return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds)
     finally:
@@ -406,6 +436,8 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     if not result.finished:
         print(f"NOT FINISHED within --timeout {args.timeout:.0f} s: the end-to-end rate below counts the "
               f"recipients reported so far. Use a smaller --messages on this database.")
+    if mailing["status"] == "STALLED":
+        print("STALLED: the master stopped answering (its database stuck), no end-to-end figure.")
     e2e_rate = mailing["total_sent"] / result.seconds
     print(f"smtp-source (reference):            {source_rate:10,.0f} messages/s")
     print(f"end to end (start -> FINISHED):     {e2e_rate:10,.0f} messages/s   ratio {e2e_rate / source_rate:.3f}"
@@ -415,6 +447,9 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     print("peak memory (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MiB" for name, mb in result.memory.items()))
     print(f"CPU seconds during the {result.seconds:.1f} s mailing: "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.cpu.items()))
+    per_message = result.cpu["satellite"] / max(at_sinks, 1)
+    print(f"satellite CPU per message: {per_message * 1000:.2f} ms (one core would sustain "
+          f"~{1 / max(per_message, 1e-9):,.0f} messages/s if the master kept it fed)")
 
 
 def main() -> None:
@@ -426,11 +461,17 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4,
                         help="connections per MX, for the satellite and for smtp-source (default 4)")
     parser.add_argument("--lease-size", type=int, default=1000, help="the satellite's lease_size (default 1000)")
+    parser.add_argument("--report-batch", type=int, default=50,
+                        help="most outcomes per satellite report (default 50; the satellite's own is 500, which "
+                             "deadlocks FerretDB v1: see the module docstring)")
+    parser.add_argument("--api-timeout", type=float, default=60, help="seconds before an API call counts as stuck")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for FINISHED (default 1800)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run master and satellite under cProfile, keep the profiles in DIR, print the top")
     args = parser.parse_args()
     sink_binary, source_binary = find_postfix_tools()
+    socket.setdefaulttimeout(args.api_timeout)  # a stuck master must not hang the benchmark
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up the children when killed
     if args.profile:
         args.profile = args.profile.resolve()
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -456,7 +497,11 @@ def main() -> None:
             result = run_mailing(args, tmp, sink_port, dns, sinks, database)
             time.sleep(0.5)
             pipeline_rate, at_sinks = sink_rate(sinks, baselines)
-            MongoClient(args.mongo_url).drop_database(args.db_name)
+            try:
+                MongoClient(args.mongo_url, socketTimeoutMS=30_000,
+                            serverSelectionTimeoutMS=10_000).drop_database(args.db_name)
+            except Exception as error:  # a stuck database: its process is stopped below anyway
+                print(f"  could not drop {args.db_name}: {error!r}")
         finally:
             stop(database)
             for sink in sinks:

@@ -27,6 +27,7 @@ from cloudmailing.storage.mailings import MailingStore
 log = logging.getLogger(__name__)
 
 SEQUENCE_COUNTER = "status_seq"
+UPDATE_COMMAND_SIZE = 50
 
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
 STATUS_FIELDS = ("email", "status", "reply_code", "reply_enhanced_code", "reply_text", "smtp_log",
@@ -140,11 +141,14 @@ class StatusLog:
                        for seq, change in zip(numbers, known, strict=True)]
             # The log first: a crash between the two writes repeats a change, never loses one.
             await self._db.status_log.insert_many(entries, ordered=True)
+            updates = [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
+                       for e, change in zip(entries, known, strict=True)]
             async with self._db.write_lock:
-                await self._db.recipients.bulk_write(
-                    [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
-                     for e, change in zip(entries, known, strict=True)],
-                    ordered=False)
+                # FerretDB v1 never answers an update command of ~100 statements or more (each holds
+                # a pooled connection until the command ends), so updates go in small commands.
+                for start in range(0, len(updates), UPDATE_COMMAND_SIZE):
+                    await self._db.recipients.bulk_write(updates[start:start + UPDATE_COMMAND_SIZE],
+                                                         ordered=False)
             await self._move_counts(known, current)
         except BaseException:
             # Some of the writes may have happened: the counts are recounted from the recipients.

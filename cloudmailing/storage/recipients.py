@@ -16,6 +16,7 @@ from pymongo.errors import BulkWriteError
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
+UPDATE_CHUNK = 20  # documents per update command: FerretDB v1 hangs from ~50 (PostgreSQL) or ~100 (SQLite)
 
 
 @dataclass
@@ -95,8 +96,6 @@ def _batch_errors(error: BulkWriteError, total: int) -> BatchResult:
 class LeaseStore:
     """Leases: which satellite may deliver which recipients, until when. Not status changes."""
 
-    LEASE_FIELDS = ("lease_owner", "lease_id", "lease_expires")
-
     def __init__(self, database: Database) -> None:
         self._db = database
 
@@ -107,17 +106,25 @@ class LeaseStore:
             return []
         lease_id = uuid.uuid4().hex
         # Conditional on the status again: a report may have landed since the find.
-        async with self._db.write_lock:
-            await self._db.recipients.update_many(
-                {"_id": {"$in": ids}, "in_progress": False, "status": query.get("status", {"$exists": True})},
-                {"$set": {"in_progress": True, "lease_owner": owner, "lease_id": lease_id,
-                          "lease_expires": expires}})
+        await self._update_in_chunks(
+            ids, {"in_progress": False, "status": query.get("status", {"$exists": True})},
+            {"in_progress": True, "lease_owner": owner, "lease_id": lease_id, "lease_expires": expires})
         return await self._db.recipients.find({"lease_id": lease_id, "_id": {"$in": ids}}).to_list()
 
     async def release(self, query: Mapping[str, Any]) -> int:
         """End the leases matching ``query`` (expired, or of a satellite that went away)."""
+        find = {"in_progress": True, **query}
+        ids = [doc["_id"] async for doc in self._db.recipients.find(find, {"_id": 1})]
+        return await self._update_in_chunks(
+            ids, find, {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None})
+
+    async def _update_in_chunks(self, ids: Sequence[str], condition: Mapping[str, Any],
+                                changes: Mapping[str, Any]) -> int:
+        # FerretDB v1 stops answering an update that touches ~100 documents or more at once.
+        modified = 0
         async with self._db.write_lock:
-            result = await self._db.recipients.update_many(
-                {"in_progress": True, **query},
-                {"$set": {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}})
-        return result.modified_count
+            for start in range(0, len(ids), UPDATE_CHUNK):
+                result = await self._db.recipients.update_many(
+                    {"_id": {"$in": list(ids[start:start + UPDATE_CHUNK])}, **condition}, {"$set": dict(changes)})
+                modified += result.modified_count
+        return modified

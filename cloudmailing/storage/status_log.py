@@ -23,11 +23,11 @@ from pymongo import UpdateOne
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipients import UPDATE_CHUNK
 
 log = logging.getLogger(__name__)
 
 SEQUENCE_COUNTER = "status_seq"
-UPDATE_COMMAND_SIZE = 50
 
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
 STATUS_FIELDS = ("email", "status", "reply_code", "reply_enhanced_code", "reply_text", "smtp_log",
@@ -144,10 +144,10 @@ class StatusLog:
             updates = [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
                        for e, change in zip(entries, known, strict=True)]
             async with self._db.write_lock:
-                # FerretDB v1 never answers an update command of ~100 statements or more (each holds
-                # a pooled connection until the command ends), so updates go in small commands.
-                for start in range(0, len(updates), UPDATE_COMMAND_SIZE):
-                    await self._db.recipients.bulk_write(updates[start:start + UPDATE_COMMAND_SIZE],
+                # FerretDB v1 never answers an update command of many statements (each holds a
+                # pooled connection until the command ends), so updates go in small commands.
+                for start in range(0, len(updates), UPDATE_CHUNK):
+                    await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK],
                                                          ordered=False)
             await self._move_counts(known, current)
         except BaseException:

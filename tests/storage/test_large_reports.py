@@ -1,4 +1,4 @@
-"""A report of many outcomes at once is written (FerretDB v1 hangs on one huge update command)."""
+"""Large reports and leases are written (FerretDB v1 hangs on one update touching ~100 documents)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,15 @@ async def test_five_hundred_changes_in_one_apply(database):
     result = await asyncio.wait_for(status_log.apply([StatusChange(rid, "FINISHED") for rid in ids], NOW), 60)
     assert len(result.applied) == 500
     assert await database.recipients.count_documents({"status": "FINISHED"}) == 500
+
+
+@aio_test
+async def test_a_lease_and_a_release_of_five_hundred(database):
+    from cloudmailing.storage.recipients import LeaseStore
+
+    await _recipients(database, 500)
+    leases = LeaseStore(database)
+    claimed = await asyncio.wait_for(leases.claim({"status": {"$in": ["READY"]}}, "sat", NOW, 500), 60)
+    assert len(claimed) == 500
+    assert await asyncio.wait_for(leases.release({"lease_owner": "sat"}), 60) == 500
+    assert await database.recipients.count_documents({"in_progress": True}) == 0

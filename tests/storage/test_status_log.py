@@ -19,6 +19,7 @@ STATUSES = ["FINISHED", "WARNING", "ERROR", "GENERAL_ERROR", "TIMEOUT"]
 async def _recipients(database, count: int, mailing_id: int = 1) -> list[str]:
     await MailingStore(database).insert(mailing_id, {"status": "RUNNING"})
     docs = [{"_id": f"r{i:04d}", "mailing_id": mailing_id, "email": f"u{i}@example.org", "status": "READY",
+             "in_progress": False,
              "test": False} for i in range(count)]
     await RecipientStore(database).insert_batch(mailing_id, docs, NOW)
     await MailingStore(database).add_counts(mailing_id, {"READY": count})

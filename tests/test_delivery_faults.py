@@ -188,8 +188,10 @@ class _ProcessMaster:
             await asyncio.to_thread(self.process.wait)
 
 
-async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path, serial: str, fault) -> None:
-    """Start a mailing with one satellite, run ``fault()`` once some mail is out, check the end."""
+async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path, serial: str, fault,
+                                   ) -> tuple[list[str], list[str], dict]:
+    """Start a mailing with one satellite, run ``fault()`` once some mail is out, wait for its end:
+    ``(recipients' addresses, addresses the MX hosts received, the finished mailing)``."""
     dns, servers, smtp_port = world
     await master.cloud_add_satellite(serial, {})
     mailing_id, emails = await _new_mailing(master)
@@ -201,7 +203,7 @@ async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path
         await _until(some_delivered)
         await fault()
         mailing = await master.wait_finished(mailing_id, 120)
-        _check_everyone_delivered(emails, _received(servers), mailing)
+        return emails, _received(servers), mailing
     finally:
         satellite.terminate()
         await asyncio.to_thread(satellite.wait)
@@ -219,7 +221,7 @@ async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world
         await master.kill()
         await master.start()  # the satellite reconnects by itself
 
-    await _mailing_through_a_fault(master, world, tmp_path, "sat-m", restart_master)
+    _check_everyone_delivered(*await _mailing_through_a_fault(master, world, tmp_path, "sat-m", restart_master))
 
 
 @aio_test
@@ -238,7 +240,8 @@ async def test_the_database_going_away_for_a_few_seconds(world, tmp_path):
         databases[0] = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     try:
-        await _mailing_through_a_fault(master, world, tmp_path, "sat-d", database_away_for_3_seconds)
+        _check_everyone_delivered(
+            *await _mailing_through_a_fault(master, world, tmp_path, "sat-d", database_away_for_3_seconds))
     finally:
         databases[0].terminate()
         await asyncio.to_thread(databases[0].wait)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
@@ -32,8 +35,9 @@ class Database:
     db: AsyncDatabase
     # FerretDB v1 updates documents as read-modify-write outside any lock, so two concurrent
     # updates of one document can lose one (seen: a lease written over a delivery report).
-    # The master is the only writer: it runs its updates one at a time under this lock.
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The master is the only writer: on FerretDB it runs its updates one at a time under this
+    # lock; MongoDB updates each document atomically, so there it is a lock that never waits.
+    write_lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)
 
     @property
     def mailings(self) -> AsyncCollection:
@@ -81,6 +85,8 @@ async def open_database(url: str, name: str, timeout_ms: int = 10000) -> Databas
     client: AsyncMongoClient = AsyncMongoClient(url, tz_aware=False, serverSelectionTimeoutMS=timeout_ms,
                                                 uuidRepresentation="standard")
     database = Database(client=client, db=client[name])
-    await client.admin.command("ping")
+    build = await client.admin.command("buildInfo")
+    if "ferretdbVersion" not in build:
+        database.write_lock = contextlib.nullcontext()
     await database.ensure_indexes()
     return database

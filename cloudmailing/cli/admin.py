@@ -64,7 +64,7 @@ async def _api_key(args: argparse.Namespace, database: Database) -> int:
 async def _satellite(args: argparse.Namespace, database: Database) -> int:
     from cloudmailing.services.satellites import SatelliteService
 
-    service = SatelliteService(database)
+    service = SatelliteService(database, _WallClock())
     try:
         if args.action == "add":
             print(await service.add(args.serial, {"group": args.group}))

@@ -86,7 +86,7 @@ class Master:
         assert self.database is not None and self.services is not None and self.tls is not None
         assert self.services.dispatcher is not None
         link = self.settings.satellite_link
-        self.link_factory = SatelliteLinkFactory(self.database, self.services.dispatcher, self.reactor)
+        self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher)
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
@@ -117,6 +117,6 @@ def build_services(database: Database, status_log: StatusLog, clock: Any, retent
         mailings=mailings,
         recipients=RecipientService(database, status_log, mailings, clock),
         reports=ReportService(database, status_log),
-        satellites=SatelliteService(database),
+        satellites=SatelliteService(database, clock),
         lifecycle=MailingLifecycle(database, status_log, clock, retention_days),
     )

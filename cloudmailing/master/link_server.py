@@ -17,12 +17,9 @@ from pymongo.errors import PyMongoError
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
-from cloudmailing.common.keys import hash_secret, verify_secret
 from cloudmailing.common.link import LinkError, LinkProtocol
-from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.dispatcher import Dispatcher
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.satellites import SatelliteStore
+from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +76,21 @@ class SatelliteSession(LinkProtocol):
         serial = self.satellite["serial"]
         if self._factory.sessions.get(serial) is self:
             del self._factory.sessions[serial]
-            asyncio.ensure_future(self._factory.dispatcher.release_satellite(serial))
+            asyncio.ensure_future(self._release_leases(serial))
         log.info("satellite disconnected", extra={"satellite": serial})
 
 
+    async def _release_leases(self, serial: str) -> None:
+        try:
+            await self._factory.dispatcher.release_satellite(serial)
+        except Exception as error:  # the database may be away: the leases then expire on their own
+            log.warning("could not return the leases at once: %s", error, extra={"satellite": serial})
+
+
 class SatelliteLinkFactory(Factory):
-    def __init__(self, database: Database, dispatcher: Dispatcher, clock: SecondsClock) -> None:
+    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
-        self._store = SatelliteStore(database)
-        self._clock = clock
+        self._satellites = satellites
         self.sessions: dict[str, SatelliteSession] = {}
 
     def buildProtocol(self, addr: Any) -> SatelliteSession:
@@ -98,31 +101,13 @@ class SatelliteLinkFactory(Factory):
         return set(self.sessions)
 
     async def authenticate(self, serial: str, secret: str, version: str) -> dict[str, Any]:
-        if not serial or not secret:
-            raise LinkError("unauthorized", "serial and secret are required")
-        now = utc_now(self._clock)
-        satellite = await self._store.get_by_serial(serial)
-        if satellite is None:
-            await self._store.insert({"serial": serial, "enabled": True, "paired": False, "group": "",
-                                      "domain_affinity": [], "version": version, "last_seen": now,
-                                      "secret": hash_secret(secret)})
-            log.warning("unknown satellite asked to join; approve it by setting paired",
-                        extra={"satellite": serial})
-            raise LinkError("not_paired", "waiting for an administrator to approve this satellite")
-        if not satellite.get("secret"):
-            satellite["secret"] = hash_secret(secret)  # first contact keeps this secret
-        elif not await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, satellite["secret"]):
-            raise LinkError("unauthorized", "wrong secret")
-        await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
-                                                    "last_seen": now})
-        if not (satellite.get("enabled") and satellite.get("paired")):
-            raise LinkError("not_paired", "this satellite is not enabled and paired")
-        return satellite
+        try:
+            return await self._satellites.authenticate(serial, secret, version)
+        except SatelliteRefused as refused:
+            raise LinkError(refused.code, str(refused)) from None
 
     async def refresh(self, satellite: dict[str, Any]) -> dict[str, Any]:
-        """The registry entry as it is now: an admin may have disabled or regrouped it."""
-        current = await self._store.get(satellite["_id"])
-        if current is None or not (current.get("enabled") and current.get("paired")):
-            raise LinkError("not_paired", "this satellite is no longer enabled and paired")
-        await self._store.update(current["_id"], {"last_seen": utc_now(self._clock)})
-        return current
+        try:
+            return await self._satellites.refresh(satellite["_id"])
+        except SatelliteRefused as refused:
+            raise LinkError(refused.code, str(refused)) from None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+from cloudmailing.common.keys import hash_secret, verify_secret
 from cloudmailing.services import values
+from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.recipients import RecipientStore
@@ -33,10 +36,19 @@ def _properties(given: Any) -> dict[str, Any]:
     return checked
 
 
+class SatelliteRefused(Exception):
+    """The master will not serve this satellite; ``code`` says why (unauthorized, not_paired)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class SatelliteService:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, clock: SecondsClock) -> None:
         self._store = SatelliteStore(database)
         self._recipients = RecipientStore(database)
+        self._clock = clock
 
     async def add(self, serial: Any, properties: Any) -> int:
         name = values.text("serial", serial, max_length=100, header=True).strip()
@@ -60,6 +72,39 @@ class SatelliteService:
     async def delete(self, satellite_id: Any) -> None:
         if not await self._store.delete(values.integer("id", satellite_id)):
             raise NotFound(f"satellite {satellite_id} not found")
+
+    async def authenticate(self, serial: str, secret: str, version: str) -> dict[str, Any]:
+        """The registry entry of a satellite that may be served, or :class:`SatelliteRefused`.
+
+        An unknown serial is recorded unpaired, for an administrator to approve; a registered
+        satellite without a secret yet keeps the first one it presents (as a scrypt hash)."""
+        if not serial or not secret:
+            raise SatelliteRefused("unauthorized", "serial and secret are required")
+        now = utc_now(self._clock)
+        satellite = await self._store.get_by_serial(serial)
+        if satellite is None:
+            await self._store.insert({"serial": serial, "enabled": True, "paired": False, "group": "",
+                                      "domain_affinity": [], "version": version, "last_seen": now,
+                                      "secret": hash_secret(secret)})
+            log.warning("unknown satellite asked to join; approve it by setting paired", extra={"satellite": serial})
+            raise SatelliteRefused("not_paired", "waiting for an administrator to approve this satellite")
+        if not satellite.get("secret"):
+            satellite["secret"] = hash_secret(secret)  # first contact keeps this secret
+        elif not await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, satellite["secret"]):
+            raise SatelliteRefused("unauthorized", "wrong secret")
+        await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
+                                                    "last_seen": now})
+        if not (satellite.get("enabled") and satellite.get("paired")):
+            raise SatelliteRefused("not_paired", "this satellite is not enabled and paired")
+        return satellite
+
+    async def refresh(self, satellite_id: int) -> dict[str, Any]:
+        """The registry entry as it is now: an admin may have disabled or regrouped it."""
+        current = await self._store.get(satellite_id)
+        if current is None or not (current.get("enabled") and current.get("paired")):
+            raise SatelliteRefused("not_paired", "this satellite is no longer enabled and paired")
+        await self._store.update(current["_id"], {"last_seen": utc_now(self._clock)})
+        return current
 
     async def count(self) -> int:
         return await self._store.count()

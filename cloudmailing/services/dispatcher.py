@@ -20,7 +20,7 @@ from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.mailings import RUNNING
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import LeaseStore, RecipientStore
+from cloudmailing.storage.recipients import LeaseStore
 from cloudmailing.storage.statistics import HourlyStatsStore
 from cloudmailing.storage.status_log import StatusChange, StatusLog
 
@@ -43,7 +43,6 @@ class Dispatcher:
     def __init__(self, database: Database, status_log: StatusLog, clock: SecondsClock,
                  config: DispatchConfig | None = None) -> None:
         self._mailings = MailingStore(database)
-        self._recipients = RecipientStore(database)
         self._leases = LeaseStore(database)
         self._stats = HourlyStatsStore(database)
         self._status_log = status_log
@@ -84,16 +83,21 @@ class Dispatcher:
     async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> list[str]:
         """Record each outcome once; returns the recipient ids the satellite may forget."""
         now = utc_now(self._clock)
-        usable = [o for o in outcomes if o.get("status") in REPORTED_STATUSES and isinstance(o.get("recipient_id"),
-                                                                                                 str)]
-        current = await self._recipients.get_many([o["recipient_id"] for o in usable],
-                                                  {"try_count": 1, "first_try": 1, "status": 1})
-        changes = [self._change(outcome, current[outcome["recipient_id"]], satellite["serial"], now)
-                   for outcome in usable if outcome["recipient_id"] in current]
+        serial = satellite["serial"]
+        # The last outcome of a recipient wins (a report may hold a retry's too).
+        usable = {o["recipient_id"]: o for o in outcomes
+                  if o.get("status") in REPORTED_STATUSES and isinstance(o.get("recipient_id"), str)}
+        changes: list[StatusChange] = []
+
+        def decide(current: dict[str, Any]) -> StatusChange:
+            changes.append(self._change(usable[current["_id"]], current, serial, now))
+            return changes[-1]
+
+        if usable:
+            await self._status_log.apply_decided(list(usable), decide, now)
         if changes:
-            await self._status_log.apply(_last_per_recipient(changes), now)
-            await self._count(satellite["serial"], changes, now)
-        log.info("%d outcomes recorded", len(changes), extra={"satellite": satellite["serial"]})
+            await self._count(serial, changes, now)
+        log.info("%d outcomes recorded", len(changes), extra={"satellite": serial})
         # Unknown (deleted) recipients and unusable entries are acknowledged too: nothing to keep.
         return [str(o.get("recipient_id")) for o in outcomes]
 
@@ -141,10 +145,3 @@ def _groups(satellite: Mapping[str, Any]) -> list[str]:
     """A satellite serves mailings of its group; mailings without a group go to any satellite."""
     group = satellite.get("group") or ""
     return ["", group] if group else [""]
-
-
-def _last_per_recipient(changes: Sequence[StatusChange]) -> list[StatusChange]:
-    last: dict[str, StatusChange] = {}
-    for change in changes:
-        last[change.recipient_id] = change
-    return list(last.values())

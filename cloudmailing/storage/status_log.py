@@ -120,17 +120,23 @@ class StatusLog:
 
     async def apply(self, changes: Sequence[StatusChange], now: datetime.datetime) -> ApplyResult:
         """Apply ``changes`` (at most one per recipient) and log each one."""
-        ids = [change.recipient_id for change in changes]
-        await self._claims.claim(ids)
-        try:
-            return await self._apply_claimed(changes, now)
-        finally:
-            self._claims.release(ids)
+        by_id = {change.recipient_id: change for change in changes}
+        return await self.apply_decided(list(by_id), lambda current: by_id[current["_id"]], now)
 
-    async def _apply_claimed(self, changes: Sequence[StatusChange], now: datetime.datetime) -> ApplyResult:
-        current = await self._load(change.recipient_id for change in changes)
-        known = [change for change in changes if change.recipient_id in current]
-        result = ApplyResult(unknown=[c.recipient_id for c in changes if c.recipient_id not in current])
+    async def apply_decided(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
+                            now: datetime.datetime) -> ApplyResult:
+        """Apply the change ``decide`` makes of each recipient's current state (read once, here)."""
+        await self._claims.claim(recipient_ids)
+        try:
+            return await self._apply_claimed(recipient_ids, decide, now)
+        finally:
+            self._claims.release(recipient_ids)
+
+    async def _apply_claimed(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
+                             now: datetime.datetime) -> ApplyResult:
+        current = await self._load(recipient_ids)
+        known = [decide(current[rid]) for rid in recipient_ids if rid in current]
+        result = ApplyResult(unknown=[rid for rid in recipient_ids if rid not in current])
         if not known:
             return result
         numbers = await self._allocator.allocate(len(known))

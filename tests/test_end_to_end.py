@@ -109,9 +109,12 @@ async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_
         api = _proxy(key, port)
         stored = {doc["_id"] async for doc in database.recipients.find({}, {"_id": 1})}
         assert set(acknowledged) <= stored, "an acknowledged recipient was lost"
-        assert stored == set(acknowledged), "recipients of an unacknowledged batch were kept"
+        # The batch in flight at the kill is all there (written, its answer lost) or not at all.
+        unacknowledged = stored - set(acknowledged)
+        assert unacknowledged in (set(), {f"b{len(acknowledged) // 200}-{i}" for i in range(200)}), \
+            "part of an unacknowledged batch was kept"
         mailing = (await asyncio.to_thread(api.list_mailings, {"id": [mailing_id]}))[0]
-        assert mailing["total_recipient"] == len(acknowledged)
+        assert mailing["total_recipient"] == len(stored)
     finally:
         restarted.terminate()
         await asyncio.to_thread(restarted.communicate, timeout=30)

@@ -257,6 +257,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def children(pid: int) -> list[int]:
+    """Live child processes (the satellite's compose workers)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live children (workers started during the run begin at zero)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
+
+
 def postgres_cpu_seconds() -> float:
     """CPU used so far by every process named ``postgres`` (the PostgreSQL server's backends)."""
     total = 0.0
@@ -319,7 +330,7 @@ def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, ti
 def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: float,
                    watched: dict[str, int], postgresql: bool) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
     """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used."""
-    cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    cpu_before = {name: tree_cpu_seconds(pid) for name, pid in watched.items()}
     pg_before = postgres_cpu_seconds()
     baseline = sum(s.count for s in sinks)
     started = time.monotonic()
@@ -345,7 +356,7 @@ def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: floa
                   f"pending {mailing['total_pending']}, at the sinks {at_sinks}", flush=True)
             next_progress = now + 10
         time.sleep(0.25)
-    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
+    cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
     if postgresql:
         cpu["postgres (all backends)"] = postgres_cpu_seconds() - pg_before
     return now - started, mailing, mailing["status"] == "FINISHED", cpu
@@ -361,7 +372,7 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
               f"[dispatch]\nlease_seconds = 3600\n"
               f"[satellite]\nmaster_host = 127.0.0.1\nmaster_port = {link_port}\nserial = {SERIAL}\n"
               f"secret = bench-secret\nhelo_hostname = sat.bench.test\ndns_servers = {dns.nameserver}\n"
-              f"smtp_port = {sink_port}\nlease_size = {args.lease_size}\n"
+              f"smtp_port = {sink_port}\nlease_size = {args.lease_size}\ncompose_workers = {args.compose_workers}\n"
               f"max_connections = {10 * args.sessions}\nmax_connections_per_host = {args.sessions}\n"
               f"connect_timeout = 10\nreply_timeout = 30\n"
               f"[paths]\ndata_dir = {tmp / 'data'}\n")
@@ -396,6 +407,9 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
         seconds, mailing, finished, cpu = follow_mailing(proxy, mailing_id, sinks, args.timeout, watched,
                                                           bool(args.postgresql))
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
+        workers = children(satellite.pid)
+        if workers:
+            memory[f"its {len(workers)} child processes"] = sum(peak_memory_mb(pid) for pid in workers)
         return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds)
     finally:
         stop(satellite)
@@ -421,7 +435,8 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     key = "Ed25519" if args.ed25519 else "RSA-2048"
     mailing = result.mailing
     print(f"\ndatabase: {backend}; {args.messages} messages of ~{args.size} bytes, personalized, {key} DKIM; "
-          f"10 domains, {args.sessions} connections per MX ({10 * args.sessions} in all)")
+          f"10 domains, {args.sessions} connections per MX ({10 * args.sessions} in all), "
+          f"{args.compose_workers} compose workers")
     print(f"add_recipients: {args.messages / result.ingest_seconds:,.0f} recipients/s (not part of the rates)")
     print(f"mailing: {mailing['status']}, sent {mailing['total_sent']}, errors {mailing['total_error']}, "
           f"soft bounces {mailing['total_softbounce']}, pending {mailing['total_pending']}; "
@@ -453,6 +468,8 @@ def main() -> None:
     parser.add_argument("--postgresql", metavar="URL", help="FerretDB on this PostgreSQL database")
     parser.add_argument("--sessions", type=int, default=4,
                         help="connections per MX, for the satellite and for smtp-source (default 4)")
+    parser.add_argument("--compose-workers", type=int, default=2,
+                        help="the satellite's compose_workers (default 2: both cores sign)")
     parser.add_argument("--lease-size", type=int, default=1000, help="the satellite's lease_size (default 1000)")
     parser.add_argument("--api-timeout", type=float, default=60, help="seconds before an API call counts as stuck")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for FINISHED (default 1800)")

@@ -48,12 +48,19 @@ def _start(module: str, config: Path) -> subprocess.Popen:
                             stdout=log, stderr=log)
 
 
-def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port: int) -> Path:
+def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port: int,
+                      compose_workers: int = 0) -> Path:
     return _write(tmp_path / f"{name}.ini", {
         "satellite": {"master_port": link_port, "serial": name, "secret": f"{name}-secret",
                       "helo_hostname": "sat.test", "dns_servers": dns.nameserver, "smtp_port": smtp_port,
-                      "lease_size": LEASE, "connect_timeout": 5, "reply_timeout": 5},
+                      "lease_size": LEASE, "connect_timeout": 5, "reply_timeout": 5,
+                      "compose_workers": compose_workers},
         "paths": {"data_dir": tmp_path / name}, "logging": {"level": "INFO"}})
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
 
 
 def _received(servers) -> list[str]:
@@ -93,14 +100,21 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
     mailing_id, emails = await _new_mailing(api)
     await api.mailing_manager_force_check()
 
-    first = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port))
+    first = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port, compose_workers=2))
 
     async def some_delivered() -> bool:
         return len(_received(servers)) >= 20
 
     await _until(some_delivered)
+    workers = _children(first.pid)
+    assert len(workers) >= 2  # its compose workers (and multiprocessing's helper)
     os.kill(first.pid, signal.SIGKILL)
     await asyncio.to_thread(first.wait)
+
+    async def workers_gone() -> bool:  # no orphan keeps composing for a dead satellite
+        return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    await _until(workers_gone, 15)
     second = _start("satellite", _satellite_config(tmp_path, "sat-b", link_port, dns, smtp_port))
 
     async def finished() -> bool:

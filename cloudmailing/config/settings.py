@@ -68,6 +68,7 @@ class SatelliteConfig:
     smtp_port: int = 25
     test_target: str = ""             # host:port receiving every message of `testing` mailings
     lease_size: int = 200
+    compose_workers: int = 0          # processes personalizing and signing; 0: the daemon's own
     max_connections: int = 200
     max_connections_per_host: int = 4
     connect_timeout: float = 30.0

@@ -24,7 +24,8 @@ from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.config.settings import SatelliteConfig
-from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
+from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
+from cloudmailing.satellite.composer import build_failure
 from cloudmailing.satellite.delivery import DeliveryConfig, DeliveryJob, DeliveryScheduler
 from cloudmailing.satellite.master_identity import master_options
 from cloudmailing.satellite.mx_resolver import MxResolver
@@ -78,7 +79,8 @@ class SatelliteDaemon:
         self._outbox = Outbox(data_dir / "outbox.jsonl")
         self._scheduler = DeliveryScheduler(delivery_config(config), self._resolver, self._delivered,
                                             reactor=reactor, clock=reactor)
-        self._mailings: dict[int, tuple[float, PreparedMailing]] = {}
+        self._composer = ComposePool(config.compose_workers)
+        self._mailings: dict[int, tuple[float, MailingSource]] = {}
         self._stopping = False
         self.sessions = 0  # how many times it has connected (for tests and logs)
 
@@ -138,35 +140,50 @@ class SatelliteDaemon:
                 continue
             answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - self._scheduler.pending)
             recipients = answer["recipients"] if answer else []
+            by_mailing: dict[int, list[dict[str, Any]]] = {}
             for recipient in recipients:
-                await self._submit(link, recipient)
+                by_mailing.setdefault(int(recipient["mailing_id"]), []).append(recipient)
+            for mailing_id, leased in by_mailing.items():
+                await self._submit(link, mailing_id, leased)
             if not recipients:
                 await asyncio.sleep(IDLE_POLL)
 
-    async def _submit(self, link: LinkProtocol, recipient: dict[str, Any]) -> None:
+    async def _submit(self, link: LinkProtocol, mailing_id: int, recipients: list[dict[str, Any]]) -> None:
         try:
-            mailing = await self._mailing(link, int(recipient["mailing_id"]))
-            job = compose(mailing, recipient)
-        except LinkError:
-            raise
-        except Exception as error:  # this recipient fails alone
-            log.warning("cannot build the message: %s", error,
-                        extra={"mailing": recipient.get("mailing_id"), "recipient": recipient.get("id")})
-            self._outbox.add(build_failure(recipient["id"], error))
+            mailing = await self._mailing(link, mailing_id)
+        except LinkError as error:
+            if error.code != "not_found":
+                raise
+            # Deleted since the lease, with its recipients: nothing to send, nothing to report.
+            log.warning("mailing gone; %d leased recipients dropped", len(recipients),
+                        extra={"mailing": mailing_id, "satellite": self.serial})
             return
-        self._scheduler.submit(job)
+        except Exception as error:  # the mailing cannot be compiled: each of its recipients fails
+            for recipient in recipients:
+                self._build_failed(build_failure(recipient["id"], error), mailing_id)
+            return
+        async for composed in self._composer.compose(mailing, recipients):
+            for failure in composed.failures:
+                self._build_failed(failure, mailing_id)
+            for job in composed.jobs:
+                self._scheduler.submit(job)
 
-    async def _mailing(self, link: LinkProtocol, mailing_id: int) -> PreparedMailing:
+    def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
+        log.warning("cannot build the message: %s", failure["reply_text"],
+                    extra={"mailing": mailing_id, "recipient": failure["recipient_id"]})
+        self._outbox.add(failure)
+
+    async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
         now = self._reactor.seconds()
         cached = self._mailings.get(mailing_id)
         if cached and now - cached[0] < MAILING_CACHE_SECONDS:
             return cached[1]
         content = None
-        while content is None:  # the recipient is leased to us: wait out the master's troubles
+        while content is None:  # its recipients are leased to us: wait out the master's troubles
             content = await self._ask(link, "mailing", mailing_id=mailing_id)
-        prepared = prepare(content)
-        self._mailings[mailing_id] = (now, prepared)
-        return prepared
+        source = MailingSource.from_content(content)
+        self._mailings[mailing_id] = (now, source)
+        return source
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -186,7 +203,7 @@ class SatelliteDaemon:
         try:
             return await link.call(method, **params)
         except LinkError as error:
-            if error.code in ("disconnected", "unauthorized", "not_paired"):
+            if error.code in ("disconnected", "unauthorized", "not_paired", "not_found"):
                 raise
             log.warning("the master could not answer %s: %s", method, error, extra={"satellite": self.serial})
             await asyncio.sleep(RETRY_PAUSE)
@@ -195,4 +212,5 @@ class SatelliteDaemon:
     async def stop(self) -> None:
         self._stopping = True
         await self._scheduler.close()
+        self._composer.close()
         self._outbox.close()

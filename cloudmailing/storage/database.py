@@ -40,6 +40,11 @@ class Database:
     write_lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)
 
     @property
+    def writes_serialized(self) -> bool:
+        """True on FerretDB: under ``write_lock`` nothing else writes, so what was read still holds."""
+        return isinstance(self.write_lock, asyncio.Lock)
+
+    @property
     def mailings(self) -> AsyncCollection:
         return self.db["mailings"]
 

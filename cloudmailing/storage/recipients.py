@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
+from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from cloudmailing.storage.database import Database
@@ -101,30 +102,34 @@ class LeaseStore:
 
     async def claim(self, query: Mapping[str, Any], owner: str, expires: Any, limit: int) -> list[dict[str, Any]]:
         """Mark up to ``limit`` recipients matching ``query`` as in progress for ``owner``."""
-        ids = [doc["_id"] async for doc in self._db.recipients.find(dict(query), {"_id": 1}, limit=limit)]
-        if not ids:
-            return []
-        lease_id = uuid.uuid4().hex
+        lease = {"in_progress": True, "lease_owner": owner, "lease_id": uuid.uuid4().hex, "lease_expires": expires}
         # Conditional on the status again: a report may have landed since the find.
-        await self._update_in_chunks(
-            ids, {"in_progress": False, "status": query.get("status", {"$exists": True})},
-            {"in_progress": True, "lease_owner": owner, "lease_id": lease_id, "lease_expires": expires})
-        return await self._db.recipients.find({"lease_id": lease_id, "_id": {"$in": ids}}).to_list()
+        condition = {"in_progress": False, "status": query.get("status", {"$exists": True})}
+        async with self._db.write_lock:
+            found = await self._db.recipients.find(dict(query), limit=limit).to_list()
+            modified = await self._set_by_id([doc["_id"] for doc in found], condition, lease)
+        if modified == len(found):
+            return [{**doc, **lease} for doc in found]
+        # Some changed in between (MongoDB, several writers): those not leased stay out.
+        return await self._db.recipients.find({"lease_id": lease["lease_id"]}).to_list()
 
     async def release(self, query: Mapping[str, Any]) -> int:
         """End the leases matching ``query`` (expired, or of a satellite that went away)."""
         find = {"in_progress": True, **query}
-        ids = [doc["_id"] async for doc in self._db.recipients.find(find, {"_id": 1})]
-        return await self._update_in_chunks(
-            ids, find, {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None})
-
-    async def _update_in_chunks(self, ids: Sequence[str], condition: Mapping[str, Any],
-                                changes: Mapping[str, Any]) -> int:
-        # FerretDB v1 stops answering an update that touches ~100 documents or more at once.
-        modified = 0
         async with self._db.write_lock:
-            for start in range(0, len(ids), UPDATE_CHUNK):
-                result = await self._db.recipients.update_many(
-                    {"_id": {"$in": list(ids[start:start + UPDATE_CHUNK])}, **condition}, {"$set": dict(changes)})
-                modified += result.modified_count
+            ids = [doc["_id"] async for doc in self._db.recipients.find(find, {"_id": 1})]
+            return await self._set_by_id(
+                ids, find, {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None})
+
+    async def _set_by_id(self, ids: Sequence[str], condition: Mapping[str, Any], changes: Mapping[str, Any]) -> int:
+        """Set ``changes`` on each recipient of ``ids`` still matching ``condition``; the caller holds
+        ``write_lock``. One update per recipient, by ``_id`` alone where writes are serialized (the
+        find just checked the condition): FerretDB v1 finds other filters by scanning the collection."""
+        updates = [UpdateOne({"_id": rid} if self._db.writes_serialized else {"_id": rid, **condition},
+                             {"$set": dict(changes)}) for rid in ids]
+        modified = 0
+        # FerretDB v1 stops answering an update command of ~50 statements or more.
+        for start in range(0, len(updates), UPDATE_CHUNK):
+            result = await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK], ordered=False)
+            modified += result.modified_count
         return modified

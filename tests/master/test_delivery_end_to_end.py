@@ -86,7 +86,8 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
 
     config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-e2e",
                              secret="s3cret", helo_hostname="sat.test", dns_servers=dns.nameserver,
-                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=1)
+                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=1,
+                             compose_workers=2)
     satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
     running = asyncio.ensure_future(satellite.run())
     try:

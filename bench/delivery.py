@@ -224,10 +224,12 @@ def start_database(tmp: Path, postgresql: str | None) -> tuple[str, subprocess.P
     return f"mongodb://127.0.0.1:{port}/", process
 
 
+# The guard matters: compose workers are spawned interpreters that import the main script again.
 LAUNCHER = """import sys
 sys.path.insert(0, {root!r})
 from cloudmailing.cli.{module} import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -335,12 +337,14 @@ def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: floa
     baseline = sum(s.count for s in sinks)
     started = time.monotonic()
     proxy.start_mailing(mailing_id)
+    proxy.mailing_manager_force_check()  # RUNNING now, not at the master's next check
     next_progress = started + 10
     mailing: dict[str, Any] = {"status": "STALLED", "total_sent": 0, "total_error": 0, "total_softbounce": 0,
                                "total_pending": -1}
     while True:
         try:
-            proxy.mailing_manager_force_check()
+            if mailing["total_pending"] == 0:  # finish now, not at the master's next 5 s check
+                proxy.mailing_manager_force_check()
             mailing = proxy.list_mailings({"id": [mailing_id]})[0]
         except OSError as error:  # the API timed out: the master waits on its database
             print(f"  the master stopped answering ({error!r}): its database is stuck", flush=True)

@@ -42,6 +42,7 @@ class ApiConfig:
 class SatelliteLinkConfig:
     host: str = "0.0.0.0"
     port: int = 33620
+    max_awaiting_approval: int = 100  # unknown satellites recorded for approval; more are refused
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ class Master:
         allocator = SequenceAllocator(self.database)
         await allocator.start()
         self.services = build_services(self.database, StatusLog(self.database, allocator), self.reactor,
-                                       settings.reports.status_log_retention_days, settings.dispatch)
+                                       settings.reports.status_log_retention_days, settings.dispatch,
+                                       settings.satellite_link.max_awaiting_approval)
         await self.services.lifecycle.recover()
         self._listen_api()
         self._listen_satellites()
@@ -110,13 +111,13 @@ class Master:
 
 
 def build_services(database: Database, status_log: StatusLog, clock: Any, retention_days: int = 30,
-                   dispatch: DispatchConfig | None = None) -> Services:
+                   dispatch: DispatchConfig | None = None, max_awaiting_approval: int = 100) -> Services:
     mailings = MailingService(database, clock)
     return Services(
         dispatcher=Dispatcher(database, status_log, clock, dispatch),
         mailings=mailings,
         recipients=RecipientService(database, status_log, mailings, clock),
         reports=ReportService(database, status_log),
-        satellites=SatelliteService(database, clock),
+        satellites=SatelliteService(database, clock, max_awaiting_approval),
         lifecycle=MailingLifecycle(database, status_log, clock, retention_days),
     )

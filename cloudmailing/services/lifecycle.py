@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from typing import Any, Mapping
 
 from cloudmailing.services.clock import SecondsClock, utc_now
@@ -20,6 +21,10 @@ from cloudmailing.storage.status_log import StatusChange, StatusLog
 log = logging.getLogger(__name__)
 
 TIMEOUT_PAGE = 500
+# A mailing whose counters say recipients are pending is checked against the recipients
+# themselves this often (counting scans them; the counters alone could hide a drift).
+VERIFY_PENDING_SECONDS = 60.0
+PURGE_SECONDS = 3600.0  # how often old status log entries are purged
 
 
 def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
@@ -40,6 +45,8 @@ class MailingLifecycle:
         self._status_log = status_log
         self._clock = clock
         self._retention = datetime.timedelta(days=log_retention_days)
+        self._pending_verified: dict[int, float] = {}  # mailing id -> clock seconds of the last count
+        self._last_purge: float | None = None
 
     async def tick(self) -> None:
         now = utc_now(self._clock)
@@ -50,7 +57,10 @@ class MailingLifecycle:
                 await self._advance(mailing, now)
             except Exception:  # one broken mailing must not stop the others
                 log.exception("life cycle step failed", extra={"mailing": mailing["_id"]})
-        await self._status_log.purge_before(now - self._retention)
+        seconds = self._clock.seconds()
+        if self._last_purge is None or seconds - self._last_purge >= PURGE_SECONDS:
+            await self._status_log.purge_before(now - self._retention)
+            self._last_purge = seconds
 
     async def _advance(self, mailing: dict[str, Any], now: datetime.datetime) -> None:
         mailing_id = mailing["_id"]
@@ -67,14 +77,19 @@ class MailingLifecycle:
         if end is not None and end <= now:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
-        elif mailing["status"] == RUNNING and await self._nothing_pending(mailing_id):
+        elif mailing["status"] == RUNNING and await self._nothing_pending(mailing):
             counts = await self._recount(mailing_id)  # the totals are exact when it finishes
             if sum(counts.values()) or not mailing.get("dont_close_if_empty"):
                 await self._finish(mailing_id, now)
 
-    async def _nothing_pending(self, mailing_id: int) -> bool:
-        # Counted from the recipients (indexed), not from the counters, which an interrupted
-        # write may have left behind.
+    async def _nothing_pending(self, mailing: Mapping[str, Any]) -> bool:
+        """Decided by counting the recipients (the counters may trail an interrupted write), but
+        only when the counters say none is pending, or once a minute: counting is a scan."""
+        mailing_id, seconds = mailing["_id"], self._clock.seconds()
+        counted_pending = totals(mailing.get("counts") or {})["total_pending"]
+        if counted_pending and seconds - self._pending_verified.get(mailing_id, -math.inf) < VERIFY_PENDING_SECONDS:
+            return False
+        self._pending_verified[mailing_id] = seconds
         query = {"mailing_id": mailing_id, "test": False, "status": {"$in": list(PENDING_STATUSES)}}
         return await self._recipients.count(query) == 0
 
@@ -107,6 +122,7 @@ class MailingLifecycle:
         if await self._mailings.update(mailing_id, {"status": FINISHED, "end_time": now},
                                        only_if_status=[READY, RUNNING, PAUSED]):
             log.info("mailing finished", extra={"mailing": mailing_id})
+        self._pending_verified.pop(mailing_id, None)
 
     async def close_empty_mailings(self) -> int:
         """Finish started mailings that have no recipient at all, even with dont_close_if_empty."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable, NoReturn, TypeVar
 
 from cloudmailing.common.keys import hash_secret, verify_secret
 from cloudmailing.services import values
@@ -15,6 +15,7 @@ from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.satellites import SatelliteStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SETTABLE = ("enabled", "paired", "group", "domain_affinity")
 
@@ -36,6 +37,11 @@ def _properties(given: Any) -> dict[str, Any]:
     return checked
 
 
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """scrypt takes tens of milliseconds: off the reactor thread."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
 class SatelliteRefused(Exception):
     """The master will not serve this satellite; ``code`` says why (unauthorized, not_paired)."""
 
@@ -45,10 +51,11 @@ class SatelliteRefused(Exception):
 
 
 class SatelliteService:
-    def __init__(self, database: Database, clock: SecondsClock) -> None:
+    def __init__(self, database: Database, clock: SecondsClock, max_awaiting_approval: int = 100) -> None:
         self._store = SatelliteStore(database)
         self._recipients = RecipientStore(database)
         self._clock = clock
+        self._max_awaiting = max_awaiting_approval
 
     async def add(self, serial: Any, properties: Any) -> int:
         name = values.text("serial", serial, max_length=100, header=True).strip()
@@ -76,27 +83,35 @@ class SatelliteService:
     async def authenticate(self, serial: str, secret: str, version: str) -> dict[str, Any]:
         """The registry entry of a satellite that may be served, or :class:`SatelliteRefused`.
 
-        An unknown serial is recorded unpaired, for an administrator to approve; a registered
-        satellite without a secret yet keeps the first one it presents (as a scrypt hash)."""
+        An unknown serial is recorded unpaired, for an administrator to approve, while fewer than
+        ``max_awaiting_approval`` wait (else refused unrecorded: strangers cannot fill the registry);
+        a registered satellite without a secret yet keeps the first one it presents (as a scrypt hash)."""
         if not serial or not secret:
             raise SatelliteRefused("unauthorized", "serial and secret are required")
         now = utc_now(self._clock)
         satellite = await self._store.get_by_serial(serial)
         if satellite is None:
-            await self._store.insert({"serial": serial, "enabled": True, "paired": False, "group": "",
-                                      "domain_affinity": [], "version": version, "last_seen": now,
-                                      "secret": hash_secret(secret)})
-            log.warning("unknown satellite asked to join; approve it by setting paired", extra={"satellite": serial})
-            raise SatelliteRefused("not_paired", "waiting for an administrator to approve this satellite")
+            await self._record_unknown(serial, secret, version, now)
         if not satellite.get("secret"):
-            satellite["secret"] = hash_secret(secret)  # first contact keeps this secret
-        elif not await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, satellite["secret"]):
+            satellite["secret"] = await _in_thread(hash_secret, secret)  # first contact keeps this secret
+        elif not await _in_thread(verify_secret, secret, satellite["secret"]):
             raise SatelliteRefused("unauthorized", "wrong secret")
         await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
                                                     "last_seen": now})
         if not (satellite.get("enabled") and satellite.get("paired")):
             raise SatelliteRefused("not_paired", "this satellite is not enabled and paired")
         return satellite
+
+    async def _record_unknown(self, serial: str, secret: str, version: str, now: Any) -> NoReturn:
+        if len(serial) > 100 or await self._store.count({"paired": False}) >= self._max_awaiting:
+            log.warning("unknown satellite refused: too many already wait for approval (max_awaiting_approval)",
+                        extra={"satellite": serial[:100]})
+            raise SatelliteRefused("not_paired", "not registered on this master")
+        await self._store.insert({"serial": serial, "enabled": True, "paired": False, "group": "",
+                                  "domain_affinity": [], "version": version[:100], "last_seen": now,
+                                  "secret": await _in_thread(hash_secret, secret)})
+        log.warning("unknown satellite asked to join; approve it by setting paired", extra={"satellite": serial})
+        raise SatelliteRefused("not_paired", "waiting for an administrator to approve this satellite")
 
     async def refresh(self, satellite_id: int) -> dict[str, Any]:
         """The registry entry as it is now: an admin may have disabled or regrouped it."""

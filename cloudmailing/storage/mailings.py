@@ -56,5 +56,12 @@ class MailingStore:
                 await self._db.mailings.update_one({"_id": mailing_id}, {"$inc": inc})
 
     async def set_counts(self, mailing_id: int, counts: Mapping[str, int]) -> None:
+        """Replace the per-status counts (statuses no longer counted become 0)."""
         async with self._db.write_lock:
-            await self._db.mailings.update_one({"_id": mailing_id}, {"$set": {"counts": dict(counts)}})
+            current = await self._db.mailings.find_one({"_id": mailing_id}, {"counts": 1}) or {}
+            statuses = set(current.get("counts") or {}) | set(counts)
+            # One field per status: FerretDB v1 takes {"counts": {A: 2}} over {B: 2} for "no change"
+            # (it compares the embedded documents' values, not their keys).
+            fields = {f"counts.{status}": int(counts.get(status, 0)) for status in sorted(statuses)}
+            if fields:
+                await self._db.mailings.update_one({"_id": mailing_id}, {"$set": fields})

@@ -94,3 +94,39 @@ async def test_recover_rolls_back_cut_batches_and_recounts(database, clock):
     await services.lifecycle.recover()
     assert await database.recipients.count_documents({}) == 1
     assert (await _status(services, mailing_id))["total_recipient"] == 1
+
+
+@aio_test
+async def test_the_counters_spare_a_count_but_a_drift_is_caught_within_a_minute(database, clock):
+    services = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.recipients.add(mailing_id, [{"email": "a@example.org"}, {"email": "b@example.org"}])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    # Final behind the counters' back (as an interrupted write could leave them): they say 2 pending.
+    await database.recipients.update_many({"mailing_id": mailing_id}, {"$set": {"status": "FINISHED"}})
+    clock.advance(30)
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "RUNNING"  # no count yet
+    clock.advance(31)
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert mailing["status"] == "FINISHED" and (mailing["total_sent"], mailing["total_pending"]) == (2, 0)
+
+
+@aio_test
+async def test_old_status_log_entries_are_purged_at_most_hourly(database, clock):
+    from cloudmailing.services.clock import utc_now
+
+    services = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    (added,) = await services.recipients.add(mailing_id, [{"email": "a@example.org"}])
+    await services.recipients._status_log.apply([StatusChange(added["id"], "ERROR")], utc_now(clock))
+    clock.advance(30 * 86400 - 1800)
+    await services.lifecycle.tick()  # purges: nothing is 30 days old yet
+    clock.advance(2400)
+    await services.lifecycle.tick()  # the entry is now older than 30 days, but the last purge was 40 min ago
+    assert await database.status_log.count_documents({}) == 1
+    clock.advance(1800)
+    await services.lifecycle.tick()
+    assert await database.status_log.count_documents({}) == 0

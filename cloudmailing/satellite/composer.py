@@ -28,6 +28,7 @@ class PreparedMailing:
     template: MailingMessageTemplate
     signer: DkimSigner | None
     testing: bool
+    keep_content: bool = False  # backup_customized_emails: the master keeps each message sent
 
 
 def prepare(content: dict[str, Any]) -> PreparedMailing:
@@ -40,7 +41,8 @@ def prepare(content: dict[str, Any]) -> PreparedMailing:
     dkim = content.get("dkim") or {}
     signer = (DkimSigner(dkim["domain"], dkim["selector"], dkim["privkey"].encode())
               if dkim.get("enabled") else None)
-    return PreparedMailing(int(content["id"]), template, signer, bool(content.get("testing")))
+    return PreparedMailing(int(content["id"]), template, signer, bool(content.get("testing")),
+                           bool(content.get("backup_customized_emails")))
 
 
 def compose(mailing: PreparedMailing, recipient: dict[str, Any]) -> DeliveryJob:
@@ -53,7 +55,7 @@ def compose(mailing: PreparedMailing, recipient: dict[str, Any]) -> DeliveryJob:
         data = mailing.signer.sign(data)
     return DeliveryJob(recipient_id=recipient["id"], domain=recipient["domain"], envelope_from=built.envelope_from,
                        recipient=built.recipient, data=data, mailing_id=str(mailing.mailing_id),
-                       testing=mailing.testing)
+                       testing=mailing.testing, keep_content=mailing.keep_content)
 
 
 def with_attachments(data: bytes, attachments: list[dict[str, Any]]) -> bytes:

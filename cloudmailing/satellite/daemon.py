@@ -10,6 +10,7 @@ its outbox still holds. The satellite keeps no other state: the master is the on
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import secrets
@@ -89,6 +90,8 @@ class SatelliteDaemon:
     def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
         report = asdict(outcome)
         report.pop("retryable", None)
+        if job.keep_content:
+            report["customized_content"] = base64.b64encode(job.data).decode("ascii")
         self._outbox.add(report)
 
     # -- the link ---------------------------------------------------------------------------

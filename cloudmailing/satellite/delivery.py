@@ -59,6 +59,7 @@ class DeliveryJob:
     data: bytes
     mailing_id: str = ""
     testing: bool = False  # the mailing's ``testing`` property: deliver to ``test_target``
+    keep_content: bool = False  # the mailing's ``backup_customized_emails``: report ``data`` back
 
 
 @dataclass(frozen=True)

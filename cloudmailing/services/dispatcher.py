@@ -30,7 +30,7 @@ FINAL_STATUSES = ("FINISHED", "ERROR", "GENERAL_ERROR", "TIMEOUT")
 REPORTED_STATUSES = ("FINISHED", "WARNING", "ERROR", "GENERAL_ERROR")
 _LEASE_END = {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}
 _CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "charset", "tracking_url", "testing",
-                   "type", "dkim")
+                   "type", "dkim", "backup_customized_emails")
 
 
 def retry_delay(config: DispatchConfig, try_count: int) -> float:
@@ -117,6 +117,9 @@ class Dispatcher:
             "try_count": tries, "first_try": first_try, "next_try": next_try, "cloud_client": serial,
             **_LEASE_END,
         }
+        content = _customized_content(outcome)
+        if content is not None:
+            fields["customized_content"] = content
         return StatusChange(outcome["recipient_id"], status, fields)
 
     async def _count(self, serial: str, changes: Sequence[StatusChange], now: datetime.datetime) -> None:
@@ -139,6 +142,18 @@ class Dispatcher:
         if released:
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released
+
+
+def _customized_content(outcome: Mapping[str, Any]) -> bytes | None:
+    """The message as sent, when the mailing keeps them (backup_customized_emails); None if absent or garbled."""
+    encoded = outcome.get("customized_content")
+    if not isinstance(encoded, str):
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        log.warning("unreadable customized_content dropped", extra={"recipient": outcome.get("recipient_id")})
+        return None
 
 
 def _groups(satellite: Mapping[str, Any]) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from cloudmailing.services import values
 from cloudmailing.services.errors import InvalidValue
@@ -79,7 +79,9 @@ class ReportService:
         ids = values.string_list("recipient_ids", recipient_ids)
         wanted = _options(options)
         found = await self._recipients.get_many(ids)
-        return [_current_status(found[rid], wanted) for rid in dict.fromkeys(ids) if rid in found]
+        records = [_current_status(found[rid], wanted) for rid in dict.fromkeys(ids) if rid in found]
+        await self._drop_content_if_asked(wanted, found.values())
+        return records
 
     async def updated_since(self, cursor: Any, filters: Any, max_results: Any, options: Any) -> dict[str, Any]:
         position = decode_cursor(cursor)
@@ -90,14 +92,20 @@ class ReportService:
         query = await self.recipient_query(filters, default_statuses=RECIPIENT_STATUSES[1:])
         entries, next_position = await self._status_log.read_since(position, query, limit)
         recipients = [dict(entry["record"], id=entry["recipient_id"]) for entry in entries]
-        if wanted.get("with_contact_data") and recipients:
-            contacts = await self._recipients.get_many([r["id"] for r in recipients], {"contact": 1})
+        extra = [name for name, option in (("contact", "with_contact_data"),
+                                           ("customized_content", "with_customized_content"),
+                                           ("customized_content", "delete_customized_content")) if wanted.get(option)]
+        if extra and recipients:
+            # The log holds statuses only: contacts and messages are read from the recipients.
+            docs = await self._recipients.get_many([r["id"] for r in recipients], {name: 1 for name in extra})
             for record in recipients:
-                record["contact"] = contacts.get(record["id"], {}).get("contact", {})
-        if wanted.get("with_customized_content"):
-            for record in recipients:
-                record["customized_content"] = ""  # stored only once satellites deliver (issue 4)
+                _add_asked_fields(record, docs.get(record["id"], {}), wanted)
+            await self._drop_content_if_asked(wanted, docs.values())
         return {"cursor": encode_cursor(next_position), "recipients": recipients}
+
+    async def _drop_content_if_asked(self, wanted: Mapping[str, bool], docs: Iterable[Mapping[str, Any]]) -> None:
+        if wanted.get("delete_customized_content"):
+            await self._recipients.drop_customized_content([doc["_id"] for doc in docs if "customized_content" in doc])
 
     async def hourly_statistics(self, query: Any) -> list[dict[str, Any]]:
         given = {} if query in (None, "", []) else values.struct("filters", query)
@@ -124,8 +132,13 @@ def _current_status(doc: Mapping[str, Any], wanted: Mapping[str, bool]) -> dict[
     record["id"] = doc["_id"]
     if doc.get("in_progress") and record["status"] in ("READY", "WARNING"):
         record["status"] = "IN PROGRESS"
+    _add_asked_fields(record, doc, wanted)
+    return record
+
+
+def _add_asked_fields(record: dict[str, Any], doc: Mapping[str, Any], wanted: Mapping[str, bool]) -> None:
     if wanted.get("with_contact_data"):
         record["contact"] = doc.get("contact", {})
     if wanted.get("with_customized_content"):
-        record["customized_content"] = ""
-    return record
+        # The message as sent (RFC 822 text); '' when the mailing does not keep them, or not sent yet.
+        record["customized_content"] = bytes(doc.get("customized_content") or b"").decode("utf-8", "replace")

@@ -65,6 +65,13 @@ class RecipientStore:
     async def count(self, query: Mapping[str, Any]) -> int:
         return await self._db.recipients.count_documents(dict(query))
 
+    async def drop_customized_content(self, recipient_ids: Sequence[str]) -> None:
+        """Forget the stored messages of these recipients (delete_customized_content)."""
+        updates = [UpdateOne({"_id": rid}, {"$unset": {"customized_content": ""}}) for rid in recipient_ids]
+        async with self._db.write_lock:
+            for start in range(0, len(updates), UPDATE_CHUNK):
+                await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK], ordered=False)
+
     def find(self, query: Mapping[str, Any], projection: Mapping[str, Any] | None = None,
              limit: int = 0) -> AsyncIterator[dict[str, Any]]:
         return self._db.recipients.find(dict(query), projection, limit=limit)

@@ -74,7 +74,7 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
     mailing_id = await api.create_mailing("news@sender.test", "Société Test", "Bonjour {{ firstname }}",
                                           "<p>Hello {{ firstname }}, {{ 100 // n }} points</p>", "", "utf-8")
     await api.set_mailing_properties(mailing_id, {
-        "tracking_url": "https://t.sender.test",
+        "tracking_url": "https://t.sender.test", "backup_customized_emails": True,
         "dkim": {"enabled": True, "selector": "s1", "domain": "sender.test", "privkey": privkey}})
     entries = [{"email": f"user{i}@{domain}", "firstname": f"Zoé{i}", "n": 1 + i}
                for i in range(6) for domain in EXPECTED]
@@ -136,5 +136,21 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
         assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert received.mail_from.startswith("bounce-") and received.mail_from.endswith("@sender.test")
         assert dkim.verify(received.data, dnsfunc=lambda name, timeout=5: txt)
+    await _check_customized_content(api, ids["user1@ok.test"], servers["127.0.0.2"].messages)
     hourly = await api.get_hourly_statistics({"senders": ["sat-e2e"]})
     assert sum(h["sent"] for h in hourly) == 12 and sum(h["tries"] for h in hourly) == len(entries) + retried
+
+
+async def _check_customized_content(api, recipient_id: str, received) -> None:
+    """backup_customized_emails: the master kept the message as sent, until asked to drop it."""
+    (sent,) = [m.data for m in received if m.rcpt_to == ["user1@ok.test"]]
+    (status,) = await api.get_recipients_status([recipient_id], {"with_customized_content": True})
+    # XML turns CR LF into LF on the way; the message is otherwise the one the server received.
+    assert status["customized_content"].encode() == sent.replace(b"\r\n", b"\n")
+    page = await api.get_recipients_status_updated_since("", {"status": ["FINISHED"]}, 1000,
+                                                         {"with_customized_content": True,
+                                                          "delete_customized_content": True})
+    (logged,) = [r for r in page["recipients"] if r["id"] == recipient_id]
+    assert logged["customized_content"] == status["customized_content"]
+    (status,) = await api.get_recipients_status([recipient_id], {"with_customized_content": True})
+    assert status["customized_content"] == ""

@@ -32,6 +32,7 @@ class SatelliteSession(LinkProtocol):
                           "report": self.report})
         self._factory = factory
         self.satellite: dict[str, Any] | None = None
+        self._budget = factory.dispatcher.new_lease_budget()
 
     async def hello(self, serial: str, secret: str, version: str = "") -> dict[str, Any]:
         satellite = await self._factory.authenticate(str(serial), str(secret), str(version))
@@ -47,7 +48,8 @@ class SatelliteSession(LinkProtocol):
 
     async def lease(self, max_recipients: int) -> dict[str, Any]:
         satellite = await self._factory.refresh(self._authenticated())
-        recipients = await self._factory.dispatcher.lease(satellite, int(max_recipients))
+        recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(int(max_recipients)))
+        self._budget.leased(r["id"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
             await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
         return {"recipients": recipients, "lease_seconds": self._factory.dispatcher.config.lease_seconds}
@@ -62,7 +64,9 @@ class SatelliteSession(LinkProtocol):
 
     async def report(self, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         satellite = self._authenticated()
-        return {"acknowledged": await self._factory.dispatcher.report(satellite, outcomes)}
+        acknowledged = await self._factory.dispatcher.report(satellite, outcomes)
+        self._budget.reported(acknowledged)
+        return {"acknowledged": acknowledged}
 
     def describe_error(self, error: Exception) -> tuple[str, str] | None:
         if isinstance(error, PyMongoError):  # the database is away: the satellite retries

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
+from cloudmailing.services.lease_budget import LeaseBudget
 from cloudmailing.services.mailings import RUNNING
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
@@ -71,6 +72,10 @@ class Dispatcher:
                                   "content": base64.b64encode(a["content"]).decode("ascii")}
                                  for a in doc.get("attachments") or []]}
                 for doc in leased]
+
+    def new_lease_budget(self) -> LeaseBudget:
+        """A fresh allowance for a satellite that just connected."""
+        return LeaseBudget(self._clock, self.config)
 
     async def mailing_content(self, mailing_id: int) -> dict[str, Any] | None:
         mailing = await self._mailings.get(mailing_id)

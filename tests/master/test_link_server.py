@@ -78,3 +78,23 @@ async def test_a_disconnect_returns_the_leases(running_master):
         await asyncio.sleep(0.05)
     assert (await api.cloud_list_satellites())[0]["connected"] is False
     assert {s["status"] for s in await api.get_recipients_status([r["id"] for r in leased], {})} == {"READY"}
+
+
+@aio_test
+async def test_a_satellite_holds_the_initial_lease_size_until_it_reports(running_master):
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(150)])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    await api.cloud_add_satellite("sat-3", {})
+    link = await _connect(running_master.master)
+    await link.call("hello", serial="sat-3", secret="pw")
+    leased = (await link.call("lease", max_recipients=500))["recipients"]
+    assert len(leased) == 100  # [dispatch] initial_lease_size
+    assert (await link.call("lease", max_recipients=500))["recipients"] == []
+    outcomes = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250} for r in leased[:30]]
+    await link.call("report", outcomes=outcomes)
+    # 30 outcomes within a second: a rate that allows far more than the 50 left.
+    assert len((await link.call("lease", max_recipients=500))["recipients"]) == 50
+    link.close()

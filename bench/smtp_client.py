@@ -1,6 +1,6 @@
 """Throughput of the SMTP client on loopback (a measurement, not a test).
 
-    python -m tests.satellite.bench_smtp_client [--messages 5000] [--size 20000] [--connections 10]
+    .venv/bin/python bench/smtp_client.py [--messages 5000] [--size 20000] [--connections 10]
 
 Starts the counting sink of ``smtp_servers`` in a child process (its own core), then sends
 prebuilt messages over N connections, raw (``SmtpConnection``) and through ``DeliveryScheduler``,
@@ -15,10 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from twisted.internet import asyncioreactor
 
 asyncioreactor.install()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
@@ -87,20 +90,25 @@ async def scheduled(port: int, messages: list[bytes], connections: int) -> float
 
 async def main(args: argparse.Namespace) -> None:
     port = free_port()
-    sink = subprocess.Popen([sys.executable, "-m", "tests.satellite.smtp_servers", f"{HOST}:{port}"],
+    sink = subprocess.Popen([sys.executable, "-m", "tests.satellite.smtp_servers", f"{HOST}:{port}"], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout is not None
         sink.stdout.readline()  # "listening on ..."
         messages = make_messages(args.messages, args.size)
+        best: dict[str, float] = {}
         for name, run in (("raw SmtpConnection", raw), ("DeliveryScheduler", scheduled)):
             for _ in range(args.rounds):
                 cpu = time.process_time()
                 elapsed = await run(port, messages, args.connections)
                 cpu = time.process_time() - cpu
+                best[name] = max(best.get(name, 0.0), len(messages) / elapsed)
                 print(f"{name:20s} {len(messages)} x {args.size} B over {args.connections} connections:"
                       f" {len(messages) / elapsed:8.0f} msg/s, client CPU {cpu / elapsed:4.0%},"
                       f" {cpu / len(messages) * 1e6:5.0f} us/msg", flush=True)
+        # The reference is the bare connection: what routing, pooling and back-off cost on top.
+        print(f"DeliveryScheduler best {best['DeliveryScheduler']:,.0f} msg/s, ratio "
+              f"{best['DeliveryScheduler'] / best['raw SmtpConnection']:.2f} to raw SmtpConnection")
     finally:
         sink.terminate()
         sink.wait()

@@ -50,6 +50,7 @@ class DispatchConfig:
     lease_seconds: int = 300          # a lease not reported within this goes back to the queue
     max_lease_size: int = 1000        # most recipients one lease call hands out
     initial_lease_size: int = 100     # what a satellite may hold before its report rate is known
+    max_lease_bytes: int = 16 * 1024 * 1024  # one lease answer carries at most this much attachment data
     retry_initial_seconds: int = 300  # first retry after a soft bounce; doubles each try
     retry_factor: float = 2.0
     retry_max_seconds: int = 14400

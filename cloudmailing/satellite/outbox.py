@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
+REPORT_BYTES = 16 * 1024 * 1024  # a report's size, well within the link's frame limit
+
 
 class Outbox:
     def __init__(self, path: Path) -> None:
@@ -49,8 +51,17 @@ class Outbox:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def batch(self, limit: int) -> list[dict[str, Any]]:
-        return [outcome for _, outcome in zip(range(limit), self._pending.values(), strict=False)]
+    def batch(self, limit: int, max_bytes: int = REPORT_BYTES) -> list[dict[str, Any]]:
+        """Up to ``limit`` outcomes to report, fewer when their kept messages pass ``max_bytes``
+        (each report is one link frame; at least one outcome is always in the batch)."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for outcome in self._pending.values():
+            size += 1024 + len(outcome.get("customized_content") or "")
+            if len(batch) == limit or (batch and size > max_bytes):
+                break
+            batch.append(outcome)
+        return batch
 
     def acknowledge(self, recipient_ids: Iterable[str]) -> None:
         ids = [rid for rid in recipient_ids if self._pending.pop(rid, None) is not None]

@@ -64,6 +64,7 @@ class Dispatcher:
             query = {"mailing_id": {"$in": mailing_ids}, "test": False, "status": {"$in": ["READY", "WARNING"]},
                      "in_progress": False, "$or": [{"next_try": None}, {"next_try": {"$lte": now}}], **affinity}
             leased += await self._leases.claim(query, owner, expires, wanted - len(leased))
+        leased = await self._within_bytes(leased, owner)
         if leased:
             log.info("leased %d recipients", len(leased), extra={"satellite": owner})
         return [{"id": doc["_id"], "mailing_id": doc["mailing_id"], "email": doc["email"], "domain": doc["domain"],
@@ -76,6 +77,19 @@ class Dispatcher:
     def new_lease_budget(self) -> LeaseBudget:
         """A fresh allowance for a satellite that just connected."""
         return LeaseBudget(self._clock, self.config)
+
+    async def _within_bytes(self, leased: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
+        """The lease cut where its attachments pass ``max_lease_bytes``; the rest back to the queue."""
+        kept, size = 0, 0
+        for doc in leased:
+            size += sum(len(a["content"]) * 4 // 3 for a in doc.get("attachments") or [])
+            if kept and size > self.config.max_lease_bytes:
+                break
+            kept += 1
+        if kept < len(leased):
+            await self.release_recipients([doc["_id"] for doc in leased[kept:]])
+            log.info("lease cut to %d recipients by their attachments' size", kept, extra={"satellite": owner})
+        return leased[:kept]
 
     async def mailing_content(self, mailing_id: int) -> dict[str, Any] | None:
         mailing = await self._mailings.get(mailing_id)

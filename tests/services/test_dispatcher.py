@@ -118,3 +118,17 @@ async def test_reports_set_final_statuses_and_soft_bounce_retries(database, cloc
 def test_retry_delay_doubles_up_to_the_cap():
     config = DispatchConfig(retry_initial_seconds=300, retry_factor=2, retry_max_seconds=14400)
     assert [retry_delay(config, n) for n in (1, 2, 3, 6, 7, 20)] == [300, 600, 1200, 9600, 14400, 14400]
+
+
+@aio_test
+async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database, clock):
+    services, mailing_id = await _world(database, clock, max_lease_bytes=10_000)
+    attachment = {"filename": "a.pdf", "content_type": "application/pdf", "content": b"%" * 3000}  # ~4 KB sent
+    entries = [{"email": f"u{i}@example.org", "attachments": [attachment]} for i in range(5)]
+    entries.append({"email": "big@example.org", "attachments": [dict(attachment, content=b"%" * 30_000)]})
+    await services.recipients.add(mailing_id, entries)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    sizes = [len(await services.dispatcher.lease(SATELLITE, 10)) for _ in range(5)]
+    assert sizes == [2, 2, 1, 1, 0]  # two fit; the big one goes alone: one recipient always does
+    assert await database.recipients.count_documents({"in_progress": True}) == 6

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -38,6 +38,9 @@ class Database:
     # The master is the only writer: on FerretDB it runs its updates one at a time under this
     # lock; MongoDB updates each document atomically, so there it is a lock that never waits.
     write_lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)
+    # Statements per update command. FerretDB v1 never answers one of ~50 statements or more
+    # (each holds a pooled connection until the command ends); MongoDB takes thousands.
+    update_chunk: int = 20
 
     @property
     def writes_serialized(self) -> bool:
@@ -76,6 +79,15 @@ class Database:
     def hourly_stats(self) -> AsyncCollection:
         return self.db["hourly_stats"]
 
+    async def bulk_update(self, collection: AsyncCollection, updates: Sequence[UpdateOne]) -> int:
+        """Run ``updates`` (unordered) in commands the server answers; the number modified.
+        The caller holds ``write_lock``."""
+        modified = 0
+        for start in range(0, len(updates), self.update_chunk):
+            result = await collection.bulk_write(list(updates[start:start + self.update_chunk]), ordered=False)
+            modified += result.modified_count
+        return modified
+
     async def ensure_indexes(self) -> None:
         for collection, indexes in _INDEXES.items():
             for keys in indexes:
@@ -93,5 +105,6 @@ async def open_database(url: str, name: str, timeout_ms: int = 10000) -> Databas
     build = await client.admin.command("buildInfo")
     if "ferretdbVersion" not in build:
         database.write_lock = contextlib.nullcontext()
+        database.update_chunk = 1000
     await database.ensure_indexes()
     return database

@@ -17,7 +17,6 @@ from pymongo.errors import BulkWriteError
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
-UPDATE_CHUNK = 20  # documents per update command: FerretDB v1 hangs from ~50 (PostgreSQL) or ~100 (SQLite)
 
 
 @dataclass
@@ -69,8 +68,7 @@ class RecipientStore:
         """Forget the stored messages of these recipients (delete_customized_content)."""
         updates = [UpdateOne({"_id": rid}, {"$unset": {"customized_content": ""}}) for rid in recipient_ids]
         async with self._db.write_lock:
-            for start in range(0, len(updates), UPDATE_CHUNK):
-                await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK], ordered=False)
+            await self._db.bulk_update(self._db.recipients, updates)
 
     def find(self, query: Mapping[str, Any], projection: Mapping[str, Any] | None = None,
              limit: int = 0) -> AsyncIterator[dict[str, Any]]:
@@ -134,9 +132,4 @@ class LeaseStore:
         find just checked the condition): FerretDB v1 finds other filters by scanning the collection."""
         updates = [UpdateOne({"_id": rid} if self._db.writes_serialized else {"_id": rid, **condition},
                              {"$set": dict(changes)}) for rid in ids]
-        modified = 0
-        # FerretDB v1 stops answering an update command of ~50 statements or more.
-        for start in range(0, len(updates), UPDATE_CHUNK):
-            result = await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK], ordered=False)
-            modified += result.modified_count
-        return modified
+        return await self._db.bulk_update(self._db.recipients, updates)

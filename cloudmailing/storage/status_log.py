@@ -23,7 +23,6 @@ from pymongo import UpdateOne
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import UPDATE_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +149,7 @@ class StatusLog:
             updates = [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
                        for e, change in zip(entries, known, strict=True)]
             async with self._db.write_lock:
-                # FerretDB v1 never answers an update command of many statements (each holds a
-                # pooled connection until the command ends), so updates go in small commands.
-                for start in range(0, len(updates), UPDATE_CHUNK):
-                    await self._db.recipients.bulk_write(updates[start:start + UPDATE_CHUNK],
-                                                         ordered=False)
+                await self._db.bulk_update(self._db.recipients, updates)
             await self._move_counts(known, current)
         except BaseException:
             # Some of the writes may have happened: the counts are recounted from the recipients.

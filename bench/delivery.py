@@ -16,7 +16,7 @@ Printed:
 * each with its ratio to smtp-source, and the peak memory (VmHWM) of the master and satellite
   (and FerretDB), with the CPU seconds each used during the mailing (where the time goes).
 
-    .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519]
+    .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519] [--compose-workers N]
                                        [--postgresql URL] [--profile DIR]
 
 Needs ``smtp-sink`` and ``smtp-source`` (Debian: ``apt-get install postfix``). Uses

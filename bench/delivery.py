@@ -14,7 +14,9 @@ Printed:
 * the satellite pipeline rate: messages accepted by the sinks per second, from the first to the
   last message the sinks counted (the sending itself, whatever the master's writes cost);
 * each with its ratio to smtp-source, and the peak memory (VmHWM) of the master and satellite
-  (and FerretDB), with the CPU seconds each used during the mailing (where the time goes).
+  (and FerretDB), with the CPU seconds each used during the mailing (where the time goes);
+* their resident memory every 10 s while delivering, and its first and last values: memory
+  must stay flat as the mailing goes on (run it with 20,000 and 200,000 messages to compare).
 
     .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519] [--compose-workers N]
                                        [--postgresql URL] [--profile DIR]
@@ -254,6 +256,16 @@ def peak_memory_mb(pid: int) -> float:
     return float("nan")
 
 
+def resident_mb(pid: int) -> float:
+    """VmRSS of a process and its live children, in MiB."""
+    total = 0.0
+    for process in (pid, *children(pid)):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
@@ -316,6 +328,7 @@ class MailingResult:
     memory: dict[str, float]
     cpu: dict[str, float]
     ingest_seconds: float
+    resident: list[tuple[int, float, float]]  # every 10 s: messages at the sinks, master MiB, satellite MiB
 
 
 def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
@@ -330,8 +343,10 @@ def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, ti
 
 
 def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: float,
-                   watched: dict[str, int], postgresql: bool) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
-    """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used."""
+                   watched: dict[str, int], postgresql: bool, resident: list[tuple[int, float, float]],
+                   ) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
+    """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used.
+    Appends the master's and satellite's resident memory to ``resident`` every 10 s."""
     cpu_before = {name: tree_cpu_seconds(pid) for name, pid in watched.items()}
     pg_before = postgres_cpu_seconds()
     baseline = sum(s.count for s in sinks)
@@ -356,8 +371,10 @@ def follow_mailing(proxy: Any, mailing_id: int, sinks: list[Sink], timeout: floa
             break
         if now >= next_progress:
             at_sinks = sum(s.count for s in sinks) - baseline
+            resident.append((at_sinks, resident_mb(watched["master"]), resident_mb(watched["satellite"])))
             print(f"  {now - started:6.0f} s: status {mailing['status']}, sent {mailing['total_sent']}, "
-                  f"pending {mailing['total_pending']}, at the sinks {at_sinks}", flush=True)
+                  f"pending {mailing['total_pending']}, at the sinks {at_sinks}, resident memory: "
+                  f"master {resident[-1][1]:.0f} MiB, satellite {resident[-1][2]:.0f} MiB", flush=True)
             next_progress = now + 10
         time.sleep(0.25)
     cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
@@ -408,13 +425,14 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
         watched = {"master": master.pid, "satellite": satellite.pid}
         if database is not None:
             watched["ferretdb"] = database.pid
+        resident: list[tuple[int, float, float]] = []
         seconds, mailing, finished, cpu = follow_mailing(proxy, mailing_id, sinks, args.timeout, watched,
-                                                          bool(args.postgresql))
+                                                          bool(args.postgresql), resident)
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
         workers = children(satellite.pid)
         if workers:
             memory[f"its {len(workers)} child processes"] = sum(peak_memory_mb(pid) for pid in workers)
-        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds)
+        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds, resident)
     finally:
         stop(satellite)
         stop(master)
@@ -457,6 +475,11 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     print(f"satellite pipeline (at the sinks):  {pipeline_rate:10,.0f} messages/s   "
           f"ratio {pipeline_rate / source_rate:.3f}   (target >= 0.5)")
     print("peak memory (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MiB" for name, mb in result.memory.items()))
+    if len(result.resident) >= 2:  # flat memory: the last sample close to the first
+        (first_sent, master_first, satellite_first), (last_sent, master_last, satellite_last) = (
+            result.resident[0], result.resident[-1])
+        print(f"resident memory from {first_sent:,} to {last_sent:,} messages sent: master {master_first:.0f} -> "
+              f"{master_last:.0f} MiB, satellite (with workers) {satellite_first:.0f} -> {satellite_last:.0f} MiB")
     print(f"CPU seconds during the {result.seconds:.1f} s mailing: "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.cpu.items()))
     per_message = result.cpu["satellite"] / max(at_sinks, 1)

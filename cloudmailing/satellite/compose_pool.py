@@ -96,6 +96,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 class ComposePool:
+    """``workers`` processes composing chunks of recipients (0: composed in this process)."""
+
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._executor = self._new_executor()
@@ -125,7 +127,7 @@ class ComposePool:
             except Exception:  # noqa: BLE001 - composed below, once the others are in
                 continue
         errors = [future.exception() for future, _ in tasks]
-        lost = [recipient for (future, chunk) in tasks if future.exception() is not None for recipient in chunk]
+        lost = [recipient for error, (_, chunk) in zip(errors, tasks, strict=True) if error for recipient in chunk]
         if not lost:
             return
         log.error("compose workers failed (%s); composing %d messages here", next(e for e in errors if e),

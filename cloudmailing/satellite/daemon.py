@@ -41,6 +41,7 @@ IDLE_POLL = 1.0
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
+UNREPORTED_LEASES = 5  # no new lease while this many leases' worth of outcomes await the master
 
 
 def host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -137,8 +138,11 @@ class SatelliteDaemon:
 
     async def _feed(self, link: LinkProtocol) -> None:
         low_water = max(1, self.config.lease_size // 2)
+        # Outcomes the master has not acknowledged yet are held in memory (and on disk): while the
+        # master is slow to take them, leasing more would only grow that backlog.
+        max_unreported = UNREPORTED_LEASES * self.config.lease_size
         while True:
-            if self._scheduler.pending >= low_water:
+            if self._scheduler.pending >= low_water or len(self._outbox) >= max_unreported:
                 await asyncio.sleep(0.05)
                 continue
             answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - self._scheduler.pending)

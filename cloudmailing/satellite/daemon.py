@@ -1,7 +1,8 @@
 """The satellite daemon: lease recipients from the master, deliver them, report every outcome.
 
 Three loops share one link: the *feeder* leases recipients whenever the delivery queue runs low
-and turns each into a signed message; the *scheduler* (``delivery.py``) delivers; the *reporter*
+(and the master keeps up with the reports) and turns each into a signed message, in worker
+processes with ``compose_workers``; the *scheduler* (``delivery.py``) delivers; the *reporter*
 sends outcomes back in batches, after writing them to the outbox on disk. A lost link ends the
 session: the master takes the leases back, and the satellite reconnects and first reports what
 its outbox still holds. The satellite keeps no other state: the master is the only truth.

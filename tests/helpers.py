@@ -26,3 +26,12 @@ def aio_test(function: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[...,
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run an asyncio coroutine from a fixture (not from a test body: use ``aio_test``)."""
     return pytest_twisted.blockon(Deferred.fromFuture(asyncio.ensure_future(coro)))  # type: ignore[no-any-return]
+
+
+async def running_mailing(api: Any, count: int, domain: str = "example.org") -> int:
+    """Through the API: a mailing of ``count`` recipients (u0@domain, ...), started and RUNNING."""
+    mailing_id: int = await api.create_mailing("news@sender.test", "News", "Hi", "<p>Hi</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"u{i}@{domain}"} for i in range(count)])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    return mailing_id

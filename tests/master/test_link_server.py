@@ -10,7 +10,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
-from tests.helpers import aio_test
+from tests.helpers import aio_test, running_mailing
 
 
 async def _connect(master) -> LinkProtocol:
@@ -18,6 +18,14 @@ async def _connect(master) -> LinkProtocol:
 
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.satellite_port, ssl.CertificateOptions(verify=False))
     return await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+
+
+async def _registered_link(running_master, serial: str) -> LinkProtocol:
+    """A link of a satellite registered through the API, that said hello."""
+    await running_master.proxy().cloud_add_satellite(serial, {})
+    link = await _connect(running_master.master)
+    await link.call("hello", serial=serial, secret="pw")
+    return link
 
 
 async def _refused(link: LinkProtocol, method: str, **params) -> str:
@@ -58,13 +66,8 @@ async def test_first_secret_is_kept_and_a_wrong_one_refused(running_master):
 @aio_test
 async def test_a_disconnect_returns_the_leases(running_master):
     api = running_master.proxy()
-    mailing_id = await api.create_mailing("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
-    await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(3)])
-    await api.start_mailing(mailing_id)
-    await api.mailing_manager_force_check()
-    await api.cloud_add_satellite("sat-2", {})
-    link = await _connect(running_master.master)
-    await link.call("hello", serial="sat-2", secret="pw")
+    await running_mailing(api, 3)
+    link = await _registered_link(running_master, "sat-2")
     leased = (await link.call("lease", max_recipients=10))["recipients"]
     assert len(leased) == 3
     assert (await api.cloud_list_satellites())[0]["in_flight"] == 3
@@ -83,13 +86,8 @@ async def test_a_disconnect_returns_the_leases(running_master):
 @aio_test
 async def test_a_satellite_holds_the_initial_lease_size_until_it_reports(running_master):
     api = running_master.proxy()
-    mailing_id = await api.create_mailing("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
-    await api.add_recipients(mailing_id, [{"email": f"u{i}@example.org"} for i in range(150)])
-    await api.start_mailing(mailing_id)
-    await api.mailing_manager_force_check()
-    await api.cloud_add_satellite("sat-3", {})
-    link = await _connect(running_master.master)
-    await link.call("hello", serial="sat-3", secret="pw")
+    await running_mailing(api, 150)
+    link = await _registered_link(running_master, "sat-3")
     leased = (await link.call("lease", max_recipients=500))["recipients"]
     assert len(leased) == 100  # [dispatch] initial_lease_size
     assert (await link.call("lease", max_recipients=500))["recipients"] == []

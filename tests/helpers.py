@@ -35,3 +35,12 @@ async def running_mailing(api: Any, count: int, domain: str = "example.org") -> 
     await api.start_mailing(mailing_id)
     await api.mailing_manager_force_check()
     return mailing_id
+
+
+async def started_status_log(database: Any) -> Any:
+    """A StatusLog on ``database`` whose sequence continues after any earlier process's."""
+    from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+
+    allocator = SequenceAllocator(database)
+    await allocator.start()
+    return StatusLog(database, allocator)

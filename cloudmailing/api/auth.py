@@ -77,8 +77,7 @@ class Authenticator:
         record = await self._keys.get_active(parsed.key_id)
         if record is None:
             return False
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, verify_secret, parsed.secret, record)
+        return await asyncio.to_thread(verify_secret, parsed.secret, record)
 
     def _recent_failures(self, address: str) -> _Failures:
         failures = self._failures.get(address)

@@ -21,7 +21,7 @@ from cloudmailing.services.lease_budget import LeaseBudget
 from cloudmailing.services.mailings import RUNNING
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import LeaseStore
+from cloudmailing.storage.recipients import LEASE_END, LeaseStore
 from cloudmailing.storage.statistics import HourlyStatsStore
 from cloudmailing.storage.status_log import StatusChange, StatusLog
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("FINISHED", "ERROR", "GENERAL_ERROR", "TIMEOUT")
 REPORTED_STATUSES = ("FINISHED", "WARNING", "ERROR", "GENERAL_ERROR")
-_LEASE_END = {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}
 _CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "charset", "tracking_url", "testing",
                    "type", "dkim", "backup_customized_emails")
 
@@ -134,7 +133,7 @@ class Dispatcher:
             "reply_text": str(outcome.get("reply_text") or "")[:1000],
             "smtp_log": "\n".join(str(line) for line in outcome.get("smtp_log") or [])[:10000],
             "try_count": tries, "first_try": first_try, "next_try": next_try, "cloud_client": serial,
-            **_LEASE_END,
+            **LEASE_END,
         }
         content = _customized_content(outcome)
         if content is not None:

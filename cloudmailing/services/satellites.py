@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from cloudmailing.common.keys import hash_secret, verify_secret
 from cloudmailing.services import values
@@ -15,7 +15,6 @@ from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.satellites import SatelliteStore
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _SETTABLE = ("enabled", "paired", "group", "domain_affinity")
 
@@ -35,11 +34,6 @@ def _properties(given: Any) -> dict[str, Any]:
         domains = values.string_list("domain_affinity", properties["domain_affinity"])
         checked["domain_affinity"] = [domain.lower() for domain in domains]
     return checked
-
-
-async def _in_thread(function: Callable[..., T], *args: Any) -> T:
-    """scrypt takes tens of milliseconds: off the reactor thread."""
-    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
 class SatelliteRefused(Exception):
@@ -93,8 +87,9 @@ class SatelliteService:
         if satellite is None:
             await self._record_unknown(serial, secret, version, now)
         if not satellite.get("secret"):
-            satellite["secret"] = await _in_thread(hash_secret, secret)  # first contact keeps this secret
-        elif not await _in_thread(verify_secret, secret, satellite["secret"]):
+            # scrypt takes tens of milliseconds: off the reactor thread.
+            satellite["secret"] = await asyncio.to_thread(hash_secret, secret)  # first contact keeps it
+        elif not await asyncio.to_thread(verify_secret, secret, satellite["secret"]):
             raise SatelliteRefused("unauthorized", "wrong secret")
         await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
                                                     "last_seen": now})
@@ -109,7 +104,7 @@ class SatelliteService:
             raise SatelliteRefused("not_paired", "not registered on this master")
         await self._store.insert({"serial": serial, "enabled": True, "paired": False, "group": "",
                                   "domain_affinity": [], "version": version[:100], "last_seen": now,
-                                  "secret": await _in_thread(hash_secret, secret)})
+                                  "secret": await asyncio.to_thread(hash_secret, secret)})
         log.warning("unknown satellite asked to join; approve it by setting paired", extra={"satellite": serial})
         raise SatelliteRefused("not_paired", "waiting for an administrator to approve this satellite")
 

@@ -17,6 +17,7 @@ from pymongo.errors import BulkWriteError
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
+LEASE_END = {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}
 
 
 @dataclass
@@ -123,8 +124,7 @@ class LeaseStore:
         find = {"in_progress": True, **query}
         async with self._db.write_lock:
             ids = [doc["_id"] async for doc in self._db.recipients.find(find, {"_id": 1})]
-            return await self._set_by_id(
-                ids, find, {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None})
+            return await self._set_by_id(ids, find, LEASE_END)
 
     async def _set_by_id(self, ids: Sequence[str], condition: Mapping[str, Any], changes: Mapping[str, Any]) -> int:
         """Set ``changes`` on each recipient of ``ids`` still matching ``condition``; the caller holds

@@ -7,16 +7,13 @@ import datetime
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.services.dispatcher import retry_delay
-from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
-from tests.helpers import aio_test
+from tests.helpers import aio_test, started_status_log
 
 SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
 
 
 async def _world(database, clock, **config):
-    allocator = SequenceAllocator(database)
-    await allocator.start()
-    services = build_services(database, StatusLog(database, allocator), clock,
+    services = build_services(database, await started_status_log(database), clock,
                               dispatch=DispatchConfig(**config))
     mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
     return services, mailing_id

@@ -5,14 +5,12 @@ from __future__ import annotations
 import datetime
 
 from cloudmailing.master.app import build_services
-from cloudmailing.storage.status_log import SequenceAllocator, StatusChange, StatusLog
-from tests.helpers import aio_test
+from cloudmailing.storage.status_log import StatusChange
+from tests.helpers import aio_test, started_status_log
 
 
 async def _services(database, clock):
-    allocator = SequenceAllocator(database)
-    await allocator.start()
-    return build_services(database, StatusLog(database, allocator), clock)
+    return build_services(database, await started_status_log(database), clock)
 
 
 async def _status(services, mailing_id):

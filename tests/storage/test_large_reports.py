@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 
-from cloudmailing.storage.status_log import SequenceAllocator, StatusChange, StatusLog
-from tests.helpers import aio_test
+from cloudmailing.storage.status_log import StatusChange
+from tests.helpers import aio_test, started_status_log
 from tests.storage.test_status_log import _recipients
 
 NOW = datetime.datetime(2027, 1, 15, 12, 0, 0)
@@ -15,9 +15,7 @@ NOW = datetime.datetime(2027, 1, 15, 12, 0, 0)
 @aio_test
 async def test_five_hundred_changes_in_one_apply(database):
     ids = await _recipients(database, 500)
-    allocator = SequenceAllocator(database)
-    await allocator.start()
-    status_log = StatusLog(database, allocator)
+    status_log = await started_status_log(database)
     result = await asyncio.wait_for(status_log.apply([StatusChange(rid, "FINISHED") for rid in ids], NOW), 60)
     assert len(result.applied) == 500
     assert await database.recipients.count_documents({"status": "FINISHED"}) == 500

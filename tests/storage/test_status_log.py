@@ -10,7 +10,7 @@ from collections import defaultdict
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.status_log import SequenceAllocator, StatusChange, StatusLog
-from tests.helpers import aio_test
+from tests.helpers import aio_test, started_status_log
 
 NOW = datetime.datetime(2027, 1, 15, 12, 0, 0)  # every change shares this one timestamp
 STATUSES = ["FINISHED", "WARNING", "ERROR", "GENERAL_ERROR", "TIMEOUT"]
@@ -126,9 +126,7 @@ async def test_cursor_survives_a_restart(database):
 @aio_test
 async def test_counts_follow_status_changes_and_unknown_ids_are_reported(database):
     ids = await _recipients(database, 3)
-    allocator = SequenceAllocator(database)
-    await allocator.start()
-    status_log = StatusLog(database, allocator)
+    status_log = await started_status_log(database)
     result = await status_log.apply([StatusChange(ids[0], "FINISHED"), StatusChange("nope", "ERROR"),
                                      StatusChange(ids[1], "WARNING")], NOW)
     assert result.unknown == ["nope"] and sorted(result.applied) == sorted(ids[:2])

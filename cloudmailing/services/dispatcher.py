@@ -112,7 +112,7 @@ class Dispatcher:
             return changes[-1]
 
         if usable:
-            await self._status_log.apply_decided(list(usable), decide, now)
+            await self._status_log.apply_decided(list(usable), decide, now, likely={"lease_owner": serial})
         if changes:
             await self._count(serial, changes, now)
         log.info("%d outcomes recorded", len(changes), extra={"satellite": serial})

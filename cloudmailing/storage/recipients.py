@@ -3,6 +3,9 @@
 A batch is announced in ``ingest_batches`` before its recipients are written and forgotten once
 they are all in. A batch still announced at start-up was cut by a crash: :meth:`roll_back_cut_batches`
 removes its recipients, so a batch the API never acknowledged leaves nothing behind.
+
+Each recipient also gets a ``block``: its insertion position divided by :data:`BLOCK_SIZE`.
+Leases write recipients block by block (see :class:`LeaseStore`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
+from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
+BLOCK_SIZE = 250
+POSITION_COUNTER = "recipient_position"
 LEASE_END = {"in_progress": False, "lease_owner": None, "lease_id": None, "lease_expires": None}
 
 
@@ -36,8 +42,10 @@ class RecipientStore:
             return BatchResult()
         batch_id = uuid.uuid4().hex
         await self._db.ingest_batches.insert_one({"_id": batch_id, "mailing_id": mailing_id, "started": now})
-        for doc in docs:
+        first_position = await counters.increment(self._db, POSITION_COUNTER, len(docs)) - len(docs)
+        for position, doc in enumerate(docs, start=first_position):
             doc["ingest_batch"] = batch_id
+            doc["block"] = position // BLOCK_SIZE
         result = BatchResult(inserted=len(docs))
         try:
             await self._db.recipients.insert_many(docs, ordered=False)
@@ -101,7 +109,14 @@ def _batch_errors(error: BulkWriteError, total: int) -> BatchResult:
 
 
 class LeaseStore:
-    """Leases: which satellite may deliver which recipients, until when. Not status changes."""
+    """Leases: which satellite may deliver which recipients, until when. Not status changes.
+
+    Lease writes go block by block: one update of the recipients of one ``block`` by ``_id``.
+    FerretDB v1 scans the whole collection for each update whose filter it cannot pass to its
+    backend as an equality (``_id`` included, and ``$in`` never), so one update per recipient
+    or one ``$in`` over all of them costs a scan each; the equality on ``block`` narrows the
+    scan to the block's documents. MongoDB finds them by ``_id`` either way.
+    """
 
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -113,7 +128,7 @@ class LeaseStore:
         condition = {"in_progress": False, "status": query.get("status", {"$exists": True})}
         async with self._db.write_lock:
             found = await self._db.recipients.find(dict(query), limit=limit).to_list()
-            modified = await self._set_by_id([doc["_id"] for doc in found], condition, lease)
+            modified = await self._set_by_block(found, condition, lease)
         if modified == len(found):
             return [{**doc, **lease} for doc in found]
         # Some changed in between (MongoDB, several writers): those not leased stay out.
@@ -123,13 +138,21 @@ class LeaseStore:
         """End the leases matching ``query`` (expired, or of a satellite that went away)."""
         find = {"in_progress": True, **query}
         async with self._db.write_lock:
-            ids = [doc["_id"] async for doc in self._db.recipients.find(find, {"_id": 1})]
-            return await self._set_by_id(ids, find, LEASE_END)
+            found = await self._db.recipients.find(find, {"_id": 1, "block": 1}).to_list()
+            return await self._set_by_block(found, find, LEASE_END)
 
-    async def _set_by_id(self, ids: Sequence[str], condition: Mapping[str, Any], changes: Mapping[str, Any]) -> int:
-        """Set ``changes`` on each recipient of ``ids`` still matching ``condition``; the caller holds
-        ``write_lock``. One update per recipient, by ``_id`` alone where writes are serialized (the
-        find just checked the condition): FerretDB v1 finds other filters by scanning the collection."""
-        updates = [UpdateOne({"_id": rid} if self._db.writes_serialized else {"_id": rid, **condition},
-                             {"$set": dict(changes)}) for rid in ids]
-        return await self._db.bulk_update(self._db.recipients, updates)
+    async def _set_by_block(self, docs: Sequence[Mapping[str, Any]], condition: Mapping[str, Any],
+                            changes: Mapping[str, Any]) -> int:
+        """Set ``changes`` on each of ``docs`` still matching ``condition``, one update per block;
+        the number changed. The caller holds ``write_lock``."""
+        ids_by_block: dict[Any, list[str]] = {}
+        for doc in docs:
+            ids_by_block.setdefault(doc.get("block"), []).append(doc["_id"])
+        modified = 0
+        for block, ids in ids_by_block.items():
+            query = {**condition, "_id": {"$in": ids}}
+            if block is not None:
+                query["block"] = block
+            result = await self._db.recipients.update_many(query, {"$set": dict(changes)})
+            modified += result.modified_count
+        return modified

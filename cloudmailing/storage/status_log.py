@@ -123,17 +123,19 @@ class StatusLog:
         return await self.apply_decided(list(by_id), lambda current: by_id[current["_id"]], now)
 
     async def apply_decided(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                            now: datetime.datetime) -> ApplyResult:
-        """Apply the change ``decide`` makes of each recipient's current state (read once, here)."""
+                            now: datetime.datetime, likely: Mapping[str, Any] | None = None) -> ApplyResult:
+        """Apply the change ``decide`` makes of each recipient's current state (read once, here).
+        ``likely``: an equality filter most of the recipients match (e.g. their lease owner),
+        which lets FerretDB find them without decoding the whole collection."""
         await self._claims.claim(recipient_ids)
         try:
-            return await self._apply_claimed(recipient_ids, decide, now)
+            return await self._apply_claimed(recipient_ids, decide, now, likely or {})
         finally:
             self._claims.release(recipient_ids)
 
     async def _apply_claimed(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                             now: datetime.datetime) -> ApplyResult:
-        current = await self._load(recipient_ids)
+                             now: datetime.datetime, likely: Mapping[str, Any]) -> ApplyResult:
+        current = await self._load(recipient_ids, likely)
         known = [decide(current[rid]) for rid in recipient_ids if rid in current]
         result = ApplyResult(unknown=[rid for rid in recipient_ids if rid not in current])
         if not known:
@@ -160,10 +162,17 @@ class StatusLog:
         result.applied = [change.recipient_id for change in known]
         return result
 
-    async def _load(self, recipient_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    async def _load(self, recipient_ids: Iterable[str], likely: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test")}
-        cursor = self._db.recipients.find({"_id": {"$in": list(recipient_ids)}}, projection)
-        return {doc["_id"]: doc async for doc in cursor}
+        wanted = list(recipient_ids)
+        found: dict[str, dict[str, Any]] = {}
+        for scope in ([likely] if likely else []) + [{}]:
+            cursor = self._db.recipients.find({**scope, "_id": {"$in": wanted}}, projection)
+            found.update({doc["_id"]: doc async for doc in cursor})
+            wanted = [rid for rid in wanted if rid not in found]
+            if not wanted:
+                break
+        return found
 
     async def _move_counts(self, changes: Sequence[StatusChange], current: Mapping[str, dict[str, Any]]) -> None:
         per_mailing: dict[int, dict[str, int]] = {}

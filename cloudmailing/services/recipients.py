@@ -16,7 +16,7 @@ from cloudmailing.services.mailings import FINISHED, READY, MailingService
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipients import RecipientStore
-from cloudmailing.storage.status_log import StatusChange, StatusLog
+from cloudmailing.storage.status_log import DETAIL_DEFAULTS, StatusChange, StatusLog
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class RecipientService:
     async def reset(self, recipient_ids: Any) -> None:
         """Put recipients back to READY, to be delivered again."""
         ids = values.string_list("recipient_ids", recipient_ids)
-        fields = {"next_try": None, "reply_code": None, "reply_enhanced_code": "", "reply_text": "",
-                  "in_progress": False}
+        fields = {"next_try": None, "in_progress": False, **DETAIL_DEFAULTS}
         changes = [StatusChange(recipient_id, READY, fields) for recipient_id in dict.fromkeys(ids)]
         if not changes:
             return
@@ -116,8 +115,7 @@ def _recipient_document(mailing_id: int, entry: Any, now: Any, test: bool) -> di
         "email": address.email, "domain": address.domain, "contact": contact,
         "attachments": _attachments(entry.get("attachments")),
         "status": READY, "in_progress": False, "try_count": 0, "first_try": None, "next_try": None,
-        "reply_code": None, "reply_enhanced_code": "", "reply_text": "", "smtp_log": "",
-        "cloud_client": "", "modified": now, "seq": 0, "test": test,
+        "cloud_client": "", "modified": now, "test": test,  # replies: in the status log (DETAIL_DEFAULTS)
     }
 
 

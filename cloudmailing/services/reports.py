@@ -10,7 +10,7 @@ from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.statistics import HourlyStatsStore
-from cloudmailing.storage.status_log import STATUS_FIELDS, StatusLog
+from cloudmailing.storage.status_log import CONTENT, STATUS_FIELDS, StatusLog
 
 RECIPIENT_STATUSES = ("READY", "IN PROGRESS", "FINISHED", "WARNING", "ERROR", "GENERAL_ERROR", "TIMEOUT")
 MAX_RESULTS = 1000
@@ -79,8 +79,9 @@ class ReportService:
         ids = values.string_list("recipient_ids", recipient_ids)
         wanted = _options(options)
         found = await self._recipients.get_many(ids)
-        records = [_current_status(found[rid], wanted) for rid in dict.fromkeys(ids) if rid in found]
-        await self._drop_content_if_asked(wanted, found.values())
+        details = await self._status_log.details(found.values(), with_content=_wants_content(wanted))
+        records = [_current_status(found[rid], details[rid], wanted) for rid in dict.fromkeys(ids) if rid in found]
+        await self._drop_content_if_asked(wanted, found.values(), details)
         return records
 
     async def updated_since(self, cursor: Any, filters: Any, max_results: Any, options: Any) -> dict[str, Any]:
@@ -92,20 +93,21 @@ class ReportService:
         query = await self.recipient_query(filters, default_statuses=RECIPIENT_STATUSES[1:])
         entries, next_position = await self._status_log.read_since(position, query, limit)
         recipients = [dict(entry["record"], id=entry["recipient_id"]) for entry in entries]
-        extra = [name for name, option in (("contact", "with_contact_data"),
-                                           ("customized_content", "with_customized_content"),
-                                           ("customized_content", "delete_customized_content")) if wanted.get(option)]
-        if extra and recipients:
-            # The log holds statuses only: contacts and messages are read from the recipients.
-            docs = await self._recipients.get_many([r["id"] for r in recipients], {name: 1 for name in extra})
+        if recipients and (wanted.get("with_contact_data") or _wants_content(wanted)):
+            # Contacts are read from the recipients, messages from their last change's details.
+            docs = await self._recipients.get_many([r["id"] for r in recipients], {"contact": 1, "log_group": 1})
+            details = await self._status_log.details(docs.values(), True) if _wants_content(wanted) else {}
             for record in recipients:
-                _add_asked_fields(record, docs.get(record["id"], {}), wanted)
-            await self._drop_content_if_asked(wanted, docs.values())
+                if record["id"] in docs:
+                    _add_asked_fields(record, docs[record["id"]], details.get(record["id"], {}), wanted)
+            await self._drop_content_if_asked(wanted, docs.values(), details)
         return {"cursor": encode_cursor(next_position), "recipients": recipients}
 
-    async def _drop_content_if_asked(self, wanted: Mapping[str, bool], docs: Iterable[Mapping[str, Any]]) -> None:
+    async def _drop_content_if_asked(self, wanted: Mapping[str, bool], docs: Iterable[Mapping[str, Any]],
+                                     details: Mapping[str, Mapping[str, Any]]) -> None:
         if wanted.get("delete_customized_content"):
-            await self._recipients.drop_customized_content([doc["_id"] for doc in docs if "customized_content" in doc])
+            kept = [doc for doc in docs if CONTENT in details.get(doc["_id"], {})]
+            await self._status_log.drop_customized_content(kept)
 
     async def hourly_statistics(self, query: Any) -> list[dict[str, Any]]:
         given = {} if query in (None, "", []) else values.struct("filters", query)
@@ -127,18 +129,24 @@ def _options(options: Any) -> dict[str, bool]:
     return {key: values.boolean(f"options.{key}", given[key]) for key in given}
 
 
-def _current_status(doc: Mapping[str, Any], wanted: Mapping[str, bool]) -> dict[str, Any]:
-    record = {name: doc.get(name) for name in STATUS_FIELDS}
+def _wants_content(wanted: Mapping[str, bool]) -> bool:
+    return bool(wanted.get("with_customized_content") or wanted.get("delete_customized_content"))
+
+
+def _current_status(doc: Mapping[str, Any], details: Mapping[str, Any], wanted: Mapping[str, bool],
+                    ) -> dict[str, Any]:
+    record = {name: details.get(name, doc.get(name)) for name in STATUS_FIELDS}
     record["id"] = doc["_id"]
     if doc.get("in_progress") and record["status"] in ("READY", "WARNING"):
         record["status"] = "IN PROGRESS"
-    _add_asked_fields(record, doc, wanted)
+    _add_asked_fields(record, doc, details, wanted)
     return record
 
 
-def _add_asked_fields(record: dict[str, Any], doc: Mapping[str, Any], wanted: Mapping[str, bool]) -> None:
+def _add_asked_fields(record: dict[str, Any], doc: Mapping[str, Any], details: Mapping[str, Any],
+                      wanted: Mapping[str, bool]) -> None:
     if wanted.get("with_contact_data"):
         record["contact"] = doc.get("contact", {})
     if wanted.get("with_customized_content"):
         # The message as sent (RFC 822 text); '' when the mailing does not keep them, or not sent yet.
-        record["customized_content"] = bytes(doc.get("customized_content") or b"").decode("utf-8", "replace")
+        record["customized_content"] = bytes(details.get(CONTENT) or b"").decode("utf-8", "replace")

@@ -6,21 +6,24 @@ import asyncio
 import contextlib
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-# Every query the API and the dispatcher make has an index here (see docs/storage.md).
+# Indexes for MongoDB, where every query the API and the dispatcher make uses one. FerretDB v1
+# keeps them but never reads them (see LeaseStore in storage/recipients.py).
 _INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "mailings": [[("status", ASCENDING)], [("domain_name", ASCENDING)], [("owner_guid", ASCENDING)]],
     "recipients": [
         [("mailing_id", ASCENDING), ("status", ASCENDING), ("next_try", ASCENDING)],
         [("mailing_id", ASCENDING), ("email", ASCENDING)],
         [("ingest_batch", ASCENDING)],
+        [("log_group", ASCENDING)],
     ],
-    "status_log": [[("mailing_id", ASCENDING), ("_id", ASCENDING)], [("logged_at", ASCENDING)]],
+    "status_log": [[("mailing_id", ASCENDING), ("_id", ASCENDING)], [("logged_at", ASCENDING)],
+                   [("group", ASCENDING), ("recipient_id", ASCENDING)]],
     "api_keys": [[("name", ASCENDING)]],
     "satellites": [[("serial", ASCENDING)]],
     "hourly_stats": [[("hour", ASCENDING)]],
@@ -38,14 +41,6 @@ class Database:
     # The master is the only writer: on FerretDB it runs its updates one at a time under this
     # lock; MongoDB updates each document atomically, so there it is a lock that never waits.
     write_lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)
-    # Statements per update command. FerretDB v1 never answers one of ~50 statements or more
-    # (each holds a pooled connection until the command ends); MongoDB takes thousands.
-    update_chunk: int = 20
-
-    @property
-    def writes_serialized(self) -> bool:
-        """True on FerretDB: under ``write_lock`` nothing else writes, so what was read still holds."""
-        return isinstance(self.write_lock, asyncio.Lock)
 
     @property
     def mailings(self) -> AsyncCollection:
@@ -79,15 +74,6 @@ class Database:
     def hourly_stats(self) -> AsyncCollection:
         return self.db["hourly_stats"]
 
-    async def bulk_update(self, collection: AsyncCollection, updates: Sequence[UpdateOne]) -> int:
-        """Run ``updates`` (unordered) in commands the server answers; the number modified.
-        The caller holds ``write_lock``."""
-        modified = 0
-        for start in range(0, len(updates), self.update_chunk):
-            result = await collection.bulk_write(list(updates[start:start + self.update_chunk]), ordered=False)
-            modified += result.modified_count
-        return modified
-
     async def ensure_indexes(self) -> None:
         for collection, indexes in _INDEXES.items():
             for keys in indexes:
@@ -105,6 +91,5 @@ async def open_database(url: str, name: str, timeout_ms: int = 10000) -> Databas
     build = await client.admin.command("buildInfo")
     if "ferretdbVersion" not in build:
         database.write_lock = contextlib.nullcontext()
-        database.update_chunk = 1000
     await database.ensure_indexes()
     return database

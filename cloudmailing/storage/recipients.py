@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from cloudmailing.storage import counters
@@ -73,12 +72,6 @@ class RecipientStore:
     async def count(self, query: Mapping[str, Any]) -> int:
         return await self._db.recipients.count_documents(dict(query))
 
-    async def drop_customized_content(self, recipient_ids: Sequence[str]) -> None:
-        """Forget the stored messages of these recipients (delete_customized_content)."""
-        updates = [UpdateOne({"_id": rid}, {"$unset": {"customized_content": ""}}) for rid in recipient_ids]
-        async with self._db.write_lock:
-            await self._db.bulk_update(self._db.recipients, updates)
-
     def find(self, query: Mapping[str, Any], projection: Mapping[str, Any] | None = None,
              limit: int = 0) -> AsyncIterator[dict[str, Any]]:
         return self._db.recipients.find(dict(query), projection, limit=limit)
@@ -111,11 +104,12 @@ def _batch_errors(error: BulkWriteError, total: int) -> BatchResult:
 class LeaseStore:
     """Leases: which satellite may deliver which recipients, until when. Not status changes.
 
-    Lease writes go block by block: one update of the recipients of one ``block`` by ``_id``.
-    FerretDB v1 scans the whole collection for each update whose filter it cannot pass to its
-    backend as an equality (``_id`` included, and ``$in`` never), so one update per recipient
-    or one ``$in`` over all of them costs a scan each; the equality on ``block`` narrows the
-    scan to the block's documents. MongoDB finds them by ``_id`` either way.
+    Lease writes, like status changes, go block by block: one update of the recipients of one
+    ``block`` by ``_id``. FerretDB v1 finds the documents of any update by scanning the
+    collection (no index serves its filters, ``_id`` included) and passes only equalities to
+    its backend (never ``$in``): one update per recipient costs a scan each, one ``$in`` over
+    all of them decodes every document, while the equality on ``block`` hands it the block's
+    documents alone. MongoDB finds them by ``_id`` either way.
     """
 
     def __init__(self, database: Database) -> None:
@@ -128,7 +122,7 @@ class LeaseStore:
         condition = {"in_progress": False, "status": query.get("status", {"$exists": True})}
         async with self._db.write_lock:
             found = await self._db.recipients.find(dict(query), limit=limit).to_list()
-            modified = await self._set_by_block(found, condition, lease)
+            modified = await set_by_block(self._db, found, condition, lease)
         if modified == len(found):
             return [{**doc, **lease} for doc in found]
         # Some changed in between (MongoDB, several writers): those not leased stay out.
@@ -139,20 +133,22 @@ class LeaseStore:
         find = {"in_progress": True, **query}
         async with self._db.write_lock:
             found = await self._db.recipients.find(find, {"_id": 1, "block": 1}).to_list()
-            return await self._set_by_block(found, find, LEASE_END)
+            return await set_by_block(self._db, found, find, LEASE_END)
 
-    async def _set_by_block(self, docs: Sequence[Mapping[str, Any]], condition: Mapping[str, Any],
-                            changes: Mapping[str, Any]) -> int:
-        """Set ``changes`` on each of ``docs`` still matching ``condition``, one update per block;
-        the number changed. The caller holds ``write_lock``."""
-        ids_by_block: dict[Any, list[str]] = {}
-        for doc in docs:
-            ids_by_block.setdefault(doc.get("block"), []).append(doc["_id"])
-        modified = 0
-        for block, ids in ids_by_block.items():
-            query = {**condition, "_id": {"$in": ids}}
-            if block is not None:
-                query["block"] = block
-            result = await self._db.recipients.update_many(query, {"$set": dict(changes)})
-            modified += result.modified_count
-        return modified
+
+async def set_by_block(database: Database, docs: Sequence[Mapping[str, Any]], condition: Mapping[str, Any],
+                       changes: Mapping[str, Any]) -> int:
+    """Set ``changes`` on each of ``docs`` (``_id`` and ``block``) still matching ``condition``,
+    one update per block (see :class:`LeaseStore`); the number changed. The caller holds
+    ``write_lock``."""
+    ids_by_block: dict[Any, list[str]] = {}
+    for doc in docs:
+        ids_by_block.setdefault(doc.get("block"), []).append(doc["_id"])
+    modified = 0
+    for block, ids in ids_by_block.items():
+        query = {**condition, "_id": {"$in": ids}}
+        if block is not None:
+            query["block"] = block
+        result = await database.recipients.update_many(query, {"$set": dict(changes)})
+        modified += result.modified_count
+    return modified

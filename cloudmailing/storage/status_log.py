@@ -8,6 +8,13 @@ flight and exposes the *horizon*, the highest number below which every change is
 
 Numbers are reserved from the database in blocks, so they only grow, across restarts too:
 a cursor handed out before a restart stays valid after it.
+
+A change's *details* (the reply, the SMTP log, the message as sent) differ for every recipient
+and are kept in its log entry only. The recipient document keeps what the dispatcher and the
+counts need (status, tries, lease) and ``log_group``, the group of log entries its last change
+belongs to, where :meth:`StatusLog.details` finds the rest. So the changes of one apply that
+share those fields are one update per block of recipients (see ``storage.recipients``) whatever
+their replies, and a group's entries outlive the log's retention while a recipient points at them.
 """
 
 from __future__ import annotations
@@ -18,11 +25,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
-from pymongo import UpdateOne
-
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipients import set_by_block
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,10 @@ SEQUENCE_COUNTER = "status_seq"
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
 STATUS_FIELDS = ("email", "status", "reply_code", "reply_enhanced_code", "reply_text", "smtp_log",
                  "modified", "first_try", "next_try", "try_count", "in_progress", "cloud_client")
+# Those kept in the log entry only, with their values before any delivery attempt.
+DETAIL_DEFAULTS: dict[str, Any] = {"reply_code": None, "reply_enhanced_code": "", "reply_text": "", "smtp_log": ""}
+CONTENT = "customized_content"  # the message as sent, when the mailing keeps them
+PURGE_CHUNK = 500  # log groups deleted per command
 
 
 class SequenceAllocator:
@@ -144,14 +154,14 @@ class StatusLog:
         try:
             if self._before_write is not None:
                 await self._before_write()
-            entries = [_log_entry(seq, change, current[change.recipient_id], now)
-                       for seq, change in zip(numbers, known, strict=True)]
+            # A change that leaves some details unsaid keeps the recipient's current ones.
+            partial = [current[c.recipient_id] for c in known if not set(DETAIL_DEFAULTS) <= set(c.fields)]
+            previous = await self.details(partial) if partial else {}
+            entries = [_log_entry(seq, c, {**current[c.recipient_id], **previous.get(c.recipient_id, {})},
+                                  now, group=numbers[0]) for seq, c in zip(numbers, known, strict=True)]
             # The log first: a crash between the two writes repeats a change, never loses one.
             await self._db.status_log.insert_many(entries, ordered=True)
-            updates = [UpdateOne({"_id": e["recipient_id"]}, {"$set": _recipient_update(e, change)})
-                       for e, change in zip(entries, known, strict=True)]
-            async with self._db.write_lock:
-                await self._db.bulk_update(self._db.recipients, updates)
+            await self._update_recipients(entries, known, current)
             await self._move_counts(known, current)
         except BaseException:
             # Some of the writes may have happened: the counts are recounted from the recipients.
@@ -162,8 +172,20 @@ class StatusLog:
         result.applied = [change.recipient_id for change in known]
         return result
 
+    async def _update_recipients(self, entries: Sequence[Mapping[str, Any]], changes: Sequence[StatusChange],
+                                 current: Mapping[str, dict[str, Any]]) -> None:
+        """One update per set of recipients given the same fields, block by block."""
+        groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        for entry, change in zip(entries, changes, strict=True):
+            update = _recipient_update(entry, change)
+            key = tuple(sorted(update.items()))
+            groups.setdefault(key, (update, []))[1].append(current[change.recipient_id])
+        async with self._db.write_lock:
+            for update, docs in groups.values():
+                await set_by_block(self._db, docs, {}, update)
+
     async def _load(self, recipient_ids: Iterable[str], likely: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test")}
+        projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test", "block", "log_group")}
         wanted = list(recipient_ids)
         found: dict[str, dict[str, Any]] = {}
         for scope in ([likely] if likely else []) + [{}]:
@@ -173,6 +195,37 @@ class StatusLog:
             if not wanted:
                 break
         return found
+
+    async def details(self, recipients: Iterable[Mapping[str, Any]], with_content: bool = False,
+                      ) -> dict[str, dict[str, Any]]:
+        """Each recipient's details (reply, SMTP log; its stored message with ``with_content``)
+        as its last change logged them; ``recipients`` are documents with ``_id`` and ``log_group``."""
+        found: dict[str, dict[str, Any]] = {}
+        ids_by_group: dict[int, list[str]] = {}
+        for doc in recipients:
+            # Recipients never changed have no group: the defaults (or what older versions kept on them).
+            found[doc["_id"]] = {name: doc.get(name, default) for name, default in DETAIL_DEFAULTS.items()}
+            if doc.get("log_group"):
+                ids_by_group.setdefault(doc["log_group"], []).append(doc["_id"])
+        projection = {"recipient_id": 1, "record": 1, **({CONTENT: 1} if with_content else {})}
+        for group, ids in ids_by_group.items():
+            async for entry in self._db.status_log.find({"group": group, "recipient_id": {"$in": ids}}, projection):
+                found[entry["recipient_id"]] = {name: entry["record"].get(name, default)
+                                                for name, default in DETAIL_DEFAULTS.items()}
+                if entry.get(CONTENT) is not None:
+                    found[entry["recipient_id"]][CONTENT] = entry[CONTENT]
+        return found
+
+    async def drop_customized_content(self, recipients: Iterable[Mapping[str, Any]]) -> None:
+        """Forget the stored messages of these recipients (delete_customized_content)."""
+        ids_by_group: dict[int, list[str]] = {}
+        for doc in recipients:
+            if doc.get("log_group"):
+                ids_by_group.setdefault(doc["log_group"], []).append(doc["_id"])
+        async with self._db.write_lock:
+            for group, ids in ids_by_group.items():
+                await self._db.status_log.update_many({"group": group, "recipient_id": {"$in": ids}},
+                                                      {"$unset": {CONTENT: ""}})
 
     async def _move_counts(self, changes: Sequence[StatusChange], current: Mapping[str, dict[str, Any]]) -> None:
         per_mailing: dict[int, dict[str, int]] = {}
@@ -193,26 +246,38 @@ class StatusLog:
         if after >= horizon:
             return [], max(after, 0)
         find = {"_id": {"$gt": after, "$lte": horizon}, **query}
-        entries = await self._db.status_log.find(find).sort("_id", 1).limit(limit).to_list()
+        entries = await self._db.status_log.find(find, {CONTENT: 0}).sort("_id", 1).limit(limit).to_list()
         next_cursor = entries[-1]["_id"] if len(entries) == limit else horizon
         return entries, next_cursor
 
     async def purge_before(self, cutoff: datetime.datetime) -> int:
-        result = await self._db.status_log.delete_many({"logged_at": {"$lt": cutoff}})
-        return result.deleted_count
+        """Delete the log groups older than ``cutoff`` that no recipient's details point at."""
+        old_groups = set(await self._db.status_log.distinct("group", {"logged_at": {"$lt": cutoff}}))
+        if not old_groups:
+            return 0
+        unused = sorted(old_groups - set(await self._db.recipients.distinct("log_group")))
+        deleted = 0
+        for start in range(0, len(unused), PURGE_CHUNK):
+            result = await self._db.status_log.delete_many({"group": {"$in": unused[start:start + PURGE_CHUNK]}})
+            deleted += result.deleted_count
+        return deleted
 
 
-def _log_entry(seq: int, change: StatusChange, old: Mapping[str, Any], now: datetime.datetime) -> dict[str, Any]:
-    record = {name: change.fields.get(name, old.get(name)) for name in STATUS_FIELDS}
+def _log_entry(seq: int, change: StatusChange, old: Mapping[str, Any], now: datetime.datetime,
+               group: int) -> dict[str, Any]:
+    record = {name: change.fields.get(name, old.get(name, DETAIL_DEFAULTS.get(name))) for name in STATUS_FIELDS}
     record["status"] = change.status
     record["modified"] = now
-    return {"_id": seq, "recipient_id": change.recipient_id, "mailing_id": old["mailing_id"],
-            "test": bool(old.get("test")), "status": change.status, "logged_at": now, "record": record}
+    entry = {"_id": seq, "recipient_id": change.recipient_id, "mailing_id": old["mailing_id"], "group": group,
+             "test": bool(old.get("test")), "status": change.status, "logged_at": now, "record": record}
+    if change.fields.get(CONTENT) is not None:
+        entry[CONTENT] = change.fields[CONTENT]
+    return entry
 
 
 def _recipient_update(entry: Mapping[str, Any], change: StatusChange) -> dict[str, Any]:
-    """The logged status fields, plus the change's other fields (e.g. ending a lease)."""
-    update = {**change.fields, **entry["record"]}
-    update.pop("email", None)
-    update["seq"] = entry["_id"]
+    """The logged fields the recipient keeps, plus the change's other fields (e.g. ending a lease)."""
+    update = {**change.fields, **entry["record"], "log_group": entry["group"]}
+    for name in ("email", CONTENT, *DETAIL_DEFAULTS):
+        update.pop(name, None)
     return update

@@ -113,18 +113,25 @@ async def test_the_counters_spare_a_count_but_a_drift_is_caught_within_a_minute(
 
 
 @aio_test
-async def test_old_status_log_entries_are_purged_at_most_hourly(database, clock):
+async def test_old_status_log_entries_are_purged_at_most_hourly_but_current_details_stay(database, clock):
     from cloudmailing.services.clock import utc_now
 
     services = await _services(database, clock)
     mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
     (added,) = await services.recipients.add(mailing_id, [{"email": "a@example.org"}])
-    await services.recipients._status_log.apply([StatusChange(added["id"], "ERROR")], utc_now(clock))
-    clock.advance(30 * 86400 - 1800)
+    status_log = services.recipients._status_log
+    await status_log.apply([StatusChange(added["id"], "WARNING", {"reply_text": "try later"})], utc_now(clock))
+    clock.advance(7200)
+    await status_log.apply([StatusChange(added["id"], "ERROR", {"reply_text": "no such user"})], utc_now(clock))
+    clock.advance(30 * 86400 - 7200 - 1800)
     await services.lifecycle.tick()  # purges: nothing is 30 days old yet
     clock.advance(2400)
-    await services.lifecycle.tick()  # the entry is now older than 30 days, but the last purge was 40 min ago
-    assert await database.status_log.count_documents({}) == 1
+    await services.lifecycle.tick()  # the first entry is now older than 30 days, but the last purge was 40 min ago
+    assert await database.status_log.count_documents({}) == 2
     clock.advance(1800)
     await services.lifecycle.tick()
-    assert await database.status_log.count_documents({}) == 0
+    assert [entry["status"] async for entry in database.status_log.find({})] == ["ERROR"]
+    clock.advance(10 * 86400)
+    await services.lifecycle.tick()  # older than 30 days too, but the recipient's details are there
+    (status,) = await services.reports.statuses([added["id"]], {})
+    assert (status["status"], status["reply_text"]) == ("ERROR", "no such user")

@@ -7,6 +7,8 @@ import datetime
 import random
 from collections import defaultdict
 
+from pymongo import AsyncMongoClient, monitoring
+
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipients import RecipientStore
 from cloudmailing.storage.status_log import SequenceAllocator, StatusChange, StatusLog
@@ -144,3 +146,61 @@ async def test_filters_apply_to_the_log(database):
     entries, cursor = await status_log.read_since(0, {"status": {"$in": ["ERROR"]}}, 10)
     assert [e["recipient_id"] for e in entries] == [ids[1]]
     assert cursor == allocator.horizon
+
+
+class _UpdateCounter(monitoring.CommandListener):
+    """Counts the update commands a client sends."""
+
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.updates += event.command_name == "update"
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@aio_test
+async def test_a_report_of_many_different_replies_is_one_update_per_block(database, mongo_url):
+    from cloudmailing.storage.database import Database
+    from cloudmailing.storage.recipients import BLOCK_SIZE
+
+    ids = await _recipients(database, BLOCK_SIZE + 50)
+    blocks = {doc["block"] async for doc in database.recipients.find({}, {"block": 1})}
+    counter = _UpdateCounter()
+    client = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[counter])
+    watched = Database(client=client, db=client[database.db.name], write_lock=database.write_lock)
+    status_log = await started_status_log(watched)
+    changes = [StatusChange(rid, "FINISHED", {"reply_code": 250, "reply_enhanced_code": "2.0.0",
+                                              "reply_text": f"queued as {rid}", "smtp_log": f"> RCPT TO:<{rid}>"})
+               for rid in ids]
+    await status_log.apply(changes, NOW)
+    await client.close()
+    recipient_updates = counter.updates - 1  # the other one moves the mailing's counts
+    assert recipient_updates == len(blocks) >= 2
+    docs = (await RecipientStore(database).get_many(ids)).values()
+    details = await StatusLog(database, SequenceAllocator(database)).details(docs)
+    assert {rid: d["reply_text"] for rid, d in details.items()} == {rid: f"queued as {rid}" for rid in ids}
+    assert all(doc["status"] == "FINISHED" and "reply_text" not in doc for doc in docs)
+
+
+@aio_test
+async def test_a_change_that_leaves_details_unsaid_keeps_the_last_ones(database):
+    ids = await _recipients(database, 2)
+    status_log = await started_status_log(database)
+    await status_log.apply([StatusChange(ids[0], "WARNING", {"reply_code": 451, "reply_enhanced_code": "4.7.1",
+                                                             "reply_text": "greylisted", "smtp_log": "< 451"})], NOW)
+    await status_log.apply([StatusChange(ids[0], "TIMEOUT", {"reply_text": "mailing ended"}),
+                            StatusChange(ids[1], "TIMEOUT", {"reply_text": "mailing ended"})], NOW)
+    docs = (await RecipientStore(database).get_many(ids)).values()
+    details = await status_log.details(docs)
+    assert details[ids[0]] == {"reply_code": 451, "reply_enhanced_code": "4.7.1", "reply_text": "mailing ended",
+                               "smtp_log": "< 451"}
+    assert details[ids[1]] == {"reply_code": None, "reply_enhanced_code": "", "reply_text": "mailing ended",
+                               "smtp_log": ""}
+    entries = await database.status_log.find({"status": "TIMEOUT"}).sort("_id", 1).to_list()
+    assert entries[0]["record"]["reply_code"] == 451 and entries[1]["record"]["reply_code"] is None

@@ -48,6 +48,9 @@ class Dispatcher:
         self._status_log = status_log
         self._clock = clock
         self.config = config or DispatchConfig()
+        # The block of each leased recipient until it is reported or released: a report then
+        # finds its recipients by block (see storage.recipients) instead of among all of them.
+        self._leased_blocks: dict[str, Any] = {}
 
     async def lease(self, satellite: Mapping[str, Any], wanted: int) -> list[dict[str, Any]]:
         """Lease up to ``wanted`` recipients to ``satellite`` (its registry document)."""
@@ -59,11 +62,16 @@ class Dispatcher:
         tests = {"test": True, "status": "READY", "in_progress": False, **affinity}
         leased = await self._leases.claim(tests, owner, expires, wanted) if wanted else []
         mailing_ids = await self._mailings.ids({"status": RUNNING, "satellite_group": {"$in": _groups(satellite)}})
-        if mailing_ids and len(leased) < wanted:
-            query = {"mailing_id": {"$in": mailing_ids}, "test": False, "status": {"$in": ["READY", "WARNING"]},
-                     "in_progress": False, "$or": [{"next_try": None}, {"next_try": {"$lte": now}}], **affinity}
-            leased += await self._leases.claim(query, owner, expires, wanted - len(leased))
+        if mailing_ids:
+            # Due retries first, then fresh recipients. One status per query: FerretDB passes an
+            # equality to its backend, which then skips the other statuses for it.
+            mailings = {"mailing_id": mailing_ids[0] if len(mailing_ids) == 1 else {"$in": mailing_ids}}
+            for status, due in (("WARNING", {"next_try": {"$lte": now}}), ("READY", {})):
+                if len(leased) < wanted:
+                    query = {**mailings, "test": False, "status": status, "in_progress": False, **due, **affinity}
+                    leased += await self._leases.claim(query, owner, expires, wanted - len(leased))
         leased = await self._within_bytes(leased, owner)
+        self._leased_blocks.update((doc["_id"], doc.get("block")) for doc in leased)
         if leased:
             log.info("leased %d recipients", len(leased), extra={"satellite": owner})
         return [{"id": doc["_id"], "mailing_id": doc["mailing_id"], "email": doc["email"], "domain": doc["domain"],
@@ -112,7 +120,8 @@ class Dispatcher:
             return changes[-1]
 
         if usable:
-            await self._status_log.apply_decided(list(usable), decide, now, likely={"lease_owner": serial})
+            blocks = {rid: self._leased_blocks.pop(rid) for rid in usable if rid in self._leased_blocks}
+            await self._status_log.apply_decided(list(usable), decide, now, blocks)
         if changes:
             await self._count(serial, changes, now)
         log.info("%d outcomes recorded", len(changes), extra={"satellite": serial})
@@ -147,19 +156,25 @@ class Dispatcher:
         await self._stats.add(hour, serial, sent=statuses["FINISHED"], failed=failed, tries=len(changes))
 
     async def expire_leases(self) -> int:
-        released = await self._leases.release({"lease_expires": {"$lt": utc_now(self._clock)}})
+        released = await self._release({"lease_expires": {"$lt": utc_now(self._clock)}})
         if released:
             log.warning("%d expired leases returned to the queue", released)
         return released
 
     async def release_recipients(self, recipient_ids: Sequence[str]) -> int:
-        return await self._leases.release({"_id": {"$in": list(recipient_ids)}}) if recipient_ids else 0
+        return await self._release({"_id": {"$in": list(recipient_ids)}}) if recipient_ids else 0
 
     async def release_satellite(self, serial: str) -> int:
-        released = await self._leases.release({"lease_owner": serial})
+        released = await self._release({"lease_owner": serial})
         if released:
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released
+
+    async def _release(self, query: Mapping[str, Any]) -> int:
+        released = await self._leases.release(query)
+        for rid in released:
+            self._leased_blocks.pop(rid, None)
+        return len(released)
 
 
 def _customized_content(outcome: Mapping[str, Any]) -> bytes | None:

@@ -128,12 +128,14 @@ class LeaseStore:
         # Some changed in between (MongoDB, several writers): those not leased stay out.
         return await self._db.recipients.find({"lease_id": lease["lease_id"]}).to_list()
 
-    async def release(self, query: Mapping[str, Any]) -> int:
-        """End the leases matching ``query`` (expired, or of a satellite that went away)."""
+    async def release(self, query: Mapping[str, Any]) -> list[str]:
+        """End the leases matching ``query`` (expired, or of a satellite that went away); the
+        recipients released."""
         find = {"in_progress": True, **query}
         async with self._db.write_lock:
             found = await self._db.recipients.find(find, {"_id": 1, "block": 1}).to_list()
-            return await set_by_block(self._db, found, find, LEASE_END)
+            await set_by_block(self._db, found, find, LEASE_END)
+        return [doc["_id"] for doc in found]
 
 
 async def set_by_block(database: Database, docs: Sequence[Mapping[str, Any]], condition: Mapping[str, Any],
@@ -152,3 +154,18 @@ async def set_by_block(database: Database, docs: Sequence[Mapping[str, Any]], co
         result = await database.recipients.update_many(query, {"$set": dict(changes)})
         modified += result.modified_count
     return modified
+
+
+async def find_by_block(database: Database, recipient_ids: Sequence[str], blocks: Mapping[str, Any],
+                        projection: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The recipients of ``recipient_ids``, found block by block where ``blocks`` knows theirs."""
+    ids_by_block: dict[Any, list[str]] = {}
+    for rid in recipient_ids:
+        ids_by_block.setdefault(blocks.get(rid), []).append(rid)
+    found: dict[str, dict[str, Any]] = {}
+    for block, ids in ids_by_block.items():
+        query: dict[str, Any] = {"_id": {"$in": ids}}
+        if block is not None:
+            query["block"] = block
+        found.update({doc["_id"]: doc async for doc in database.recipients.find(query, projection)})
+    return found

@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import set_by_block
+from cloudmailing.storage.recipients import find_by_block, set_by_block
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,20 @@ class StatusLog:
         return await self.apply_decided(list(by_id), lambda current: by_id[current["_id"]], now)
 
     async def apply_decided(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                            now: datetime.datetime, likely: Mapping[str, Any] | None = None) -> ApplyResult:
+                            now: datetime.datetime, blocks: Mapping[str, Any] | None = None) -> ApplyResult:
         """Apply the change ``decide`` makes of each recipient's current state (read once, here).
-        ``likely``: an equality filter most of the recipients match (e.g. their lease owner),
-        which lets FerretDB find them without decoding the whole collection."""
+        ``blocks``: the block of the recipients whose block the caller knows (they are found
+        faster, see ``storage.recipients``)."""
         await self._claims.claim(recipient_ids)
         try:
-            return await self._apply_claimed(recipient_ids, decide, now, likely or {})
+            return await self._apply_claimed(recipient_ids, decide, now, blocks or {})
         finally:
             self._claims.release(recipient_ids)
 
     async def _apply_claimed(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                             now: datetime.datetime, likely: Mapping[str, Any]) -> ApplyResult:
-        current = await self._load(recipient_ids, likely)
+                             now: datetime.datetime, blocks: Mapping[str, Any]) -> ApplyResult:
+        projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test", "block", "log_group")}
+        current = await find_by_block(self._db, recipient_ids, blocks, projection)
         known = [decide(current[rid]) for rid in recipient_ids if rid in current]
         result = ApplyResult(unknown=[rid for rid in recipient_ids if rid not in current])
         if not known:
@@ -183,18 +184,6 @@ class StatusLog:
         async with self._db.write_lock:
             for update, docs in groups.values():
                 await set_by_block(self._db, docs, {}, update)
-
-    async def _load(self, recipient_ids: Iterable[str], likely: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test", "block", "log_group")}
-        wanted = list(recipient_ids)
-        found: dict[str, dict[str, Any]] = {}
-        for scope in ([likely] if likely else []) + [{}]:
-            cursor = self._db.recipients.find({**scope, "_id": {"$in": wanted}}, projection)
-            found.update({doc["_id"]: doc async for doc in cursor})
-            wanted = [rid for rid in wanted if rid not in found]
-            if not wanted:
-                break
-        return found
 
     async def details(self, recipients: Iterable[Mapping[str, Any]], with_content: bool = False,
                       ) -> dict[str, dict[str, Any]]:

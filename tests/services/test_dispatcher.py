@@ -112,6 +112,23 @@ async def test_reports_set_final_statuses_and_soft_bounce_retries(database, cloc
     assert (mailing["total_sent"], mailing["total_error"], mailing["total_pending"]) == (1, 2, 0)
 
 
+@aio_test
+async def test_due_retries_are_leased_before_fresh_recipients(database, clock):
+    services, mailing_id = await _world(database, clock, retry_initial_seconds=300)
+    ids = await _add(services, mailing_id, 4)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 4)] == ids
+    await services.dispatcher.report(SATELLITE, [_outcome(rid, "WARNING", 451) for rid in ids[2:]])
+    await services.dispatcher.release_recipients(ids[:2])  # back to READY, ahead in the queue
+    clock.advance(301)
+    leased = [r["id"] for r in await services.dispatcher.lease(SATELLITE, 3)]
+    assert leased == [ids[2], ids[3], ids[0]]
+    details = {s["id"]: s for s in await services.reports.statuses(leased, {})}
+    assert details[leased[0]]["reply_code"] == 451 and details[leased[0]]["smtp_log"] == "> RCPT\n< 451"
+    assert details[leased[0]]["status"] == "IN PROGRESS" and details[leased[2]]["reply_code"] is None
+
+
 def test_retry_delay_doubles_up_to_the_cap():
     config = DispatchConfig(retry_initial_seconds=300, retry_factor=2, retry_max_seconds=14400)
     assert [retry_delay(config, n) for n in (1, 2, 3, 6, 7, 20)] == [300, 600, 1200, 9600, 14400, 14400]

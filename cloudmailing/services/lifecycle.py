@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.mailings import FINISHED, PAUSED, PENDING_STATUSES, READY, REGULAR, RUNNING, totals
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_PAGE = 500
 # A mailing whose counters say recipients are pending is checked against the recipients
-# themselves this often (counting scans them; the counters alone could hide a drift).
+# themselves this often (the counters alone could hide a drift), and never more often than
+# COUNT_SPACING times the last count took: on FerretDB counting decodes every recipient.
 VERIFY_PENDING_SECONDS = 60.0
+COUNT_SPACING = 20.0
 PURGE_SECONDS = 3600.0  # how often old status log entries are purged
 
 
@@ -39,13 +42,15 @@ def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
 
 class MailingLifecycle:
     def __init__(self, database: Database, status_log: StatusLog, clock: SecondsClock,
-                 log_retention_days: int = 30) -> None:
+                 log_retention_days: int = 30, timer: Callable[[], float] = time.monotonic) -> None:
         self._mailings = MailingStore(database)
         self._recipients = RecipientStore(database)
         self._status_log = status_log
         self._clock = clock
         self._retention = datetime.timedelta(days=log_retention_days)
         self._pending_verified: dict[int, float] = {}  # mailing id -> clock seconds of the last count
+        self._verify_spacing: dict[int, float] = {}  # mailing id -> seconds between its counts
+        self._timer = timer  # measures how long a count takes (real time, not the clock's)
         self._last_purge: float | None = None
 
     async def tick(self) -> None:
@@ -87,11 +92,15 @@ class MailingLifecycle:
         only when the counters say none is pending, or once a minute: counting is a scan."""
         mailing_id, seconds = mailing["_id"], self._clock.seconds()
         counted_pending = totals(mailing.get("counts") or {})["total_pending"]
-        if counted_pending and seconds - self._pending_verified.get(mailing_id, -math.inf) < VERIFY_PENDING_SECONDS:
+        spacing = self._verify_spacing.get(mailing_id, VERIFY_PENDING_SECONDS)
+        if counted_pending and seconds - self._pending_verified.get(mailing_id, -math.inf) < spacing:
             return False
         self._pending_verified[mailing_id] = seconds
         query = {"mailing_id": mailing_id, "test": False, "status": {"$in": list(PENDING_STATUSES)}}
-        return await self._recipients.count(query) == 0
+        started = self._timer()
+        pending = await self._recipients.count(query)
+        self._verify_spacing[mailing_id] = max(VERIFY_PENDING_SECONDS, COUNT_SPACING * (self._timer() - started))
+        return pending == 0
 
     async def _recount(self, mailing_id: int) -> dict[str, int]:
         counts = await self._recipients.count_by_status(mailing_id)
@@ -123,6 +132,7 @@ class MailingLifecycle:
                                        only_if_status=[READY, RUNNING, PAUSED]):
             log.info("mailing finished", extra={"mailing": mailing_id})
         self._pending_verified.pop(mailing_id, None)
+        self._verify_spacing.pop(mailing_id, None)
 
     async def close_empty_mailings(self) -> int:
         """Finish started mailings that have no recipient at all, even with dont_close_if_empty."""

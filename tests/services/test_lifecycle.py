@@ -113,6 +113,26 @@ async def test_the_counters_spare_a_count_but_a_drift_is_caught_within_a_minute(
 
 
 @aio_test
+async def test_a_slow_count_spaces_the_next_ones(database, clock):
+    from cloudmailing.services.lifecycle import COUNT_SPACING, MailingLifecycle
+
+    services = await _services(database, clock)
+    timer = iter(range(0, 10_000, 10))  # every count "takes" 10 s of real time
+    lifecycle = MailingLifecycle(database, services.recipients._status_log, clock, timer=lambda: next(timer))
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.recipients.add(mailing_id, [{"email": "a@example.org"}])
+    await services.mailings.start(mailing_id)
+    await lifecycle.tick()  # counts: the counters say 1 pending
+    await database.recipients.update_many({"mailing_id": mailing_id}, {"$set": {"status": "FINISHED"}})
+    clock.advance(10 * COUNT_SPACING - 1)  # 60 s would have been enough before that slow count
+    await lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "RUNNING"
+    clock.advance(1)
+    await lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "FINISHED"
+
+
+@aio_test
 async def test_old_status_log_entries_are_purged_at_most_hourly_but_current_details_stay(database, clock):
     from cloudmailing.services.clock import utc_now
 

@@ -82,25 +82,28 @@ class MailingLifecycle:
         if end is not None and end <= now:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
-        elif mailing["status"] == RUNNING and await self._nothing_pending(mailing):
-            counts = await self._recount(mailing_id)  # the totals are exact when it finishes
-            if sum(counts.values()) or not mailing.get("dont_close_if_empty"):
-                await self._finish(mailing_id, now)
+        elif mailing["status"] == RUNNING:
+            counts = await self._verified_counts(mailing)
+            if counts is not None and not totals(counts)["total_pending"]:
+                # Nothing in flight: these counts are final, the totals exact when it finishes.
+                await self._mailings.set_counts(mailing_id, counts)
+                if sum(counts.values()) or not mailing.get("dont_close_if_empty"):
+                    await self._finish(mailing_id, now)
 
-    async def _nothing_pending(self, mailing: Mapping[str, Any]) -> bool:
-        """Decided by counting the recipients (the counters may trail an interrupted write), but
-        only when the counters say none is pending, or once a minute: counting is a scan."""
+    async def _verified_counts(self, mailing: Mapping[str, Any]) -> dict[str, int] | None:
+        """The mailing's counts from its recipients (the counters may trail an interrupted
+        write), only when the counters say none is pending, or once a minute: counting is a
+        scan. None when it is not time to count."""
         mailing_id, seconds = mailing["_id"], self._clock.seconds()
         counted_pending = totals(mailing.get("counts") or {})["total_pending"]
         spacing = self._verify_spacing.get(mailing_id, VERIFY_PENDING_SECONDS)
         if counted_pending and seconds - self._pending_verified.get(mailing_id, -math.inf) < spacing:
-            return False
+            return None
         self._pending_verified[mailing_id] = seconds
-        query = {"mailing_id": mailing_id, "test": False, "status": {"$in": list(PENDING_STATUSES)}}
         started = self._timer()
-        pending = await self._recipients.count(query)
+        counts = await self._recipients.count_by_status(mailing_id)
         self._verify_spacing[mailing_id] = max(VERIFY_PENDING_SECONDS, COUNT_SPACING * (self._timer() - started))
-        return pending == 0
+        return counts
 
     async def _recount(self, mailing_id: int) -> dict[str, int]:
         counts = await self._recipients.count_by_status(mailing_id)

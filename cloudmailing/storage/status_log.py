@@ -179,7 +179,7 @@ class StatusLog:
         groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         for entry, change in zip(entries, changes, strict=True):
             update = _recipient_update(entry, change)
-            key = tuple(sorted(update.items()))
+            key = tuple(sorted((name, repr(value)) for name, value in update.items()))
             groups.setdefault(key, (update, []))[1].append(current[change.recipient_id])
         async with self._db.write_lock:
             for update, docs in groups.values():
@@ -241,11 +241,13 @@ class StatusLog:
 
     async def purge_before(self, cutoff: datetime.datetime) -> int:
         """Delete the log groups older than ``cutoff`` that no recipient's details point at."""
+        # Entries of versions that kept the details on the recipients have no group.
+        deleted = (await self._db.status_log.delete_many({"logged_at": {"$lt": cutoff},
+                                                          "group": {"$exists": False}})).deleted_count
         old_groups = set(await self._db.status_log.distinct("group", {"logged_at": {"$lt": cutoff}}))
         if not old_groups:
-            return 0
+            return deleted
         unused = sorted(old_groups - set(await self._db.recipients.distinct("log_group")))
-        deleted = 0
         for start in range(0, len(unused), PURGE_CHUNK):
             result = await self._db.status_log.delete_many({"group": {"$in": unused[start:start + PURGE_CHUNK]}})
             deleted += result.deleted_count

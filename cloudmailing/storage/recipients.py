@@ -5,14 +5,14 @@ they are all in. A batch still announced at start-up was cut by a crash: :meth:`
 removes its recipients, so a batch the API never acknowledged leaves nothing behind.
 
 Each recipient also gets a ``block``: its insertion position divided by :data:`BLOCK_SIZE`.
-Leases write recipients block by block (see :class:`LeaseStore`).
+Leases and status changes write recipients block by block (see :class:`LeaseStore`).
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 from pymongo.errors import BulkWriteError
 
@@ -138,20 +138,27 @@ class LeaseStore:
         return [doc["_id"] for doc in found]
 
 
+def ids_by(pairs: Iterable[tuple[Any, str]]) -> dict[Any, list[str]]:
+    """Ids grouped by their key, from (key, id) pairs, in first-seen order."""
+    grouped: dict[Any, list[str]] = {}
+    for key, recipient_id in pairs:
+        grouped.setdefault(key, []).append(recipient_id)
+    return grouped
+
+
+def _in_block(block: Any, ids: list[str]) -> dict[str, Any]:
+    """The filter for ``ids``, narrowed to their block when it is known."""
+    return {"_id": {"$in": ids}} if block is None else {"_id": {"$in": ids}, "block": block}
+
+
 async def set_by_block(database: Database, docs: Sequence[Mapping[str, Any]], condition: Mapping[str, Any],
                        changes: Mapping[str, Any]) -> int:
     """Set ``changes`` on each of ``docs`` (``_id`` and ``block``) still matching ``condition``,
     one update per block (see :class:`LeaseStore`); the number changed. The caller holds
     ``write_lock``."""
-    ids_by_block: dict[Any, list[str]] = {}
-    for doc in docs:
-        ids_by_block.setdefault(doc.get("block"), []).append(doc["_id"])
     modified = 0
-    for block, ids in ids_by_block.items():
-        query = {**condition, "_id": {"$in": ids}}
-        if block is not None:
-            query["block"] = block
-        result = await database.recipients.update_many(query, {"$set": dict(changes)})
+    for block, ids in ids_by((doc.get("block"), doc["_id"]) for doc in docs).items():
+        result = await database.recipients.update_many({**condition, **_in_block(block, ids)}, {"$set": dict(changes)})
         modified += result.modified_count
     return modified
 
@@ -159,13 +166,7 @@ async def set_by_block(database: Database, docs: Sequence[Mapping[str, Any]], co
 async def find_by_block(database: Database, recipient_ids: Sequence[str], blocks: Mapping[str, Any],
                         projection: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The recipients of ``recipient_ids``, found block by block where ``blocks`` knows theirs."""
-    ids_by_block: dict[Any, list[str]] = {}
-    for rid in recipient_ids:
-        ids_by_block.setdefault(blocks.get(rid), []).append(rid)
     found: dict[str, dict[str, Any]] = {}
-    for block, ids in ids_by_block.items():
-        query: dict[str, Any] = {"_id": {"$in": ids}}
-        if block is not None:
-            query["block"] = block
-        found.update({doc["_id"]: doc async for doc in database.recipients.find(query, projection)})
+    for block, ids in ids_by((blocks.get(rid), rid) for rid in recipient_ids).items():
+        found.update({doc["_id"]: doc async for doc in database.recipients.find(_in_block(block, ids), projection)})
     return found

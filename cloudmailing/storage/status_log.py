@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import find_by_block, set_by_block
+from cloudmailing.storage.recipients import find_by_block, ids_by, set_by_block
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +189,12 @@ class StatusLog:
                       ) -> dict[str, dict[str, Any]]:
         """Each recipient's details (reply, SMTP log; its stored message with ``with_content``)
         as its last change logged them; ``recipients`` are documents with ``_id`` and ``log_group``."""
-        found: dict[str, dict[str, Any]] = {}
-        ids_by_group: dict[int, list[str]] = {}
-        for doc in recipients:
-            # Recipients never changed have no group: the defaults (or what older versions kept on them).
-            found[doc["_id"]] = {name: doc.get(name, default) for name, default in DETAIL_DEFAULTS.items()}
-            if doc.get("log_group"):
-                ids_by_group.setdefault(doc["log_group"], []).append(doc["_id"])
+        docs = list(recipients)
+        # Recipients never changed have no group: the defaults (or what older versions kept on them).
+        found = {doc["_id"]: {name: doc.get(name, default) for name, default in DETAIL_DEFAULTS.items()}
+                 for doc in docs}
         projection = {"recipient_id": 1, "record": 1, **({CONTENT: 1} if with_content else {})}
-        for group, ids in ids_by_group.items():
+        for group, ids in _ids_by_log_group(docs).items():
             async for entry in self._db.status_log.find({"group": group, "recipient_id": {"$in": ids}}, projection):
                 found[entry["recipient_id"]] = {name: entry["record"].get(name, default)
                                                 for name, default in DETAIL_DEFAULTS.items()}
@@ -207,12 +204,8 @@ class StatusLog:
 
     async def drop_customized_content(self, recipients: Iterable[Mapping[str, Any]]) -> None:
         """Forget the stored messages of these recipients (delete_customized_content)."""
-        ids_by_group: dict[int, list[str]] = {}
-        for doc in recipients:
-            if doc.get("log_group"):
-                ids_by_group.setdefault(doc["log_group"], []).append(doc["_id"])
         async with self._db.write_lock:
-            for group, ids in ids_by_group.items():
+            for group, ids in _ids_by_log_group(recipients).items():
                 await self._db.status_log.update_many({"group": group, "recipient_id": {"$in": ids}},
                                                       {"$unset": {CONTENT: ""}})
 
@@ -252,6 +245,11 @@ class StatusLog:
             result = await self._db.status_log.delete_many({"group": {"$in": unused[start:start + PURGE_CHUNK]}})
             deleted += result.deleted_count
         return deleted
+
+
+def _ids_by_log_group(recipients: Iterable[Mapping[str, Any]]) -> dict[Any, list[str]]:
+    """The recipients that have a log group (a change logged), by group."""
+    return ids_by((doc["log_group"], doc["_id"]) for doc in recipients if doc.get("log_group"))
 
 
 def _log_entry(seq: int, change: StatusChange, old: Mapping[str, Any], now: datetime.datetime,

@@ -37,10 +37,18 @@ async def running_mailing(api: Any, count: int, domain: str = "example.org") -> 
     return mailing_id
 
 
-async def started_status_log(database: Any) -> Any:
-    """A StatusLog on ``database`` whose sequence continues after any earlier process's."""
-    from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+async def set_statuses(stores: Any, recipient_ids: list[str], status: str, details: dict[str, Any] | None = None,
+                       now: Any = None) -> None:
+    """Move recipients to ``status`` straight through the storage's write path (as a report would)."""
+    import datetime
 
-    allocator = SequenceAllocator(database)
-    await allocator.start()
-    return StatusLog(database, allocator)
+    from cloudmailing.storage.ledger import Change
+
+    found = await stores.lookup.find(recipient_ids)
+    by_block: dict[int, list[int]] = {}
+    for recipient in found.values():
+        by_block.setdefault(recipient.block.id, []).append(recipient.slot)
+    for block_id, slots in by_block.items():
+        changes = [Change(slot, status, 1, details=details) for slot in slots]
+        await stores.ledger.edit(block_id, lambda block, changes=changes: changes,
+                                 now or datetime.datetime(2027, 1, 15))

@@ -7,6 +7,7 @@ it was in flight at the kill.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import ssl
@@ -24,6 +25,12 @@ from tests.satellite.smtp_servers import Behaviour, start_servers
 
 RECIPIENTS = 120
 LEASE = 10
+
+
+@pytest.fixture
+def settings(settings):
+    """The in-process master's, with blocks as small as a lease: what a killed satellite held is small."""
+    return dataclasses.replace(settings, database=dataclasses.replace(settings.database, block_recipients=LEASE))
 
 
 @pytest.fixture
@@ -157,7 +164,7 @@ class _ProcessMaster:
     def __init__(self, tmp_path: Path, mongo_url: str, db_name: str) -> None:
         self.api_port, self.link_port = free_port(), free_port()
         self.config = _write(tmp_path / "master.ini", {
-            "database": {"url": mongo_url, "name": db_name},
+            "database": {"url": mongo_url, "name": db_name, "block_recipients": LEASE},
             "api": {"host": "127.0.0.1", "port": self.api_port},
             "satellite_link": {"host": "127.0.0.1", "port": self.link_port}, "dispatch": {"lease_seconds": 5},
             "paths": {"data_dir": tmp_path / "master"}, "logging": {"level": "INFO"}})

@@ -72,7 +72,7 @@ async def test_admin_keys_and_a_master_process(tmp_path, mongo_url, db_name, dat
 
 
 @aio_test
-async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_url, db_name, database):
+async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_url, db_name):
     port = free_port()
     config = _config(tmp_path, mongo_url, db_name, port)
     key = await asyncio.to_thread(_create_key, config, "ingest")
@@ -107,7 +107,9 @@ async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_
     restarted = await asyncio.to_thread(_start_master, config, port)
     try:
         api = _proxy(key, port)
-        stored = {doc["_id"] async for doc in database.recipients.find({}, {"_id": 1})}
+        in_flight = [f"b{len(acknowledged) // 200}-{i}" for i in range(200)]
+        found = await asyncio.to_thread(api.get_recipients_status, acknowledged + in_flight, {})
+        stored = {record["id"] for record in found}
         assert set(acknowledged) <= stored, "an acknowledged recipient was lost"
         # The batch in flight at the kill is all there (written, its answer lost) or not at all.
         unacknowledged = stored - set(acknowledged)
@@ -115,6 +117,7 @@ async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_
             "part of an unacknowledged batch was kept"
         mailing = (await asyncio.to_thread(api.list_mailings, {"id": [mailing_id]}))[0]
         assert mailing["total_recipient"] == len(stored)
+        assert await asyncio.to_thread(api.get_recipients_count, {"mailings": [mailing_id]}) == len(stored)
     finally:
         restarted.terminate()
         await asyncio.to_thread(restarted.communicate, timeout=30)

@@ -1,4 +1,4 @@
-"""``cm-admin``: API keys, satellites and configuration, straight on the master's database."""
+"""``cm-admin``: API keys, satellites, configuration and storage repairs, straight on the master's database."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from cloudmailing.cli.runtime import base_parser, run_once, settings_or_exit
 from cloudmailing.config.settings import Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.services.errors import ServiceError
-from cloudmailing.storage.database import Database, open_database
+from cloudmailing.storage.database import Database, LayoutError, check_layout_version, open_database
+from cloudmailing.storage.migration import migrate
+from cloudmailing.storage.stores import open_stores
 
 
 class _WallClock:
@@ -38,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         sats.add_parser(action, help=f"{action} a satellite").add_argument("id", type=int)
     config = groups.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
     config.add_parser("show", help="print the settings in force")
+    storage = groups.add_parser("storage", help="the database's storage (run with the master stopped)")
+    storage_actions = storage.add_subparsers(dest="action", required=True)
+    storage_actions.add_parser("migrate", help="convert a database of earlier versions to the block layout")
+    recount = storage_actions.add_parser("recount", help="repair mailings' totals from their recipients")
+    recount.add_argument("mailing_id", type=int, nargs="*", help="mailings (default: every unfinished one)")
     return parser
 
 
@@ -64,7 +71,7 @@ async def _api_key(args: argparse.Namespace, database: Database) -> int:
 async def _satellite(args: argparse.Namespace, database: Database) -> int:
     from cloudmailing.services.satellites import SatelliteService
 
-    service = SatelliteService(database, _WallClock())
+    service = SatelliteService(await open_stores(database), _WallClock())
     try:
         if args.action == "add":
             print(await service.add(args.serial, {"group": args.group}))
@@ -79,6 +86,21 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+async def _storage(args: argparse.Namespace, database: Database) -> int:
+    if args.action == "migrate":
+        if await migrate(database) is None:
+            print("nothing to migrate: the database already has the block layout, or is empty")
+        return 0
+    await check_layout_version(database)
+    from cloudmailing.services.lifecycle import MailingLifecycle
+
+    stores = await open_stores(database)
+    mailing_ids = args.mailing_id or [doc["_id"] async for doc in stores.mailings.unfinished()]
+    await MailingLifecycle(stores, _WallClock()).recount(mailing_ids)
+    print(f"recounted {len(mailing_ids)} mailings")
     return 0
 
 
@@ -98,9 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return _show_config(settings)
 
     async def run() -> int:
-        database = await open_database(settings.mongodb_url, settings.database.name, timeout_ms=5000)
         try:
-            handler: Any = _api_key if args.group == "api-key" else _satellite
+            database = await open_database(settings.mongodb_url, settings.database.name, timeout_ms=5000,
+                                           check_layout=args.group != "storage")
+        except LayoutError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        try:
+            handler: Any = {"api-key": _api_key, "satellite": _satellite, "storage": _storage}[args.group]
             return int(await handler(args, database))
         finally:
             await database.close()

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from cloudmailing.master.app import Master
 
     master = Master(settings, reactor)
+    exit_code = [0]
 
     def started(_: Any) -> None:
         api = settings.api
@@ -36,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     def failed(failure: Any) -> None:
         log.error("master failed to start: %s", failure.getErrorMessage())
         print(f"master failed to start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        exit_code[0] = 1
         reactor.stop()
 
     reactor.callWhenRunning(lambda: as_deferred(master.start()).addCallbacks(started, failed))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(master.stop()))
     reactor.run()
-    return 0
+    return exit_code[0]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class DatabaseConfig:
     url: str = ""  # empty: the embedded FerretDB started by bin/ scripts (see README)
     name: str = "cloudmailing"
     embedded_url: str = "mongodb://127.0.0.1:27117/"
+    block_recipients: int = 500  # most recipients stored (and leased) together as one block
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ def _validate(name: str, section: Any) -> None:
             raise ConfigError(f"[{name}] {attr}: {port} is not a TCP port")
     if isinstance(section, ApiConfig) and section.max_request_bytes < 1024:
         raise ConfigError("[api] max_request_bytes: must be at least 1024")
+    if isinstance(section, DatabaseConfig) and not 1 <= section.block_recipients <= 1000:
+        raise ConfigError("[database] block_recipients: from 1 to 1000")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,

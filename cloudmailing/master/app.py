@@ -23,9 +23,8 @@ from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
-from cloudmailing.storage.api_keys import ApiKeyStore
 from cloudmailing.storage.database import Database, open_database
-from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+from cloudmailing.storage.stores import Stores, open_stores
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ class Master:
     settings: Settings
     reactor: Any
     database: Database | None = None
+    stores: Stores | None = None
     services: Services | None = None
     tls: TlsFiles | None = None
     _ports: list[Any] = field(default_factory=list)
@@ -48,11 +48,9 @@ class Master:
     async def start(self) -> None:
         settings = self.settings
         self.database = await open_database(settings.mongodb_url, settings.database.name)
-        allocator = SequenceAllocator(self.database)
-        await allocator.start()
-        self.services = build_services(self.database, StatusLog(self.database, allocator), self.reactor,
-                                       settings.reports.status_log_retention_days, settings.dispatch,
-                                       settings.satellite_link.max_awaiting_approval)
+        self.stores = await open_stores(self.database, settings.database.block_recipients)
+        self.services = build_services(self.stores, self.reactor, settings.reports.status_log_retention_days,
+                                       settings.dispatch, settings.satellite_link.max_awaiting_approval)
         await self.services.lifecycle.recover()
         self._listen_api()
         self._listen_satellites()
@@ -71,9 +69,9 @@ class Master:
 
     def _listen_api(self) -> None:
         api = self.settings.api
-        assert self.database is not None and self.services is not None
+        assert self.stores is not None and self.services is not None
         self.tls = ensure_certificate(api.tls_cert, api.tls_key, self.settings.paths.data_path)
-        authenticator = Authenticator(ApiKeyStore(self.database), self.reactor, api.key_cache_seconds,
+        authenticator = Authenticator(self.stores.api_keys, self.reactor, api.key_cache_seconds,
                                       api.auth_failures_before_delay, api.auth_max_delay_seconds)
         resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
                                   api.max_xml_depth)
@@ -110,14 +108,15 @@ class Master:
             await self.database.close()
 
 
-def build_services(database: Database, status_log: StatusLog, clock: Any, retention_days: int = 30,
-                   dispatch: DispatchConfig | None = None, max_awaiting_approval: int = 100) -> Services:
-    mailings = MailingService(database, clock)
+def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatch: DispatchConfig | None = None,
+                   max_awaiting_approval: int = 100) -> Services:
+    """Every domain service of the master, on ``stores`` (a test may hand in its own)."""
+    mailings = MailingService(stores, clock)
     return Services(
-        dispatcher=Dispatcher(database, status_log, clock, dispatch),
+        dispatcher=Dispatcher(stores, clock, dispatch),
         mailings=mailings,
-        recipients=RecipientService(database, status_log, mailings, clock),
-        reports=ReportService(database, status_log),
-        satellites=SatelliteService(database, clock, max_awaiting_approval),
-        lifecycle=MailingLifecycle(database, status_log, clock, retention_days),
+        recipients=RecipientService(stores, mailings, clock),
+        reports=ReportService(stores),
+        satellites=SatelliteService(stores, clock, max_awaiting_approval),
+        lifecycle=MailingLifecycle(stores, clock, retention_days),
     )

@@ -55,10 +55,10 @@ class SatelliteSession(LinkProtocol):
         return {"recipients": recipients, "lease_seconds": self._factory.dispatcher.config.lease_seconds}
 
     async def mailing(self, mailing_id: int) -> dict[str, Any]:
-        self._authenticated()
-        content = await self._factory.dispatcher.mailing_content(int(mailing_id))
+        satellite = self._authenticated()
+        content = await self._factory.dispatcher.mailing_content(int(mailing_id), satellite)
         if content is None:
-            raise LinkError("not_found", f"mailing {mailing_id} not found")
+            raise LinkError("not_found", f"mailing {mailing_id} not found, or none of its recipients leased to you")
         content["rfc822"] = base64.b64encode(content["rfc822"]).decode("ascii")
         return content
 

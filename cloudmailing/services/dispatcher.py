@@ -1,10 +1,12 @@
 """The dispatcher: leases of queued recipients to satellites, and their reports back.
 
-A satellite takes a *lease* on a batch of deliverable recipients (READY, or WARNING whose
-``next_try`` has come) of RUNNING mailings of its group, plus any test recipient. A lease not
-reported in time, or held by a satellite that disconnects, ends and its recipients are handed
-out again. Reports go through the status log like every status change; the master, not the
-satellite, decides when a soft bounce is retried and when it has tried long enough.
+A satellite takes a *lease* on blocks of deliverable recipients (READY, or WARNING whose retry is
+due) of RUNNING mailings of its group, and on any block of test recipients (``send_test``): it
+holds them until it reports each one, or until the lease expires or it disconnects, when they go
+back to the queue. A report is recorded only for recipients the reporting satellite holds, so a
+report repeated after a lost acknowledgement records nothing new, and no satellite can write
+over another's recipients. The master, not the satellite, decides when a soft bounce is retried
+and when it has been tried long enough.
 """
 
 from __future__ import annotations
@@ -12,23 +14,22 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
+import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, REPORTED_STATUSES, TIMEOUT, WARNING
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
-from cloudmailing.services.mailings import RUNNING
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import LEASE_END, LeaseStore
-from cloudmailing.storage.statistics import HourlyStatsStore
-from cloudmailing.storage.status_log import StatusChange, StatusLog
+from cloudmailing.storage.block_codec import from_millis
+from cloudmailing.storage.blocks import Block, Lease
+from cloudmailing.storage.ledger import Change
+from cloudmailing.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = ("FINISHED", "ERROR", "GENERAL_ERROR", "TIMEOUT")
-REPORTED_STATUSES = ("FINISHED", "WARNING", "ERROR", "GENERAL_ERROR")
 _CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "charset", "tracking_url", "testing",
                    "type", "dkim", "backup_customized_emails")
 
@@ -39,142 +40,235 @@ def retry_delay(config: DispatchConfig, try_count: int) -> float:
     return float(min(delay, config.retry_max_seconds))
 
 
+@dataclass(frozen=True)
+class _Held:
+    """Where a leased recipient is, and under which lease."""
+
+    block_id: int
+    slot: int
+    lease_id: str
+
+
 class Dispatcher:
-    def __init__(self, database: Database, status_log: StatusLog, clock: SecondsClock,
-                 config: DispatchConfig | None = None) -> None:
-        self._mailings = MailingStore(database)
-        self._leases = LeaseStore(database)
-        self._stats = HourlyStatsStore(database)
-        self._status_log = status_log
+    def __init__(self, stores: Stores, clock: SecondsClock, config: DispatchConfig | None = None) -> None:
+        self._stores = stores
+        self._blocks = stores.blocks
+        self._ledger = stores.ledger
         self._clock = clock
         self.config = config or DispatchConfig()
-        # The block of each leased recipient until it is reported or released: a report then
-        # finds its recipients by block (see storage.recipients) instead of among all of them.
-        self._leased_blocks: dict[str, Any] = {}
-
-    async def lease(self, satellite: Mapping[str, Any], wanted: int) -> list[dict[str, Any]]:
-        """Lease up to ``wanted`` recipients to ``satellite`` (its registry document)."""
-        now = utc_now(self._clock)
-        wanted = max(0, min(wanted, self.config.max_lease_size))
-        expires = now + datetime.timedelta(seconds=self.config.lease_seconds)
-        owner = satellite["serial"]
-        affinity = {"domain": {"$in": satellite["domain_affinity"]}} if satellite.get("domain_affinity") else {}
-        tests = {"test": True, "status": "READY", "in_progress": False, **affinity}
-        leased = await self._leases.claim(tests, owner, expires, wanted) if wanted else []
-        mailing_ids = await self._mailings.ids({"status": RUNNING, "satellite_group": {"$in": _groups(satellite)}})
-        if mailing_ids:
-            # Due retries first, then fresh recipients. One status per query: FerretDB passes an
-            # equality to its backend, which then skips the other statuses for it.
-            mailings = {"mailing_id": mailing_ids[0] if len(mailing_ids) == 1 else {"$in": mailing_ids}}
-            for status, due in (("WARNING", {"next_try": {"$lte": now}}), ("READY", {})):
-                if len(leased) < wanted:
-                    query = {**mailings, "test": False, "status": status, "in_progress": False, **due, **affinity}
-                    leased += await self._leases.claim(query, owner, expires, wanted - len(leased))
-        leased = await self._within_bytes(leased, owner)
-        self._leased_blocks.update((doc["_id"], doc.get("block")) for doc in leased)
-        if leased:
-            log.info("leased %d recipients", len(leased), extra={"satellite": owner})
-        return [{"id": doc["_id"], "mailing_id": doc["mailing_id"], "email": doc["email"], "domain": doc["domain"],
-                 "contact": doc.get("contact") or {}, "test": bool(doc.get("test")),
-                 "attachments": [{"filename": a["filename"], "content_type": a["content_type"],
-                                  "content": base64.b64encode(a["content"]).decode("ascii")}
-                                 for a in doc.get("attachments") or []]}
-                for doc in leased]
+        # The recipients this master leased, until reported or released: a report finds them
+        # here (after a restart, through the recipient index).
+        self._held: dict[str, _Held] = {}
 
     def new_lease_budget(self) -> LeaseBudget:
         """A fresh allowance for a satellite that just connected."""
         return LeaseBudget(self._clock, self.config)
 
-    async def _within_bytes(self, leased: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
-        """The lease cut where its attachments pass ``max_lease_bytes``; the rest back to the queue."""
-        kept, size = 0, 0
-        for doc in leased:
-            size += sum(len(a["content"]) * 4 // 3 for a in doc.get("attachments") or [])
-            if kept and size > self.config.max_lease_bytes:
-                break
-            kept += 1
-        if kept < len(leased):
-            await self.release_recipients([doc["_id"] for doc in leased[kept:]])
-            log.info("lease cut to %d recipients by their attachments' size", kept, extra={"satellite": owner})
-        return leased[:kept]
+    # -- leases -------------------------------------------------------------------------------
 
-    async def mailing_content(self, mailing_id: int) -> dict[str, Any] | None:
-        mailing = await self._mailings.get(mailing_id)
+    async def lease(self, satellite: Mapping[str, Any], wanted: int) -> list[dict[str, Any]]:
+        """Lease whole blocks to ``satellite`` (its registry document) until about ``wanted``
+        recipients (at least one block when ``wanted`` > 0) or ``max_lease_bytes`` of attachments."""
+        wanted = max(0, min(wanted, self.config.max_lease_size))
+        if not wanted:
+            return []
+        now = utc_now(self._clock)
+        until = now + datetime.timedelta(seconds=self.config.lease_seconds)
+        lease = Lease(uuid.uuid4().hex, satellite["serial"], until)
+        affinity = set(satellite.get("domain_affinity") or [])
+        mailing_ids = await self._stores.mailings.running_for_groups(_groups(satellite))
+        candidates = await self._blocks.leasable(None, True, now) + await self._blocks.leasable(mailing_ids, False, now)
+        leased: list[dict[str, Any]] = []
+        size = 0
+        for summary in candidates:
+            if len(leased) >= wanted:
+                break
+            content = await self._blocks.content(summary["_id"])
+            got = await self._lease_block(summary["_id"], content, lease, now, affinity)
+            got_size = sum(_attachments_size(recipient) for recipient in got)
+            if leased and size + got_size > self.config.max_lease_bytes:
+                await self.release_recipients([recipient["id"] for recipient in got])
+                break
+            leased += got
+            size += got_size
+        if leased:
+            log.info("leased %d recipients", len(leased), extra={"satellite": lease.owner})
+        return leased
+
+    async def _lease_block(self, block_id: int, content: list[dict[str, Any]], lease: Lease,
+                           now: datetime.datetime, affinity: set[str]) -> list[dict[str, Any]]:
+        chosen: list[int] = []
+
+        def take(block: Block) -> list[Change] | None:
+            if block.lease is not None and block.lease.until >= now:
+                return None  # another satellite's, or taken since the search
+            _end_lease(block)
+            slots = [slot for slot in block.deliverable(now)
+                     if slot < len(content) and (not affinity or content[slot]["domain"] in affinity)]
+            if not slots:
+                return None
+            for slot in slots:
+                block.columns.leased[slot] = 1
+            block.lease = lease
+            chosen[:] = slots
+            return []
+
+        written = await self._ledger.edit(block_id, take, now)
+        if written is None:
+            return []
+        block = written[0]
+        self._held.update((content[slot]["id"], _Held(block_id, slot, lease.id)) for slot in chosen)
+        return [_leased_recipient(block, content[slot], lease.id) for slot in chosen]
+
+    async def mailing_content(self, mailing_id: int, satellite: Mapping[str, Any] | None = None,
+                              ) -> dict[str, Any] | None:
+        """What a satellite needs to build a mailing's messages; only for a satellite holding a
+        lease on some of its recipients (None: unknown mailing, or none held)."""
+        if satellite is not None:
+            held = {summary["m"] for summary in await self._blocks.held_by(satellite["serial"])}
+            if mailing_id not in held:
+                return None
+        mailing = await self._stores.mailings.get(mailing_id)
         if mailing is None:
             return None
         content = {name: mailing.get(name) for name in _CONTENT_FIELDS}
         content.update(id=mailing_id, rfc822=mailing.get("rfc822") or b"")
         return content
 
+    # -- reports ------------------------------------------------------------------------------
+
     async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Record each outcome once; returns the recipient ids the satellite may forget."""
+        """Record each outcome of a recipient the satellite holds; the recipient ids it may forget
+        (every id it sent: the others have nothing left to record)."""
         now = utc_now(self._clock)
         serial = satellite["serial"]
-        # The last outcome of a recipient wins (a report may hold a retry's too).
-        usable = {o["recipient_id"]: o for o in outcomes
+        usable = {o["recipient_id"]: o for o in outcomes  # the last outcome of a recipient wins
                   if o.get("status") in REPORTED_STATUSES and isinstance(o.get("recipient_id"), str)}
-        changes: list[StatusChange] = []
-
-        def decide(current: dict[str, Any]) -> StatusChange:
-            changes.append(self._change(usable[current["_id"]], current, serial, now))
-            return changes[-1]
-
-        if usable:
-            blocks = {rid: self._leased_blocks.pop(rid) for rid in usable if rid in self._leased_blocks}
-            await self._status_log.apply_decided(list(usable), decide, now, blocks)
-        if changes:
-            await self._count(serial, changes, now)
-        log.info("%d outcomes recorded", len(changes), extra={"satellite": serial})
-        # Unknown (deleted) recipients and unusable entries are acknowledged too: nothing to keep.
+        recorded: list[Change] = []
+        for block_id, outcomes_by_slot in (await self._by_block(usable)).items():
+            recorded += await self._record(block_id, outcomes_by_slot, serial, now)
+        if recorded:
+            await self._count(serial, recorded, now)
+        ignored = len(usable) - len(recorded)
+        log.info("%d outcomes recorded%s", len(recorded), f", {ignored} not held by this satellite ignored"
+                 if ignored else "", extra={"satellite": serial})
         return [str(o.get("recipient_id")) for o in outcomes]
 
-    def _change(self, outcome: Mapping[str, Any], current: Mapping[str, Any], serial: str,
-                now: datetime.datetime) -> StatusChange:
-        tries = int(current.get("try_count") or 0) + 1
-        first_try = current.get("first_try") or now
+    async def _by_block(self, outcomes: Mapping[str, Mapping[str, Any]],
+                        ) -> dict[int, dict[int, tuple[str, Mapping[str, Any]]]]:
+        """The outcomes by block and slot."""
+        unknown = [rid for rid in outcomes if rid not in self._held]
+        places = {rid: (place.block_id, place.slot)
+                  for rid, place in (await self._stores.index.locate(unknown)).items()} if unknown else {}
+        places.update((rid, (self._held[rid].block_id, self._held[rid].slot)) for rid in outcomes if rid in self._held)
+        grouped: dict[int, dict[int, tuple[str, Mapping[str, Any]]]] = {}
+        for rid, (block_id, slot) in places.items():
+            grouped.setdefault(block_id, {})[slot] = (rid, outcomes[rid])
+        return grouped
+
+    async def _record(self, block_id: int, outcomes: Mapping[int, tuple[str, Mapping[str, Any]]], serial: str,
+                      now: datetime.datetime) -> list[Change]:
+        addresses = await self._blocks.addresses(block_id)
+
+        def decide(block: Block) -> list[Change] | None:
+            if block.lease is None or block.lease.owner != serial:
+                return None
+            changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
+                       if block.columns.leased[slot] and slot < len(addresses) and addresses[slot][0] == rid]
+            return changes or None
+
+        written = await self._ledger.edit(block_id, decide, now)
+        for rid, _ in outcomes.values():
+            self._held.pop(rid, None)
+        return written[1] if written else []
+
+    def _change(self, block: Block, slot: int, outcome: Mapping[str, Any], serial: str,
+                now: datetime.datetime) -> Change:
+        tries = int(block.columns.tries[slot]) + 1
+        first_try = from_millis(block.columns.first_try[slot]) or now
         status, next_try = outcome["status"], None
-        if status == "WARNING":
+        if status == WARNING:
             next_try = now + datetime.timedelta(seconds=retry_delay(self.config, tries))
             if now - first_try > datetime.timedelta(hours=self.config.retry_max_age_hours):
-                status, next_try = "TIMEOUT", None
-        fields = {
+                status, next_try = TIMEOUT, None
+        details = {
             "reply_code": outcome.get("reply_code"), "reply_enhanced_code": outcome.get("reply_enhanced_code") or "",
             "reply_text": str(outcome.get("reply_text") or "")[:1000],
             "smtp_log": "\n".join(str(line) for line in outcome.get("smtp_log") or [])[:10000],
-            "try_count": tries, "first_try": first_try, "next_try": next_try, "cloud_client": serial,
-            **LEASE_END,
+            "cloud_client": serial,
         }
-        content = _customized_content(outcome)
-        if content is not None:
-            fields["customized_content"] = content
-        return StatusChange(outcome["recipient_id"], status, fields)
+        return Change(slot, status, tries, first_try, next_try, details, _customized_content(outcome))
 
-    async def _count(self, serial: str, changes: Sequence[StatusChange], now: datetime.datetime) -> None:
+    async def _count(self, serial: str, changes: Sequence[Change], now: datetime.datetime) -> None:
         statuses = Counter(change.status for change in changes)
-        failed = statuses["ERROR"] + statuses["GENERAL_ERROR"] + statuses["TIMEOUT"]
+        failed = sum(statuses[status] for status in ERROR_STATUSES)
         hour = now.replace(minute=0, second=0, microsecond=0)
-        await self._stats.add(hour, serial, sent=statuses["FINISHED"], failed=failed, tries=len(changes))
+        await self._stores.stats.add(hour, serial, sent=statuses[FINISHED], failed=failed, tries=len(changes))
+
+    # -- leases ending --------------------------------------------------------------------------
 
     async def expire_leases(self) -> int:
-        released = await self._release({"lease_expires": {"$lt": utc_now(self._clock)}})
+        now = utc_now(self._clock)
+        released = 0
+        for summary in await self._blocks.lease_expired(now):
+            released += await self._end_block_lease(summary["_id"], lambda lease: lease.until < now)
         if released:
             log.warning("%d expired leases returned to the queue", released)
         return released
 
-    async def release_recipients(self, recipient_ids: Sequence[str]) -> int:
-        return await self._release({"_id": {"$in": list(recipient_ids)}}) if recipient_ids else 0
-
     async def release_satellite(self, serial: str) -> int:
-        released = await self._release({"lease_owner": serial})
+        """Return every recipient ``serial`` holds to the queue (it went away)."""
+        released = 0
+        for summary in await self._blocks.held_by(serial):
+            released += await self._end_block_lease(summary["_id"], lambda lease: lease.owner == serial)
         if released:
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released
 
-    async def _release(self, query: Mapping[str, Any]) -> int:
-        released = await self._leases.release(query)
-        for rid in released:
-            self._leased_blocks.pop(rid, None)
-        return len(released)
+    async def release_recipients(self, recipient_ids: Sequence[str]) -> int:
+        """Return these leased recipients to the queue (a lease answer that could not be given)."""
+        by_block: dict[int, set[int]] = {}
+        for rid in recipient_ids:
+            held = self._held.pop(rid, None)
+            if held is not None:
+                by_block.setdefault(held.block_id, set()).add(held.slot)
+        released = 0
+        for block_id, slots in by_block.items():
+            released += await self._end_block_lease(block_id, lambda lease: True, slots)
+        return released
+
+    async def _end_block_lease(self, block_id: int, applies: Any, slots: set[int] | None = None) -> int:
+        ended: list[int] = []
+
+        def end(block: Block) -> list[Change] | None:
+            if block.lease is None or not applies(block.lease):
+                return None
+            ended[:] = [slot for slot in block.leased_slots() if slots is None or slot in slots]
+            _end_lease(block, ended)
+            return []
+
+        await self._ledger.edit(block_id, end, utc_now(self._clock))
+        return len(ended)
+
+
+def _end_lease(block: Block, slots: Sequence[int] | None = None) -> None:
+    """Take ``slots`` (all by default) out of the block's lease; the lease ends with its last."""
+    for slot in block.leased_slots() if slots is None else slots:
+        block.columns.leased[slot] = 0
+    if not block.leased_slots():
+        block.lease = None
+
+
+def _leased_recipient(block: Block, entry: Mapping[str, Any], lease_id: str) -> dict[str, Any]:
+    return {"id": entry["id"], "mailing_id": block.mailing_id, "email": entry["email"], "domain": entry["domain"],
+            "contact": entry.get("contact") or {}, "test": block.test, "lease": lease_id,
+            "attachments": [{"filename": a["filename"], "content_type": a["content_type"],
+                             "content": base64.b64encode(a["content"]).decode("ascii")}
+                            for a in entry.get("attachments") or []]}
+
+
+def _attachments_size(recipient: Mapping[str, Any]) -> int:
+    return sum(len(a["content"]) for a in recipient.get("attachments") or [])
 
 
 def _customized_content(outcome: Mapping[str, Any]) -> bytes | None:

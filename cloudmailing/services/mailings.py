@@ -14,28 +14,20 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from cloudmailing.common.html_text import html_to_text
+from cloudmailing.common.statuses import ERROR_STATUSES, FILLING, PAUSED, RUNNING
+from cloudmailing.common.statuses import MAILING_FINISHED as FINISHED
+from cloudmailing.common.statuses import MAILING_READY as READY
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
 from cloudmailing.services.templates import check_template
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import RecipientStore
+from cloudmailing.storage.mailings import MailingFilter
+from cloudmailing.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
-FILLING = "FILLING_RECIPIENTS"
-READY = "READY"
-RUNNING = "RUNNING"
-PAUSED = "PAUSED"
-FINISHED = "FINISHED"
-MAILING_STATUSES = (FILLING, READY, RUNNING, PAUSED, FINISHED)
 REGULAR, OPENED = "REGULAR", "OPENED"
-
-# Recipient statuses, and how they add up into a mailing's totals.
-PENDING_STATUSES = ("READY", "WARNING")
-ERROR_STATUSES = ("ERROR", "GENERAL_ERROR", "TIMEOUT")
 
 LISTED_FIELDS = ("domain_name", "satellite_group", "mail_from", "sender_name", "subject", "status", "type",
                  "tracking_url", "submit_time", "scheduled_start", "scheduled_end", "scheduled_duration",
@@ -116,9 +108,9 @@ STORED_NAMES = {"html_content": "html", "plain_content": "plain"}
 
 
 class MailingService:
-    def __init__(self, database: Database, clock: SecondsClock) -> None:
-        self._store = MailingStore(database)
-        self._recipients = RecipientStore(database)
+    def __init__(self, stores: Stores, clock: SecondsClock) -> None:
+        self._stores = stores
+        self._store = stores.mailings
         self._clock = clock
 
     async def create(self, mail_from: Any, sender_name: Any, subject: Any, html: Any, plain: Any,
@@ -223,49 +215,45 @@ class MailingService:
 
     async def delete_for_domain(self, domain: Any) -> int:
         name = values.text("domain", domain).strip().lower()
-        ids = await self._store.ids({"domain_name": name})
+        ids = await self._store.ids(MailingFilter(domains=[name]))
         await self._delete_ids(ids)
         return len(ids)
 
     async def _delete_ids(self, mailing_ids: list[int]) -> None:
         # Recipients and their log first, the mailing last: an interrupted delete can be redone.
-        if not mailing_ids:
-            return
-        await self._recipients.delete_for_mailings(mailing_ids)
         for mailing_id in mailing_ids:
-            await self._store.delete(mailing_id)
+            await self._stores.delete_mailing(mailing_id)
             log.info("mailing deleted", extra={"mailing": mailing_id})
 
     async def list(self, filters: Any) -> list[dict[str, Any]]:
-        query = mailing_query(filters)
-        return [_listed(doc) async for doc in self._store.find(query, {"html": 0, "plain": 0, "rfc822": 0})]
+        return [_listed(doc) async for doc in self._store.find(mailing_filter(filters))]
 
     async def count(self, filters: Any) -> int:
-        return await self._store.count(mailing_query(filters))
+        return await self._store.count(mailing_filter(filters))
 
 
-def mailing_query(filters: Any) -> dict[str, Any]:
-    """The MongoDB query for ``list_mailings`` filters (struct of lists, a domain string, or empty)."""
+_FILTER_KEYS = {"id": "ids", "domain": "domains", "status": "statuses", "owner_guid": "owners",
+                "satellite_group": "groups"}
+
+
+def mailing_filter(filters: Any) -> MailingFilter:
+    """The mailings ``list_mailings`` filters choose (struct of lists, a domain string, or empty)."""
     if filters is None or filters == "" or filters == [] or filters == {}:
-        return {}
+        return MailingFilter()
     if isinstance(filters, str):
-        return {"domain_name": filters.strip().lower()}
+        return MailingFilter(domains=[filters.strip().lower()])
     given = values.struct("filters", filters)
-    known = {"id": "_id", "domain": "domain_name", "status": "status", "owner_guid": "owner_guid",
-             "satellite_group": "satellite_group"}
-    unknown = sorted(set(given) - set(known))
+    unknown = sorted(set(given) - set(_FILTER_KEYS))
     if unknown:
         raise InvalidValue(f"filters: unknown key(s) {', '.join(unknown)}")
-    query: dict[str, Any] = {}
-    for key, field_name in known.items():
-        if key not in given:
-            continue
-        wanted: list[Any] = (values.int_list(f"filters.{key}", given[key]) if key == "id"
-                             else values.string_list(f"filters.{key}", given[key]))
-        if key == "domain":
-            wanted = [domain.lower() for domain in wanted]
-        query[field_name] = {"$in": wanted}
-    return query
+    chosen: dict[str, list[Any]] = {}
+    for key, name in _FILTER_KEYS.items():
+        if key in given:
+            chosen[name] = (values.int_list(f"filters.{key}", given[key]) if key == "id"
+                            else values.string_list(f"filters.{key}", given[key]))
+    if "domains" in chosen:
+        chosen["domains"] = [domain.lower() for domain in chosen["domains"]]
+    return MailingFilter(**chosen)
 
 
 def totals(counts: Mapping[str, int]) -> dict[str, int]:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
-import uuid
-from typing import Any, Sequence
+from typing import Any
 
+from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue
-from cloudmailing.services.mailings import FINISHED, READY, MailingService
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import RecipientStore
-from cloudmailing.storage.status_log import DETAIL_DEFAULTS, StatusChange, StatusLog
+from cloudmailing.services.mailings import MailingService
+from cloudmailing.storage.blocks import Block
+from cloudmailing.storage.ingest import NewRecipient
+from cloudmailing.storage.ledger import Change
+from cloudmailing.storage.recipient_index import is_generated
+from cloudmailing.storage.status_log import DETAIL_DEFAULTS
+from cloudmailing.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -31,66 +34,64 @@ class EntryError(ValueError):
 
 
 class RecipientService:
-    def __init__(self, database: Database, status_log: StatusLog, mailings: MailingService,
-                 clock: SecondsClock) -> None:
-        self._store = RecipientStore(database)
-        self._mailing_store = MailingStore(database)
-        self._status_log = status_log
+    def __init__(self, stores: Stores, mailings: MailingService, clock: SecondsClock) -> None:
+        self._stores = stores
         self._mailings = mailings
         self._clock = clock
 
     async def add(self, mailing_id: Any, entries: Any, *, test: bool = False) -> list[dict[str, Any]]:
-        """Store a batch; the answer has one ``{email, id}`` or ``{email, error}`` per entry, in order."""
+        """Store a batch; the answer has one ``{email, id}`` or ``{email, error}`` per entry, in order.
+        Test recipients (``send_test``) are delivered at once, whatever the mailing's status."""
         if not isinstance(entries, (list, tuple)):
             raise InvalidValue("recipients: expected a list of structs")
         if len(entries) > MAX_BATCH:
             raise BadRequest(f"too many recipients in one call: {len(entries)} > {MAX_BATCH}")
         mailing = await self._mailings.get(mailing_id)
-        if mailing["status"] == FINISHED and not test:
+        if mailing["status"] == MAILING_FINISHED and not test:
             raise BadRequest(f"mailing {mailing['_id']} is finished")
-        now = utc_now(self._clock)
         answers: list[dict[str, Any]] = []
-        documents: list[dict[str, Any]] = []
-        positions: list[int] = []  # answer index of each document
+        accepted: list[NewRecipient] = []
+        positions: list[int] = []  # answer index of each accepted recipient
         for entry in entries:
             try:
-                document = _recipient_document(mailing["_id"], entry, now, test)
+                recipient = _new_recipient(entry)
             except EntryError as error:
                 answers.append({"email": _given_email(entry), "error": str(error)})
                 continue
             positions.append(len(answers))
-            documents.append(document)
-            answers.append({"email": entry["email"], "id": document["_id"]})
-        result = await self._store.insert_batch(mailing["_id"], documents, now)
-        for index, reason in result.errors.items():
-            answer = answers[positions[index]]
-            answers[positions[index]] = {"email": answer["email"], "error": reason}
-        if result.inserted and not test:
-            await self._mailing_store.add_counts(mailing["_id"], {READY: result.inserted})
-        log.info("%d recipients added, %d refused", result.inserted, len(entries) - result.inserted,
-                 extra={"mailing": mailing["_id"]})
+            accepted.append(recipient)
+            answers.append({"email": entry["email"]})
+        ids = await self._stores.writer.append(mailing["_id"], test, accepted, utc_now(self._clock))
+        for position, recipient_id in zip(positions, ids, strict=True):
+            if recipient_id is None:
+                answers[position]["error"] = "a recipient with this id (tracking_id) already exists"
+            else:
+                answers[position]["id"] = recipient_id
+        stored = sum(1 for recipient_id in ids if recipient_id is not None)
+        log.info("%d recipients added, %d refused", stored, len(entries) - stored, extra={"mailing": mailing["_id"]})
         return answers
 
     async def reset(self, recipient_ids: Any) -> None:
         """Put recipients back to READY, to be delivered again."""
         ids = values.string_list("recipient_ids", recipient_ids)
-        fields = {"next_try": None, "in_progress": False, **DETAIL_DEFAULTS}
-        changes = [StatusChange(recipient_id, READY, fields) for recipient_id in dict.fromkeys(ids)]
-        if not changes:
-            return
-        await self._status_log.apply(changes, utc_now(self._clock))
-        reopened = await self._reopen_finished_mailings(ids)
+        found = await self._stores.lookup.find(ids)
+        now = utc_now(self._clock)
+        by_block: dict[int, set[int]] = {}
+        for recipient in found.values():
+            by_block.setdefault(recipient.block.id, set()).add(recipient.slot)
+        for block_id, slots in by_block.items():
+            await self._stores.ledger.edit(block_id, functools.partial(_reset, slots=slots), now)
+        reopened = []
+        for mailing_id in {recipient.block.mailing_id for recipient in found.values()}:
+            if await self._stores.mailings.update(mailing_id, {"status": MAILING_READY, "end_time": None},
+                                                  only_if_status=[MAILING_FINISHED]):
+                reopened.append(mailing_id)
         if reopened:
             log.info("finished mailings %s reopened by a status reset", reopened)
 
-    async def _reopen_finished_mailings(self, recipient_ids: Sequence[str]) -> list[int]:
-        found = await self._store.get_many(recipient_ids, {"mailing_id": 1})
-        reopened = []
-        for mailing_id in {doc["mailing_id"] for doc in found.values()}:
-            if await self._mailing_store.update(mailing_id, {"status": READY, "end_time": None},
-                                                only_if_status=[FINISHED]):
-                reopened.append(mailing_id)
-        return reopened
+
+def _reset(block: Block, slots: set[int]) -> list[Change]:
+    return [Change(slot, READY, 0, details=DETAIL_DEFAULTS) for slot in sorted(slots)]
 
 
 def _given_email(entry: Any) -> str:
@@ -98,7 +99,7 @@ def _given_email(entry: Any) -> str:
     return email if isinstance(email, str) else ""
 
 
-def _recipient_document(mailing_id: int, entry: Any, now: Any, test: bool) -> dict[str, Any]:
+def _new_recipient(entry: Any) -> NewRecipient:
     if not isinstance(entry, dict):
         raise EntryError("expected a struct with an 'email' field")
     email = entry.get("email")
@@ -110,23 +111,22 @@ def _recipient_document(mailing_id: int, entry: Any, now: Any, test: bool) -> di
         raise EntryError(f"invalid e-mail address: {error}") from None
     contact = {key: value for key, value in entry.items() if key not in RESERVED_KEYS}
     _check_contact(contact)
-    return {
-        "_id": _recipient_id(entry.get("tracking_id")), "mailing_id": mailing_id,
-        "email": address.email, "domain": address.domain, "contact": contact,
-        "attachments": _attachments(entry.get("attachments")),
-        "status": READY, "in_progress": False, "try_count": 0, "first_try": None, "next_try": None,
-        "cloud_client": "", "modified": now, "test": test,  # replies: in the status log (DETAIL_DEFAULTS)
-    }
+    return NewRecipient(email=address.email, domain=address.domain, contact=contact,
+                        attachments=_attachments(entry.get("attachments")),
+                        client_id=_client_id(entry.get("tracking_id")))
 
 
-def _recipient_id(tracking_id: Any) -> str:
+def _client_id(tracking_id: Any) -> str | None:
+    """The client's own id for a recipient (None: the master makes one)."""
     if tracking_id is None or tracking_id == "":
-        return uuid.uuid4().hex
+        return None
     if isinstance(tracking_id, bool) or not isinstance(tracking_id, (str, int)):
         raise EntryError("tracking_id: expected a string")
     recipient_id = str(tracking_id).strip()
     if not recipient_id or len(recipient_id) > MAX_TRACKING_ID:
         raise EntryError(f"tracking_id: 1 to {MAX_TRACKING_ID} characters")
+    if is_generated(recipient_id):
+        raise EntryError("tracking_id: ids of the form b<number>s<number>-<6 hex digits> are the master's own")
     return recipient_id
 
 

@@ -2,121 +2,164 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
+from cloudmailing.common.statuses import IN_PROGRESS, PENDING_STATUSES, READY, RECIPIENT_STATUSES
 from cloudmailing.services import values
 from cloudmailing.services.errors import InvalidValue
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import RecipientStore
-from cloudmailing.storage.statistics import HourlyStatsStore
-from cloudmailing.storage.status_log import CONTENT, STATUS_FIELDS, StatusLog
+from cloudmailing.services.kept_messages import customized_content
+from cloudmailing.storage.mailings import MailingFilter
+from cloudmailing.storage.recipients import FoundRecipient
+from cloudmailing.storage.stores import Stores
 
-RECIPIENT_STATUSES = ("READY", "IN PROGRESS", "FINISHED", "WARNING", "ERROR", "GENERAL_ERROR", "TIMEOUT")
 MAX_RESULTS = 1000
-_CURSOR_PREFIX = "c1:"
 _OPTIONS = ("with_contact_data", "with_customized_content", "delete_customized_content")
 
 
-def encode_cursor(position: int) -> str:
-    return f"{_CURSOR_PREFIX}{position}"
+@dataclass(frozen=True)
+class Cursor:
+    """Where a reader is in the change log: after change ``seq``, found on page ``page`` (0: unknown)."""
+
+    page: int = 0
+    seq: int = 0
+
+    def encode(self) -> str:
+        return f"c2:{self.page}.{self.seq}"
+
+    @classmethod
+    def decode(cls, text: Any) -> Cursor:
+        """'' or None start from the beginning; else a cursor we handed out (``c1:`` ones of
+        earlier versions included)."""
+        if text is None or text == "":
+            return cls()
+        if isinstance(text, str) and len(text) < 60:
+            if text.startswith("c1:") and text[3:].isdigit():
+                return cls(0, int(text[3:]))
+            page, _, seq = text[3:].partition(".")
+            if text.startswith("c2:") and page.isdigit() and seq.isdigit():
+                return cls(int(page), int(seq))
+        raise InvalidValue("cursor: not a cursor returned by get_recipients_status_updated_since")
 
 
-def decode_cursor(cursor: Any) -> int:
-    """'' or None start from the beginning; anything else must be a cursor we handed out."""
-    if cursor is None or cursor == "":
-        return 0
-    if isinstance(cursor, str) and cursor.startswith(_CURSOR_PREFIX) and cursor[3:].isdigit():
-        return int(cursor[3:])
-    raise InvalidValue("cursor: not a cursor returned by get_recipients_status_updated_since")
+@dataclass(frozen=True)
+class RecipientFilter:
+    """Which recipient changes a reader wants: statuses (None: any) of mailings (None: any)."""
+
+    statuses: frozenset[str] | None
+    mailing_ids: frozenset[int] | None
 
 
 class ReportService:
-    def __init__(self, database: Database, status_log: StatusLog) -> None:
-        self._recipients = RecipientStore(database)
-        self._mailings = MailingStore(database)
-        self._stats = HourlyStatsStore(database)
-        self._status_log = status_log
+    def __init__(self, stores: Stores) -> None:
+        self._stores = stores
 
-    async def recipient_query(self, filters: Any, default_statuses: Sequence[str] | None = None,
-                              ) -> dict[str, Any]:
-        """The query for recipient ``filters``: status, owners, mailings, sender_domains."""
+    async def recipient_filter(self, filters: Any, default_statuses: Sequence[str] | None = None) -> RecipientFilter:
+        """The ``filters`` of a recipient query: status, owners, mailings, sender_domains."""
         given: Mapping[str, Any] = {} if filters in (None, "", [], {}) else values.struct("filters", filters)
         unknown = sorted(set(given) - {"status", "owners", "mailings", "sender_domains"})
         if unknown:
             raise InvalidValue(f"filters: unknown key(s) {', '.join(unknown)}")
-        query: dict[str, Any] = {"test": False}
         statuses = values.string_list("filters.status", given.get("status")) or list(default_statuses or [])
         bad = sorted(set(statuses) - set(RECIPIENT_STATUSES))
         if bad:
             raise InvalidValue(f"filters.status: unknown status {', '.join(bad)}")
-        if statuses:
-            query["status"] = {"$in": statuses}
-        mailing_ids = await self._mailing_scope(given)
-        if mailing_ids is not None:
-            query["mailing_id"] = {"$in": mailing_ids}
-        return query
+        return RecipientFilter(frozenset(statuses) or None, await self._mailing_scope(given))
 
-    async def _mailing_scope(self, given: Mapping[str, Any]) -> list[int] | None:
+    async def _mailing_scope(self, given: Mapping[str, Any]) -> frozenset[int] | None:
         """Mailing ids the filters allow, or None for every mailing."""
         scope: set[int] | None = None
         if "mailings" in given:
             scope = set(values.int_list("filters.mailings", given["mailings"]))
-        for key, field_name in (("owners", "owner_guid"), ("sender_domains", "domain_name")):
-            if key in given:
-                wanted = values.string_list(f"filters.{key}", given[key])
-                if key == "sender_domains":
-                    wanted = [domain.lower() for domain in wanted]
-                ids = set(await self._mailings.ids({field_name: {"$in": wanted}}))
-                scope = ids if scope is None else scope & ids
-        return None if scope is None else sorted(scope)
+        if "owners" in given:
+            ids = await self._stores.mailings.ids(MailingFilter(owners=values.string_list("filters.owners",
+                                                                                         given["owners"])))
+            scope = set(ids) if scope is None else scope & set(ids)
+        if "sender_domains" in given:
+            domains = [domain.lower() for domain in values.string_list("filters.sender_domains",
+                                                                       given["sender_domains"])]
+            ids = await self._stores.mailings.ids(MailingFilter(domains=domains))
+            scope = set(ids) if scope is None else scope & set(ids)
+        return None if scope is None else frozenset(scope)
 
     async def count(self, filters: Any) -> int:
-        return await self._recipients.count(await self.recipient_query(filters))
+        """Recipients in the given statuses, summed from the blocks' counts (no recipient read)."""
+        wanted = await self.recipient_filter(filters)
+        mailing_ids = None if wanted.mailing_ids is None else sorted(wanted.mailing_ids)
+        total = 0
+        for counts in (await self._stores.blocks.counts(mailing_ids)).values():
+            total += sum(n for status, n in counts.items() if wanted.statuses is None or status in wanted.statuses)
+        return total
 
     async def statuses(self, recipient_ids: Any, options: Any) -> list[dict[str, Any]]:
         """Current status of each known recipient, in the order asked; unknown ids are left out."""
         ids = values.string_list("recipient_ids", recipient_ids)
         wanted = _options(options)
-        found = await self._recipients.get_many(ids)
-        details = await self._status_log.details(found.values(), with_content=_wants_content(wanted))
-        records = [_current_status(found[rid], details[rid], wanted) for rid in dict.fromkeys(ids) if rid in found]
-        await self._drop_content_if_asked(wanted, found.values(), details)
-        return records
+        found = await self._stores.lookup.find(ids)
+        records: dict[str, dict[str, Any]] = {}
+        for block_id in dict.fromkeys(recipient.block.id for recipient in found.values()):
+            in_block = [recipient for recipient in found.values() if recipient.block.id == block_id]
+            details = await self._stores.ledger.details(in_block[0].block, [r.slot for r in in_block])
+            records.update((r.id, _status_record(r, details[r.slot])) for r in in_block)
+        listed = [records[rid] for rid in dict.fromkeys(ids) if rid in records]
+        places = {rid: (found[rid].block.id, found[rid].slot) for rid in records}
+        await self._add_asked_fields(listed, places, wanted)
+        return listed
 
     async def updated_since(self, cursor: Any, filters: Any, max_results: Any, options: Any) -> dict[str, Any]:
-        position = decode_cursor(cursor)
+        position = Cursor.decode(cursor)
         limit = values.integer("max_results", max_results if max_results not in (None, "") else MAX_RESULTS,
                                minimum=1)
-        limit = min(limit, MAX_RESULTS)
         wanted = _options(options)
-        query = await self.recipient_query(filters, default_statuses=RECIPIENT_STATUSES[1:])
-        entries, next_position = await self._status_log.read_since(position, query, limit)
-        recipients = [dict(entry["record"], id=entry["recipient_id"]) for entry in entries]
-        if recipients and (wanted.get("with_contact_data") or _wants_content(wanted)):
-            # Contacts are read from the recipients, messages from their last change's details.
-            docs = await self._recipients.get_many([r["id"] for r in recipients], {"contact": 1, "log_group": 1})
-            details = await self._status_log.details(docs.values(), True) if _wants_content(wanted) else {}
-            for record in recipients:
-                if record["id"] in docs:
-                    _add_asked_fields(record, docs[record["id"]], details.get(record["id"], {}), wanted)
-            await self._drop_content_if_asked(wanted, docs.values(), details)
-        return {"cursor": encode_cursor(next_position), "recipients": recipients}
+        which = await self.recipient_filter(filters, default_statuses=[s for s in RECIPIENT_STATUSES if s != READY])
+        statuses = which.statuses
 
-    async def _drop_content_if_asked(self, wanted: Mapping[str, bool], docs: Iterable[Mapping[str, Any]],
-                                     details: Mapping[str, Mapping[str, Any]]) -> None:
-        if wanted.get("delete_customized_content"):
-            kept = [doc for doc in docs if CONTENT in details.get(doc["_id"], {})]
-            await self._status_log.drop_customized_content(kept)
+        def accept(entry: Mapping[str, Any]) -> bool:
+            return statuses is None or entry["r"]["status"] in statuses
+
+        entries, page, seq = await self._stores.status_log.read_since(
+            position.page, position.seq, min(limit, MAX_RESULTS),
+            set(which.mailing_ids) if which.mailing_ids is not None else None, accept)
+        records = [dict(entry["r"], id=entry["id"]) for entry in entries]
+        places = {entry["id"]: (entry["b"], entry["s"]) for entry in entries}
+        await self._add_asked_fields(records, places, wanted)
+        return {"cursor": Cursor(page, seq).encode(), "recipients": records}
+
+    async def _add_asked_fields(self, records: list[dict[str, Any]], places: Mapping[str, tuple[int, int]],
+                                wanted: Mapping[str, bool]) -> None:
+        if not records or not (wanted.get("with_contact_data") or _wants_content(wanted)):
+            return
+        asked = [places[record["id"]] for record in records]
+        contacts = await self._stores.lookup.contacts(asked) if wanted.get("with_contact_data") else {}
+        kept = await self._stores.kept.get(asked) if _wants_content(wanted) else {}
+        for record in records:
+            place = places[record["id"]]
+            if wanted.get("with_contact_data"):
+                record["contact"] = contacts.get(place, {})
+            if wanted.get("with_customized_content"):
+                # The message as sent (text, or bytes if XML cannot carry it); '' when not kept, or not sent yet.
+                record["customized_content"] = customized_content(kept.get(place))
+        if wanted.get("delete_customized_content") and kept:
+            await self._stores.kept.drop(list(kept))
 
     async def hourly_statistics(self, query: Any) -> list[dict[str, Any]]:
         given = {} if query in (None, "", []) else values.struct("filters", query)
         start = values.optional_datetime("from_date", given.get("from_date"))
         end = values.optional_datetime("to_date", given.get("to_date"))
         senders = values.string_list("senders", given.get("senders"))
-        docs = await self._stats.between(start, end, senders)
+        docs = await self._stores.stats.between(start, end, senders)
         return [{"date": doc["hour"], "sender": doc["sender"], "sent": doc.get("sent", 0),
                  "failed": doc.get("failed", 0), "tries": doc.get("tries", 0)} for doc in docs]
+
+
+def _status_record(recipient: FoundRecipient, details: Mapping[str, Any]) -> dict[str, Any]:
+    record = {name: details.get(name) for name in ("status", "reply_code", "reply_enhanced_code", "reply_text",
+                                                   "smtp_log", "modified", "first_try", "next_try", "try_count",
+                                                   "in_progress", "cloud_client")}
+    record.update(id=recipient.id, email=recipient.email)
+    if record["in_progress"] and record["status"] in PENDING_STATUSES:
+        record["status"] = IN_PROGRESS
+    return record
 
 
 def _options(options: Any) -> dict[str, bool]:
@@ -131,22 +174,3 @@ def _options(options: Any) -> dict[str, bool]:
 
 def _wants_content(wanted: Mapping[str, bool]) -> bool:
     return bool(wanted.get("with_customized_content") or wanted.get("delete_customized_content"))
-
-
-def _current_status(doc: Mapping[str, Any], details: Mapping[str, Any], wanted: Mapping[str, bool],
-                    ) -> dict[str, Any]:
-    record = {name: details.get(name, doc.get(name)) for name in STATUS_FIELDS}
-    record["id"] = doc["_id"]
-    if doc.get("in_progress") and record["status"] in ("READY", "WARNING"):
-        record["status"] = "IN PROGRESS"
-    _add_asked_fields(record, doc, details, wanted)
-    return record
-
-
-def _add_asked_fields(record: dict[str, Any], doc: Mapping[str, Any], details: Mapping[str, Any],
-                      wanted: Mapping[str, bool]) -> None:
-    if wanted.get("with_contact_data"):
-        record["contact"] = doc.get("contact", {})
-    if wanted.get("with_customized_content"):
-        # The message as sent (RFC 822 text); '' when the mailing does not keep them, or not sent yet.
-        record["customized_content"] = bytes(details.get(CONTENT) or b"").decode("utf-8", "replace")

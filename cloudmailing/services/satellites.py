@@ -10,9 +10,7 @@ from cloudmailing.common.keys import hash_secret, verify_secret
 from cloudmailing.services import values
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.recipients import RecipientStore
-from cloudmailing.storage.satellites import SatelliteStore
+from cloudmailing.storage.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +43,9 @@ class SatelliteRefused(Exception):
 
 
 class SatelliteService:
-    def __init__(self, database: Database, clock: SecondsClock, max_awaiting_approval: int = 100) -> None:
-        self._store = SatelliteStore(database)
-        self._recipients = RecipientStore(database)
+    def __init__(self, stores: Stores, clock: SecondsClock, max_awaiting_approval: int = 100) -> None:
+        self._store = stores.satellites
+        self._blocks = stores.blocks
         self._clock = clock
         self._max_awaiting = max_awaiting_approval
 
@@ -98,7 +96,7 @@ class SatelliteService:
         return satellite
 
     async def _record_unknown(self, serial: str, secret: str, version: str, now: Any) -> NoReturn:
-        if len(serial) > 100 or await self._store.count({"paired": False}) >= self._max_awaiting:
+        if len(serial) > 100 or await self._store.count_awaiting_approval() >= self._max_awaiting:
             log.warning("unknown satellite refused: too many already wait for approval (max_awaiting_approval)",
                         extra={"satellite": serial[:100]})
             raise SatelliteRefused("not_paired", "not registered on this master")
@@ -126,5 +124,5 @@ class SatelliteService:
                  "paired": doc.get("paired", False), "connected": doc["serial"] in connected,
                  "group": doc.get("group", ""), "domain_affinity": doc.get("domain_affinity", []),
                  "version": doc.get("version", ""), "last_seen": doc.get("last_seen"),
-                 "in_flight": await self._recipients.count({"in_progress": True, "lease_owner": doc["serial"]})}
+                 "in_flight": await self._blocks.leased_count(doc["serial"])}
                 for doc in await self._store.list()]

@@ -9,7 +9,7 @@ from cloudmailing.storage.database import Database
 
 async def increment(database: Database, name: str, by: int = 1) -> int:
     """Atomically add ``by`` to counter ``name`` and return its new value (first value: ``by``)."""
-    async with database.write_lock:
+    async with database.locks.hold(("counter", name)):
         doc = await database.counters.find_one_and_update(
             {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER)
     assert doc is not None  # upsert always returns the document
@@ -19,3 +19,10 @@ async def increment(database: Database, name: str, by: int = 1) -> int:
 async def current(database: Database, name: str) -> int:
     doc = await database.counters.find_one({"_id": name})
     return int(doc["value"]) if doc else 0
+
+
+async def set_at_least(database: Database, name: str, value: int) -> None:
+    """Raise counter ``name`` to ``value`` (never lowers it)."""
+    async with database.locks.hold(("counter", name)):
+        if await current(database, name) < value:
+            await database.counters.update_one({"_id": name}, {"$set": {"value": value}}, upsert=True)

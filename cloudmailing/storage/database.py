@@ -1,33 +1,72 @@
-"""The MongoDB connection and the collections' indexes. Only ``storage`` speaks MongoDB."""
+"""The MongoDB connection, its collections and indexes, and the storage layout's version.
+Only ``storage`` speaks MongoDB.
+
+Recipients live in blocks (see ``storage.blocks``). Big per-block documents (content, state,
+log pages, kept messages) are spread over *bucket* collections of a bounded number of
+documents each (``block_content_7``): FerretDB v1 answers even an ``_id`` look-up by reading
+every row of the collection, so a bounded collection keeps each look-up's cost bounded however
+large the database grows. MongoDB finds them by ``_id`` either way.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+LAYOUT_VERSION = 2
+MIGRATE_COMMAND = "cm-admin storage migrate"
+BLOCKS_PER_BUCKET = 256  # block content, state and kept messages: at most this many blocks per collection
+SEQS_PER_BUCKET = 200_000  # status log pages: a collection per this many change numbers
+
 # Indexes for MongoDB, where every query the API and the dispatcher make uses one. FerretDB v1
-# keeps them but never reads them (see LeaseStore in storage/recipients.py).
+# keeps them but does not read them.
 _INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "mailings": [[("status", ASCENDING)], [("domain_name", ASCENDING)], [("owner_guid", ASCENDING)]],
-    "recipients": [
-        [("mailing_id", ASCENDING), ("status", ASCENDING), ("next_try", ASCENDING)],
-        [("mailing_id", ASCENDING), ("email", ASCENDING)],
-        [("ingest_batch", ASCENDING)],
-        [("log_group", ASCENDING)],
-    ],
-    "status_log": [[("mailing_id", ASCENDING), ("_id", ASCENDING)], [("logged_at", ASCENDING)],
-                   [("group", ASCENDING), ("recipient_id", ASCENDING)]],
+    "blocks": [[("m", ASCENDING)], [("open", ASCENDING), ("m", ASCENDING)], [("owner", ASCENDING)],
+               [("until", ASCENDING)]],
+    "recipient_ids": [[("m", ASCENDING)], [("batch", ASCENDING)]],
     "api_keys": [[("name", ASCENDING)]],
     "satellites": [[("serial", ASCENDING)]],
     "hourly_stats": [[("hour", ASCENDING)]],
 }
+_BUCKET_INDEXES: dict[str, list[list[tuple[str, int]]]] = {
+    "status_log": [[("m", ASCENDING)], [("at", ASCENDING)]],
+    "kept_messages": [[("m", ASCENDING)]],
+}
+
+
+class LayoutError(RuntimeError):
+    """The database was written by another storage layout; the message says what to do."""
+
+
+class KeyedLocks:
+    """One asyncio lock per key, alive while used: serializes this process's writes to one document.
+
+    FerretDB v1 updates a document as read-modify-write without a lock, so two concurrent updates
+    of one document from one process could lose one; different documents still go in parallel."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 @dataclass
@@ -36,43 +75,31 @@ class Database:
 
     client: AsyncMongoClient
     db: AsyncDatabase
-    # FerretDB v1 updates documents as read-modify-write outside any lock, so two concurrent
-    # updates of one document can lose one (seen: a lease written over a delivery report).
-    # The master is the only writer: on FerretDB it runs its updates one at a time under this
-    # lock; MongoDB updates each document atomically, so there it is a lock that never waits.
-    write_lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)
+    is_ferretdb: bool = False
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
+    _indexed_buckets: set[str] = field(default_factory=set)
 
-    @property
-    def mailings(self) -> AsyncCollection:
-        return self.db["mailings"]
+    def __getattr__(self, name: str) -> AsyncCollection:
+        """``database.mailings`` and the like: the collection of that name."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.db[name]
 
-    @property
-    def recipients(self) -> AsyncCollection:
-        return self.db["recipients"]
+    async def bucket(self, kind: str, number: int) -> AsyncCollection:
+        """Bucket collection ``number`` of ``kind`` (``block_content``, ``status_log``...), indexed."""
+        name = f"{kind}_{number}"
+        if name not in self._indexed_buckets and kind in _BUCKET_INDEXES:
+            for keys in _BUCKET_INDEXES[kind]:
+                await self.db[name].create_index(keys)
+        self._indexed_buckets.add(name)
+        return self.db[name]
 
-    @property
-    def status_log(self) -> AsyncCollection:
-        return self.db["status_log"]
-
-    @property
-    def counters(self) -> AsyncCollection:
-        return self.db["counters"]
-
-    @property
-    def ingest_batches(self) -> AsyncCollection:
-        return self.db["ingest_batches"]
-
-    @property
-    def api_keys(self) -> AsyncCollection:
-        return self.db["api_keys"]
-
-    @property
-    def satellites(self) -> AsyncCollection:
-        return self.db["satellites"]
-
-    @property
-    def hourly_stats(self) -> AsyncCollection:
-        return self.db["hourly_stats"]
+    async def bucket_numbers(self, kind: str) -> list[int]:
+        """The numbers of the existing bucket collections of ``kind``, ascending."""
+        prefix = f"{kind}_"
+        names = await self.db.list_collection_names()
+        return sorted(int(name[len(prefix):]) for name in names
+                      if name.startswith(prefix) and name[len(prefix):].isdigit())
 
     async def ensure_indexes(self) -> None:
         for collection, indexes in _INDEXES.items():
@@ -83,13 +110,38 @@ class Database:
         await self.client.close()
 
 
-async def open_database(url: str, name: str, timeout_ms: int = 10000) -> Database:
-    """Connect, check the server answers, and make sure the indexes exist."""
+async def open_database(url: str, name: str, timeout_ms: int = 10000, check_layout: bool = True) -> Database:
+    """Connect, check the server answers and the layout is ours, and make sure the indexes exist."""
     client: AsyncMongoClient = AsyncMongoClient(url, tz_aware=False, serverSelectionTimeoutMS=timeout_ms,
                                                 uuidRepresentation="standard")
-    database = Database(client=client, db=client[name])
     build = await client.admin.command("buildInfo")
-    if "ferretdbVersion" not in build:
-        database.write_lock = contextlib.nullcontext()
+    database = Database(client=client, db=client[name], is_ferretdb="ferretdbVersion" in build)
+    if check_layout:
+        try:
+            await check_layout_version(database)
+        except LayoutError:
+            await client.close()
+            raise
     await database.ensure_indexes()
     return database
+
+
+async def check_layout_version(database: Database) -> None:
+    """Mark a new database with our layout; refuse one written by another layout."""
+    marker = await database.meta.find_one({"_id": "layout"})
+    if marker is not None:
+        if marker.get("version") != LAYOUT_VERSION:
+            raise LayoutError(f"database {database.db.name!r} has storage layout {marker.get('version')}, "
+                              f"this CloudMailing reads layout {LAYOUT_VERSION}")
+        return
+    if await has_old_layout(database):
+        raise LayoutError(f"database {database.db.name!r} holds recipients in the storage layout of earlier "
+                          f"CloudMailing versions (one document per recipient); stop the master and run "
+                          f"`{MIGRATE_COMMAND}` to convert it")
+    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
+
+
+async def has_old_layout(database: Database) -> bool:
+    """Whether the database holds the one-document-per-recipient collections of layout 1."""
+    return bool(await database.recipients.find_one({}, {"_id": 1})
+                or await database.status_log.find_one({}, {"_id": 1}))

@@ -28,8 +28,11 @@ class SatelliteStore:
     async def list(self) -> list[dict[str, Any]]:
         return await self._db.satellites.find({}).sort("_id", 1).to_list()
 
-    async def count(self, query: Mapping[str, Any] | None = None) -> int:
-        return await self._db.satellites.count_documents(dict(query or {}))
+    async def count(self) -> int:
+        return await self._db.satellites.count_documents({})
+
+    async def count_awaiting_approval(self) -> int:
+        return await self._db.satellites.count_documents({"paired": False})
 
     async def update(self, satellite_id: int, fields: Mapping[str, Any]) -> bool:
         result = await self._db.satellites.update_one({"_id": satellite_id}, {"$set": dict(fields)})

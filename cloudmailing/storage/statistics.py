@@ -13,7 +13,7 @@ class HourlyStatsStore:
         self._db = database
 
     async def add(self, hour: datetime.datetime, sender: str, sent: int, failed: int, tries: int) -> None:
-        async with self._db.write_lock:
+        async with self._db.locks.hold(("hourly_stats", f"{hour:%Y%m%d%H}|{sender}")):
             await self._db.hourly_stats.update_one(
                 {"_id": f"{hour:%Y%m%d%H}|{sender}"},
                 {"$inc": {"sent": sent, "failed": failed, "tries": tries},

@@ -1,20 +1,17 @@
-"""Recipient status changes: the one write path, and the change log that cursors read.
+"""The change log that cursors read: every recipient status change, numbered, in pages.
 
-Every status change gets a sequence number and an entry in ``status_log`` (``_id`` = sequence).
+Every change gets a sequence number. The changes one write makes to one block are one *page*
+(``_id`` = its first number, ``last`` = its last; the entries themselves one compressed blob),
+so a report of hundreds of recipients is one log write. A page also holds each change's
+*details* (reply, SMTP log): a recipient's state points at the page of its last change, where
+:meth:`StatusLog.entries` finds them.
+
 Writers run concurrently and may finish out of order, so a reader must never move its cursor
 past a number that is still being written: :class:`SequenceAllocator` tracks the numbers in
 flight and exposes the *horizon*, the highest number below which every change is committed
 (or abandoned). Readers only read up to the horizon, so a cursor never skips a late commit.
-
-Numbers are reserved from the database in blocks, so they only grow, across restarts too:
+Numbers are reserved from the database, contiguously, so they only grow, across restarts too:
 a cursor handed out before a restart stays valid after it.
-
-A change's *details* (the reply, the SMTP log, the message as sent) differ for every recipient
-and are kept in its log entry only. The recipient document keeps what the dispatcher and the
-counts need (status, tries, lease) and ``log_group``, the group of log entries its last change
-belongs to, where :meth:`StatusLog.details` finds the rest. So the changes of one apply that
-share those fields are one update per block of recipients (see ``storage.recipients``) whatever
-their replies, and a group's entries outlive the log's retention while a recipient points at them.
 """
 
 from __future__ import annotations
@@ -22,36 +19,37 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import bson
+from pymongo.errors import DuplicateKeyError
 
 from cloudmailing.storage import counters
-from cloudmailing.storage.database import Database
-from cloudmailing.storage.mailings import MailingStore
-from cloudmailing.storage.recipients import find_by_block, ids_by, set_by_block
+from cloudmailing.storage.database import SEQS_PER_BUCKET, Database
 
 log = logging.getLogger(__name__)
 
 SEQUENCE_COUNTER = "status_seq"
+RESERVE = 10_000  # numbers reserved from the database at a time
 
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
 STATUS_FIELDS = ("email", "status", "reply_code", "reply_enhanced_code", "reply_text", "smtp_log",
                  "modified", "first_try", "next_try", "try_count", "in_progress", "cloud_client")
-# Those kept in the log entry only, with their values before any delivery attempt.
-DETAIL_DEFAULTS: dict[str, Any] = {"reply_code": None, "reply_enhanced_code": "", "reply_text": "", "smtp_log": ""}
-CONTENT = "customized_content"  # the message as sent, when the mailing keeps them
-PURGE_CHUNK = 500  # log groups deleted per command
+# The details a change may leave unsaid (then the last ones stay), with their values before any try.
+DETAIL_DEFAULTS: dict[str, Any] = {"reply_code": None, "reply_enhanced_code": "", "reply_text": "",
+                                   "smtp_log": "", "cloud_client": ""}
 
 
 class SequenceAllocator:
     """Hands out change numbers and knows the horizon below which all are committed."""
 
-    def __init__(self, database: Database, block_size: int = 1000) -> None:
+    def __init__(self, database: Database) -> None:
         self._db = database
-        self._block_size = block_size
         self._next = 1
-        self._reserved_end = 0  # last number of the block reserved in the database
-        self._in_flight: set[int] = set()
+        self._reserved_end = 0  # last number reserved in the database
+        self._in_flight: set[int] = set()  # first number of each range being written
         self._reserve_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -59,20 +57,22 @@ class SequenceAllocator:
         self._reserved_end = await counters.current(self._db, SEQUENCE_COUNTER)
         self._next = self._reserved_end + 1
 
-    async def allocate(self, count: int) -> list[int]:
+    async def allocate(self, count: int) -> int:
+        """The first of ``count`` consecutive numbers, in flight until :meth:`release`."""
         async with self._reserve_lock:
             if self._next + count - 1 > self._reserved_end:
-                # A new block; the old block's unused tail is simply skipped (gaps are harmless).
-                wanted = max(self._block_size, count)
-                self._reserved_end = await counters.increment(self._db, SEQUENCE_COUNTER, wanted)
-                self._next = self._reserved_end - wanted + 1
-            numbers = list(range(self._next, self._next + count))
+                wanted = max(RESERVE, count)
+                end = await counters.increment(self._db, SEQUENCE_COUNTER, wanted)
+                if end - wanted + 1 != self._reserved_end + 1:  # another process reserved meanwhile
+                    self._next = end - wanted + 1
+                self._reserved_end = end
+            first = self._next
             self._next += count
-            self._in_flight.update(numbers)
-            return numbers
+            self._in_flight.add(first)
+            return first
 
-    def release(self, numbers: Iterable[int]) -> None:
-        self._in_flight.difference_update(numbers)
+    def release(self, first: int) -> None:
+        self._in_flight.discard(first)
 
     @property
     def horizon(self) -> int:
@@ -81,192 +81,129 @@ class SequenceAllocator:
 
 
 @dataclass(frozen=True)
-class StatusChange:
-    """One recipient moving to ``status``; ``fields`` are other fields to set (status fields are logged)."""
+class LogPage:
+    """One write's changes: ``entries`` are dicts with ``q`` (number), ``id``, ``b``/``s`` (block,
+    slot), ``t`` (test) and ``r`` (the status record)."""
 
-    recipient_id: str
-    status: str
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    first: int
+    mailing_id: int
+    logged_at: datetime.datetime
+    entries: Sequence[Mapping[str, Any]]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.entries) - 1
+
+    def document(self) -> dict[str, Any]:
+        blob = zlib.compress(bson.encode({"e": list(self.entries)}), 1)
+        return {"_id": self.first, "last": self.last, "m": self.mailing_id, "at": self.logged_at,
+                "z": bson.Binary(blob)}
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> LogPage:
+        entries = bson.decode(zlib.decompress(doc["z"]))["e"]
+        return cls(first=doc["_id"], mailing_id=doc["m"], logged_at=doc["at"], entries=entries)
 
 
-@dataclass
-class ApplyResult:
-    applied: list[str] = field(default_factory=list)   # recipient ids changed
-    unknown: list[str] = field(default_factory=list)   # recipient ids not in the database
-
-
-class _RecipientClaims:
-    """Serializes changes to one recipient; changes to different recipients run in parallel."""
-
-    def __init__(self) -> None:
-        self._busy: dict[str, asyncio.Future[None]] = {}
-
-    async def claim(self, recipient_ids: Sequence[str]) -> None:
-        loop = asyncio.get_running_loop()
-        for recipient_id in sorted(set(recipient_ids)):  # sorted: no deadlock between batches
-            while recipient_id in self._busy:
-                await asyncio.shield(self._busy[recipient_id])
-            self._busy[recipient_id] = loop.create_future()
-
-    def release(self, recipient_ids: Sequence[str]) -> None:
-        for recipient_id in set(recipient_ids):
-            waiter = self._busy.pop(recipient_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+def bucket_of(seq: int) -> int:
+    return seq // SEQS_PER_BUCKET
 
 
 class StatusLog:
-    """The single path through which recipient statuses change, and the cursor reads."""
+    """Writes log pages and reads them back for cursors and details."""
 
-    def __init__(self, database: Database, allocator: SequenceAllocator,
-                 before_write: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, database: Database, allocator: SequenceAllocator) -> None:
         self._db = database
-        self._allocator = allocator
-        self._before_write = before_write  # a test seam: lets writers finish out of order
-        self._mailings = MailingStore(database)
-        self._claims = _RecipientClaims()
-        self.mailings_to_recount: set[int] = set()
+        self.allocator = allocator
 
-    async def apply(self, changes: Sequence[StatusChange], now: datetime.datetime) -> ApplyResult:
-        """Apply ``changes`` (at most one per recipient) and log each one."""
-        by_id = {change.recipient_id: change for change in changes}
-        return await self.apply_decided(list(by_id), lambda current: by_id[current["_id"]], now)
-
-    async def apply_decided(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                            now: datetime.datetime, blocks: Mapping[str, Any] | None = None) -> ApplyResult:
-        """Apply the change ``decide`` makes of each recipient's current state (read once, here).
-        ``blocks``: the block of the recipients whose block the caller knows (they are found
-        faster, see ``storage.recipients``)."""
-        await self._claims.claim(recipient_ids)
+    async def insert(self, page: LogPage) -> None:
+        """Write ``page`` (again after a crash: a page already there is left as it is)."""
         try:
-            return await self._apply_claimed(recipient_ids, decide, now, blocks or {})
-        finally:
-            self._claims.release(recipient_ids)
+            await (await self._db.bucket("status_log", bucket_of(page.first))).insert_one(page.document())
+        except DuplicateKeyError:
+            pass
 
-    async def _apply_claimed(self, recipient_ids: Sequence[str], decide: Callable[[dict[str, Any]], StatusChange],
-                             now: datetime.datetime, blocks: Mapping[str, Any]) -> ApplyResult:
-        projection = {name: 1 for name in (*STATUS_FIELDS, "mailing_id", "test", "block", "log_group")}
-        current = await find_by_block(self._db, recipient_ids, blocks, projection)
-        known = [decide(current[rid]) for rid in recipient_ids if rid in current]
-        result = ApplyResult(unknown=[rid for rid in recipient_ids if rid not in current])
-        if not known:
-            return result
-        numbers = await self._allocator.allocate(len(known))
-        try:
-            if self._before_write is not None:
-                await self._before_write()
-            # A change that leaves some details unsaid keeps the recipient's current ones.
-            partial = [current[c.recipient_id] for c in known if not set(DETAIL_DEFAULTS) <= set(c.fields)]
-            previous = await self.details(partial) if partial else {}
-            entries = [_log_entry(seq, c, {**current[c.recipient_id], **previous.get(c.recipient_id, {})},
-                                  now, group=numbers[0]) for seq, c in zip(numbers, known, strict=True)]
-            # The log first: a crash between the two writes repeats a change, never loses one.
-            await self._db.status_log.insert_many(entries, ordered=True)
-            await self._update_recipients(entries, known, current)
-            await self._move_counts(known, current)
-        except BaseException:
-            # Some of the writes may have happened: the counts are recounted from the recipients.
-            self.mailings_to_recount.update(doc["mailing_id"] for doc in current.values())
-            raise
-        finally:
-            self._allocator.release(numbers)
-        result.applied = [change.recipient_id for change in known]
-        return result
+    async def page(self, first: int) -> LogPage | None:
+        collection = await self._db.bucket("status_log", bucket_of(first))
+        doc = await collection.find_one({"_id": first})
+        return LogPage.from_document(doc) if doc else None
 
-    async def _update_recipients(self, entries: Sequence[Mapping[str, Any]], changes: Sequence[StatusChange],
-                                 current: Mapping[str, dict[str, Any]]) -> None:
-        """One update per set of recipients given the same fields, block by block."""
-        groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-        for entry, change in zip(entries, changes, strict=True):
-            update = _recipient_update(entry, change)
-            key = tuple(sorted((name, repr(value)) for name, value in update.items()))
-            groups.setdefault(key, (update, []))[1].append(current[change.recipient_id])
-        async with self._db.write_lock:
-            for update, docs in groups.values():
-                await set_by_block(self._db, docs, {}, update)
-
-    async def details(self, recipients: Iterable[Mapping[str, Any]], with_content: bool = False,
-                      ) -> dict[str, dict[str, Any]]:
-        """Each recipient's details (reply, SMTP log; its stored message with ``with_content``)
-        as its last change logged them; ``recipients`` are documents with ``_id`` and ``log_group``."""
-        docs = list(recipients)
-        # Recipients never changed have no group: the defaults (or what older versions kept on them).
-        found = {doc["_id"]: {name: doc.get(name, default) for name, default in DETAIL_DEFAULTS.items()}
-                 for doc in docs}
-        projection = {"recipient_id": 1, "record": 1, **({CONTENT: 1} if with_content else {})}
-        for group, ids in _ids_by_log_group(docs).items():
-            async for entry in self._db.status_log.find({"group": group, "recipient_id": {"$in": ids}}, projection):
-                found[entry["recipient_id"]] = {name: entry["record"].get(name, default)
-                                                for name, default in DETAIL_DEFAULTS.items()}
-                if entry.get(CONTENT) is not None:
-                    found[entry["recipient_id"]][CONTENT] = entry[CONTENT]
+    async def entries(self, refs: Iterable[tuple[int, int]]) -> dict[int, Mapping[str, Any]]:
+        """The entries numbered ``seq`` of pages ``page`` for each (page, seq), by number."""
+        wanted: dict[int, set[int]] = {}
+        for page_id, seq in refs:
+            wanted.setdefault(page_id, set()).add(seq)
+        found: dict[int, Mapping[str, Any]] = {}
+        for page_id, seqs in wanted.items():
+            page = await self.page(page_id)
+            if page is not None:
+                found.update((entry["q"], entry) for entry in page.entries if entry["q"] in seqs)
         return found
 
-    async def drop_customized_content(self, recipients: Iterable[Mapping[str, Any]]) -> None:
-        """Forget the stored messages of these recipients (delete_customized_content)."""
-        async with self._db.write_lock:
-            for group, ids in _ids_by_log_group(recipients).items():
-                await self._db.status_log.update_many({"group": group, "recipient_id": {"$in": ids}},
-                                                      {"$unset": {CONTENT: ""}})
-
-    async def _move_counts(self, changes: Sequence[StatusChange], current: Mapping[str, dict[str, Any]]) -> None:
-        per_mailing: dict[int, dict[str, int]] = {}
-        for change in changes:
-            old = current[change.recipient_id]
-            if old.get("test") or old.get("status") == change.status:
+    async def read_since(self, page_id: int, after: int, limit: int, mailing_ids: set[int] | None = None,
+                         accept: Callable[[Mapping[str, Any]], bool] | None = None,
+                         ) -> tuple[list[Mapping[str, Any]], int, int]:
+        """Entries numbered after ``after`` (found from page ``page_id``, 0: unknown), oldest
+        first, of ``mailing_ids`` (None: all) that ``accept`` takes, at most ``limit``; with the
+        (page, number) to continue from."""
+        horizon = self.allocator.horizon
+        found: list[Mapping[str, Any]] = []
+        position = after
+        while position < horizon:
+            page = await self._page_after(page_id, position, horizon)
+            if page is None:
+                return found, 0, horizon
+            page_id = page.first
+            if mailing_ids is not None and page.mailing_id not in mailing_ids:
+                position = page.last
                 continue
-            deltas = per_mailing.setdefault(old["mailing_id"], {})
-            deltas[old["status"]] = deltas.get(old["status"], 0) - 1
-            deltas[change.status] = deltas.get(change.status, 0) + 1
-        for mailing_id, deltas in per_mailing.items():
-            await self._mailings.add_counts(mailing_id, deltas)
+            for entry in page.entries:
+                if entry["q"] > position:
+                    position = entry["q"]
+                    if accept is not None and not accept(entry):
+                        continue
+                    found.append(entry)
+                    if len(found) == limit:
+                        return found, page_id, position
+            position = page.last
+        return found, page_id, max(position, 0)
 
-    async def read_since(self, after: int, query: Mapping[str, Any], limit: int,
-                         ) -> tuple[list[dict[str, Any]], int]:
-        """Changes numbered after ``after`` matching ``query``, oldest first, and the next cursor."""
-        horizon = self._allocator.horizon
-        if after >= horizon:
-            return [], max(after, 0)
-        find = {"_id": {"$gt": after, "$lte": horizon}, **query}
-        entries = await self._db.status_log.find(find, {CONTENT: 0}).sort("_id", 1).limit(limit).to_list()
-        next_cursor = entries[-1]["_id"] if len(entries) == limit else horizon
-        return entries, next_cursor
+    async def _page_after(self, page_id: int, position: int, horizon: int) -> LogPage | None:
+        """The page holding number ``position + 1``, or the first committed one after it."""
+        if page_id:
+            current = await self.page(page_id)
+            if current is not None and current.last > position:
+                return current
+        following = await self.page(position + 1)
+        if following is not None:
+            return following
+        return await self._first_page_holding_or_after(position + 1, horizon)
 
-    async def purge_before(self, cutoff: datetime.datetime) -> int:
-        """Delete the log groups older than ``cutoff`` that no recipient's details point at."""
-        # Entries of versions that kept the details on the recipients have no group.
-        deleted = (await self._db.status_log.delete_many({"logged_at": {"$lt": cutoff},
-                                                          "group": {"$exists": False}})).deleted_count
-        old_groups = set(await self._db.status_log.distinct("group", {"logged_at": {"$lt": cutoff}}))
-        if not old_groups:
-            return deleted
-        unused = sorted(old_groups - set(await self._db.recipients.distinct("log_group")))
-        for start in range(0, len(unused), PURGE_CHUNK):
-            result = await self._db.status_log.delete_many({"group": {"$in": unused[start:start + PURGE_CHUNK]}})
-            deleted += result.deleted_count
+    async def _first_page_holding_or_after(self, seq: int, horizon: int) -> LogPage | None:
+        """Past a gap (an abandoned write, or a cursor from before pages): a search, rare."""
+        for bucket in range(max(bucket_of(seq) - 1, 0), bucket_of(horizon) + 1):
+            collection = await self._db.bucket("status_log", bucket)
+            holding = await collection.find_one({"_id": {"$lt": seq}, "last": {"$gte": seq}})
+            if holding is None:
+                holding = await collection.find_one({"_id": {"$gte": seq, "$lte": horizon}}, sort=[("_id", 1)])
+            if holding is not None:
+                return LogPage.from_document(holding)
+        return None
+
+    async def delete_mailing(self, mailing_id: int) -> None:
+        for bucket in await self._db.bucket_numbers("status_log"):
+            await (await self._db.bucket("status_log", bucket)).delete_many({"m": mailing_id})
+
+    async def purge_before(self, cutoff: datetime.datetime, referenced: set[int]) -> int:
+        """Delete the pages logged before ``cutoff`` that no recipient's details point at
+        (``referenced``: page ids); drop buckets left empty."""
+        deleted = 0
+        for bucket in await self._db.bucket_numbers("status_log"):
+            collection = await self._db.bucket("status_log", bucket)
+            old = [doc["_id"] async for doc in collection.find({"at": {"$lt": cutoff}}, {"_id": 1})]
+            unused = [page_id for page_id in old if page_id not in referenced]
+            for start in range(0, len(unused), 500):
+                deleted += (await collection.delete_many({"_id": {"$in": unused[start:start + 500]}})).deleted_count
+            if bucket < bucket_of(self.allocator.horizon) and not await collection.find_one({}, {"_id": 1}):
+                await collection.drop()
         return deleted
-
-
-def _ids_by_log_group(recipients: Iterable[Mapping[str, Any]]) -> dict[Any, list[str]]:
-    """The recipients that have a log group (a change logged), by group."""
-    return ids_by((doc["log_group"], doc["_id"]) for doc in recipients if doc.get("log_group"))
-
-
-def _log_entry(seq: int, change: StatusChange, old: Mapping[str, Any], now: datetime.datetime,
-               group: int) -> dict[str, Any]:
-    record = {name: change.fields.get(name, old.get(name, DETAIL_DEFAULTS.get(name))) for name in STATUS_FIELDS}
-    record["status"] = change.status
-    record["modified"] = now
-    entry = {"_id": seq, "recipient_id": change.recipient_id, "mailing_id": old["mailing_id"], "group": group,
-             "test": bool(old.get("test")), "status": change.status, "logged_at": now, "record": record}
-    if change.fields.get(CONTENT) is not None:
-        entry[CONTENT] = change.fields[CONTENT]
-    return entry
-
-
-def _recipient_update(entry: Mapping[str, Any], change: StatusChange) -> dict[str, Any]:
-    """The logged fields the recipient keeps, plus the change's other fields (e.g. ending a lease)."""
-    update = {**change.fields, **entry["record"], "log_group": entry["group"]}
-    for name in ("email", CONTENT, *DETAIL_DEFAULTS):
-        update.pop(name, None)
-    return update

@@ -6,7 +6,7 @@ import xmlrpc.client
 
 import pytest
 
-from tests.helpers import aio_test
+from tests.helpers import aio_test, set_statuses
 
 
 async def _mailing(api) -> int:
@@ -56,13 +56,16 @@ async def test_add_recipients_limits_and_unknown_mailing(running_master):
 
 
 @aio_test
-async def test_send_test_recipients_are_not_counted(running_master):
+async def test_send_test_recipients_are_counted_and_the_mailing_keeps_its_status(running_master):
     api = running_master.proxy()
     mailing_id = await _mailing(api)
     answer = await api.send_test(mailing_id, [{"email": "qa@example.org"}])
     assert "id" in answer[0]
-    assert (await api.list_mailings({"id": [mailing_id]}))[0]["total_recipient"] == 0
-    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 0
+    mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    assert (mailing["total_recipient"], mailing["total_pending"], mailing["status"]) == (1, 1, "FILLING_RECIPIENTS")
+    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 1
+    await api.mailing_manager_force_check()
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FILLING_RECIPIENTS"
 
 
 @aio_test
@@ -74,11 +77,7 @@ async def test_seed_client_polling_loop_sees_each_change_once(running_master):
     result = await api.get_recipients_status_updated_since("", [], 1000)
     assert result["recipients"] == []  # READY is not reported by default
     cursor = result["cursor"]
-    status_log = running_master.master.services.recipients._status_log
-    from cloudmailing.services.clock import utc_now
-    from cloudmailing.storage.status_log import StatusChange
-    await status_log.apply([StatusChange(rid, "FINISHED", {"reply_code": 250}) for rid in ids[:5]],
-                           utc_now(running_master.master.reactor))
+    await set_statuses(running_master.master.stores, ids[:5], "FINISHED", {"reply_code": 250})
     collected = []
     while True:
         page = await api.get_recipients_status_updated_since(cursor, [], 2)

@@ -85,14 +85,15 @@ async def test_a_disconnect_returns_the_leases(running_master):
 
 @aio_test
 async def test_a_satellite_holds_the_initial_lease_size_until_it_reports(running_master):
+    """Leases are of whole blocks (500 recipients): at least one, then what the report rate allows."""
     api = running_master.proxy()
-    await running_mailing(api, 150)
+    await running_mailing(api, 700)  # two blocks: 500 and 200
     link = await _registered_link(running_master, "sat-3")
-    leased = (await link.call("lease", max_recipients=500))["recipients"]
-    assert len(leased) == 100  # [dispatch] initial_lease_size
+    leased = (await link.call("lease", max_recipients=50))["recipients"]
+    assert len(leased) == 500  # one block, though [dispatch] initial_lease_size is 100
     assert (await link.call("lease", max_recipients=500))["recipients"] == []
-    outcomes = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250} for r in leased[:30]]
+    outcomes = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250} for r in leased[:300]]
     await link.call("report", outcomes=outcomes)
-    # 30 outcomes within a second: a rate that allows far more than the 50 left.
-    assert len((await link.call("lease", max_recipients=500))["recipients"]) == 50
+    # 300 outcomes within a second: a rate that allows far more than the 200 left.
+    assert len((await link.call("lease", max_recipients=500))["recipients"]) == 200
     link.close()

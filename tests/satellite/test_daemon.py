@@ -63,6 +63,6 @@ async def test_no_new_lease_while_the_master_has_not_taken_the_outcomes(running_
                 if (await api.cloud_list_satellites())[0]["in_flight"]:
                     break
                 await asyncio.sleep(0.05)
-            assert (await api.cloud_list_satellites())[0]["in_flight"] == 2
+            assert (await api.cloud_list_satellites())[0]["in_flight"] == 3  # a whole block
         finally:
             feeding.cancel()

@@ -1,4 +1,4 @@
-"""Leases and reports, driven by a fake clock."""
+"""Leases and reports, driven by a fake clock, on blocks of two recipients."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import datetime
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.services.dispatcher import retry_delay
-from tests.helpers import aio_test, started_status_log
+from cloudmailing.storage.blocks import BlockStore
+from cloudmailing.storage.stores import open_stores
+from tests.helpers import aio_test
 
 SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
 
 
 async def _world(database, clock, **config):
-    services = build_services(database, await started_status_log(database), clock,
+    services = build_services(await open_stores(database, block_recipients=2), clock,
                               dispatch=DispatchConfig(**config))
     mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
     return services, mailing_id
@@ -36,8 +38,8 @@ async def test_only_running_mailings_are_leased_and_pause_stops_leases(database,
     assert await services.dispatcher.lease(SATELLITE, 10) == []  # not started
     await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
-    first = await services.dispatcher.lease(SATELLITE, 2)
-    assert len(first) == 2
+    first = await services.dispatcher.lease(SATELLITE, 1)
+    assert len(first) == 2  # a whole block
     await services.mailings.pause(mailing_id)
     assert await services.dispatcher.lease(SATELLITE, 10) == []
     await services.mailings.start(mailing_id)
@@ -122,11 +124,12 @@ async def test_due_retries_are_leased_before_fresh_recipients(database, clock):
     await services.dispatcher.report(SATELLITE, [_outcome(rid, "WARNING", 451) for rid in ids[2:]])
     await services.dispatcher.release_recipients(ids[:2])  # back to READY, ahead in the queue
     clock.advance(301)
-    leased = [r["id"] for r in await services.dispatcher.lease(SATELLITE, 3)]
-    assert leased == [ids[2], ids[3], ids[0]]
-    details = {s["id"]: s for s in await services.reports.statuses(leased, {})}
-    assert details[leased[0]]["reply_code"] == 451 and details[leased[0]]["smtp_log"] == "> RCPT\n< 451"
-    assert details[leased[0]]["status"] == "IN PROGRESS" and details[leased[2]]["reply_code"] is None
+    leased = [r["id"] for r in await services.dispatcher.lease(SATELLITE, 1)]
+    assert leased == [ids[2], ids[3]]  # the block of due retries, then (next lease) the fresh one
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 1)] == ids[:2]
+    details = {s["id"]: s for s in await services.reports.statuses(ids, {})}
+    assert details[ids[2]]["reply_code"] == 451 and details[ids[2]]["smtp_log"] == "> RCPT\n< 451"
+    assert details[ids[2]]["status"] == "IN PROGRESS" and details[ids[0]]["reply_code"] is None
 
 
 def test_retry_delay_doubles_up_to_the_cap():
@@ -137,12 +140,12 @@ def test_retry_delay_doubles_up_to_the_cap():
 @aio_test
 async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database, clock):
     services, mailing_id = await _world(database, clock, max_lease_bytes=10_000)
-    attachment = {"filename": "a.pdf", "content_type": "application/pdf", "content": b"%" * 3000}  # ~4 KB sent
+    attachment = {"filename": "a.pdf", "content_type": "application/pdf", "content": b"%" * 3000}
     entries = [{"email": f"u{i}@example.org", "attachments": [attachment]} for i in range(5)]
     entries.append({"email": "big@example.org", "attachments": [dict(attachment, content=b"%" * 30_000)]})
-    await services.recipients.add(mailing_id, entries)
+    await services.recipients.add(mailing_id, entries)  # blocks: 6 KB, 6 KB, 33 KB
     await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
-    sizes = [len(await services.dispatcher.lease(SATELLITE, 10)) for _ in range(5)]
-    assert sizes == [2, 2, 1, 1, 0]  # two fit; the big one goes alone: one recipient always does
-    assert await database.recipients.count_documents({"in_progress": True}) == 6
+    sizes = [len(await services.dispatcher.lease(SATELLITE, 10)) for _ in range(4)]
+    assert sizes == [2, 2, 2, 0]  # one block fits each time; the big one goes alone: one block always does
+    assert await BlockStore(database).leased_count("sat-a") == 6

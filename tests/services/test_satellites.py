@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
+from cloudmailing.storage.stores import open_stores
 from tests.helpers import aio_test
 
 
@@ -16,7 +17,7 @@ async def _refusal(service: SatelliteService, serial: str, secret: str = "pw") -
 
 @aio_test
 async def test_at_most_max_awaiting_approval_strangers_are_recorded(database, clock):
-    service = SatelliteService(database, clock, max_awaiting_approval=2)
+    service = SatelliteService(await open_stores(database), clock, max_awaiting_approval=2)
     for serial in ("stranger-1", "stranger-2"):
         assert "waiting for an administrator" in await _refusal(service, serial)
     assert "not registered" in await _refusal(service, "stranger-3")

@@ -1,0 +1,263 @@
+"""Recipients stored in blocks: the unit of storage, leasing and reporting.
+
+A mailing's recipients are kept in blocks of up to :data:`MAX_RECIPIENTS` (and about
+:data:`MAX_BYTES` of data). Each block has three documents, all found by ``_id``:
+
+- its *content* (``block_content_<bucket>``): every recipient's id, address, personalization
+  data and attachments, written at ingest and read when the block is leased;
+- its *state* (``block_state_<bucket>``): the delivery state of each recipient (status, lease
+  flag, tries, times, where its last change is logged), the block's lease, and a ``version``
+  that every write checks and increments (optimistic concurrency: a write that finds another
+  version re-reads and tries again);
+- its *summary* (``blocks``): a few numbers derived from the state (how many are ready, when
+  the next retry is due, who holds the lease until when, counts per status). This small
+  document is all the dispatcher searches, so finding work never reads recipients.
+
+The state is the truth; the summary is rewritten after it, and rebuilt from it at start-up
+when a crash came between the two (:meth:`BlockStore.repair_summaries`).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import bson
+
+from cloudmailing.common.statuses import PENDING_STATUSES, READY, WARNING
+from cloudmailing.storage import counters
+from cloudmailing.storage.block_codec import (
+    StateColumns,
+    decode_content,
+    decode_state,
+    encode_content,
+    encode_state,
+    from_millis,
+    to_millis,
+)
+from cloudmailing.storage.database import BLOCKS_PER_BUCKET, Database
+
+MAX_RECIPIENTS = 500
+MAX_BYTES = 4 * 1024 * 1024
+BLOCK_ID_COUNTER = "block_id"
+LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
+_ADDRESS_CACHE_BLOCKS = 256
+
+
+@dataclass
+class Lease:
+    id: str
+    owner: str
+    until: datetime.datetime
+
+
+@dataclass
+class Block:
+    """A block's state as read, to be changed and saved."""
+
+    id: int
+    mailing_id: int
+    test: bool
+    version: int
+    columns: StateColumns
+    lease: Lease | None = None
+    pending_page: dict[str, Any] | None = None  # a log page written with this state (crash recovery)
+
+    def leased_slots(self) -> list[int]:
+        return [slot for slot, flag in enumerate(self.columns.leased) if flag]
+
+    def deliverable(self, now: datetime.datetime) -> list[int]:
+        """Slots that may be leased now: READY, or WARNING whose retry is due; none leased."""
+        cols, due = self.columns, to_millis(now)
+        return [slot for slot in range(len(cols)) if not cols.leased[slot]
+                and (cols.status_of(slot) == READY or (cols.status_of(slot) == WARNING and cols.next_try[slot] <= due))]
+
+    def summary(self) -> dict[str, Any]:
+        cols = self.columns
+        ready = due = leased = 0
+        for slot in range(len(cols)):
+            if cols.leased[slot]:
+                leased += 1
+            elif cols.status_of(slot) == READY:
+                ready += 1
+            elif cols.status_of(slot) == WARNING and (not due or cols.next_try[slot] < due):
+                due = cols.next_try[slot]
+        counts = cols.counts()
+        return {"_id": self.id, "m": self.mailing_id, "test": self.test, "n": len(cols), "sv": self.version,
+                "open": any(counts.get(status) for status in PENDING_STATUSES), "ready": ready,
+                "due": from_millis(due), "leased": leased, "owner": self.lease.owner if self.lease else None,
+                "until": self.lease.until if self.lease else None, "counts": counts}
+
+
+def bucket_of(block_id: int) -> int:
+    return block_id // BLOCKS_PER_BUCKET
+
+
+class BlockStore:
+    """Reads and writes blocks; callers that change one hold :meth:`lock` for it."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._addresses: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
+
+    def lock(self, block_id: int) -> Any:
+        return self._db.locks.hold(("block", block_id))
+
+    async def new_id(self) -> int:
+        return await counters.increment(self._db, BLOCK_ID_COUNTER)
+
+    # -- content ------------------------------------------------------------------------------
+
+    async def write_content(self, block_id: int, mailing_id: int, recipients: list[dict[str, Any]],
+                            previous_count: int) -> bool:
+        """Write the block's content (all of it); False if its count is no longer ``previous_count``."""
+        collection = await self._db.bucket("block_content", bucket_of(block_id))
+        doc = {"m": mailing_id, "n": len(recipients), "z": bson.Binary(encode_content(recipients))}
+        self._addresses.pop(block_id, None)
+        if previous_count == 0:
+            await collection.insert_one({"_id": block_id, **doc})
+            return True
+        result = await collection.update_one({"_id": block_id, "n": previous_count}, {"$set": doc})
+        return result.matched_count == 1
+
+    async def content(self, block_id: int) -> list[dict[str, Any]]:
+        """Every recipient of the block: ``id``, ``email``, ``domain``, ``contact``, ``attachments``."""
+        collection = await self._db.bucket("block_content", bucket_of(block_id))
+        doc = await collection.find_one({"_id": block_id})
+        recipients = decode_content(doc["z"]) if doc else []
+        self._remember_addresses(block_id, recipients)
+        return recipients
+
+    async def addresses(self, block_id: int) -> list[tuple[str, str]]:
+        """(id, email) of every recipient of the block, from a small cache of recent blocks."""
+        if block_id in self._addresses:
+            self._addresses.move_to_end(block_id)
+            return self._addresses[block_id]
+        await self.content(block_id)
+        return self._addresses.get(block_id, [])
+
+    def _remember_addresses(self, block_id: int, recipients: list[dict[str, Any]]) -> None:
+        self._addresses[block_id] = [(r["id"], r["email"]) for r in recipients]
+        while len(self._addresses) > _ADDRESS_CACHE_BLOCKS:
+            self._addresses.popitem(last=False)
+
+    # -- state --------------------------------------------------------------------------------
+
+    async def load(self, block_id: int) -> Block | None:
+        collection = await self._db.bucket("block_state", bucket_of(block_id))
+        doc = await collection.find_one({"_id": block_id})
+        return _block(doc) if doc else None
+
+    async def insert(self, block: Block) -> None:
+        collection = await self._db.bucket("block_state", bucket_of(block.id))
+        await collection.insert_one({"_id": block.id, **_state_fields(block)})
+
+    async def save(self, block: Block) -> bool:
+        """Write ``block``'s state over the version it was read at; False if another write came
+        first. On success its version is the new one; its summary is the caller's to write."""
+        collection = await self._db.bucket("block_state", bucket_of(block.id))
+        fields = _state_fields(block)
+        fields["v"] = block.version + 1
+        result = await collection.update_one({"_id": block.id, "v": block.version}, {"$set": fields})
+        if result.matched_count != 1:
+            return False
+        block.version += 1
+        return True
+
+    async def write_summary(self, block: Block) -> None:
+        await self._db.blocks.replace_one({"_id": block.id}, block.summary(), upsert=True)
+
+    async def delete(self, block_id: int) -> None:
+        for kind in ("block_content", "block_state", "kept_messages"):
+            collection = await self._db.bucket(kind, bucket_of(block_id))
+            await collection.delete_many({"_id": block_id} if kind != "kept_messages" else {"b": block_id})
+        await self._db.blocks.delete_one({"_id": block_id})
+        self._addresses.pop(block_id, None)
+
+    # -- summaries: what the dispatcher and the counts search ------------------------------
+
+    async def leasable(self, mailing_ids: Sequence[int] | None, test: bool, now: datetime.datetime,
+                       ) -> list[dict[str, Any]]:
+        """Summaries of blocks (of ``mailing_ids``; None: of any mailing) of test recipients or
+        not, with recipients to deliver now and no lease held: due retries first, then by age."""
+        query: dict[str, Any] = {"open": True, "test": test}
+        if mailing_ids is not None:
+            if not mailing_ids:
+                return []
+            query["m"] = mailing_ids[0] if len(mailing_ids) == 1 else {"$in": list(mailing_ids)}
+        found = [doc async for doc in self._db.blocks.find(query)
+                 if (doc["ready"] or (doc["due"] and doc["due"] <= now)) and (not doc["owner"] or doc["until"] < now)]
+        return sorted(found, key=lambda doc: (not (doc["due"] and doc["due"] <= now), doc["_id"]))
+
+    async def held_by(self, owner: str) -> list[dict[str, Any]]:
+        return await self._db.blocks.find({"owner": owner}).to_list()
+
+    async def lease_expired(self, now: datetime.datetime) -> list[dict[str, Any]]:
+        return await self._db.blocks.find({"until": {"$lt": now}}).to_list()
+
+    def of_mailing(self, mailing_id: int) -> AsyncIterator[dict[str, Any]]:
+        return self._db.blocks.find({"m": mailing_id}).sort("_id", 1)
+
+    async def tail(self, mailing_id: int, test: bool) -> dict[str, Any] | None:
+        """The summary of the mailing's newest block of this kind."""
+        found = await self._db.blocks.find({"m": mailing_id, "test": test}).sort("_id", -1).limit(1).to_list()
+        return found[0] if found else None
+
+    async def counts(self, mailing_ids: Sequence[int] | None = None) -> dict[int, dict[str, int]]:
+        """Per-status recipient counts of each mailing, summed over its blocks' summaries."""
+        query = {} if mailing_ids is None else {"m": {"$in": list(mailing_ids)}}
+        totals: dict[int, dict[str, int]] = {}
+        async for doc in self._db.blocks.find(query, {"m": 1, "counts": 1}):
+            mailing = totals.setdefault(doc["m"], {})
+            for status, count in (doc.get("counts") or {}).items():
+                mailing[status] = mailing.get(status, 0) + count
+        return totals
+
+    async def leased_count(self, owner: str) -> int:
+        return sum(doc.get("leased", 0) for doc in await self.held_by(owner))
+
+    # -- recovery and repair --------------------------------------------------------------
+
+    async def all_states(self) -> AsyncIterator[Block]:
+        for bucket in await self._db.bucket_numbers("block_state"):
+            async for doc in (await self._db.bucket("block_state", bucket)).find({}):
+                yield _block(doc)
+
+    async def repair_summary(self, block_id: int) -> Block | None:
+        """Rewrite the block's summary if it trails its state; the state."""
+        block = await self.load(block_id)
+        if block is not None:
+            summary = await self._db.blocks.find_one({"_id": block_id}, {"sv": 1})
+            if summary is None or summary.get("sv") != block.version:
+                await self.write_summary(block)
+        return block
+
+    async def logged_floor(self) -> int:
+        return await counters.current(self._db, LOGGED_FLOOR_COUNTER)
+
+    async def set_logged_floor(self, floor: int) -> None:
+        await counters.set_at_least(self._db, LOGGED_FLOOR_COUNTER, floor)
+
+    async def referenced_pages(self) -> set[int]:
+        """Every log page a recipient's latest details are on."""
+        pages: set[int] = set()
+        async for block in self.all_states():
+            pages.update(page for page in block.columns.last_page if page)
+        return pages
+
+
+def _state_fields(block: Block) -> dict[str, Any]:
+    lease = None if block.lease is None else {"id": block.lease.id, "owner": block.lease.owner,
+                                              "until": block.lease.until}
+    return {"m": block.mailing_id, "test": block.test, "n": len(block.columns), "v": block.version,
+            "lease": lease, "pending": block.pending_page, "z": bson.Binary(encode_state(block.columns))}
+
+
+def _block(doc: Mapping[str, Any]) -> Block:
+    lease = doc.get("lease")
+    return Block(id=doc["_id"], mailing_id=doc["m"], test=bool(doc.get("test")), version=doc["v"],
+                 columns=decode_state(doc["z"], doc["n"]),
+                 lease=Lease(lease["id"], lease["owner"], lease["until"]) if lease else None,
+                 pending_page=doc.get("pending"))

@@ -1,0 +1,171 @@
+"""Adding recipients: a batch goes into the mailing's newest block while it has room, then into
+new blocks, all or nothing.
+
+A batch is announced in ``ingest_batches`` (with each block's recipient count before it) before
+any of it is written, and forgotten once it is all in. A batch still announced at start-up was
+cut by a crash: :meth:`RecipientWriter.roll_back_cut_batches` cuts its blocks back, so a batch
+the API never acknowledged leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import bson
+
+from cloudmailing.common.statuses import READY
+from cloudmailing.storage.block_codec import VOID, StateColumns
+from cloudmailing.storage.blocks import MAX_BYTES, MAX_RECIPIENTS, Block, BlockStore
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipient_index import Place, RecipientIndex, generated_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NewRecipient:
+    """A validated recipient; ``client_id`` is the client's tracking_id, if it gave one."""
+
+    email: str
+    domain: str
+    contact: dict[str, Any]
+    attachments: list[dict[str, Any]]
+    client_id: str | None = None
+
+
+@dataclass
+class _Fill:
+    """Recipients going into one block, after its ``before`` existing ones."""
+
+    block_id: int
+    before: int
+    existing: list[dict[str, Any]]
+    added: list[dict[str, Any]]
+
+
+class RecipientWriter:
+    def __init__(self, database: Database, blocks: BlockStore, index: RecipientIndex,
+                 mailings: MailingStore, block_recipients: int = MAX_RECIPIENTS) -> None:
+        self._db = database
+        self._block_recipients = block_recipients
+        self._blocks = blocks
+        self._index = index
+        self._mailings = mailings
+
+    async def append(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient],
+                     now: datetime.datetime) -> list[str | None]:
+        """Store ``recipients``; the id of each, or None where its client id already exists."""
+        if not recipients:
+            return []
+        async with self._db.locks.hold(("ingest", mailing_id, test)):
+            fills = await self._place(mailing_id, test, recipients)
+            # Lock order: a block, then its mailing's counts (as the ledger takes them).
+            tail = self._blocks.lock(fills[0].block_id) if fills[0].before else contextlib.nullcontext()
+            async with tail, self._mailings.counts_lock(mailing_id):
+                return await self._store(mailing_id, test, recipients, fills, now)
+
+    async def _store(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient], fills: list[_Fill],
+                     now: datetime.datetime) -> list[str | None]:
+        batch = uuid.uuid4().hex
+        cuts = [{"b": fill.block_id, "before": fill.before} for fill in fills]
+        await self._db.ingest_batches.insert_one({"_id": batch, "m": mailing_id, "at": now, "blocks": cuts})
+        places = [(entry["id"], Place(fill.block_id, fill.before + slot))
+                  for fill in fills for slot, entry in enumerate(fill.added)]
+        client = [(i, place) for i, (place, recipient) in enumerate(zip(places, recipients, strict=True))
+                  if recipient.client_id is not None]
+        duplicates = await self._index.insert(mailing_id, [place for _, place in client], batch)
+        void = {client[position][0] for position in duplicates}
+        await self._write(mailing_id, test, fills, void, now)
+        await self._mailings.add_counts(mailing_id, {READY: len(recipients) - len(void)})
+        await self._db.ingest_batches.delete_one({"_id": batch})
+        return [None if i in void else rid for i, (rid, _) in enumerate(places)]
+
+    async def _place(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient]) -> list[_Fill]:
+        """Which block and slot each recipient goes to; their ids."""
+        fills: list[_Fill] = []
+        tail = await self._blocks.tail(mailing_id, test)
+        current: _Fill | None = None
+        size = 0
+        if tail is not None and tail["n"] < self._block_recipients:
+            existing = await self._blocks.content(tail["_id"])
+            current = _Fill(tail["_id"], len(existing), existing, [])
+            size = len(bson.encode({"r": existing}))
+            fills.append(current)
+        for recipient in recipients:
+            entry = {"email": recipient.email, "domain": recipient.domain, "contact": recipient.contact,
+                     "attachments": recipient.attachments}
+            entry_size = len(bson.encode(entry)) + 100
+            full = current is None or current.before + len(current.added) >= self._block_recipients
+            if full or (size + entry_size > MAX_BYTES and current is not None and current.before + len(current.added)):
+                current = _Fill(await self._blocks.new_id(), 0, [], [])
+                fills.append(current)
+                size = 0
+            assert current is not None
+            slot = current.before + len(current.added)
+            current.added.append({"id": recipient.client_id or generated_id(current.block_id, slot), **entry})
+            size += entry_size
+        return [fill for fill in fills if fill.added]
+
+    async def _write(self, mailing_id: int, test: bool, fills: list[_Fill], void: set[int],
+                     now: datetime.datetime) -> None:
+        position = 0
+        for fill in fills:
+            void_slots = [fill.before + i for i in range(len(fill.added)) if position + i in void]
+            position += len(fill.added)
+            if not await self._blocks.write_content(fill.block_id, mailing_id, fill.existing + fill.added,
+                                                    fill.before):
+                raise RuntimeError(f"block {fill.block_id} changed while recipients were added to it")
+            if fill.before == 0:
+                columns = StateColumns()
+                _extend(columns, len(fill.added), void_slots, now)
+                block = Block(fill.block_id, mailing_id, test, 0, columns)
+                await self._blocks.insert(block)
+            else:
+                block = await self._extend_state(fill, void_slots, now)
+            await self._blocks.write_summary(block)
+
+    async def _extend_state(self, fill: _Fill, void_slots: list[int], now: datetime.datetime) -> Block:
+        """The tail block's state with the new recipients (the caller holds its lock)."""
+        while True:
+            block = await self._blocks.load(fill.block_id)
+            assert block is not None
+            block.columns.truncate(fill.before)  # a cut write of this batch may have left some
+            _extend(block.columns, len(fill.added), void_slots, now)
+            if await self._blocks.save(block):
+                return block
+
+    async def roll_back_cut_batches(self) -> list[int]:
+        """Undo the batches a crash cut (at start-up); the mailings they touched, to recount."""
+        touched = []
+        async for batch in self._db.ingest_batches.find({}):
+            for cut in batch["blocks"]:
+                await self._cut_block(batch["m"], cut["b"], cut["before"])
+            await self._index.roll_back_batch(batch["_id"])
+            await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
+            log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": batch["m"]})
+            touched.append(batch["m"])
+        return touched
+
+    async def _cut_block(self, mailing_id: int, block_id: int, before: int) -> None:
+        if before == 0:
+            await self._blocks.delete(block_id)
+            return
+        content = await self._blocks.content(block_id)
+        await self._blocks.write_content(block_id, mailing_id, content[:before], len(content))
+        block = await self._blocks.load(block_id)
+        if block is not None and len(block.columns) > before:
+            block.columns.truncate(before)
+            await self._blocks.save(block)
+            await self._blocks.write_summary(block)
+
+
+def _extend(columns: StateColumns, count: int, void_slots: list[int], now: datetime.datetime) -> None:
+    columns.extend_ready(count, now)
+    for slot in void_slots:
+        columns.status[slot] = VOID

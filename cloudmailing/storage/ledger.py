@@ -1,0 +1,221 @@
+"""The one path through which a block's state changes: leases, releases and status changes.
+
+:meth:`Ledger.edit` reads a block, lets the caller change it (lease flags, status changes), and
+writes, in this order:
+
+1. the block's state, over the version it read (another writer first: read again, decide again),
+   carrying a copy of the log page of this write's status changes;
+2. that page into the status log (a crash between 1 and 2: start-up writes it from the copy);
+3. the block's summary, the mailing's counts (a crash before: start-up rebuilds them).
+
+So a change is in the state and the log exactly once, whatever fails: a satellite's repeated
+report finds its recipients no longer leased and records nothing new.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from cloudmailing.common.statuses import PENDING_STATUSES
+from cloudmailing.storage.block_codec import from_millis, to_millis
+from cloudmailing.storage.blocks import Block, BlockStore
+from cloudmailing.storage.kept_messages import KeptMessages
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.status_log import DETAIL_DEFAULTS, LogPage, StatusLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One recipient (``slot``) moving to ``status``; ``details`` (reply, SMTP log, satellite) it
+    leaves unsaid keep their last values."""
+
+    slot: int
+    status: str
+    try_count: int
+    first_try: datetime.datetime | None = None
+    next_try: datetime.datetime | None = None
+    details: Mapping[str, Any] | None = None
+    kept_message: bytes | None = None
+
+
+# An edit changes the block's lease in place and returns its status changes (None: write nothing).
+Edit = Callable[[Block], Sequence[Change] | None]
+
+
+class Ledger:
+    def __init__(self, blocks: BlockStore, status_log: StatusLog, mailings: MailingStore,
+                 kept: KeptMessages) -> None:
+        self.blocks = blocks
+        self.status_log = status_log
+        self._mailings = mailings
+        self._kept = kept
+        self._unlogged: dict[int, tuple[LogPage, Block]] = {}  # first number -> page the log lacks
+        self._stale: dict[int, int] = {}  # block id -> mailing id: summary or counts may trail the state
+
+    async def edit(self, block_id: int, edit: Edit, now: datetime.datetime) -> tuple[Block, list[Change]] | None:
+        """Apply ``edit`` to the block and write it; the block as written and its status changes
+        (None: no such block, or nothing to write)."""
+        async with self.blocks.lock(block_id):
+            while True:
+                block = await self.blocks.load(block_id)
+                if block is None:
+                    return None
+                before = block.columns.counts()
+                changes = edit(block)
+                if changes is None:
+                    return None
+                if await self._write(block, list(changes), before, now):
+                    return block, list(changes)
+
+    async def _write(self, block: Block, changes: list[Change], before: dict[str, int],
+                     now: datetime.datetime) -> bool:
+        page = await self._apply(block, changes, now) if changes else None
+        try:
+            saved = await self.blocks.save(block)
+        except BaseException:
+            saved = False
+            raise
+        finally:
+            if page is not None and not saved:
+                self.status_log.allocator.release(page.first)  # abandoned: a gap readers step over
+        if not saved:
+            return False  # another writer came first: the caller reads and decides again
+        try:
+            if page is not None:
+                await self._log(page, block)
+                await self._keep_messages(block, changes)
+        finally:
+            await self.publish(block, _deltas(before, block.columns.counts()))
+        return True
+
+    async def publish(self, block: Block, deltas: Mapping[str, int]) -> None:
+        """After a state write: the block's summary and its mailing's counts, together."""
+        async with self._mailings.counts_lock(block.mailing_id):
+            try:
+                await self.blocks.write_summary(block)
+                await self._mailings.add_counts(block.mailing_id, deltas)
+            except BaseException:
+                self._stale[block.id] = block.mailing_id  # repaired by repair_stale
+                raise
+
+    async def repair_stale(self) -> None:
+        """Rewrite the summaries and recount the mailings a failed write left behind."""
+        for block_id, mailing_id in list(self._stale.items()):
+            async with self.blocks.lock(block_id), self._mailings.counts_lock(mailing_id):
+                await self.blocks.repair_summary(block_id)
+                await self._recount(mailing_id)
+            del self._stale[block_id]
+
+    async def recount(self, mailing_ids: Sequence[int]) -> None:
+        """Repair: each mailing's counts from its blocks' summaries."""
+        for mailing_id in mailing_ids:
+            async with self._mailings.counts_lock(mailing_id):
+                await self._recount(mailing_id)
+
+    async def _recount(self, mailing_id: int) -> None:
+        counted = await self.blocks.counts([mailing_id])
+        await self._mailings.replace_counts(mailing_id, counted.get(mailing_id, {}))
+
+    async def _apply(self, block: Block, changes: list[Change], now: datetime.datetime) -> LogPage:
+        """Change the columns, and build the log page of the changes (the state carries a copy)."""
+        first = await self.status_log.allocator.allocate(len(changes))
+        addresses = await self.blocks.addresses(block.id)
+        previous = await self._previous_details(block, [c.slot for c in changes if not _says_all(c.details)])
+        cols, modified = block.columns, to_millis(now)
+        entries = []
+        for seq, change in enumerate(changes, start=first):
+            slot = change.slot
+            details = {**previous.get(slot, DETAIL_DEFAULTS), **(change.details or {})}
+            record = {"email": addresses[slot][1] if slot < len(addresses) else "", "status": change.status,
+                      **{name: details.get(name, default) for name, default in DETAIL_DEFAULTS.items()},
+                      "modified": now, "first_try": change.first_try, "next_try": change.next_try,
+                      "try_count": change.try_count, "in_progress": False}
+            entries.append({"q": seq, "id": addresses[slot][0] if slot < len(addresses) else "",
+                            "b": block.id, "s": slot, "t": block.test, "r": record})
+            cols.set_status(slot, change.status)
+            cols.leased[slot] = 0
+            cols.tries[slot] = min(change.try_count, 65535)
+            cols.first_try[slot] = to_millis(change.first_try)
+            cols.next_try[slot] = to_millis(change.next_try)
+            cols.modified[slot] = modified
+            cols.last_seq[slot] = seq
+            cols.last_page[slot] = first
+        if block.lease is not None and not block.leased_slots():
+            block.lease = None
+        page = LogPage(first=first, mailing_id=block.mailing_id, logged_at=now, entries=entries)
+        block.pending_page = page.document()
+        return page
+
+    async def _log(self, page: LogPage, block: Block) -> None:
+        try:
+            await self.status_log.insert(page)
+        except Exception:
+            # Kept in flight, so no cursor passes it: written again by flush_unlogged.
+            self._unlogged[page.first] = (page, block)
+            log.warning("a status log page could not be written yet; retried", extra={"mailing": block.mailing_id})
+            raise
+        self.status_log.allocator.release(page.first)
+
+    async def flush_unlogged(self) -> None:
+        """Write the log pages whose write failed after their state was saved."""
+        for first, (page, _block) in list(self._unlogged.items()):
+            await self.status_log.insert(page)
+            del self._unlogged[first]
+            self.status_log.allocator.release(first)
+
+    async def save_logged_floor(self) -> None:
+        """Remember that every page below the horizon is in the log (start-up checks only newer ones)."""
+        await self.blocks.set_logged_floor(self.status_log.allocator.horizon)
+
+    async def recover(self, block_ids: Sequence[int]) -> int:
+        """At start-up, for these blocks: rebuild trailing summaries, and log the pages a crash
+        kept from the log; the number of pages written."""
+        floor, written = await self.blocks.logged_floor(), 0
+        for block_id in block_ids:
+            block = await self.blocks.repair_summary(block_id)
+            page_doc = block.pending_page if block else None
+            if page_doc is None or page_doc["_id"] <= floor:
+                continue
+            if await self.status_log.page(page_doc["_id"]) is None:
+                await self.status_log.insert(LogPage.from_document(page_doc))
+                written += 1
+        return written
+
+    async def _previous_details(self, block: Block, slots: list[int]) -> dict[int, dict[str, Any]]:
+        cols = block.columns
+        refs = {slot: (cols.last_page[slot], cols.last_seq[slot]) for slot in slots if cols.last_seq[slot]}
+        entries = await self.status_log.entries(refs.values()) if refs else {}
+        return {slot: dict(entries[seq]["r"]) for slot, (_, seq) in refs.items() if seq in entries}
+
+    async def _keep_messages(self, block: Block, changes: list[Change]) -> None:
+        for change in changes:
+            if change.kept_message is not None:
+                await self._kept.put(block.mailing_id, block.id, change.slot, change.kept_message)
+
+    async def details(self, block: Block, slots: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """The record of each slot's last change (its defaults when never changed)."""
+        found = await self._previous_details(block, list(slots))
+        cols = block.columns
+        records = {}
+        for slot in slots:
+            record = dict(found.get(slot) or DETAIL_DEFAULTS)
+            record.update(status=cols.status_of(slot), try_count=int(cols.tries[slot]),
+                          first_try=from_millis(cols.first_try[slot]), next_try=from_millis(cols.next_try[slot]),
+                          modified=from_millis(cols.modified[slot]),
+                          in_progress=bool(cols.leased[slot]) and cols.status_of(slot) in PENDING_STATUSES)
+            records[slot] = record
+        return records
+
+
+def _says_all(details: Mapping[str, Any] | None) -> bool:
+    return details is not None and set(DETAIL_DEFAULTS) <= set(details)
+
+
+def _deltas(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {status: after.get(status, 0) - before.get(status, 0) for status in set(before) | set(after)
+            if after.get(status, 0) != before.get(status, 0)}

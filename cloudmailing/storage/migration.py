@@ -1,0 +1,163 @@
+"""``cm-admin storage migrate``: from layout 1 (one document per recipient, one per change) to
+the block layout.
+
+Run with the master stopped. It can be run again after an interruption: it first drops what an
+earlier run wrote, and drops the old collections only once everything is written. Change numbers
+are kept, so cursors handed out before the migration stay valid; leases are not (recipients in
+progress go back to the queue, as after a master restart).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cloudmailing.common.statuses import STORED_STATUSES
+from cloudmailing.storage.block_codec import STATUS_CODES, StateColumns, to_millis
+from cloudmailing.storage.blocks import MAX_RECIPIENTS, Block
+from cloudmailing.storage.database import LAYOUT_VERSION, Database, has_old_layout
+from cloudmailing.storage.recipient_index import Place
+from cloudmailing.storage.status_log import DETAIL_DEFAULTS, STATUS_FIELDS, LogPage
+from cloudmailing.storage.stores import Stores, open_stores
+
+PAGE_ENTRIES = 500
+_NEW_KINDS = ("block_content", "block_state", "status_log", "kept_messages")
+
+
+@dataclass
+class MigrationReport:
+    recipients: int = 0
+    changes: int = 0
+    blocks: int = 0
+    mailings: set[int] = field(default_factory=set)
+
+
+async def migrate(database: Database, say: Callable[[str], None] = print) -> MigrationReport | None:
+    """Convert ``database`` to the block layout; None if it needs no migration."""
+    if await database.meta.find_one({"_id": "layout"}) or not await has_old_layout(database):
+        return None
+    await _drop_new_collections(database)
+    stores = await open_stores(database)
+    report = MigrationReport()
+    await _roll_back_old_batches(database)
+    places = await _place_recipients(database, stores, report)
+    say(f"placed {report.recipients} recipients in {report.blocks} blocks")
+    latest = await _convert_log(database, stores, places, report)
+    say(f"converted {report.changes} status changes")
+    await _write_blocks(database, stores, places, latest)
+    await stores.ledger.recount(sorted(report.mailings))
+    for name in ("recipients", "status_log", "ingest_batches"):
+        await database.db.drop_collection(name)
+    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
+    say(f"storage layout {LAYOUT_VERSION}: done")
+    return report
+
+
+async def _drop_new_collections(database: Database) -> None:
+    for kind in _NEW_KINDS:
+        for number in await database.bucket_numbers(kind):
+            await database.db.drop_collection(f"{kind}_{number}")
+    for name in ("blocks", "recipient_ids"):
+        await database.db.drop_collection(name)
+    await database.counters.delete_many({"_id": {"$in": ["block_id", "logged_floor"]}})
+
+
+async def _roll_back_old_batches(database: Database) -> None:
+    """Layout 1's journal: recipients of a batch a crash cut were never acknowledged."""
+    async for batch in database.ingest_batches.find({}):
+        if "mailing_id" in batch:
+            await database.recipients.delete_many({"ingest_batch": batch["_id"]})
+
+
+@dataclass
+class _Placed:
+    place: Place
+    mailing_id: int
+    test: bool
+
+
+async def _place_recipients(database: Database, stores: Stores, report: MigrationReport) -> dict[str, _Placed]:
+    """Choose every recipient's block and slot, keeping the old order; write content and index."""
+    places: dict[str, _Placed] = {}
+    groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    async for doc in database.recipients.find({}, {"log_group": 0}).sort([("block", 1), ("_id", 1)]):
+        groups.setdefault((doc["mailing_id"], bool(doc.get("test"))), []).append(doc)
+    for (mailing_id, test), docs in groups.items():
+        report.mailings.add(mailing_id)
+        for start in range(0, len(docs), MAX_RECIPIENTS):
+            chunk = docs[start:start + MAX_RECIPIENTS]
+            block_id = await stores.blocks.new_id()
+            report.blocks += 1
+            content = [{"id": doc["_id"], "email": doc["email"], "domain": doc["domain"],
+                        "contact": doc.get("contact") or {}, "attachments": doc.get("attachments") or []}
+                       for doc in chunk]
+            await stores.blocks.write_content(block_id, mailing_id, content, 0)
+            for slot, doc in enumerate(chunk):
+                places[doc["_id"]] = _Placed(Place(block_id, slot), mailing_id, test)
+            await stores.index.insert(mailing_id, [(doc["_id"], places[doc["_id"]].place) for doc in chunk],
+                                      "migration")
+            report.recipients += len(chunk)
+    return places
+
+
+async def _convert_log(database: Database, stores: Stores, places: dict[str, _Placed],
+                       report: MigrationReport) -> dict[str, tuple[int, int]]:
+    """Old change entries into pages (same numbers); each recipient's latest (page, number)."""
+    latest: dict[str, tuple[int, int]] = {}
+    pending: list[dict[str, Any]] = []
+    page_key: tuple[int, int] | None = None
+
+    async def flush() -> None:
+        if pending:
+            page = LogPage(first=pending[0]["q"], mailing_id=pending[0]["m"], logged_at=pending[0]["at"],
+                           entries=[{k: v for k, v in e.items() if k not in ("m", "at")} for e in pending])
+            await stores.status_log.insert(page)
+            latest.update((entry["id"], (page.first, entry["q"])) for entry in pending)
+            pending.clear()
+
+    async for entry in database.status_log.find({}).sort("_id", 1):
+        placed = places.get(entry["recipient_id"])
+        if placed is None:
+            continue
+        key = (placed.mailing_id, placed.place.block_id)
+        contiguous = pending and pending[-1]["q"] + 1 == entry["_id"]
+        if key != page_key or not contiguous or len(pending) >= PAGE_ENTRIES:
+            await flush()
+            page_key = key
+        record = {name: entry["record"].get(name, DETAIL_DEFAULTS.get(name)) for name in STATUS_FIELDS}
+        pending.append({"q": entry["_id"], "id": entry["recipient_id"], "b": placed.place.block_id,
+                        "s": placed.place.slot, "t": placed.test, "r": record, "m": placed.mailing_id,
+                        "at": entry.get("logged_at") or record.get("modified")})
+        if entry.get("customized_content") is not None:
+            await stores.kept.put(placed.mailing_id, placed.place.block_id, placed.place.slot,
+                                  bytes(entry["customized_content"]))
+        report.changes += 1
+    await flush()
+    return latest
+
+
+async def _write_blocks(database: Database, stores: Stores, places: dict[str, _Placed],
+                        latest: dict[str, tuple[int, int]]) -> None:
+    """Each block's state from its recipients' old documents."""
+    blocks: dict[int, tuple[_Placed, StateColumns]] = {}
+    async for doc in database.recipients.find({}, {"contact": 0, "attachments": 0, "email": 0}):
+        placed = places[doc["_id"]]
+        block_id = placed.place.block_id
+        if block_id not in blocks:
+            blocks[block_id] = (placed, StateColumns())
+        columns = blocks[block_id][1]
+        slot = placed.place.slot
+        if len(columns) <= slot:
+            columns.extend_ready(slot + 1 - len(columns), datetime.datetime(1970, 1, 1))
+        status = doc.get("status") if doc.get("status") in STORED_STATUSES else "READY"
+        columns.status[slot] = STATUS_CODES[status]
+        columns.tries[slot] = min(int(doc.get("try_count") or 0), 65535)
+        columns.first_try[slot] = to_millis(doc.get("first_try"))
+        columns.next_try[slot] = to_millis(doc.get("next_try"))
+        columns.modified[slot] = to_millis(doc.get("modified"))
+        columns.last_page[slot], columns.last_seq[slot] = latest.get(doc["_id"], (0, 0))
+    for block_id, (placed, columns) in blocks.items():
+        block = Block(block_id, placed.mailing_id, placed.test, 0, columns)
+        await stores.blocks.insert(block)
+        await stores.blocks.write_summary(block)

@@ -1,0 +1,60 @@
+"""Every store of the master, built in one place from an open database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.storage.blocks import MAX_RECIPIENTS, BlockStore
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.ingest import RecipientWriter
+from cloudmailing.storage.kept_messages import KeptMessages
+from cloudmailing.storage.ledger import Ledger
+from cloudmailing.storage.mailings import MailingStore
+from cloudmailing.storage.recipient_index import RecipientIndex
+from cloudmailing.storage.recipients import RecipientLookup
+from cloudmailing.storage.satellites import SatelliteStore
+from cloudmailing.storage.statistics import HourlyStatsStore
+from cloudmailing.storage.status_log import SequenceAllocator, StatusLog
+
+
+@dataclass
+class Stores:
+    database: Database
+    mailings: MailingStore
+    blocks: BlockStore
+    index: RecipientIndex
+    status_log: StatusLog
+    kept: KeptMessages
+    ledger: Ledger
+    writer: RecipientWriter
+    lookup: RecipientLookup
+    stats: HourlyStatsStore
+    satellites: SatelliteStore
+    api_keys: ApiKeyStore
+
+    async def delete_mailing(self, mailing_id: int) -> None:
+        """The mailing with its recipients, their log and kept messages. Recipients first, the
+        mailing last: an interrupted delete can be done again."""
+        block_ids = [summary["_id"] async for summary in self.blocks.of_mailing(mailing_id)]
+        for block_id in block_ids:
+            await self.blocks.delete(block_id)
+        await self.index.delete_mailing(mailing_id)
+        await self.status_log.delete_mailing(mailing_id)
+        await self.kept.delete_mailing(mailing_id)
+        await self.mailings.delete(mailing_id)
+
+
+async def open_stores(database: Database, block_recipients: int = MAX_RECIPIENTS) -> Stores:
+    """The stores of ``database``; the change numbers continue after any earlier process's.
+    ``block_recipients``: the most recipients a new block holds (tests use small blocks)."""
+    allocator = SequenceAllocator(database)
+    await allocator.start()
+    mailings, blocks, index = MailingStore(database), BlockStore(database), RecipientIndex(database)
+    status_log, kept = StatusLog(database, allocator), KeptMessages(database)
+    return Stores(database=database, mailings=mailings, blocks=blocks, index=index, status_log=status_log,
+                  kept=kept, ledger=Ledger(blocks, status_log, mailings, kept),
+                  writer=RecipientWriter(database, blocks, index, mailings, block_recipients),
+                  lookup=RecipientLookup(blocks, index),
+                  stats=HourlyStatsStore(database), satellites=SatelliteStore(database),
+                  api_keys=ApiKeyStore(database))

@@ -1,0 +1,132 @@
+"""The block write path: database work per block, concurrent writers, crashes between writes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from cloudmailing.config.settings import DispatchConfig
+from cloudmailing.master.app import build_services
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.ledger import Change
+from cloudmailing.storage.stores import open_stores
+from tests.helpers import aio_test
+from tests.storage.world import NOW, mailing_with
+
+SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
+
+
+class _Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name not in ("endSessions", "ismaster", "hello"):
+            self.names.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+class _Clock:
+    def seconds(self) -> float:
+        return (NOW - datetime.datetime(1970, 1, 1)).total_seconds()
+
+
+async def _commands_for_one_block(mongo_url: str, db_name: str, block_size: int) -> tuple[list[str], list[str]]:
+    """The database commands of leasing, then reporting, one block of ``block_size`` recipients."""
+    listener = _Commands()
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[listener])
+    database = Database(client=client, db=client[db_name])
+    try:
+        stores, _ = await mailing_with(database, block_size, block_recipients=block_size)
+        services = build_services(stores, _Clock(), dispatch=DispatchConfig(max_lease_size=5000))
+        await stores.status_log.page(1)  # buckets and indexes exist before counting
+        listener.names.clear()
+        leased = await services.dispatcher.lease(SATELLITE, block_size)
+        lease_commands = list(listener.names)
+        listener.names.clear()
+        replies = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250, "reply_text": f"ok {i}",
+                    "smtp_log": [f"< 250 queued as {i}"]} for i, r in enumerate(leased)]
+        await services.dispatcher.report(SATELLITE, replies)
+        assert len(leased) == block_size
+        assert (await stores.mailings.get(1))["counts"] == {"READY": 0, "FINISHED": block_size}
+        return lease_commands, list(listener.names)
+    finally:
+        await client.drop_database(db_name)
+        await client.close()
+
+
+@aio_test
+async def test_database_commands_per_lease_and_report_do_not_grow_with_the_block(mongo_url, db_name):
+    small = await _commands_for_one_block(mongo_url, db_name + "s", 10)
+    large = await _commands_for_one_block(mongo_url, db_name + "l", 400)
+    assert small == large
+    lease, report = small
+    assert len(lease) <= 8 and len(report) <= 10, (lease, report)
+
+
+@aio_test
+async def test_a_report_racing_a_lease_expiry_and_another_report_loses_nothing(database):
+    stores, ids = await mailing_with(database, 6, block_recipients=6)
+    services = build_services(stores, _Clock(), dispatch=DispatchConfig(lease_seconds=60))
+    leased = await services.dispatcher.lease(SATELLITE, 6)
+    first = [{"recipient_id": r["id"], "status": "FINISHED"} for r in leased[:3]]
+    second = [{"recipient_id": r["id"], "status": "ERROR", "reply_code": 550} for r in leased[3:]]
+    await asyncio.gather(services.dispatcher.report(SATELLITE, first), services.dispatcher.expire_leases(),
+                         services.dispatcher.report(SATELLITE, second), services.dispatcher.expire_leases())
+    statuses = {s["id"]: s["status"] for s in await services.reports.statuses(ids, {})}
+    assert [statuses[rid] for rid in ids] == ["FINISHED"] * 3 + ["ERROR"] * 3
+    assert (await stores.mailings.get(1))["counts"] == {"READY": 0, "FINISHED": 3, "ERROR": 3}
+
+
+@aio_test
+async def test_two_masters_writing_one_block_never_lose_an_update(database, mongo_url):
+    stores, ids = await mailing_with(database, 4, block_recipients=4)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    other_client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
+    other = await open_stores(Database(client=other_client, db=other_client[database.db.name]))
+    real_load = stores.blocks.load
+    interleaved = []
+
+    async def load_then_let_the_other_master_write(wanted):
+        block = await real_load(wanted)
+        if not interleaved:  # between this master's read and write, the other one writes the block
+            interleaved.append(True)
+            await other.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+        return block
+
+    stores.blocks.load = load_then_let_the_other_master_write
+    try:
+        await stores.ledger.edit(block_id, lambda b: [Change(1, "ERROR", 1)], NOW)
+    finally:
+        await other_client.close()
+    block = await real_load(block_id)
+    assert [block.columns.status_of(slot) for slot in range(4)] == ["FINISHED", "ERROR", "READY", "READY"]
+    assert block.version == 2
+    counts = (await stores.mailings.get(1))["counts"]
+    assert (counts["FINISHED"], counts["ERROR"], counts["READY"]) == (1, 1, 2)
+
+
+@aio_test
+async def test_a_change_whose_log_write_was_cut_is_logged_once_at_start_up(database):
+    stores, ids = await mailing_with(database, 3, block_recipients=3)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+
+    async def killed(page):
+        raise ConnectionError("master killed")
+
+    stores.status_log.insert = killed
+    with pytest.raises(ConnectionError):
+        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1), Change(2, "ERROR", 1)], NOW)
+    restarted = await open_stores(database)  # a new master process on the same database
+    assert await restarted.ledger.recover([block_id]) == 1
+    assert await restarted.ledger.recover([block_id]) == 0  # already there
+    entries, _, _ = await restarted.status_log.read_since(0, 0, 100)
+    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED"), (ids[2], "ERROR")]

@@ -44,12 +44,15 @@ LISTED_FIELDS = ("domain_name", "satellite_group", "mail_from", "sender_name", "
 
 
 def _dkim(value: Any) -> dict[str, Any]:
+    """The dkim property. As in the original server, a struct without ``enabled`` (or with nil)
+    means enabled when it gives a private key; ``enabled: False`` switches signing off."""
     settings = values.struct("dkim", value)
     unknown = set(settings) - {"enabled", "selector", "domain", "privkey"}
     if unknown:
         raise InvalidValue(f"dkim: unknown key(s) {', '.join(sorted(unknown))}")
+    enabled = settings.get("enabled")
     result: dict[str, Any] = {
-        "enabled": values.boolean("dkim.enabled", settings.get("enabled", False)),
+        "enabled": bool(settings.get("privkey")) if enabled is None else values.boolean("dkim.enabled", enabled),
         "selector": values.text("dkim.selector", settings.get("selector", ""), max_length=63, header=True),
         "domain": values.text("dkim.domain", settings.get("domain", ""), max_length=253, header=True),
         "privkey": values.text("dkim.privkey", settings.get("privkey", ""), max_length=20000),

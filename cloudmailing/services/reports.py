@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from cloudmailing.services import values
 from cloudmailing.services.errors import InvalidValue
+from cloudmailing.services.kept_messages import customized_content
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipients import RecipientStore
@@ -148,5 +149,5 @@ def _add_asked_fields(record: dict[str, Any], doc: Mapping[str, Any], details: M
     if wanted.get("with_contact_data"):
         record["contact"] = doc.get("contact", {})
     if wanted.get("with_customized_content"):
-        # The message as sent (RFC 822 text); '' when the mailing does not keep them, or not sent yet.
-        record["customized_content"] = bytes(details.get(CONTENT) or b"").decode("utf-8", "replace")
+        # The message as sent (text, or bytes if XML cannot carry it); '' when not kept, or not sent yet.
+        record["customized_content"] = customized_content(details.get(CONTENT))

@@ -1,9 +1,11 @@
 """What existing clients rely on, checked on real deliveries (master, satellite, DNS and SMTP
-servers on loopback): a dkim struct without ``enabled`` signs."""
+servers on loopback): a dkim struct without ``enabled`` signs, and a kept message
+(``backup_customized_emails``) is the message the SMTP server received, byte for byte."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import xmlrpc.client
 from pathlib import Path
@@ -22,6 +24,16 @@ from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
 MX_ADDRESS = "127.0.0.2"
+HTML = "<p>Hé {{ firstname }}, ça coûte 5 € — à bientôt ! 日本語</p>"
+PLAIN = "Hé {{ firstname }}, ça coûte 5 € — à bientôt ! 日本語\n"
+# A create_mailing_ext message whose attachment goes out as is: 8-bit text on the wire.
+EXT_MESSAGE = (b"From: Ext <news@sender.test>\r\nSubject: Pi\xc3\xa8ce jointe\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+               b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBonjour {{ firstname }}\r\n"
+               b"--b1\r\nContent-Type: text/plain; charset=%s\r\nContent-Transfer-Encoding: 8bit\r\n"
+               b"Content-Disposition: attachment; filename=\"notes.txt\"\r\n\r\n%s\r\n--b1--\r\n")
+UTF8_ATTACHMENT = EXT_MESSAGE % (b"utf-8", "Déjà vu — 5 € 日本語".encode())
+LATIN1_ATTACHMENT = EXT_MESSAGE % (b"iso-8859-1", "Déjà vu, ça coûte".encode("latin-1"))
 
 
 @pytest.fixture
@@ -106,3 +118,42 @@ async def test_dkim_struct_without_enabled_signs_and_enabled_false_does_not(runn
     assert received["signed@ok.test"].startswith(b"DKIM-Signature: ")
     assert dkim.verify(received["signed@ok.test"], dnsfunc=_txt_lookup(dns_server))
     assert b"DKIM-Signature" not in received["unsigned@ok.test"]
+
+
+@aio_test
+async def test_kept_messages_are_the_bytes_the_smtp_server_received(running_master, dns_server, tmp_path):
+    servers, smtp_port = start_servers({MX_ADDRESS: Behaviour()})
+    api = running_master.proxy()
+    privkey = _private_key()
+    dkim_on = {"selector": "s1", "domain": "sender.test", "privkey": privkey}
+    mailings = {
+        "text": await api.create_mailing("news@sender.test", "Zoé", "Été {{ firstname }}", HTML, PLAIN, "utf-8"),
+        "utf8": await api.create_mailing_ext(base64.b64encode(UTF8_ATTACHMENT)),
+        "latin1": await api.create_mailing_ext(base64.b64encode(LATIN1_ATTACHMENT)),
+    }
+    ids = {}
+    for name, mailing_id in mailings.items():
+        await api.set_mailing_properties(mailing_id, {"backup_customized_emails": True, "dkim": dkim_on})
+        (added,) = await api.add_recipients(mailing_id, [{"email": f"{name}@ok.test", "firstname": "Zoé"}])
+        ids[name] = added["id"]
+    try:
+        await _deliver(running_master, dns_server, smtp_port, tmp_path, list(mailings.values()))
+    finally:
+        await servers[MX_ADDRESS].stop()
+
+    received = {m.rcpt_to[0].split("@")[0]: m.data for m in servers[MX_ADDRESS].messages}
+    assert received["utf8"].decode("utf-8") and not received["utf8"].isascii()  # 8-bit UTF-8 went out
+    assert b"D\xe9j\xe0 vu" in received["latin1"]  # 8-bit, not UTF-8
+    statuses = {s["id"]: s for s in await api.get_recipients_status(list(ids.values()),
+                                                                     {"with_customized_content": True})}
+    page = await api.get_recipients_status_updated_since("", {"status": ["FINISHED"]}, 1000,
+                                                         {"with_customized_content": True})
+    logged = {r["id"]: r for r in page["recipients"]}
+    for name, recipient_id in ids.items():
+        sent = received[name]
+        assert sent.startswith(b"DKIM-Signature: "), name  # kept after signing
+        for kept in (statuses[recipient_id]["customized_content"], logged[recipient_id]["customized_content"]):
+            if name == "latin1":  # not UTF-8: no XML string can hold it, so it comes as base64
+                assert kept == sent
+            else:
+                assert isinstance(kept, str) and kept.encode("utf-8") == sent, name

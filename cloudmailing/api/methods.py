@@ -79,7 +79,7 @@ class CloudMailingApi:
         return await self._s.mailings.create(mail_from, sender_name, subject, html, plain, charset)
 
     async def create_mailing_ext(self, message: Any) -> int:
-        """create_mailing_ext(rfc822 message as base64 string or Binary) -> mailing id.
+        """create_mailing_ext(rfc822 message: base64 string, or Binary of the message or of its base64 text) -> id.
 
         The message's own headers and MIME tree (attachments, inline images) are kept; mail_from,
         sender_name, subject and domain_name come from its headers."""

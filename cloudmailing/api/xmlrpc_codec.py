@@ -4,14 +4,15 @@ Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: an
 refused (so no entity expansion, internal or external: XML-RPC never needs one), the nesting of
 values is bounded (the body's size is bounded before parsing), and dates are read liberally
 (``20261123T10:00:00``, or ISO 8601 with dashes or a zone).
-Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape).
+Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape),
+and a CR in a string is sent as ``&#13;`` so that it survives XML's line-end normalization.
 """
 
 from __future__ import annotations
 
 import datetime
 import xmlrpc.client
-from typing import Any
+from typing import Any, Callable
 from xml.parsers import expat
 
 from cloudmailing.services.errors import InvalidValue
@@ -100,8 +101,24 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+class _Marshaller(xmlrpc.client.Marshaller):
+    """The stdlib marshaller, but a CR is sent as ``&#13;``: XML parsers turn a raw CR (or CR LF)
+    into LF, and a kept message (``customized_content``) must reach the client byte for byte."""
+
+    dispatch = dict(xmlrpc.client.Marshaller.dispatch)
+
+    def dump_unicode(self, value: str, write: Callable[[str], Any], escape: Any = None) -> None:
+        text = xmlrpc.client.escape(value)
+        write("<value><string>")
+        write(text.replace("\r", "&#13;") if "\r" in text else text)
+        write("</string></value>\n")
+
+    dispatch[str] = dump_unicode  # type: ignore[assignment]
+
+
 def dump_response(result: Any) -> bytes:
-    return xmlrpc.client.dumps((_scrub(result),), methodresponse=True, encoding="utf-8").encode("utf-8")
+    body = _Marshaller("utf-8", False).dumps((_scrub(result),))
+    return f"<?xml version='1.0'?>\n<methodResponse>\n{body}</methodResponse>\n".encode()
 
 
 def dump_fault(code: int, message: str) -> bytes:

@@ -8,6 +8,7 @@ import email
 import email.policy
 import email.utils
 import logging
+import re
 from typing import Any, Callable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -35,12 +36,15 @@ LISTED_FIELDS = ("domain_name", "satellite_group", "mail_from", "sender_name", "
 
 
 def _dkim(value: Any) -> dict[str, Any]:
+    """The dkim property. As in the original server, a struct without ``enabled`` (or with nil)
+    means enabled when it gives a private key; ``enabled: False`` switches signing off."""
     settings = values.struct("dkim", value)
     unknown = set(settings) - {"enabled", "selector", "domain", "privkey"}
     if unknown:
         raise InvalidValue(f"dkim: unknown key(s) {', '.join(sorted(unknown))}")
+    enabled = settings.get("enabled")
     result: dict[str, Any] = {
-        "enabled": values.boolean("dkim.enabled", settings.get("enabled", False)),
+        "enabled": bool(settings.get("privkey")) if enabled is None else values.boolean("dkim.enabled", enabled),
         "selector": values.text("dkim.selector", settings.get("selector", ""), max_length=63, header=True),
         "domain": values.text("dkim.domain", settings.get("domain", ""), max_length=253, header=True),
         "privkey": values.text("dkim.privkey", settings.get("privkey", ""), max_length=20000),
@@ -275,18 +279,51 @@ def _listed(doc: Mapping[str, Any]) -> dict[str, Any]:
     return listed
 
 
+# A header field line ("Name: value", RFC 5322 ftext) or the folded continuation of one.
+_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
+_BASE64_WHITESPACE = re.compile(rb"[ \t\r\n]+")
+
+
 def _decode_message(message: Any) -> bytes:
+    """The raw message of ``create_mailing_ext``.
+
+    A ``base64`` value (bytes) holds either the message itself or base64 text of it: Python 3
+    clients calling ``create_mailing_ext(base64.b64encode(raw))`` send the latter. A string
+    must be base64 text. A message always has a ``Name:`` header line, and ``:`` is not in the
+    base64 alphabet, so the two readings never both succeed.
+    """
     if isinstance(message, (bytes, bytearray)):
-        raw = bytes(message)
-    elif hasattr(message, "data") and isinstance(message.data, bytes):
-        raw = message.data
+        data = bytes(message)
+    elif isinstance(getattr(message, "data", None), bytes):
+        data = message.data
     elif isinstance(message, str):
-        try:
-            raw = base64.b64decode(message.encode("ascii"), validate=False)
-        except (binascii.Error, UnicodeEncodeError):
-            raise InvalidValue("message: not valid base64") from None
+        if not message.isascii():
+            raise InvalidValue("message: a string must be the base64 text of the message")
+        data = message.encode("ascii")
     else:
         raise InvalidValue("message: expected a base64 string or Binary")
-    if not raw.strip():
+    if not data.strip():
         raise InvalidValue("message: empty")
-    return raw
+    decoded = _strict_base64(data)
+    if decoded is not None and _looks_like_message(decoded):
+        return decoded
+    if not isinstance(message, str) and _looks_like_message(data):
+        return data
+    raise InvalidValue("message: neither an RFC 822 message nor the base64 text of one")
+
+
+def _strict_base64(data: bytes) -> bytes | None:
+    """``data`` decoded as base64 (line breaks allowed, nothing else outside the alphabet), or None."""
+    try:
+        return base64.b64decode(_BASE64_WHITESPACE.sub(b"", data), validate=True)
+    except binascii.Error:
+        return None
+
+
+def _looks_like_message(raw: bytes) -> bool:
+    """True when ``raw`` starts with a header section: field lines, maybe folded, up to a blank line."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
+    if not lines[0] or lines[0][:1] in b" \t":
+        return False
+    return all(_HEADER_LINE.match(line) for line in lines if line)

@@ -49,7 +49,7 @@ def _start(module: str, config: Path) -> subprocess.Popen:
 
 
 def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port: int,
-                      compose_workers: int = 0) -> Path:
+                      compose_workers: int = 1) -> Path:
     return _write(tmp_path / f"{name}.ini", {
         "satellite": {"master_port": link_port, "serial": name, "secret": f"{name}-secret",
                       "helo_hostname": "sat.test", "dns_servers": dns.nameserver, "smtp_port": smtp_port,

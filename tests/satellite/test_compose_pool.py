@@ -10,7 +10,8 @@ import signal
 import dkim
 import pytest
 
-from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource
+from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource, compose_chunk
+from cloudmailing.satellite.composer import prepare
 from tests.helpers import aio_test
 from tests.satellite.test_composer import CONTENT, _txt
 
@@ -57,9 +58,8 @@ async def test_workers_compose_every_message_and_fail_the_broken_ones_alone(pool
     assert len(pool.worker_pids()) == 2
 
 
-@aio_test
-async def test_in_process_composing_gives_the_same_messages():
-    _check(await _compose_all(ComposePool(0), _mailing()))
+def test_in_process_composing_gives_the_same_messages():
+    _check(compose_chunk(prepare(_mailing().content), RECIPIENTS))
 
 
 @aio_test

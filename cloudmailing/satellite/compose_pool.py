@@ -108,7 +108,16 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
                 compiled.popitem(last=False)
         compiled.move_to_end(digest)
         for recipient in recipients:
-            conn.send(_compose_one(compiled[digest], recipient, limits, memory_mb))
+            result, over_limit = _compose_one(compiled[digest], recipient, limits, memory_mb)
+            if over_limit and isinstance(result, dict):  # its other messages fail without being tried
+                compiled[digest] = templates.PersonalizationError(not_composed(result["reply_text"]))
+            conn.send((result, over_limit))
+
+
+def not_composed(reason: str) -> str:
+    """What recipients of a mailing one of whose messages went over a limit are told."""
+    limit = reason.removeprefix(LIMIT_PREFIX + ": ")
+    return f"not composed: another message of this mailing went over the limits ({limit})"
 
 
 def _compose_one(mailing: PreparedMailing | Exception, recipient: dict[str, Any], limits: TemplateLimits,
@@ -300,12 +309,13 @@ class ComposePool:
             poisoned = self._poisoned.get(mailing.digest)
             if poisoned:
                 for recipient in remaining:
-                    report(_failed(recipient["id"], f"not composed: another message of this mailing went "
-                                                    f"over the limits ({poisoned})"))
+                    report(_failed(recipient["id"], not_composed(poisoned)))
                 break
-            if not worker.process.is_alive():  # died while idle: nothing was lost
+            try:
+                worker.send(mailing, remaining)
+            except OSError:  # it died while idle: nothing was lost
                 worker = self._replace(worker)
-            worker.send(mailing, remaining)
+                continue
             done = 0
             try:
                 for _ in remaining:
@@ -328,7 +338,7 @@ class ComposePool:
 
     def _poison(self, mailing: MailingSource, reason: str) -> None:
         log.error("mailing over the template limits: %s", reason, extra={"mailing": mailing.mailing_id})
-        self._poisoned[mailing.digest] = reason.removeprefix(LIMIT_PREFIX + ": ")
+        self._poisoned[mailing.digest] = reason
         while len(self._poisoned) > _POISONED_KEPT:
             self._poisoned.popitem(last=False)
 

@@ -53,11 +53,11 @@ class TemplateLimits:
     cpu_seconds: float = 2.0            # CPU time of one render (one message, in compose workers)
     max_output_chars: int = 2_000_000   # a rendered template
     max_value_chars: int = 1_000_000    # any one string made while rendering; items of a list
+    max_int_bits: int = 65_536          # an integer '*' or '**' makes
 
 
 DEFAULT_LIMITS = TemplateLimits()
 DEFAULT_MAX_OUTPUT_CHARS = DEFAULT_LIMITS.max_output_chars
-MAX_INT_BITS = 65_536  # '*' and '**' on integers: larger results are refused
 _CHECK_EVERY = 256     # operations between two looks at the CPU clock
 
 _JINJA_MARKERS = ("{{", "{%", "{#")
@@ -230,10 +230,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             self._check_repeat(left, right)
             self._check_repeat(right, left)
-            self._check_int_bits(left, right, left.bit_length() + right.bit_length()
-                                 if _both_ints(left, right) else 0)
-        elif operator == "**" and _both_ints(left, right) and right > 0:
-            self._check_int_bits(left, right, max(left.bit_length() - 1, 1) * right)
+            if _both_ints(left, right):
+                self._check_int_bits(left.bit_length() + right.bit_length())
+        elif operator == "**" and _both_ints(left, right) and right > 0 and abs(left) > 1:
+            self._check_int_bits(left.bit_length() * right)
         elif operator == "%" and isinstance(left, str):
             self._check_format_spec(left)
         elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, type(left)):
@@ -300,10 +300,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if len(seq) * count > self.max_chars:
                 raise TemplateLimitError(f"result of '*' larger than {self.max_chars} characters or items")
 
-    @staticmethod
-    def _check_int_bits(left: Any, right: Any, bits: int) -> None:
-        if bits > MAX_INT_BITS:
-            raise TemplateLimitError(f"integer result of '*' or '**' over {MAX_INT_BITS} bits")
+    def _check_int_bits(self, bits: int) -> None:
+        if bits > self.limits.max_int_bits:
+            raise TemplateLimitError(f"integer result of '*' or '**' over {self.limits.max_int_bits} bits")
 
     def _check_format_spec(self, fmt: str) -> None:
         if _PERCENT_STAR.search(fmt):
@@ -416,7 +415,7 @@ class CompiledTemplate:
         except SecurityError as exc:
             raise TemplateRenderError(f"template not allowed: {exc}") from None
         except MemoryError:
-            raise TemplateRenderError("template over its limits: out of memory") from None
+            raise  # a process limit (compose workers): not the template's own error
         except Exception as exc:  # any failure of the author's template code
             raise TemplateRenderError(
                 f"template error: {type(exc).__name__}: {exc}") from None

@@ -40,7 +40,7 @@ from urllib.parse import quote
 from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, nodes, pass_eval_context
 from jinja2.exceptions import SecurityError
 from jinja2.filters import do_center, do_format, do_indent, do_join, do_replace, make_attrgetter
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 log = logging.getLogger("cloudmailing.satellite.templates")
@@ -183,6 +183,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters["center"] = self._center
         self.filters["indent"] = self._indent
         self.filters["format"] = self._format
+        self.globals["range"] = _bounded_range
         self.filters["replace"] = _replace
         self.filters["join"] = _join
         self.filters = {name: self._counted(f) for name, f in self.filters.items()}
@@ -331,6 +332,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def _check_width(self, width: int) -> None:
         if width > self.max_chars:
             raise TemplateLimitError(f"width over {self.max_chars}")
+
+
+def _bounded_range(*args: int) -> range:
+    numbers = range(*args)
+    if len(numbers) > MAX_RANGE:
+        raise TemplateLimitError(f"range() over {MAX_RANGE} items")
+    return numbers
 
 
 @pass_eval_context

@@ -73,6 +73,7 @@ SMALL = TemplateLimits(cpu_seconds=0.3, max_output_chars=100_000, max_value_char
     "{{ 'a\nb'|indent(999999999) }}",
     "{{ '%999999999s'|format('a') }}",
     "{{ ''.ljust(10**9) }}",
+    "{% for i in range(10**6) %}{% endfor %}",
     "{{ 'a'.rjust(10**9) }}",
     "{{ '1'.zfill(10**9) }}",
     "{{ '\t\t'.expandtabs(10**9) }}",

@@ -50,6 +50,11 @@ class ComposeAhead:
         """Leased recipients not composed yet (waiting or being composed)."""
         return len(self._waiting) + self._composing
 
+    @property
+    def composing(self) -> int:
+        """Recipients being composed now."""
+        return self._composing
+
     def add(self, mailing: MailingSource, recipients: list[dict[str, Any]]) -> None:
         """Queue leased recipients of ``mailing`` for composing."""
         self._waiting.extend((mailing, recipient) for recipient in recipients)

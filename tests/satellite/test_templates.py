@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cloudmailing.satellite.templates import (
     TemplateLimits,
@@ -160,3 +162,41 @@ def test_builtins_override_contact_fields() -> None:
     variables = template_variables({"email": "spoof", "unsubscribe": "x", "name": "N"},
                                    "real@x.org", "https://u")
     assert variables == {"email": "real@x.org", "unsubscribe": "https://u", "name": "N"}
+
+
+# Templates are written by clients: any mix of the costly operations must end, quickly, in text within
+# the output limit or in a TemplateRenderError, never in another exception or a hang.
+_LEAVES = st.sampled_from(["n", "s", "l", "7", "1000000", "'x'", "'\\t'", "''", "range(n)", "range(100000)"])
+_EXPRESSIONS = st.recursive(_LEAVES, lambda inner: st.one_of(
+    st.tuples(inner, st.sampled_from(["*", "**", "+", "~", "%", "//"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+    st.tuples(inner, st.sampled_from(["ljust", "rjust", "center", "zfill", "expandtabs"]), inner).map(
+        lambda t: f"({t[0]}).{t[1]}({t[2]})"),
+    st.tuples(inner, inner, inner).map(lambda t: f"({t[0]}).replace({t[1]}, {t[2]})"),
+    st.tuples(inner, inner).map(lambda t: f"({t[0]}).join({t[1]})"),
+    st.tuples(inner, st.sampled_from(["join", "list", "center(1000000)", "replace('x', s)", "indent(n)", "sum",
+                                      "string", "batch(3)", "sort", "unique", "wordwrap"])).map(
+        lambda t: f"({t[0]})|{t[1]}"),
+), max_leaves=6)
+_TEMPLATES = st.one_of(
+    _EXPRESSIONS.map(lambda e: f"{{{{ {e} }}}}"),
+    st.tuples(_EXPRESSIONS, _EXPRESSIONS, _EXPRESSIONS).map(
+        lambda t: f"{{% for i in {t[0]} %}}{{% for j in {t[1]} %}}{{{{ {t[2]} }}}}{{% endfor %}}{{% endfor %}}"),
+    st.tuples(_EXPRESSIONS, _EXPRESSIONS).map(
+        lambda t: f"{{% set ns = namespace(v={t[0]}) %}}{{% for i in range(60) %}}"
+                  f"{{% set ns.v = ns.v ~ {t[1]} ~ ns.v %}}{{% endfor %}}{{{{ ns.v }}}}"),
+)
+_FAST = TemplateLimits(cpu_seconds=0.1, max_output_chars=100_000, max_value_chars=100_000)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_TEMPLATES)
+def test_any_template_ends_within_its_limits(source: str) -> None:
+    template = compile_template(source, html=False, limits=_FAST)
+    started = time.thread_time()
+    try:
+        output = template.render({"n": 10**9, "s": "x" * 1000, "l": list(range(1000))})
+    except TemplateRenderError:
+        pass
+    else:
+        assert len(output) <= _FAST.max_output_chars
+    assert time.thread_time() - started < 1.0, source

@@ -100,6 +100,7 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
         except EOFError:
             return
         if content is not None:
+            _arm_cpu_limit(limits.cpu_seconds)  # compiling is bounded too
             try:
                 compiled[digest] = prepare(content)
             except Exception as error:  # noqa: BLE001 - its recipients fail with the reason

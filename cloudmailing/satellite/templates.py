@@ -101,14 +101,12 @@ def configured_limits() -> TemplateLimits:
 @contextlib.contextmanager
 def cpu_budget(seconds: float) -> Iterator[None]:
     """Renders in this block share ``seconds`` of this thread's CPU time (one message)."""
-    previous = getattr(_budget, "deadline", None)
-    _budget.deadline = time.thread_time() + seconds
-    _budget.seconds = seconds
-    _budget.ticks = 0
+    previous = (getattr(_budget, "deadline", None), getattr(_budget, "seconds", 0.0), getattr(_budget, "ticks", 0))
+    _budget.deadline, _budget.seconds, _budget.ticks = time.thread_time() + seconds, seconds, 0
     try:
         yield
     finally:
-        _budget.deadline = previous
+        _budget.deadline, _budget.seconds, _budget.ticks = previous
 
 
 def _tick() -> None:

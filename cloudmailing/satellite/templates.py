@@ -68,7 +68,17 @@ _PERCENT_STAR = re.compile(r"%[-#0 +]*\*|%[-#0 +]*\d*\.\*")
 _WIDTH_METHODS = frozenset({"ljust", "rjust", "center", "zfill"})
 
 _configured = DEFAULT_LIMITS
-_budget = threading.local()  # .deadline (thread CPU time) and .ticks of the render under way
+
+
+class _Budget(threading.local):
+    """The CPU budget of the render under way in this thread (deadline None: no render)."""
+
+    deadline: float | None = None
+    seconds = 0.0
+    ticks = 0
+
+
+_budget = _Budget()
 
 
 class PersonalizationError(Exception):
@@ -101,7 +111,7 @@ def configured_limits() -> TemplateLimits:
 @contextlib.contextmanager
 def cpu_budget(seconds: float) -> Iterator[None]:
     """Renders in this block share ``seconds`` of this thread's CPU time (one message)."""
-    previous = (getattr(_budget, "deadline", None), getattr(_budget, "seconds", 0.0), getattr(_budget, "ticks", 0))
+    previous = (_budget.deadline, _budget.seconds, _budget.ticks)
     _budget.deadline, _budget.seconds, _budget.ticks = time.thread_time() + seconds, seconds, 0
     try:
         yield
@@ -111,11 +121,11 @@ def cpu_budget(seconds: float) -> Iterator[None]:
 
 def _tick() -> None:
     """Count one operation of the render under way; over its CPU time, stop it."""
-    deadline = getattr(_budget, "deadline", None)
-    if deadline is None:  # compiling: constant folding, no render under way
+    budget = _budget
+    if budget.deadline is None:  # compiling: constant folding, no render under way
         return
-    _budget.ticks += 1
-    if _budget.ticks % _CHECK_EVERY == 0 and time.thread_time() > deadline:
+    budget.ticks += 1
+    if budget.ticks % _CHECK_EVERY == 0 and time.thread_time() > budget.deadline:
         raise TemplateLimitError(f"CPU time over {_budget.seconds:g} s")
 
 
@@ -397,7 +407,7 @@ class CompiledTemplate:
             return self._constant
         if self._template is None:
             raise TemplateRenderError(self._error or "invalid template")
-        if getattr(_budget, "deadline", None) is not None:
+        if _budget.deadline is not None:
             return self._render(self._template, variables)
         with cpu_budget(self._limits.cpu_seconds):
             return self._render(self._template, variables)

@@ -48,6 +48,9 @@ CHUNK_SIZE = 50          # recipients per task: large enough to pay for the trip
 _WORKER_CACHE_SIZE = 16  # compiled mailings a worker keeps (the daemon mirrors this cache)
 _POISONED_KEPT = 64      # mailings remembered as over the limits
 LIMIT_PREFIX = "template over its limits"
+STARTUP_SECONDS = 120.0  # for a new worker to start (a loaded host), not counted in wall_seconds
+_READY = "ready"
+_STARTS_TRIED = 3        # workers that fail to start, in a row, before a chunk fails
 
 
 @dataclass
@@ -94,6 +97,7 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
     templates.configure(limits)
     _limit_address_space(memory_mb)
     compiled: OrderedDict[str, PreparedMailing | Exception] = OrderedDict()
+    conn.send(_READY)
     while True:
         try:
             digest, content, recipients = conn.recv()
@@ -182,6 +186,7 @@ class _Worker:
         self.process.start()
         child_end.close()
         self.compiled: OrderedDict[str, None] = OrderedDict()
+        self.ready = False  # it said so, once its interpreter and imports were up
 
     def send(self, mailing: MailingSource, recipients: list[dict[str, Any]]) -> None:
         known = mailing.digest in self.compiled
@@ -190,6 +195,18 @@ class _Worker:
         while len(self.compiled) > _WORKER_CACHE_SIZE:
             self.compiled.popitem(last=False)
         self.conn.send((mailing.digest, None if known else mailing.content, recipients))
+
+    async def started(self) -> None:
+        """Once the worker is up: its start-up does not count in a message's time."""
+        if self.ready:
+            return
+        try:
+            said = await self.receive(STARTUP_SECONDS)
+        except _WorkerLost as lost:
+            raise _WorkerLost(f"the compose worker did not start ({lost.reason})", False) from None
+        if said != _READY:
+            raise _WorkerLost("the compose worker did not start", False)
+        self.ready = True
 
     async def receive(self, wall_seconds: float) -> Any:
         """The next message or failure; :class:`_WorkerLost` if none comes in ``wall_seconds``."""
@@ -305,7 +322,7 @@ class ComposePool:
     async def _compose_on(self, worker: _Worker, mailing: MailingSource, chunk: list[dict[str, Any]],
                           report: Callable[[Composed], None]) -> _Worker:
         """Compose ``chunk`` on ``worker`` (replaced when lost); return the worker to put back idle."""
-        remaining, retried = chunk, False
+        remaining, retried, failed_starts = chunk, False, 0
         while remaining and not self._closed:
             poisoned = self._poisoned.get(mailing.digest)
             if poisoned:
@@ -313,9 +330,15 @@ class ComposePool:
                     report(_failed(recipient["id"], not_composed(poisoned)))
                 break
             try:
+                await worker.started()
                 worker.send(mailing, remaining)
-            except OSError:  # it died while idle: nothing was lost
+            except (OSError, _WorkerLost) as error:  # it died while idle or starting: nothing was lost
                 worker = self._replace(worker)
+                failed_starts += 1
+                if failed_starts == _STARTS_TRIED:  # workers cannot run here: say so, do not spin
+                    for recipient in remaining:
+                        report(_failed(recipient["id"], f"message build failed: {error}"))
+                    break
                 continue
             done = 0
             try:

@@ -19,7 +19,12 @@ Printed:
   must stay flat as the mailing goes on (run it with 20,000 and 200,000 messages to compare).
 
     .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519] [--compose-workers N]
-                                       [--postgresql URL] [--profile DIR]
+                                       [--max-composed-bytes N] [--postgresql URL] [--profile DIR]
+
+Big messages, bounded memory: the satellite composes only ``max_composed_bytes`` ahead of
+sending, so its peak memory does not grow with lease size × message size. Compare, e.g.,
+``--messages 100 --size 1500000 --lease-size 100`` with ``--max-composed-bytes 4194304`` and
+``--max-composed-bytes 1000000000`` (everything leased composed at once, as before the bound).
 
 Needs ``smtp-sink`` and ``smtp-source`` (Debian: ``apt-get install postfix``). Uses
 CM_MONGODB_URL when set, else starts FerretDB (SQLite backend) in a temporary directory;
@@ -414,7 +419,7 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
               f"secret = bench-secret\nhelo_hostname = sat.bench.test\ndns_servers = {dns.nameserver}\n"
               f"smtp_port = {sink_port}\nlease_size = {args.lease_size}\ncompose_workers = {args.compose_workers}\n"
               f"max_connections = {10 * args.sessions}\nmax_connections_per_host = {args.sessions}\n"
-              f"connect_timeout = 10\nreply_timeout = 30\n"
+              f"connect_timeout = 10\nreply_timeout = 30\nmax_composed_bytes = {args.max_composed_bytes}\n"
               f"[paths]\ndata_dir = {tmp / 'data'}\n")
     master_config = write_config(tmp / "master.ini", common, tmp / "master.log")
     satellite_config = write_config(tmp / "satellite.ini", common, tmp / "satellite.log")
@@ -477,7 +482,7 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     mailing = result.mailing
     print(f"\ndatabase: {backend}; {args.messages} messages of ~{args.size} bytes, personalized, {key} DKIM; "
           f"10 domains, {args.sessions} connections per MX ({10 * args.sessions} in all), "
-          f"{args.compose_workers} compose workers")
+          f"{args.compose_workers} compose workers, at most {args.max_composed_bytes:,} bytes composed ahead")
     print(f"add_recipients: {args.messages / result.ingest_seconds:,.0f} recipients/s (not part of the rates)")
     print(f"mailing: {mailing['status']}, sent {mailing['total_sent']}, errors {mailing['total_error']}, "
           f"soft bounces {mailing['total_softbounce']}, pending {mailing['total_pending']}; "
@@ -517,6 +522,8 @@ def main() -> None:
     parser.add_argument("--compose-workers", type=int, default=2,
                         help="the satellite's compose_workers (default 2: both cores sign)")
     parser.add_argument("--lease-size", type=int, default=1000, help="the satellite's lease_size (default 1000)")
+    parser.add_argument("--max-composed-bytes", type=int, default=32 * 1024 * 1024,
+                        help="the satellite's max_composed_bytes (default 32 MiB)")
     parser.add_argument("--api-timeout", type=float, default=60, help="seconds before an API call counts as stuck")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for FINISHED (default 1800)")
     parser.add_argument("--profile", type=Path, metavar="DIR",

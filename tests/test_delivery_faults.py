@@ -56,12 +56,12 @@ def _start(module: str, config: Path) -> subprocess.Popen:
 
 
 def _satellite_config(tmp_path: Path, name: str, link_port: int, dns, smtp_port: int,
-                      compose_workers: int = 0) -> Path:
+                      compose_workers: int = 1, **satellite: object) -> Path:
     return _write(tmp_path / f"{name}.ini", {
         "satellite": {"master_port": link_port, "serial": name, "secret": f"{name}-secret",
                       "helo_hostname": "sat.test", "dns_servers": dns.nameserver, "smtp_port": smtp_port,
                       "lease_size": LEASE, "connect_timeout": 5, "reply_timeout": 5,
-                      "compose_workers": compose_workers},
+                      "compose_workers": compose_workers, **satellite},
         "paths": {"data_dir": tmp_path / name}, "logging": {"level": "INFO"}})
 
 
@@ -155,6 +155,49 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
         await asyncio.to_thread(second.wait)
         for server in servers.values():
             await server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@aio_test
+async def test_sigterm_stops_a_satellite_busy_on_a_hostile_template(running_master, world, tmp_path):
+    dns, _, smtp_port = world
+    api = running_master.proxy()
+    await api.cloud_add_satellite("sat-busy", {})
+    mailing_id = await api.create_mailing("news@sender.test", "N", "Hi", "", "{% for i in range(n) %}"
+                                          "{% for j in range(n) %}{% endfor %}{% endfor %}", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"u{i}@one.test", "n": 100000} for i in range(4)])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    # Limits so high that the template keeps a compose worker busy for minutes.
+    satellite = _start("satellite", _satellite_config(tmp_path, "sat-busy", running_master.master.satellite_port,
+                                                      dns, smtp_port, template_cpu_seconds=600))
+
+    async def busy() -> bool:
+        return any(_cpu_seconds(pid) > 1.0 for pid in _children(satellite.pid))
+
+    await _until(busy, 60)
+    workers = _children(satellite.pid)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    satellite.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(satellite.wait), 10)
+    finally:
+        satellite.kill()
+    assert loop.time() - started < 5
+    assert satellite.returncode == 0
+
+    async def workers_gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    await _until(workers_gone, 5)
 
 
 class _ProcessMaster:

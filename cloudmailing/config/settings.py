@@ -72,7 +72,12 @@ class SatelliteConfig:
     smtp_port: int = 25
     test_target: str = ""             # host:port receiving every message of `testing` mailings
     lease_size: int = 200
-    compose_workers: int = 0          # processes personalizing and signing; 0: the daemon's own
+    compose_workers: int = 1          # processes personalizing and signing (templates never run in the daemon)
+    compose_memory_mb: int = 512      # address space a compose worker may add to its start (RLIMIT_AS)
+    max_composed_bytes: int = 32 * 1024 * 1024  # composed messages not yet sent, at most (+ one message)
+    template_cpu_seconds: float = 2.0  # CPU time to personalize one message
+    template_max_output_chars: int = 2_000_000  # one rendered template (subject, text or HTML part)
+    template_max_value_chars: int = 1_000_000   # any one string or list a template makes while rendering
     max_connections: int = 200
     max_connections_per_host: int = 4
     connect_timeout: float = 30.0
@@ -168,6 +173,14 @@ def _validate(name: str, section: Any) -> None:
         raise ConfigError("[api] max_request_bytes: must be at least 1024")
     if isinstance(section, DatabaseConfig) and not 1 <= section.block_recipients <= 1000:
         raise ConfigError("[database] block_recipients: from 1 to 1000")
+    if isinstance(section, SatelliteConfig):
+        for attr in _POSITIVE_SATELLITE_SETTINGS:
+            if getattr(section, attr) <= 0:
+                raise ConfigError(f"[satellite] {attr}: must be more than 0")
+
+
+_POSITIVE_SATELLITE_SETTINGS = ("compose_workers", "compose_memory_mb", "max_composed_bytes", "template_cpu_seconds",
+                                "template_max_output_chars", "template_max_value_chars")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,

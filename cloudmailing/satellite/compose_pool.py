@@ -1,13 +1,25 @@
-"""Composing on every core: leased recipients turned into signed messages by worker processes.
+"""Composing in worker processes: leased recipients turned into signed messages, under hard limits.
 
 Personalizing and DKIM-signing are CPU work (an RSA-2048 signature alone costs ~0.4 ms), and one
-Python process uses one core. With ``compose_workers`` > 0 the satellite hands chunks of
-recipients to that many worker processes; each compiles a mailing on first use and keeps it
-while its content is unchanged. With 0, messages are composed in the daemon's own process, a
-chunk at a time so that the reactor keeps sending in between.
+Python process uses one core; a mailing's templates are also code written by a client. So the
+daemon never renders a template itself: ``compose_workers`` worker processes do, each compiling a
+mailing on first use and keeping it while its content is unchanged. A worker composes a chunk of
+recipients and sends each message back as soon as it is made.
 
-A recipient whose message cannot be built fails alone (a GENERAL_ERROR outcome). A worker that
-dies is replaced, and the chunk it held is composed again in the daemon's process.
+Limits, so that no template stalls the satellite or starves other mailings:
+
+* every render has its CPU time (``TemplateLimits.cpu_seconds``, counted cooperatively by the
+  sandbox) and the sandbox's size limits;
+* a worker's address space may grow by ``memory_mb`` beyond its start (``RLIMIT_AS``): a larger
+  allocation is a MemoryError, that recipient fails;
+* for each message the worker's ``RLIMIT_CPU`` is set one second past its CPU time limit: a
+  single long Python operation the sandbox cannot interrupt ends the worker (SIGXCPU);
+* the daemon waits at most ``wall_seconds`` for a message: past it the worker is killed.
+
+A recipient whose message cannot be built fails alone (a GENERAL_ERROR outcome). A message that
+goes over a limit also fails the rest of its mailing's recipients here (the template is at fault,
+not the recipient), without composing them. A worker that dies is replaced; the message it was
+making is tried once more on another worker before it fails.
 """
 
 from __future__ import annotations
@@ -17,27 +29,33 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import threading
+import resource
+import signal
 import time
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, AsyncIterator, Callable, Sequence
 
+from cloudmailing.satellite import templates
 from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
 from cloudmailing.satellite.delivery import DeliveryJob
+from cloudmailing.satellite.templates import TemplateLimits
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 50          # recipients per task: large enough to pay for the trip, small enough to stream
-_WORKER_CACHE_SIZE = 16  # compiled mailings a worker keeps
+_WORKER_CACHE_SIZE = 16  # compiled mailings a worker keeps (the daemon mirrors this cache)
+_POISONED_KEPT = 64      # mailings remembered as over the limits
+LIMIT_PREFIX = "template over its limits"
+STARTUP_SECONDS = 120.0  # for a new worker to start (a loaded host), not counted in wall_seconds
+_READY = "ready"
+_STARTS_TRIED = 3        # workers that fail to start, in a row, before a chunk fails
 
 
 @dataclass
 class Composed:
-    """What one chunk gave: messages to deliver, and outcomes for those that could not be built."""
+    """What composing gave: messages to deliver, and outcomes for those that could not be built."""
 
     jobs: list[DeliveryJob] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -45,19 +63,23 @@ class Composed:
 
 @dataclass(frozen=True)
 class MailingSource:
-    """A mailing's content as the master sent it, compiled here, and a digest naming that version."""
+    """A mailing's content as the master sent it, and a digest naming that version."""
 
     content: dict[str, Any]
-    prepared: PreparedMailing
     digest: str
+
+    @property
+    def mailing_id(self) -> int:
+        return int(self.content["id"])
 
     @classmethod
     def from_content(cls, content: dict[str, Any]) -> MailingSource:
         digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-        return cls(content, prepare(content), digest)
+        return cls(content, digest)
 
 
 def compose_chunk(mailing: PreparedMailing, recipients: Sequence[dict[str, Any]]) -> Composed:
+    """Compose ``recipients`` here, each failing alone (no limits: for benchmarks and tools)."""
     composed = Composed()
     for recipient in recipients:
         try:
@@ -67,86 +89,307 @@ def compose_chunk(mailing: PreparedMailing, recipients: Sequence[dict[str, Any]]
     return composed
 
 
-# In a worker process: compiled mailings by digest, least recently used first.
-_compiled: OrderedDict[str, PreparedMailing] = OrderedDict()
+# -- in a worker process -------------------------------------------------------------------------
+
+def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> None:
+    """Compose what the daemon sends until it closes the pipe (or dies: end of file too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
+    templates.configure(limits)
+    _limit_address_space(memory_mb)
+    compiled: OrderedDict[str, PreparedMailing | Exception] = OrderedDict()
+    conn.send(_READY)
+    while True:
+        try:
+            digest, content, recipients = conn.recv()
+        except EOFError:
+            return
+        if content is not None:
+            _arm_cpu_limit(limits.cpu_seconds)  # compiling is bounded too
+            try:
+                compiled[digest] = prepare(content)
+            except Exception as error:  # noqa: BLE001 - its recipients fail with the reason
+                compiled[digest] = error
+            while len(compiled) > _WORKER_CACHE_SIZE:
+                compiled.popitem(last=False)
+        compiled.move_to_end(digest)
+        for recipient in recipients:
+            result, over_limit = _compose_one(compiled[digest], recipient, limits, memory_mb)
+            if over_limit and isinstance(result, dict):  # its other messages fail without being tried
+                compiled[digest] = templates.PersonalizationError(not_composed(result["reply_text"]))
+            conn.send((result, over_limit))
 
 
-def _compose_in_worker(digest: str, content: dict[str, Any], recipients: list[dict[str, Any]]) -> Composed:
-    mailing = _compiled.get(digest)
-    if mailing is None:
-        mailing = _compiled[digest] = prepare(content)
-        while len(_compiled) > _WORKER_CACHE_SIZE:
-            _compiled.popitem(last=False)
-    _compiled.move_to_end(digest)
-    return compose_chunk(mailing, recipients)
+def not_composed(reason: str) -> str:
+    """What recipients of a mailing one of whose messages went over a limit are told."""
+    limit = reason.removeprefix(LIMIT_PREFIX + ": ")
+    return f"not composed: another message of this mailing went over the limits ({limit})"
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Runs in each worker: a satellite killed with -9 must not leave workers waiting forever.
+def _compose_one(mailing: PreparedMailing | Exception, recipient: dict[str, Any], limits: TemplateLimits,
+                 memory_mb: int) -> tuple[DeliveryJob | dict[str, Any], bool]:
+    """The message or failure, and whether it went over the CPU time or memory limit."""
+    if isinstance(mailing, Exception):
+        return build_failure(recipient["id"], mailing), False
+    _arm_cpu_limit(limits.cpu_seconds)
+    started = time.thread_time()
+    try:
+        with templates.cpu_budget(limits.cpu_seconds):
+            return compose(mailing, recipient), False
+    except MemoryError:
+        return _failure(recipient["id"], f"{LIMIT_PREFIX}: memory over {memory_mb} MiB"), True
+    except Exception as error:  # this recipient fails alone
+        return build_failure(recipient["id"], error), time.thread_time() - started >= limits.cpu_seconds
 
-    (A worker holds both ends of its task pipe, so it never sees end-of-file when the parent dies.)
-    """
 
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(0)
+def _limit_address_space(memory_mb: int) -> None:
+    """Let this process's address space grow by ``memory_mb`` beyond what it maps now."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        size_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = size_kb * 1024 + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+def _arm_cpu_limit(seconds: float) -> None:
+    """SIGXCPU (which ends the process) one second after this message's CPU time is spent."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 2
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def _failure(recipient_id: str, reason: str) -> dict[str, Any]:
+    return build_failure(recipient_id, templates.PersonalizationError(reason))
+
+
+# -- in the daemon -------------------------------------------------------------------------------
+
+class _WorkerLost(Exception):
+    """The worker died or was killed while making a message; ``reason`` says why."""
+
+    def __init__(self, reason: str, over_limit: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.over_limit = over_limit
+
+
+class _Worker:
+    """One worker process, its pipe, and the mailings it has compiled (mirrors its cache)."""
+
+    def __init__(self, limits: TemplateLimits, memory_mb: int) -> None:
+        # "spawn": a fresh interpreter, not a fork of the running reactor and its sockets; it
+        # inherits no descriptor but its end of the pipe, so it sees end-of-file if we die.
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child_end, limits, memory_mb),
+                                       name="cm-compose", daemon=True)
+        self.process.start()
+        child_end.close()
+        self.compiled: OrderedDict[str, None] = OrderedDict()
+        self.ready = False  # it said so, once its interpreter and imports were up
+
+    def send(self, mailing: MailingSource, recipients: list[dict[str, Any]]) -> None:
+        known = mailing.digest in self.compiled
+        self.compiled[mailing.digest] = None
+        self.compiled.move_to_end(mailing.digest)
+        while len(self.compiled) > _WORKER_CACHE_SIZE:
+            self.compiled.popitem(last=False)
+        self.conn.send((mailing.digest, None if known else mailing.content, recipients))
+
+    async def started(self) -> None:
+        """Once the worker is up: its start-up does not count in a message's time."""
+        if self.ready:
+            return
+        try:
+            said = await self.receive(STARTUP_SECONDS)
+        except _WorkerLost as lost:
+            raise _WorkerLost(f"the compose worker did not start ({lost.reason})", False) from None
+        if said != _READY:
+            raise _WorkerLost("the compose worker did not start", False)
+        self.ready = True
+
+    async def receive(self, wall_seconds: float) -> Any:
+        """The next message or failure; :class:`_WorkerLost` if none comes in ``wall_seconds``."""
+        if not self.conn.poll():
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            fd = self.conn.fileno()
+            loop.add_reader(fd, _settle, ready)
+            try:
+                await asyncio.wait_for(ready, wall_seconds)
+            except TimeoutError:
+                self.kill()
+                raise _WorkerLost(f"{LIMIT_PREFIX}: composing took over {wall_seconds:g} s", True) from None
+            finally:
+                loop.remove_reader(fd)
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise self._lost() from None
+
+    def _lost(self) -> _WorkerLost:
+        self.process.join(5.0)
+        code = self.process.exitcode
+        if code == -signal.SIGXCPU:
+            return _WorkerLost(f"{LIMIT_PREFIX}: CPU time over the limit, the compose worker was stopped", True)
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return _WorkerLost(f"the compose worker died ({how}) while making this message", False)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5.0)
+        self.conn.close()
 
 
 class ComposePool:
-    """``workers`` processes composing chunks of recipients (0: composed in this process)."""
+    """``workers`` processes composing messages under `limits` (at least one worker)."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._executor = self._new_executor()
+    def __init__(self, workers: int, limits: TemplateLimits | None = None, memory_mb: int = 512,
+                 wall_seconds: float | None = None) -> None:
+        self.workers = max(1, workers)
+        self.limits = limits or templates.DEFAULT_LIMITS
+        self.memory_mb = memory_mb
+        self.wall_seconds = wall_seconds or max(10.0, 5 * self.limits.cpu_seconds)
+        self._all: list[_Worker] = []
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._poisoned: OrderedDict[str, str] = OrderedDict()  # digest → the limit a message went over
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._closed = False
 
-    def _new_executor(self) -> ProcessPoolExecutor | None:
-        if self.workers <= 0:
-            return None
-        # "spawn": a fresh interpreter, not a fork of the running reactor and its sockets.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
+    def _idle_workers(self) -> asyncio.Queue[_Worker]:
+        if self._idle is None:  # started on first use, in the running loop
+            self._idle = asyncio.Queue()
+            for _ in range(self.workers):
+                self._idle.put_nowait(self._start())
+        return self._idle
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self.limits, self.memory_mb)
+        self._all.append(worker)
+        return worker
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        if worker in self._all:
+            self._all.remove(worker)
+        return worker if self._closed else self._start()
 
     async def compose(self, mailing: MailingSource, recipients: Sequence[dict[str, Any]]) -> AsyncIterator[Composed]:
-        """Yield the recipients' messages chunk by chunk, as soon as each chunk is ready."""
+        """Yield the recipients' messages as they are made, one :class:`Composed` each."""
+        results: asyncio.Queue[Composed | None] = asyncio.Queue()
         chunks = [list(recipients[start:start + CHUNK_SIZE]) for start in range(0, len(recipients), CHUNK_SIZE)]
-        if self._executor is None:
-            for chunk in chunks:
-                yield compose_chunk(mailing.prepared, chunk)
-                await asyncio.sleep(0)
-            return
-        loop = asyncio.get_running_loop()
-        executor = self._executor
-        tasks = [(loop.run_in_executor(executor, _compose_in_worker, mailing.digest, mailing.content, chunk), chunk)
-                 for chunk in chunks]
-        for finished in asyncio.as_completed([future for future, _ in tasks]):
-            try:
-                yield await finished
-            except Exception:  # noqa: BLE001 - composed below, once the others are in
-                continue
-        errors = [future.exception() for future, _ in tasks]
-        lost = [recipient for error, (_, chunk) in zip(errors, tasks, strict=True) if error for recipient in chunk]
-        if not lost:
-            return
-        log.error("compose workers failed (%s); composing %d messages here", next(e for e in errors if e),
-                  len(lost), extra={"mailing": mailing.prepared.mailing_id})
-        if any(isinstance(error, BrokenProcessPool) for error in errors) and self._executor is executor:
-            self._restart()  # a worker died: the pool is unusable
-        yield compose_chunk(mailing.prepared, lost)
+        tasks = [asyncio.ensure_future(self._compose_chunk(mailing, chunk, results)) for chunk in chunks]
+        self._tasks.update(tasks)
+        try:
+            for _ in recipients:
+                composed = await results.get()
+                if composed is None:  # the pool was closed
+                    return
+                yield composed
+        finally:
+            for task in tasks:
+                task.cancel()
+                self._tasks.discard(task)
 
-    def _restart(self) -> None:
-        old, self._executor = self._executor, self._new_executor()
-        if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
+    async def _compose_chunk(self, mailing: MailingSource, chunk: list[dict[str, Any]],
+                             results: asyncio.Queue[Composed | None]) -> None:
+        worker = await self._idle_workers().get()
+        reported: set[str] = set()
+
+        def report(composed: Composed) -> None:
+            reported.update(f["recipient_id"] for f in composed.failures)
+            reported.update(job.recipient_id for job in composed.jobs)
+            results.put_nowait(composed)
+
+        try:
+            worker = await self._compose_on(worker, mailing, chunk, report)
+        except asyncio.CancelledError:
+            worker = self._replace(worker)  # it may still be sending what nobody will read
+            raise
+        except Exception:  # a bug here must not leave the chunk's recipients unreported
+            log.exception("composing failed", extra={"mailing": mailing.mailing_id})
+            worker = self._replace(worker)
+            for recipient in chunk:
+                if recipient["id"] not in reported:
+                    report(_failed(recipient["id"], "message build failed: internal error"))
+        finally:
+            if self._closed:
+                results.put_nowait(None)
+            else:
+                self._idle_workers().put_nowait(worker)
+
+    async def _compose_on(self, worker: _Worker, mailing: MailingSource, chunk: list[dict[str, Any]],
+                          report: Callable[[Composed], None]) -> _Worker:
+        """Compose ``chunk`` on ``worker`` (replaced when lost); return the worker to put back idle."""
+        remaining, retried, failed_starts = chunk, False, 0
+        while remaining and not self._closed:
+            poisoned = self._poisoned.get(mailing.digest)
+            if poisoned:
+                for recipient in remaining:
+                    report(_failed(recipient["id"], not_composed(poisoned)))
+                break
+            try:
+                await worker.started()
+                worker.send(mailing, remaining)
+            except (OSError, _WorkerLost) as error:  # it died while idle or starting: nothing was lost
+                worker = self._replace(worker)
+                failed_starts += 1
+                if failed_starts == _STARTS_TRIED:  # workers cannot run here: say so, do not spin
+                    for recipient in remaining:
+                        report(_failed(recipient["id"], f"message build failed: {error}"))
+                    break
+                continue
+            done = 0
+            try:
+                for _ in remaining:
+                    result, over_limit = await worker.receive(self.wall_seconds)
+                    if over_limit:
+                        self._poison(mailing, result["reply_text"])
+                    report(_as_composed(result))
+                    done += 1
+                    retried = False
+                break
+            except _WorkerLost as lost:
+                worker = self._replace(worker)
+                remaining = remaining[done:]
+                if lost.over_limit or retried:  # a worker lost twice on one message: that message did it
+                    self._poison(mailing, lost.reason)
+                    report(_failed(remaining[0]["id"], lost.reason))
+                    remaining = remaining[1:]
+                retried = not lost.over_limit and not retried
+        return worker
+
+    def _poison(self, mailing: MailingSource, reason: str) -> None:
+        log.error("mailing over the template limits: %s", reason, extra={"mailing": mailing.mailing_id})
+        self._poisoned[mailing.digest] = reason
+        while len(self._poisoned) > _POISONED_KEPT:
+            self._poisoned.popitem(last=False)
 
     def worker_pids(self) -> list[int]:
         """The worker processes' ids (started on first use)."""
-        processes = getattr(self._executor, "_processes", None) or {}
-        return [pid for pid in processes if pid != os.getpid()]
+        return [worker.process.pid for worker in self._all if worker.process.pid is not None]
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Kill the workers at once (what they were making is lost: the master leases it again)."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for worker in self._all:
+            worker.kill()
+        self._all.clear()
+
+
+def _as_composed(result: DeliveryJob | dict[str, Any]) -> Composed:
+    if isinstance(result, DeliveryJob):
+        return Composed(jobs=[result])
+    return Composed(failures=[result])
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _failed(recipient_id: str, reason: str) -> Composed:
+    return Composed(failures=[_failure(recipient_id, reason)])

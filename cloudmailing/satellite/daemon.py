@@ -1,9 +1,11 @@
 """The satellite daemon: lease recipients from the master, deliver them, report every outcome.
 
-Three loops share one link: the *feeder* leases recipients whenever the delivery queue runs low
-(and the master keeps up with the reports) and turns each into a signed message, in worker
-processes with ``compose_workers``; the *scheduler* (``delivery.py``) delivers; the *reporter*
-sends outcomes back in batches, after writing them to the outbox on disk. A lost link ends the
+Three loops share one link: the *feeder* leases recipients whenever fewer than half a lease
+wait to be delivered (and the master keeps up with the reports); *compose-ahead*
+(``compose_ahead.py``) turns them into signed messages in ``compose_workers`` worker processes,
+under the template limits, only as far ahead of sending as ``max_composed_bytes`` allows; the
+*scheduler* (``delivery.py``) delivers; the *reporter* sends outcomes back in batches, after
+writing them to the outbox on disk. A lost link ends the
 session: the master takes the leases back, and the satellite reconnects and first reports what
 its outbox still holds. The satellite keeps no other state: the master is the only truth.
 """
@@ -26,13 +28,14 @@ from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.config.settings import SatelliteConfig
+from cloudmailing.satellite.compose_ahead import ComposeAhead
 from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
-from cloudmailing.satellite.composer import build_failure
 from cloudmailing.satellite.delivery import DeliveryConfig, DeliveryJob, DeliveryScheduler
 from cloudmailing.satellite.master_identity import master_options
 from cloudmailing.satellite.mx_resolver import MxResolver
 from cloudmailing.satellite.outbox import Outbox
 from cloudmailing.satellite.outcomes import DeliveryOutcome
+from cloudmailing.satellite.templates import TemplateLimits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,11 @@ def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
         test_target=host_port(config.test_target, 25) if config.test_target else None,
         max_connections=config.max_connections, max_connections_per_host=config.max_connections_per_host,
         connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout)
+
+
+def template_limits(config: SatelliteConfig) -> TemplateLimits:
+    return TemplateLimits(cpu_seconds=config.template_cpu_seconds, max_output_chars=config.template_max_output_chars,
+                          max_value_chars=config.template_max_value_chars)
 
 
 def load_or_create_secret(config: SatelliteConfig, data_dir: Path) -> str:
@@ -82,7 +90,9 @@ class SatelliteDaemon:
         self._outbox = Outbox(data_dir / "outbox.jsonl")
         self._scheduler = DeliveryScheduler(delivery_config(config), self._resolver, self._delivered,
                                             reactor=reactor, clock=reactor)
-        self._composer = ComposePool(config.compose_workers)
+        self._composer = ComposePool(config.compose_workers, template_limits(config), config.compose_memory_mb)
+        self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
+                                  config.max_composed_bytes)
         self._mailings: dict[int, tuple[float, MailingSource]] = {}
         self._stopping = False
         self.sessions = 0  # how many times it has connected (for tests and logs)
@@ -90,6 +100,7 @@ class SatelliteDaemon:
     # -- outcomes ---------------------------------------------------------------------------
 
     def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        self.ahead.sent(job)
         report = asdict(outcome)
         report.pop("retryable", None)
         if job.keep_content:
@@ -100,6 +111,13 @@ class SatelliteDaemon:
 
     async def run(self) -> None:
         """Connect, serve, reconnect with a growing pause, until :meth:`stop`."""
+        composing = asyncio.ensure_future(self.ahead.run())
+        try:
+            await self._serve()
+        finally:
+            composing.cancel()
+
+    async def _serve(self) -> None:
         pause = 1.0
         while not self._stopping:
             try:
@@ -143,10 +161,11 @@ class SatelliteDaemon:
         # master is slow to take them, leasing more would only grow that backlog.
         max_unreported = UNREPORTED_LEASES * self.config.lease_size
         while True:
-            if self._scheduler.pending >= low_water or len(self._outbox) >= max_unreported:
+            held = self._scheduler.pending + self.ahead.pending
+            if held >= low_water or len(self._outbox) >= max_unreported:
                 await asyncio.sleep(0.05)
                 continue
-            answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - self._scheduler.pending)
+            answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - held)
             recipients = answer["recipients"] if answer else []
             by_mailing: dict[int, list[dict[str, Any]]] = {}
             for recipient in recipients:
@@ -166,15 +185,7 @@ class SatelliteDaemon:
             log.warning("mailing gone; %d leased recipients dropped", len(recipients),
                         extra={"mailing": mailing_id, "satellite": self.serial})
             return
-        except Exception as error:  # the mailing cannot be compiled: each of its recipients fails
-            for recipient in recipients:
-                self._build_failed(build_failure(recipient["id"], error), mailing_id)
-            return
-        async for composed in self._composer.compose(mailing, recipients):
-            for failure in composed.failures:
-                self._build_failed(failure, mailing_id)
-            for job in composed.jobs:
-                self._scheduler.submit(job)
+        self.ahead.add(mailing, recipients)
 
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
         log.warning("cannot build the message: %s", failure["reply_text"],
@@ -219,6 +230,6 @@ class SatelliteDaemon:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._composer.close()  # first: a worker may be busy on a template that takes its full limit
         await self._scheduler.close()
-        self._composer.close()
         self._outbox.close()

@@ -42,9 +42,9 @@ from urllib.parse import quote
 
 from cloudmailing.common.html_text import html_to_text
 from cloudmailing.satellite.templates import (
-    DEFAULT_MAX_OUTPUT_CHARS,
     CompiledTemplate,
     PersonalizationError,
+    TemplateLimits,
     compile_template,
     template_variables,
     unsubscribe_url,
@@ -318,7 +318,7 @@ def _text_part_message(subtype: str, charset: str) -> Message:
     return part
 
 
-def _skeleton_from_content(content: MailingContent, max_chars: int,
+def _skeleton_from_content(content: MailingContent, limits: TemplateLimits | None,
                            rng: random.Random) -> _Skeleton:
     plain = content.plain or (html_to_text(content.html) if content.html else "")
     sources = [(plain, False)] + ([(content.html, True)] if content.html else [])
@@ -334,13 +334,13 @@ def _skeleton_from_content(content: MailingContent, max_chars: int,
         root.set_boundary(boundary)
         root.set_payload(leaves)  # type: ignore[arg-type]  # compat32 multipart payload
         boundaries = (b"--" + boundary.encode(),)
-    parts = [(leaf, _TextPart(compile_template(source, html=html, max_output_chars=max_chars),
+    parts = [(leaf, _TextPart(compile_template(source, html=html, limits=limits),
                               html, boundaries))
              for leaf, (source, html) in zip(leaves, sources, strict=True)]
     return _Skeleton(root, parts, rng)
 
 
-def _skeleton_from_rfc822(content: MailingContent, max_chars: int,
+def _skeleton_from_rfc822(content: MailingContent, limits: TemplateLimits | None,
                           rng: random.Random) -> tuple[_Skeleton, str]:
     """Skeleton of a create_mailing_ext message, and its decoded Subject."""
     root = message_from_bytes(content.rfc822 or b"", policy=email_policy.compat32)
@@ -355,7 +355,7 @@ def _skeleton_from_rfc822(content: MailingContent, max_chars: int,
         overrides[ctype] = ""  # an override replaces the first part of its type only
         html = ctype == "text/html"
         leaf.set_param("charset", content.charset)
-        template = compile_template(source, html=html, max_output_chars=max_chars)
+        template = compile_template(source, html=html, limits=limits)
         parts.append((leaf, _TextPart(template, html, boundaries)))
     return _Skeleton(root, parts, rng), subject
 
@@ -396,7 +396,7 @@ class MailingMessageTemplate:
 
     def __init__(self, content: MailingContent, *, clock: Clock | None = None,
                  rng: random.Random | None = None,
-                 max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS) -> None:
+                 limits: TemplateLimits | None = None) -> None:
         self._content = content
         self._clock = clock or _WallClock()
         rng = rng or random.Random()
@@ -407,14 +407,14 @@ class MailingMessageTemplate:
         self._domain = domain
         self._bounce_domain = content.bounce_domain or self._domain
         if content.rfc822 is not None:
-            skeleton, subject = _skeleton_from_rfc822(content, max_output_chars, rng)
+            skeleton, subject = _skeleton_from_rfc822(content, limits, rng)
             subject = content.subject or subject
         else:
-            skeleton = _skeleton_from_content(content, max_output_chars, rng)
+            skeleton = _skeleton_from_content(content, limits, rng)
             subject = content.subject
         self._pieces = skeleton.pieces
         self._parts = skeleton.parts
-        self._subject = compile_template(subject, html=False, max_output_chars=max_output_chars)
+        self._subject = compile_template(subject, html=False, limits=limits)
         self._constant_subject = (self._subject_line(self._subject.render({}))
                                   if self._subject.is_constant else None)
         self._from_line = _from_header(content.sender_name, content.mail_from)

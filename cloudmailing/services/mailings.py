@@ -133,7 +133,7 @@ class MailingService:
         if not fields["plain"]:
             fields["plain"] = html_to_text(fields["html"])
         for name in ("subject", "html", "plain"):
-            check_template(name, fields[name])
+            await check_template(name, fields[name], html=name == "html")
         return await self._insert(fields)
 
     async def create_from_message(self, message: Any) -> int:
@@ -186,7 +186,7 @@ class MailingService:
             raise InvalidValue("charset: mandatory when subject, html_content or plain_content change")
         for name in ("subject", "html", "plain"):
             if name in changes:
-                check_template(name, changes[name])
+                await check_template(name, changes[name], html=name == "html")
         if "mail_from" in changes:
             changes["domain_name"] = parse_address(changes["mail_from"]).domain
         await self._store.update(mailing["_id"], changes)

@@ -19,11 +19,15 @@ async def _fault(call, *args) -> xmlrpc.client.Fault:
     return raised.value
 
 
-async def _new(api, **overrides) -> int:
+def _create_args(**overrides) -> dict:
     args = {"mail_from": "news@example.org", "sender_name": "News", "subject": "Hi {{ firstname }}",
             "html": "<h1>Title</h1><p>Coucou</p>", "plain": "Title\nCoucou\n", "charset": "UTF-8"}
     args.update(overrides)
-    return await api.create_mailing(*args.values())
+    return args
+
+
+async def _new(api, **overrides) -> int:
+    return await api.create_mailing(*_create_args(**overrides).values())
 
 
 @aio_test
@@ -58,6 +62,34 @@ async def test_create_mailing_refuses_bad_values(running_master):
     assert (await _fault(api.create_mailing, "a@example.org", "N", "{% if %}", "h", "p", "utf-8")).faultCode == 406
     fault = await _fault(api.create_mailing, "a@example.org")
     assert fault.faultCode == 400 and "arguments" in fault.faultString
+
+
+@pytest.mark.parametrize(("field", "template", "reason"), [
+    ("subject", "{% if %}", "subject: template syntax error line 1"),
+    ("html", "<p>{{ ''.ljust(10**9) }}</p>", "html: template over its limits: ljust() larger than 1000000"),
+    ("plain", "{{ 2 ** 100000000 }}", "plain: template over its limits: integer result"),
+    ("plain", "{% for i in range(10**6) %}x{% endfor %}", "plain: template over its limits: range() over 100000 items"),
+    ("html", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "html: template over its limits: CPU time over 2 s (rendered with no recipient data)"),
+    ("subject", "{{ x.__class__ }}", "subject: template not allowed: access to attribute '__class__'"),
+])
+@aio_test
+async def test_a_template_that_cannot_render_is_refused_at_once(running_master, field, template, reason):
+    api = running_master.proxy()
+    fault = await _fault(api.create_mailing, *_create_args(**{field: template}).values())
+    assert fault.faultCode == 406 and fault.faultString.startswith(reason), fault.faultString
+    mailing_id = await _new(api)
+    property_name = {"html": "html_content", "plain": "plain_content"}.get(field, field)
+    fault = await _fault(api.set_mailing_properties, mailing_id, {property_name: template, "charset": "utf-8"})
+    assert fault.faultCode == 406 and fault.faultString.startswith(reason), fault.faultString
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["subject"] == "Hi {{ firstname }}"
+
+
+@aio_test
+async def test_templates_that_fail_only_without_data_are_accepted(running_master):
+    # The division, the loop over a field: with no recipient data they fail or do nothing; with data they may not.
+    api = running_master.proxy()
+    assert await _new(api, subject="{{ 100 // n }} points", plain="{% for i in range(count) %}*{% endfor %}")
 
 
 @aio_test

@@ -153,3 +153,37 @@ async def _check_customized_content(api, recipient_id: str, received) -> None:
     assert logged["customized_content"] == status["customized_content"]
     (status,) = await api.get_recipients_status([recipient_id], {"with_customized_content": True})
     assert status["customized_content"] == ""
+
+
+@aio_test
+async def test_a_lease_of_big_messages_is_composed_within_the_byte_bound(running_master, dns, tmp_path: Path):
+    from twisted.internet import reactor
+
+    servers, smtp_port = start_servers({"127.0.0.2": Behaviour()})
+    api = running_master.proxy()
+    body = "Dear {{ firstname }}\n" + ("0123456789" * 7 + "\n") * 8000  # ~570 KB per message
+    mailing_id = await api.create_mailing("news@sender.test", "S", "Big {{ firstname }}", "", body, "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"user{i}@ok.test", "firstname": f"F{i}"} for i in range(40)])
+    await api.cloud_add_satellite("sat-big", {})
+    assert await api.start_mailing(mailing_id) == "READY"
+    bound = 2 * 1024 * 1024
+    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-big", secret="s",
+                             helo_hostname="sat.test", dns_servers=dns.nameserver, smtp_port=smtp_port,
+                             lease_size=40, connect_timeout=5, reply_timeout=5, compose_workers=2,
+                             max_composed_bytes=bound)
+    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
+    running = asyncio.ensure_future(satellite.run())
+    try:
+        mailing = await _wait_finished(api, mailing_id)
+    finally:
+        await satellite.stop()
+        running.cancel()
+        for server in servers.values():
+            await server.stop()
+    received = servers["127.0.0.2"].messages
+    assert mailing["total_sent"] == 40 and len(received) == 40
+    largest = max(len(message.data) for message in received)
+    assert largest > 500_000
+    # The whole lease (40 × ~570 KB) was never composed at once: at most the bound and one message.
+    assert 0 < satellite.ahead.peak_bytes <= bound + largest
+    assert satellite.ahead.composed_bytes == 0

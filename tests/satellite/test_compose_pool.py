@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import os
@@ -10,7 +11,9 @@ import signal
 import dkim
 import pytest
 
-from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource
+from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource, compose_chunk
+from cloudmailing.satellite.composer import prepare
+from cloudmailing.satellite.templates import TemplateLimits
 from tests.helpers import aio_test
 from tests.satellite.test_composer import CONTENT, _txt
 
@@ -57,9 +60,8 @@ async def test_workers_compose_every_message_and_fail_the_broken_ones_alone(pool
     assert len(pool.worker_pids()) == 2
 
 
-@aio_test
-async def test_in_process_composing_gives_the_same_messages():
-    _check(await _compose_all(ComposePool(0), _mailing()))
+def test_in_process_composing_gives_the_same_messages():
+    _check(compose_chunk(prepare(_mailing().content), RECIPIENTS))
 
 
 @aio_test
@@ -72,3 +74,64 @@ async def test_a_killed_worker_is_replaced_and_its_messages_still_made(pool):
     _check(await _compose_all(pool, mailing))  # composed here, and new workers started
     _check(await _compose_all(pool, mailing))  # by the new workers
     assert len(pool.worker_pids()) == 2 and not set(pool.worker_pids()) & set(killed)
+
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+async def _compose_each(pool: ComposePool, mailing: MailingSource, recipients: list[dict]) -> Composed:
+    everything = Composed()
+    async for composed in pool.compose(mailing, recipients):
+        everything.jobs += composed.jobs
+        everything.failures += composed.failures
+    return everything
+
+
+@pytest.mark.parametrize(("subject", "limits", "wall_seconds", "reason"), [
+    # the sandbox's own count of CPU time
+    (NESTED_LOOPS, TemplateLimits(cpu_seconds=0.5), None, "template over its limits: CPU time over 0.5 s"),
+    # one Python operation the sandbox cannot interrupt: the worker's RLIMIT_CPU ends it
+    ("{{ 7 ** 30000000 }}", TemplateLimits(cpu_seconds=0.5, max_int_bits=10**10), 60.0,
+     "template over its limits: CPU time over the limit, the compose worker was stopped"),
+    # the worker's RLIMIT_AS
+    ("{{ 'x' * 2000000000 }}", TemplateLimits(max_value_chars=10**12), None,
+     "template over its limits: memory over 64 MiB"),
+    # the daemon's watchdog, when a message takes too long however it does
+    (NESTED_LOOPS, TemplateLimits(cpu_seconds=60), 2.0, "template over its limits: composing took over 2 s"),
+])
+@aio_test
+async def test_a_template_over_a_limit_fails_its_mailing_while_another_is_composed(subject, limits, wall_seconds,
+                                                                                 reason):
+    pool = ComposePool(2, limits, memory_mb=64, wall_seconds=wall_seconds)
+    try:
+        hostile = MailingSource.from_content(dict(CONTENT, id=8, subject=subject))
+        started = asyncio.get_running_loop().time()
+        bad, good = await asyncio.gather(_compose_each(pool, hostile, RECIPIENTS[:60]), _compose_all(pool, _mailing()))
+        assert asyncio.get_running_loop().time() - started < 30
+        _check(good)
+        assert not bad.jobs and len(bad.failures) == 60
+        assert {f["status"] for f in bad.failures} == {"GENERAL_ERROR"}
+        # Each worker that was given some of them went over the limit once, at most; the others were not tried.
+        over = [f for f in bad.failures if f["reply_text"] == reason]
+        assert 1 <= len(over) <= pool.workers
+        short = reason.removeprefix("template over its limits: ")
+        assert {f["reply_text"] for f in bad.failures if f not in over} == {
+            f"not composed: another message of this mailing went over the limits ({short})"}
+        _check(await _compose_all(pool, _mailing()))  # the pool still works, lost workers replaced
+        assert len(pool.worker_pids()) == 2
+    finally:
+        pool.close()
+
+
+@aio_test
+async def test_closing_the_pool_kills_a_worker_busy_on_a_template():
+    pool = ComposePool(1, TemplateLimits(cpu_seconds=60))
+    busy = MailingSource.from_content(dict(CONTENT, subject=NESTED_LOOPS))
+    composing = asyncio.ensure_future(_compose_each(pool, busy, RECIPIENTS[:3]))
+    while not pool.worker_pids():
+        await asyncio.sleep(0.05)
+    (pid,) = pool.worker_pids()
+    await asyncio.sleep(1.0)  # busy on the first message
+    pool.close()
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+    await asyncio.wait_for(composing, 5)  # the caller is not left waiting either

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import xmlrpc.client
 
 import pytest
@@ -141,3 +142,22 @@ async def test_hourly_statistics_empty_without_deliveries(running_master):
     api = running_master.proxy()
     assert await api.get_hourly_statistics({"from_date": "2026-01-01T00:00:00", "to_date": "2026-12-31",
                                             "senders": []}) == []
+
+
+@aio_test
+async def test_totals_never_lose_an_add_recipients_racing_the_life_cycle_check(running_master):
+    """Each round: a started, empty mailing kept open (dont_close_if_empty) takes batches while the
+    life cycle checks it, the moment a count-then-overwrite of the totals used to lose a batch."""
+    api = running_master.proxy()
+    for round_number in range(12):
+        mailing_id = await _mailing(api)
+        await api.set_mailing_properties(mailing_id, {"dont_close_if_empty": True})
+        await api.start_mailing(mailing_id)
+        batch = [{"email": f"r{round_number}-{i}@example.org"} for i in range(150)]
+        clients = [running_master.proxy() for _ in range(5)]  # one connection each, as five clients
+        checks = [client.mailing_manager_force_check() for client in clients[:3]]
+        await asyncio.gather(checks[0], clients[3].add_recipients(mailing_id, batch), checks[1],
+                             clients[4].add_recipients(mailing_id, batch[:50]), checks[2])
+        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+        assert mailing["total_recipient"] == 200 == await api.get_recipients_count({"mailings": [mailing_id]})
+        assert mailing["status"] == "RUNNING"

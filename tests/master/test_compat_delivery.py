@@ -157,3 +157,39 @@ async def test_kept_messages_are_the_bytes_the_smtp_server_received(running_mast
                 assert kept == sent
             else:
                 assert isinstance(kept, str) and kept.encode("utf-8") == sent, name
+
+
+@aio_test
+async def test_send_test_recipients_are_counted_delivered_and_reported(running_master, dns_server, tmp_path):
+    servers, smtp_port = start_servers({MX_ADDRESS: Behaviour()})
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("news@sender.test", "News", "Test", "<p>Hi</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": "later@ok.test"}])
+    tests = await api.send_test(mailing_id, [{"email": "qa1@ok.test"}, {"email": "qa2@ok.test"}])
+    cursor = (await api.get_recipients_status_updated_since("", [], 1000))["cursor"]
+    from twisted.internet import reactor
+
+    await api.cloud_add_satellite("sat-test", {})
+    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-test", secret="s3cret",
+                             helo_hostname="sat.test", dns_servers=dns_server.nameserver, smtp_port=smtp_port,
+                             connect_timeout=5, reply_timeout=5, compose_workers=1)
+    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
+    running = asyncio.ensure_future(satellite.run())
+    try:
+        for _ in range(200):
+            mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+            if mailing["total_sent"] == 2:
+                break
+            await asyncio.sleep(0.1)
+        await api.mailing_manager_force_check()
+        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+    finally:
+        await satellite.stop()
+        running.cancel()
+        await servers[MX_ADDRESS].stop()
+    assert (mailing["status"], mailing["total_recipient"], mailing["total_sent"], mailing["total_pending"]) == \
+        ("FILLING_RECIPIENTS", 3, 2, 1)  # the mailing itself is not started: its recipient waits
+    assert sorted(m.rcpt_to[0] for m in servers[MX_ADDRESS].messages) == ["qa1@ok.test", "qa2@ok.test"]
+    page = await api.get_recipients_status_updated_since(cursor, [], 1000)
+    assert sorted((r["id"], r["status"]) for r in page["recipients"]) == \
+        sorted((t["id"], "FINISHED") for t in tests)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from cloudmailing.common.statuses import GENERAL_ERROR
 from cloudmailing.satellite.delivery import DeliveryJob
 from cloudmailing.satellite.dkim_signer import DkimSigner
 from cloudmailing.satellite.message_builder import MailingContent, MailingMessageTemplate
@@ -73,5 +74,5 @@ def with_attachments(data: bytes, attachments: list[dict[str, Any]]) -> bytes:
 
 def build_failure(recipient_id: str, error: Exception) -> dict[str, Any]:
     reason = error.reason if isinstance(error, PersonalizationError) else f"message build failed: {error}"
-    return {"recipient_id": recipient_id, "status": "GENERAL_ERROR", "reply_code": None,
+    return {"recipient_id": recipient_id, "status": GENERAL_ERROR, "reply_code": None,
             "reply_enhanced_code": "", "reply_text": reason, "smtp_log": [], "mx_host": ""}

@@ -143,24 +143,6 @@ def _escape_verp(match: re.Match[str]) -> str:
     return "".join(f"={byte:02x}" for byte in match.group().encode("utf-8"))
 
 
-def parse_verp(address: str, prefix: str = "bounce") -> tuple[int, str] | None:
-    """(mailing_id, recipient_id) of a VERP address made by `verp_address`, else None."""
-    local = address.strip().strip("<>").rpartition("@")[0].lower()
-    head = prefix.lower() + "-"
-    if not local.startswith(head):
-        return None
-    mailing, sep, token = local[len(head):].partition("-")
-    if not sep or not mailing.isdigit() or not mailing.isascii():
-        return None
-    if not _VERP_TOKEN.fullmatch(token):
-        return None
-    raw = _VERP_HEX.sub(lambda m: bytes.fromhex(m.group(1).decode()), token.encode())
-    try:
-        return int(mailing), raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 # ---------------------------------------------------------------- headers
 
 

@@ -6,7 +6,7 @@ the policy code (``delivery``) share them:
 
 * 2xx → ``FINISHED``;
 * 4xx, timeouts, refused or dropped connections, temporary DNS failures → ``WARNING``
-  (retryable: the master schedules ``next_try`` with :class:`RetrySchedule`);
+  (retryable: the master alone decides when, see ``services/dispatcher.retry_delay``);
 * 5xx, permanent DNS failures (NXDOMAIN, null MX), unusable addresses → ``ERROR``.
 """
 
@@ -17,9 +17,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-FINISHED = "FINISHED"
-WARNING = "WARNING"
-ERROR = "ERROR"
+from cloudmailing.common.statuses import ERROR, FINISHED, WARNING  # noqa: F401 - the outcomes' statuses
 
 SMTP_LOG_MAX_LINES = 20
 SMTP_LOG_MAX_LINE_CHARS = 500
@@ -117,27 +115,3 @@ def _failure(
         mx_host=mx_host,
         retryable=status == WARNING,
     )
-
-
-@dataclass(frozen=True)
-class RetrySchedule:
-    """Delay before the next try of a soft-bounced recipient: geometric, capped.
-
-    ``next_delay(1)`` is the delay after the first try; the master adds it to the time of
-    the try to get ``next_try``.
-    """
-
-    initial: float = 300.0
-    factor: float = 2.0
-    maximum: float = 4 * 3600.0
-
-    def next_delay(self, try_count: int) -> float:
-        """Seconds to wait after try number ``try_count`` (1-based) before the next one."""
-        delay = self.initial
-        if self.factor <= 1.0:
-            return min(delay, self.maximum)
-        for _ in range(max(0, try_count - 1)):
-            delay *= self.factor
-            if delay >= self.maximum:
-                return self.maximum
-        return min(delay, self.maximum)

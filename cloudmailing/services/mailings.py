@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from cloudmailing.common.html_text import html_to_text
-from cloudmailing.common.statuses import ERROR_STATUSES, FILLING, PAUSED, RUNNING
+from cloudmailing.common.statuses import ERROR_STATUSES, FILLING, PAUSED, RUNNING, WARNING
+from cloudmailing.common.statuses import FINISHED as SENT
 from cloudmailing.common.statuses import MAILING_FINISHED as FINISHED
 from cloudmailing.common.statuses import MAILING_READY as READY
 from cloudmailing.services import values
@@ -263,10 +264,10 @@ def mailing_filter(filters: Any) -> MailingFilter:
 def totals(counts: Mapping[str, int]) -> dict[str, int]:
     """A mailing's totals from its per-status recipient counts."""
     total = sum(counts.values())
-    sent = counts.get("FINISHED", 0)
+    sent = counts.get(SENT, 0)
     error = sum(counts.get(status, 0) for status in ERROR_STATUSES)
     return {"total_recipient": total, "total_sent": sent, "total_error": error,
-            "total_softbounce": counts.get("WARNING", 0), "total_pending": total - sent - error}
+            "total_softbounce": counts.get(WARNING, 0), "total_pending": total - sent - error}
 
 
 def _listed(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -96,9 +96,6 @@ class StateColumns:
         codes = {STATUS_CODES[status] for status in statuses}
         return [slot for slot, code in enumerate(self.status) if code in codes]
 
-    def copy(self) -> StateColumns:
-        return StateColumns(**{name: array(typecode, getattr(self, name)) for name, typecode in _COLUMNS})
-
 
 def encode_state(columns: StateColumns) -> bytes:
     return zlib.compress(b"".join(getattr(columns, name).tobytes() for name, _ in _COLUMNS), 1)

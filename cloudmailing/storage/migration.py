@@ -13,7 +13,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cloudmailing.common.statuses import STORED_STATUSES
+from cloudmailing.common.statuses import READY, STORED_STATUSES
 from cloudmailing.storage.block_codec import STATUS_CODES, StateColumns, to_millis
 from cloudmailing.storage.blocks import MAX_RECIPIENTS, Block
 from cloudmailing.storage.database import LAYOUT_VERSION, Database, has_old_layout
@@ -150,7 +150,7 @@ async def _write_blocks(database: Database, stores: Stores, places: dict[str, _P
         slot = placed.place.slot
         if len(columns) <= slot:
             columns.extend_ready(slot + 1 - len(columns), datetime.datetime(1970, 1, 1))
-        status = doc.get("status") if doc.get("status") in STORED_STATUSES else "READY"
+        status = doc.get("status") if doc.get("status") in STORED_STATUSES else READY
         columns.status[slot] = STATUS_CODES[status]
         columns.tries[slot] = min(int(doc.get("try_count") or 0), 65535)
         columns.first_try[slot] = to_millis(doc.get("first_try"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cloudmailing.satellite import outcomes
-from cloudmailing.satellite.outcomes import RetrySchedule
 
 
 def test_status_for_code() -> None:
@@ -44,12 +43,3 @@ def test_failures_without_reply() -> None:
     hard = outcomes.permanent_failure("r", "NXDOMAIN")
     assert (soft.status, soft.retryable, soft.reply_code) == ("WARNING", True, None)
     assert (hard.status, hard.retryable, hard.reply_text) == ("ERROR", False, "NXDOMAIN")
-
-
-def test_retry_schedule_doubles_up_to_the_maximum() -> None:
-    schedule = RetrySchedule()
-    assert [schedule.next_delay(n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 4800, 9600]
-    assert schedule.next_delay(7) == 4 * 3600
-    assert schedule.next_delay(10_000) == 4 * 3600
-    assert schedule.next_delay(0) == 300
-    assert RetrySchedule(initial=60, factor=1, maximum=30).next_delay(5) == 30

@@ -60,7 +60,6 @@ class EmbeddedDatabase:
 
 
 def _searchable(path: Path, top: Path) -> None:
-    for directory in [path, *path.parents]:
+    chain = [path, *path.parents]
+    for directory in chain[:chain.index(top) + 1]:  # ValueError when top is not one of them
         directory.chmod(directory.stat().st_mode | stat.S_IXOTH)
-        if directory == top:
-            return

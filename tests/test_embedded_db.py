@@ -114,6 +114,46 @@ def test_a_start_waits_for_the_killed_servers_last_processes(data_dir, start):
     assert "is still in use" in (data_dir / "postgresql.log").read_text()
 
 
+def test_a_killed_server_not_yet_reaped_does_not_block_a_start(data_dir, start):
+    with start() as first:
+        _client(first.url).shop.orders.insert_one({"n": 1})
+        command = Path(f"/proc/{first.postgres_pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    owner = pwd.getpwuid((data_dir / "postgresql").stat().st_uid)
+    # The same server, this test its parent: killed and never waited for, it stays a zombie.
+    server = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              **({"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+                                 if os.geteuid() == 0 else {}))
+    try:
+        _wait_ready(data_dir, server.pid)
+        os.kill(server.pid, signal.SIGKILL)
+        _wait_zombie(server.pid)
+
+        with start() as second:
+            assert _client(second.url).shop.orders.count_documents({}) == 1
+        assert Path(f"/proc/{server.pid}/stat").read_text().split(") ")[1][0] == "Z"  # all along
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _wait_ready(data_dir: Path, pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        pid_file = data_dir / "postgresql" / "postmaster.pid"
+        lines = pid_file.read_text().splitlines() if pid_file.exists() else []
+        if len(lines) >= 8 and lines[0] == str(pid) and lines[7].strip() == "ready":
+            return
+        assert time.monotonic() < deadline, "the server never got ready"
+        time.sleep(0.05)
+
+
+def _wait_zombie(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline, f"{pid} never died"
+        time.sleep(0.05)
+
+
 def test_sigterm_stops_both_cleanly(data_dir, start):
     database = start()
     postgres, ferretdb = database.postgres_pid, database.ferretdb_pid

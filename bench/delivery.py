@@ -19,7 +19,7 @@ Printed:
   must stay flat as the mailing goes on (run it with 20,000 and 200,000 messages to compare).
 
     .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519] [--compose-workers N]
-                                       [--max-composed-bytes N] [--postgresql URL] [--profile DIR]
+                                       [--max-composed-bytes N] [--profile DIR]
 
 Big messages, bounded memory: the satellite composes only ``max_composed_bytes`` ahead of
 sending, so its peak memory does not grow with lease size × message size. Compare, e.g.,
@@ -27,11 +27,9 @@ sending, so its peak memory does not grow with lease size × message size. Compa
 ``--max-composed-bytes 1000000000`` (everything leased composed at once, as before the bound).
 
 Needs ``smtp-sink`` and ``smtp-source`` (Debian: ``apt-get install postfix``). Uses
-CM_MONGODB_URL when set, else starts FerretDB (SQLite backend) in a temporary directory;
-``--postgresql URL`` runs FerretDB on that PostgreSQL database instead. With FerretDB the
-end-to-end rate is bound by the database. On its SQLite backend every document write scans the
-table (use --messages 2000 there); on PostgreSQL, 20,000 messages take about a minute and
-200,000 about 25 minutes on 2 cores.
+CM_MONGODB_URL when set, else starts the embedded database (bin/embedded-db: FerretDB on a private
+PostgreSQL cluster) in a temporary directory. With FerretDB the end-to-end rate is bound by the
+database: 20,000 messages take about a minute and 200,000 about 25 minutes on 2 cores.
 
 A master that stops answering is detected (API calls time out after --api-timeout) and reported.
 """
@@ -65,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from cloudmailing.satellite.composer import compose, prepare  # noqa: E402
 from tests.conftest import free_port, wait_for_port  # noqa: E402
+from tests.embedded_db import EmbeddedDatabase  # noqa: E402
 from tests.satellite.dns_server import DnsTestServer  # noqa: E402
 
 DOMAINS = [(f"d{i}.bench.test", f"127.0.0.{2 + i}") for i in range(10)]
@@ -221,15 +220,11 @@ def filler_for(size: int, privkey: str) -> int:
 # -- processes ------------------------------------------------------------------------------
 
 
-def start_database(tmp: Path, postgresql: str | None) -> tuple[str, subprocess.Popen[bytes] | None]:
+def start_database(tmp: Path) -> tuple[str, EmbeddedDatabase | None]:
     if os.environ.get("CM_MONGODB_URL"):
         return os.environ["CM_MONGODB_URL"], None
-    port = free_port()
-    command = ([str(ROOT / "bin/ferretdb"), "start-pg", postgresql, str(port)] if postgresql
-               else [str(ROOT / "bin/ferretdb"), "start", str(tmp / "ferretdb"), str(port)])
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(tmp / "ferretdb.log", "wb"))
-    wait_for_port(port, timeout=120)
-    return f"mongodb://127.0.0.1:{port}/", process
+    database = EmbeddedDatabase(tmp / "db", searchable_from=tmp)
+    return database.url, database
 
 
 # The guard matters: compose workers are spawned interpreters that import the main script again.
@@ -408,7 +403,7 @@ def follow_mailing(url: str, proxy: Any, mailing_id: int, sinks: list[Sink], tim
 
 
 def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTestServer, sinks: list[Sink],
-                database: subprocess.Popen[bytes] | None) -> MailingResult:
+                database: EmbeddedDatabase | None) -> MailingResult:
     mongo_url = args.mongo_url
     api_port, link_port = free_port(), free_port()
     common = (f"[database]\nurl = {mongo_url}\nname = {args.db_name}\n"
@@ -448,10 +443,10 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
         wait_connected(proxy, satellite, tmp / "satellite.log")
         watched = {"master": master.pid, "satellite": satellite.pid}
         if database is not None:
-            watched["ferretdb"] = database.pid
+            watched["ferretdb"] = database.ferretdb_pid
         resident: list[tuple[int, float, float]] = []
         seconds, mailing, finished, cpu = follow_mailing(url, proxy, mailing_id, sinks, args.timeout, watched,
-                                                          bool(args.postgresql), resident)
+                                                          database is not None, resident)
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
         workers = children(satellite.pid)
         if workers:
@@ -516,7 +511,6 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=20_000, help="bytes per message (default 20000)")
     parser.add_argument("--ed25519", action="store_true", help="sign with Ed25519 instead of RSA-2048")
-    parser.add_argument("--postgresql", metavar="URL", help="FerretDB on this PostgreSQL database")
     parser.add_argument("--sessions", type=int, default=4,
                         help="connections per MX, for the satellite and for smtp-source (default 4)")
     parser.add_argument("--compose-workers", type=int, default=2,
@@ -535,8 +529,7 @@ def main() -> None:
     if args.profile:
         args.profile = args.profile.resolve()
         args.profile.mkdir(parents=True, exist_ok=True)
-    backend = "MongoDB (CM_MONGODB_URL)" if os.environ.get("CM_MONGODB_URL") else (
-        "FerretDB/PostgreSQL" if args.postgresql else "FerretDB/SQLite")
+    backend = "MongoDB (CM_MONGODB_URL)" if os.environ.get("CM_MONGODB_URL") else "FerretDB/PostgreSQL"
     with tempfile.TemporaryDirectory() as tmp_name, DnsTestServer() as dns:
         tmp = Path(tmp_name)
         for domain, address in DOMAINS:
@@ -550,7 +543,7 @@ def main() -> None:
             source_rate = args.messages / smtp_source_run(source_binary, sink_port, args.messages, args.size,
                                                           args.sessions)
             time.sleep(0.5)  # let the sinks' last counters arrive
-            args.mongo_url, database = start_database(tmp, args.postgresql)
+            args.mongo_url, database = start_database(tmp)
             args.db_name = f"bench_delivery_{uuid.uuid4().hex[:8]}"
             print(f"CloudMailing: master + 1 satellite, database {backend} ({args.db_name})", flush=True)
             baselines = [sink.count for sink in sinks]
@@ -563,7 +556,8 @@ def main() -> None:
             except Exception as error:  # a stuck database: its process is stopped below anyway
                 print(f"  could not drop {args.db_name}: {error!r}")
         finally:
-            stop(database)
+            if database is not None:
+                database.stop()
             for sink in sinks:
                 stop(sink.process)
     report(args, backend, source_rate, result, pipeline_rate, at_sinks)

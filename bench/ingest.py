@@ -8,8 +8,8 @@ at least 0.5 of the lower reference.
 
     .venv/bin/python bench/ingest.py [--recipients N] [--batch N]
 
-Uses CM_MONGODB_URL when set, else starts FerretDB (SQLite backend) in a temporary directory;
-``--postgresql URL`` runs FerretDB on that PostgreSQL database instead.
+Uses CM_MONGODB_URL when set, else starts the embedded database (bin/embedded-db: FerretDB on a
+private PostgreSQL cluster) in a temporary directory.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cloudmailing.services.recipients import _recipient_document as recipient_document  # noqa: E402
 from cloudmailing.storage.database import _INDEXES as INDEXES  # noqa: E402
 from tests.conftest import free_port, wait_for_port  # noqa: E402
+from tests.embedded_db import EmbeddedDatabase  # noqa: E402
 
 
 def batches(total: int, size: int) -> list[list[dict[str, str]]]:
@@ -78,22 +79,17 @@ def insert_reference(mongo_url: str, total: int, size: int) -> float:
     return total / elapsed
 
 
-def start_database(tmp: Path, postgresql: str | None) -> tuple[str, subprocess.Popen | None]:
+def start_database(tmp: Path) -> tuple[str, EmbeddedDatabase | None]:
     if os.environ.get("CM_MONGODB_URL"):
         return os.environ["CM_MONGODB_URL"], None
-    port = free_port()
-    command = ([str(ROOT / "bin/ferretdb"), "start-pg", postgresql, str(port)] if postgresql
-               else [str(ROOT / "bin/ferretdb"), "start", str(tmp / "ferretdb"), str(port)])
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    return f"mongodb://127.0.0.1:{port}/", process
+    database = EmbeddedDatabase(tmp / "db", searchable_from=tmp)
+    return database.url, database
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipients", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--postgresql", metavar="URL", help="FerretDB on this PostgreSQL database")
     parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)  # internal: the client process
     args = parser.parse_args()
     if args.client:
@@ -101,7 +97,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        mongo_url, database_process = start_database(tmp, args.postgresql)
+        mongo_url, database = start_database(tmp)
         db_name = f"bench_{uuid.uuid4().hex[:8]}"
         port = free_port()
         config = tmp / "bench.ini"
@@ -131,12 +127,10 @@ def main() -> None:
         insert_rate = insert_reference(mongo_url, args.recipients, args.batch)
         parse_rate = parse_reference(args.recipients, args.batch)
         MongoClient(mongo_url).drop_database(db_name)
-        if database_process is not None:
-            database_process.terminate()
-            database_process.wait()
+        if database is not None:
+            database.stop()
     lower = min(insert_rate, parse_rate)
-    backend = "MongoDB (CM_MONGODB_URL)" if os.environ.get("CM_MONGODB_URL") else (
-        "FerretDB/PostgreSQL" if args.postgresql else "FerretDB/SQLite")
+    backend = "MongoDB (CM_MONGODB_URL)" if os.environ.get("CM_MONGODB_URL") else "FerretDB/PostgreSQL"
     print(f"database: {backend}; {args.recipients} recipients in batches of {args.batch}; "
           f"stored {stored}, refused {refused}")
     print(f"add_recipients over HTTPS:   {api_rate:10,.0f} recipients/s")

@@ -1,5 +1,5 @@
-"""Test fixtures: a real MongoDB-wire server (FerretDB, or CM_MONGODB_URL), a fresh database per
-test, and an in-process master answering on a real HTTPS socket."""
+"""Test fixtures: a real MongoDB-wire server (FerretDB on PostgreSQL, or CM_MONGODB_URL), a fresh
+database per test, and an in-process master answering on a real HTTPS socket."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import os
 import socket
 import ssl
-import subprocess
 import time
 import uuid
 import xmlrpc.client
@@ -21,6 +20,7 @@ from twisted.internet import task
 from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, SatelliteLinkConfig, Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.storage.database import Database, open_database
+from tests.embedded_db import EmbeddedDatabase
 from tests.helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,20 +51,13 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 @pytest.fixture(scope="session")
 def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """CM_MONGODB_URL when set, else a FerretDB (SQLite backend) started for this test session."""
+    """CM_MONGODB_URL when set, else FerretDB on a private PostgreSQL cluster started for this test session."""
     if os.environ.get("CM_MONGODB_URL"):
         yield os.environ["CM_MONGODB_URL"]
         return
-    port = free_port()
-    data = tmp_path_factory.mktemp("ferretdb")
-    process = subprocess.Popen([str(ROOT / "bin" / "ferretdb"), "start", str(data), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=open(data / "ferretdb.log", "wb"))
-    try:
-        wait_for_port(port)
-        yield f"mongodb://127.0.0.1:{port}/"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    data = tmp_path_factory.mktemp("embedded-db")
+    with EmbeddedDatabase(data, searchable_from=tmp_path_factory.getbasetemp().parent) as database:
+        yield database.url
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import signal
 import ssl
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.conftest import free_port, wait_for_port
+from tests.embedded_db import EmbeddedDatabase
 from tests.helpers import aio_test
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
@@ -289,23 +291,23 @@ async def test_kill_9_the_master_mid_mailing(mongo_url, db_name, database, world
 
 
 @aio_test
-async def test_the_database_going_away_for_a_few_seconds(world, tmp_path):
+async def test_the_database_going_away_for_a_few_seconds(world, tmp_path, tmp_path_factory):
     db_port = free_port()
-    ferretdb = [str(ROOT / "bin" / "ferretdb"), "start", str(tmp_path / "ferretdb"), str(db_port)]
-    databases = [subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    await asyncio.to_thread(wait_for_port, db_port)
-    master = _ProcessMaster(tmp_path, f"mongodb://127.0.0.1:{db_port}/", "outage")
+    start_database = functools.partial(EmbeddedDatabase, tmp_path / "db", port=db_port,
+                                       searchable_from=tmp_path_factory.getbasetemp().parent)
+    databases = [await asyncio.to_thread(start_database)]
+    master = _ProcessMaster(tmp_path, databases[0].url, "outage")
     await master.start()
 
     async def database_away_for_3_seconds() -> None:
-        os.kill(databases[0].pid, signal.SIGKILL)
-        await asyncio.to_thread(databases[0].wait)
+        os.kill(databases[0].ferretdb_pid, signal.SIGKILL)
+        os.kill(databases[0].postgres_pid, signal.SIGKILL)
+        await asyncio.to_thread(databases[0].stop)
         await asyncio.sleep(3)
-        databases[0] = subprocess.Popen(ferretdb, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        databases[0] = await asyncio.to_thread(start_database)
 
     try:
         _check_everyone_delivered(
             *await _mailing_through_a_fault(master, world, tmp_path, "sat-d", database_away_for_3_seconds))
     finally:
-        databases[0].terminate()
-        await asyncio.to_thread(databases[0].wait)
+        await asyncio.to_thread(databases[0].stop)

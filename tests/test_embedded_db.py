@@ -1,0 +1,194 @@
+"""bin/embedded-db: FerretDB on a private PostgreSQL cluster, created from nothing, surviving kill -9."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from tests.embedded_db import EmbeddedDatabase
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "db"
+
+
+@pytest.fixture
+def start(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., EmbeddedDatabase]:
+    """Starts the embedded database in ``data_dir``: ``start(port=None)``."""
+    return functools.partial(EmbeddedDatabase, data_dir, searchable_from=tmp_path_factory.getbasetemp().parent)
+
+
+def _client(url: str) -> MongoClient:
+    return MongoClient(url, serverSelectionTimeoutMS=10_000)
+
+
+def _psql(data_dir: Path, query: str) -> str:
+    """A query straight to the cluster, through its socket."""
+    cluster = data_dir / "postgresql"
+    psql = f"/usr/lib/postgresql/{(cluster / 'PG_VERSION').read_text().strip()}/bin/psql"
+    return subprocess.run([psql, "-h", str(cluster), "-U", "ferretdb", "-d", "postgres", "-Atc", query],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _wait_wal_on_disk(data_dir: Path) -> None:
+    """With synchronous_commit=off a commit reaches the disk within ~0.6 s (the WAL writer): wait for it."""
+    written = _psql(data_dir, "SELECT pg_current_wal_insert_lsn()")
+    deadline = time.monotonic() + 10
+    while _psql(data_dir, f"SELECT pg_current_wal_flush_lsn() >= '{written}'") != "t":
+        assert time.monotonic() < deadline, "the WAL writer never flushed"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while _running(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def test_data_survives_kill_9_of_postgresql_and_ferretdb(data_dir, start):
+    first = start()
+    _client(first.url).shop.orders.insert_many([{"n": n} for n in range(100)])
+    _wait_wal_on_disk(data_dir)
+    postgres, ferretdb = first.postgres_pid, first.ferretdb_pid
+    os.kill(postgres, signal.SIGKILL)
+    os.kill(ferretdb, signal.SIGKILL)
+
+    assert first.process.wait(timeout=30) == 1  # the starter saw one die and stopped
+    assert "exited (killed by signal 9)" in first.stop()[1]
+    assert (data_dir / "postgresql" / "postmaster.pid").exists()  # stale, like the socket
+    assert (data_dir / "postgresql" / ".s.PGSQL.5432").exists()
+    with start() as second:
+        assert second.postgres_pid != postgres
+        assert sorted(d["n"] for d in _client(second.url).shop.orders.find()) == list(range(100))
+
+
+def test_killing_the_starter_stops_both_and_a_new_start_just_works(data_dir, start):
+    first = start()
+    _client(first.url).shop.orders.insert_one({"n": 1})
+    postgres, ferretdb = first.postgres_pid, first.ferretdb_pid
+    first.process.kill()
+    first.process.wait()
+
+    _wait_gone(postgres)
+    _wait_gone(ferretdb)
+    with start() as second:
+        assert _client(second.url).shop.orders.count_documents({}) == 1
+
+
+def test_a_start_waits_for_the_killed_servers_last_processes(data_dir, start):
+    first = start()
+    _client(first.url).shop.orders.insert_one({"n": 1})
+    _wait_wal_on_disk(data_dir)
+    postgres = first.postgres_pid
+    straggler = int(Path(f"/proc/{postgres}/task/{postgres}/children").read_text().split()[0])
+    os.kill(straggler, signal.SIGSTOP)  # a server process slow to leave: it keeps the shared memory
+    for pid in (first.process.pid, postgres, first.ferretdb_pid):
+        os.kill(pid, signal.SIGKILL)
+    first.process.wait()
+
+    release = threading.Timer(2.0, os.kill, (straggler, signal.SIGKILL))
+    release.start()
+    with start() as second:
+        assert not release.is_alive()  # it waited for the straggler
+        assert _client(second.url).shop.orders.count_documents({}) == 1
+    assert "is still in use" in (data_dir / "postgresql.log").read_text()
+
+
+def test_a_killed_server_not_yet_reaped_does_not_block_a_start(data_dir, start):
+    with start() as first:
+        _client(first.url).shop.orders.insert_one({"n": 1})
+        command = Path(f"/proc/{first.postgres_pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    owner = pwd.getpwuid((data_dir / "postgresql").stat().st_uid)
+    # The same server, this test its parent: killed and never waited for, it stays a zombie.
+    server = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              **({"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+                                 if os.geteuid() == 0 else {}))
+    try:
+        _wait_ready(data_dir, server.pid)
+        os.kill(server.pid, signal.SIGKILL)
+        _wait_zombie(server.pid)
+
+        with start() as second:
+            assert _client(second.url).shop.orders.count_documents({}) == 1
+        assert Path(f"/proc/{server.pid}/stat").read_text().split(") ")[1][0] == "Z"  # all along
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _wait_ready(data_dir: Path, pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        pid_file = data_dir / "postgresql" / "postmaster.pid"
+        lines = pid_file.read_text().splitlines() if pid_file.exists() else []
+        if len(lines) >= 8 and lines[0] == str(pid) and lines[7].strip() == "ready":
+            return
+        assert time.monotonic() < deadline, "the server never got ready"
+        time.sleep(0.05)
+
+
+def _wait_zombie(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline, f"{pid} never died"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_both_cleanly(data_dir, start):
+    database = start()
+    postgres, ferretdb = database.postgres_pid, database.ferretdb_pid
+
+    assert database.stop() == (0, "")
+    assert not _running(postgres) and not _running(ferretdb)
+    assert not (data_dir / "postgresql" / "postmaster.pid").exists()  # a clean shutdown removes it
+    assert "database system is shut down" in (data_dir / "postgresql.log").read_text()
+
+
+def test_the_cluster_is_private_and_never_runs_as_root(data_dir, start):
+    with start() as database:
+        owner = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
+        assert Path(f"/proc/{database.postgres_pid}").stat().st_uid == owner
+        assert (data_dir / "postgresql").stat().st_uid == owner
+        assert (data_dir / "postgresql").stat().st_mode & 0o777 == 0o700
+        assert _psql(data_dir, "SHOW listen_addresses") == ""  # the unix socket only
+        assert _psql(data_dir, "SHOW fsync") == "on"
+
+
+def test_a_given_port_is_used(data_dir, start):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with start(port=port) as database:
+        assert database.url == f"mongodb://127.0.0.1:{port}/"
+        assert _client(database.url).admin.command("ping")["ok"] == 1
+
+
+def test_a_busy_port_and_a_second_start_get_clear_errors(data_dir, start):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{busy.getsockname()[1]} is not free"):
+            start(port=busy.getsockname()[1])
+    with start():
+        with pytest.raises(RuntimeError, match=f"already running on {data_dir}"):
+            start()

@@ -106,8 +106,9 @@ def main() -> int:
             config.write_text(f"[database]\nurl = {url}\nname = {db_name}\n[api]\nhost = 127.0.0.1\nport = {port}\n"
                               f"[satellite_link]\nhost = 127.0.0.1\nport = 0\n[paths]\ndata_dir = {tmp / 'data'}\n"
                               f"[logging]\nlevel = WARNING\n")
-            key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(config), "api-key",
-                                  "create", "--name", "bench"], capture_output=True, text=True, check=True).stdout.strip()
+            admin = [sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(config)]
+            key = subprocess.run([*admin, "api-key", "create", "--name", "bench"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
             master = subprocess.Popen([sys.executable, "-m", "cloudmailing.cli.master", "--config", str(config)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_for_port(port, timeout=60)

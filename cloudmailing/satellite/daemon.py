@@ -39,8 +39,8 @@ from cloudmailing.satellite.templates import TemplateLimits
 
 log = logging.getLogger(__name__)
 
-REPORT_BATCH = 500
-REPORT_INTERVAL = 0.2
+REPORT_BATCH = 1000
+REPORT_INTERVAL = 1.0  # outcomes wait up to this long before they are reported
 IDLE_POLL = 1.0
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
@@ -207,10 +207,14 @@ class SatelliteDaemon:
     # -- reporting --------------------------------------------------------------------------
 
     async def _report(self, link: LinkProtocol) -> None:
+        """Report what the outbox holds every REPORT_INTERVAL, or at once when a full batch waits:
+        each report is a write per block on the master, so a few large ones beat many small ones."""
         while True:
             batch = self._outbox.batch(REPORT_BATCH)
-            if not batch:
+            if len(batch) < REPORT_BATCH:
                 await asyncio.sleep(REPORT_INTERVAL)
+                batch = self._outbox.batch(REPORT_BATCH)
+            if not batch:
                 continue
             self._outbox.sync()
             answer = await self._ask(link, "report", outcomes=batch)

@@ -47,7 +47,7 @@ class MailingLifecycle:
 
     async def tick(self) -> None:
         now = utc_now(self._clock)
-        await self._stores.ledger.flush_unlogged()
+        await self._stores.ledger.settle_unsure()
         await self._stores.ledger.repair_stale()
         async for mailing in self._mailings.open_mailings():
             try:
@@ -105,13 +105,16 @@ class MailingLifecycle:
         return closed
 
     async def recover(self) -> None:
-        """At start-up: undo batches a crash cut, finish the block writes a crash cut, and
-        recount every unfinished mailing from its blocks."""
+        """At start-up: undo batches a crash cut, delete log pages whose state was never written,
+        rewrite the block summaries that trail their state, and recount every unfinished mailing."""
         await self._stores.writer.roll_back_cut_batches()
+        orphans = await self._stores.ledger.recover()
+        if orphans:
+            log.warning("%d log pages of writes a crash cut were deleted", orphans)
         mailing_ids = [mailing["_id"] async for mailing in self._mailings.unfinished()]
         for mailing_id in mailing_ids:
-            block_ids = [summary["_id"] async for summary in self._stores.blocks.of_mailing(mailing_id)]
-            await self._stores.ledger.recover(block_ids)
+            async for summary in self._stores.blocks.of_mailing(mailing_id):
+                await self._stores.blocks.repair_summary(summary["_id"])
         await self.recount(mailing_ids)
 
     async def recount(self, mailing_ids: list[int]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import bson
@@ -42,6 +42,7 @@ from cloudmailing.storage.database import BLOCKS_PER_BUCKET, Database
 MAX_RECIPIENTS = 500
 MAX_BYTES = 4 * 1024 * 1024
 BLOCK_ID_COUNTER = "block_id"
+RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between two life-cycle ticks
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
 _ADDRESS_CACHE_BLOCKS = 256
 
@@ -63,7 +64,11 @@ class Block:
     version: int
     columns: StateColumns
     lease: Lease | None = None
-    pending_page: dict[str, Any] | None = None  # a log page written with this state (crash recovery)
+    recent_pages: list[int] = field(default_factory=list)  # the log pages of its last writes
+
+    def name_page(self, first: int) -> None:
+        """This write logs page ``first``: start-up tells it from an orphan (see storage.ledger)."""
+        self.recent_pages = [*self.recent_pages[-(RECENT_PAGES - 1):], first]
 
     def leased_slots(self) -> list[int]:
         return [slot for slot, flag in enumerate(self.columns.leased) if flag]
@@ -252,7 +257,7 @@ def _state_fields(block: Block) -> dict[str, Any]:
     lease = None if block.lease is None else {"id": block.lease.id, "owner": block.lease.owner,
                                               "until": block.lease.until}
     return {"m": block.mailing_id, "test": block.test, "n": len(block.columns), "v": block.version,
-            "lease": lease, "pending": block.pending_page, "z": bson.Binary(encode_state(block.columns))}
+            "lease": lease, "pages": block.recent_pages, "z": bson.Binary(encode_state(block.columns))}
 
 
 def _block(doc: Mapping[str, Any]) -> Block:
@@ -260,4 +265,4 @@ def _block(doc: Mapping[str, Any]) -> Block:
     return Block(id=doc["_id"], mailing_id=doc["m"], test=bool(doc.get("test")), version=doc["v"],
                  columns=decode_state(doc["z"], doc["n"]),
                  lease=Lease(lease["id"], lease["owner"], lease["until"]) if lease else None,
-                 pending_page=doc.get("pending"))
+                 recent_pages=list(doc.get("pages") or []))

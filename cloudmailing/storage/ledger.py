@@ -3,13 +3,15 @@
 :meth:`Ledger.edit` reads a block, lets the caller change it (lease flags, status changes), and
 writes, in this order:
 
-1. the block's state, over the version it read (another writer first: read again, decide again),
-   carrying a copy of the log page of this write's status changes;
-2. that page into the status log (a crash between 1 and 2: start-up writes it from the copy);
-3. the block's summary, the mailing's counts (a crash before: start-up rebuilds them).
+1. the log page of this write's status changes (its numbers stay in flight: no cursor reads it);
+2. the block's state, over the version it read, naming the page among its ``recent_pages``
+   (another writer came first: the page is deleted, and the edit reads and decides again);
+3. the block's summary and the mailing's counts (a crash before them: start-up rebuilds them).
 
-So a change is in the state and the log exactly once, whatever fails: a satellite's repeated
-report finds its recipients no longer leased and records nothing new.
+A page whose state write never happened (a crash between 1 and 2) is an *orphan*: the state does
+not name it, and :meth:`Ledger.recover` deletes it before the master serves anyone. So a change is
+in the state and the log exactly once, whatever fails: a satellite's repeated report finds its
+recipients no longer leased and records nothing new.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Ledger:
         self.status_log = status_log
         self._mailings = mailings
         self._kept = kept
-        self._unlogged: dict[int, tuple[LogPage, Block]] = {}  # first number -> page the log lacks
+        self._unsure: dict[int, LogPage] = {}  # first number -> page whose state write failed
         self._stale: dict[int, int] = {}  # block id -> mailing id: summary or counts may trail the state
 
     async def edit(self, block_id: int, edit: Edit, now: datetime.datetime) -> tuple[Block, list[Change]] | None:
@@ -75,23 +77,37 @@ class Ledger:
     async def _write(self, block: Block, changes: list[Change], before: dict[str, int],
                      now: datetime.datetime) -> bool:
         page = await self._apply(block, changes, now) if changes else None
-        try:
+        if page is None:
             saved = await self.blocks.save(block)
-        except BaseException:
-            saved = False
-            raise
-        finally:
-            if page is not None and not saved:
-                self.status_log.allocator.release(page.first)  # abandoned: a gap readers step over
+        else:
+            saved = await self._log_then_save(page, block)
         if not saved:
             return False  # another writer came first: the caller reads and decides again
         try:
             if page is not None:
-                await self._log(page, block)
                 await self._keep_messages(block, changes)
         finally:
             await self.publish(block, _deltas(before, block.columns.counts()))
         return True
+
+    async def _log_then_save(self, page: LogPage, block: Block) -> bool:
+        allocator = self.status_log.allocator
+        try:
+            await self.status_log.insert(page)
+        except BaseException:
+            allocator.release(page.first)  # never written (or an orphan, deleted at start-up)
+            raise
+        try:
+            saved = await self.blocks.save(block)
+        except BaseException:
+            # The state may or may not have been written: the page stays in flight until
+            # settle_unsure finds out (no cursor reads it meanwhile).
+            self._unsure[page.first] = page
+            raise
+        if not saved:
+            await self.status_log.delete_page(page.first)
+        allocator.release(page.first)
+        return saved
 
     async def publish(self, block: Block, deltas: Mapping[str, int]) -> None:
         """After a state write: the block's summary and its mailing's counts, together."""
@@ -122,7 +138,7 @@ class Ledger:
         await self._mailings.replace_counts(mailing_id, counted.get(mailing_id, {}))
 
     async def _apply(self, block: Block, changes: list[Change], now: datetime.datetime) -> LogPage:
-        """Change the columns, and build the log page of the changes (the state carries a copy)."""
+        """Change the columns, and build the log page of the changes (the state names it)."""
         first = await self.status_log.allocator.allocate(len(changes))
         addresses = await self.blocks.addresses(block.id)
         previous = await self._previous_details(block, [c.slot for c in changes if not _says_all(c.details)])
@@ -147,44 +163,32 @@ class Ledger:
             cols.last_page[slot] = first
         if block.lease is not None and not block.leased_slots():
             block.lease = None
-        page = LogPage(first=first, mailing_id=block.mailing_id, logged_at=now, entries=entries)
-        block.pending_page = page.document()
-        return page
+        block.name_page(first)
+        return LogPage(first=first, mailing_id=block.mailing_id, logged_at=now, entries=entries)
 
-    async def _log(self, page: LogPage, block: Block) -> None:
-        try:
-            await self.status_log.insert(page)
-        except Exception:
-            # Kept in flight, so no cursor passes it: written again by flush_unlogged.
-            self._unlogged[page.first] = (page, block)
-            log.warning("a status log page could not be written yet; retried", extra={"mailing": block.mailing_id})
-            raise
-        self.status_log.allocator.release(page.first)
-
-    async def flush_unlogged(self) -> None:
-        """Write the log pages whose write failed after their state was saved."""
-        for first, (page, _block) in list(self._unlogged.items()):
-            await self.status_log.insert(page)
-            del self._unlogged[first]
+    async def settle_unsure(self) -> None:
+        """Keep or delete the pages whose state write failed, as the states say."""
+        for first, page in list(self._unsure.items()):
+            block = await self.blocks.load(page.entries[0]["b"])
+            if block is None or first not in block.recent_pages:
+                await self.status_log.delete_page(first)
+            del self._unsure[first]
             self.status_log.allocator.release(first)
 
     async def save_logged_floor(self) -> None:
-        """Remember that every page below the horizon is in the log (start-up checks only newer ones)."""
+        """Remember that every page below the horizon is final (start-up checks only newer ones)."""
         await self.blocks.set_logged_floor(self.status_log.allocator.horizon)
 
-    async def recover(self, block_ids: Sequence[int]) -> int:
-        """At start-up, for these blocks: rebuild trailing summaries, and log the pages a crash
-        kept from the log; the number of pages written."""
-        floor, written = await self.blocks.logged_floor(), 0
-        for block_id in block_ids:
-            block = await self.blocks.repair_summary(block_id)
-            page_doc = block.pending_page if block else None
-            if page_doc is None or page_doc["_id"] <= floor:
-                continue
-            if await self.status_log.page(page_doc["_id"]) is None:
-                await self.status_log.insert(LogPage.from_document(page_doc))
-                written += 1
-        return written
+    async def recover(self) -> int:
+        """At start-up: delete the orphan pages (logged, but their state never written); their
+        number. Pages up to the logged floor are known final."""
+        orphans = 0
+        for page in await self.status_log.pages_after(await self.blocks.logged_floor()):
+            block = await self.blocks.load(page.entries[0]["b"]) if page.entries else None
+            if block is None or page.first not in block.recent_pages:
+                await self.status_log.delete_page(page.first)
+                orphans += 1
+        return orphans
 
     async def _previous_details(self, block: Block, slots: list[int]) -> dict[int, dict[str, Any]]:
         cols = block.columns

@@ -123,6 +123,19 @@ class StatusLog:
         except DuplicateKeyError:
             pass
 
+    async def delete_page(self, first: int) -> None:
+        collection = await self._db.bucket("status_log", bucket_of(first))
+        await collection.delete_one({"_id": first})
+
+    async def pages_after(self, floor: int) -> list[LogPage]:
+        """The pages numbered above ``floor`` (a search: at start-up only)."""
+        found = []
+        for bucket in await self._db.bucket_numbers("status_log"):
+            if bucket >= bucket_of(floor):
+                collection = await self._db.bucket("status_log", bucket)
+                found += [LogPage.from_document(doc) async for doc in collection.find({"_id": {"$gt": floor}})]
+        return found
+
     async def page(self, first: int) -> LogPage | None:
         collection = await self._db.bucket("status_log", bucket_of(first))
         doc = await collection.find_one({"_id": first})

@@ -115,18 +115,44 @@ async def test_two_masters_writing_one_block_never_lose_an_update(database, mong
 
 
 @aio_test
-async def test_a_change_whose_log_write_was_cut_is_logged_once_at_start_up(database):
+async def test_a_page_whose_state_write_was_cut_is_deleted_at_start_up(database):
     stores, ids = await mailing_with(database, 3, block_recipients=3)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    await stores.ledger.edit(block_id, lambda b: [Change(1, "WARNING", 1)], NOW)
+    await stores.ledger.save_logged_floor()
 
-    async def killed(page):
+    async def killed(block):
         raise ConnectionError("master killed")
 
-    stores.status_log.insert = killed
+    stores.blocks.save = killed
     with pytest.raises(ConnectionError):
         await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1), Change(2, "ERROR", 1)], NOW)
     restarted = await open_stores(database)  # a new master process on the same database
-    assert await restarted.ledger.recover([block_id]) == 1
-    assert await restarted.ledger.recover([block_id]) == 0  # already there
+    assert await restarted.ledger.recover() == 1
+    assert await restarted.ledger.recover() == 0
     entries, _, _ = await restarted.status_log.read_since(0, 0, 100)
-    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED"), (ids[2], "ERROR")]
+    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[1], "WARNING")]
+    # The satellite reports again: recorded once.
+    await restarted.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1), Change(2, "ERROR", 1)], NOW)
+    entries, _, _ = await restarted.status_log.read_since(0, 0, 100)
+    assert [e["r"]["status"] for e in entries] == ["WARNING", "FINISHED", "ERROR"]
+
+
+@aio_test
+async def test_a_state_write_that_failed_unseen_is_settled_by_the_state(database):
+    stores, ids = await mailing_with(database, 2, block_recipients=2)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    real_save = stores.blocks.save
+
+    async def written_but_unanswered(block):  # the database wrote it, the answer was lost
+        await real_save(block)
+        raise ConnectionError("connection reset")
+
+    stores.blocks.save = written_but_unanswered
+    with pytest.raises(ConnectionError):
+        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    stores.blocks.save = real_save
+    assert (await stores.status_log.read_since(0, 0, 10))[0] == []  # in flight: not read yet
+    await stores.ledger.settle_unsure()
+    entries, _, _ = await stores.status_log.read_since(0, 0, 10)
+    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED")]

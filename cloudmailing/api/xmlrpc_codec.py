@@ -10,11 +10,11 @@ and a CR in a string is sent as ``&#13;`` so that it survives XML's line-end nor
 
 from __future__ import annotations
 
-import datetime
 import xmlrpc.client
-from typing import Any, Callable
+from typing import Any
 from xml.parsers import expat
 
+from cloudmailing.api.xmlrpc_writer import dump_response
 from cloudmailing.services.errors import InvalidValue
 from cloudmailing.services.values import optional_datetime
 
@@ -86,39 +86,7 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
     return method, params
 
 
-def _scrub(value: Any) -> Any:
-    """Replace what XML-RPC cannot say without extensions: None, tuples, huge ints."""
-    if isinstance(value, dict):
-        return {str(k): _scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value]
-    if value is None:
-        return ""
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
-        return float(value)
-    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
-        return value.astimezone(datetime.UTC).replace(tzinfo=None)
-    return value
-
-
-class _Marshaller(xmlrpc.client.Marshaller):
-    """The stdlib marshaller, but a CR is sent as ``&#13;``: XML parsers turn a raw CR (or CR LF)
-    into LF, and a kept message (``customized_content``) must reach the client byte for byte."""
-
-    dispatch = dict(xmlrpc.client.Marshaller.dispatch)
-
-    def dump_unicode(self, value: str, write: Callable[[str], Any], escape: Any = None) -> None:
-        text = xmlrpc.client.escape(value)
-        write("<value><string>")
-        write(text.replace("\r", "&#13;") if "\r" in text else text)
-        write("</string></value>\n")
-
-    dispatch[str] = dump_unicode  # type: ignore[assignment]
-
-
-def dump_response(result: Any) -> bytes:
-    body = _Marshaller("utf-8", False).dumps((_scrub(result),))
-    return f"<?xml version='1.0'?>\n<methodResponse>\n{body}</methodResponse>\n".encode()
+__all__ = ["MalformedRequest", "dump_fault", "dump_response", "parse_call"]
 
 
 def dump_fault(code: int, message: str) -> bytes:

@@ -29,6 +29,7 @@ import bson
 from cloudmailing.common.statuses import PENDING_STATUSES, READY, WARNING
 from cloudmailing.storage import counters
 from cloudmailing.storage.block_codec import (
+    STATUS_CODES,
     StateColumns,
     decode_content,
     decode_state,
@@ -81,14 +82,11 @@ class Block:
 
     def summary(self) -> dict[str, Any]:
         cols = self.columns
-        ready = due = leased = 0
-        for slot in range(len(cols)):
-            if cols.leased[slot]:
-                leased += 1
-            elif cols.status_of(slot) == READY:
-                ready += 1
-            elif cols.status_of(slot) == WARNING and (not due or cols.next_try[slot] < due):
-                due = cols.next_try[slot]
+        leased = cols.leased.tobytes().count(1)
+        free = [slot for slot, flag in enumerate(cols.leased) if not flag] if leased else range(len(cols))
+        ready_code, warning_code = STATUS_CODES[READY], STATUS_CODES[WARNING]
+        ready = sum(1 for slot in free if cols.status[slot] == ready_code)
+        due = min((cols.next_try[slot] for slot in free if cols.status[slot] == warning_code), default=0)
         counts = cols.counts()
         return {"_id": self.id, "m": self.mailing_id, "test": self.test, "n": len(cols), "sv": self.version,
                 "open": any(counts.get(status) for status in PENDING_STATUSES), "ready": ready,

@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import xmlrpc.client
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -92,11 +93,26 @@ async def _new_mailing(api) -> tuple[int, list[str]]:
     return mailing_id, [e["email"] for e in entries]
 
 
-def _check_everyone_delivered(emails: list[str], received: list[str], mailing: dict) -> None:
+async def _finished_changes(api) -> Counter[str]:
+    """How many FINISHED changes the cursor reports for each recipient."""
+    seen: Counter[str] = Counter()
+    cursor = ""
+    while True:
+        page = await api.get_recipients_status_updated_since(cursor, {"status": ["FINISHED"]}, 1000)
+        if not page["recipients"]:
+            return seen
+        seen.update(record["id"] for record in page["recipients"])
+        cursor = page["cursor"]
+
+
+def _check_everyone_delivered(emails: list[str], received: list[str], mailing: dict, finished: Counter[str],
+                              in_flight: int = 2 * LEASE) -> None:
     assert mailing["status"] == "FINISHED" and mailing["total_sent"] == RECIPIENTS, mailing
+    assert len(finished) == RECIPIENTS and set(finished.values()) == {1}, \
+        f"outcomes recorded twice: {[rid for rid, count in finished.items() if count > 1]}"
     assert set(received) == set(emails), "a recipient was lost"
     duplicates = len(received) - len(emails)
-    assert duplicates <= 2 * LEASE, f"{duplicates} duplicates: more than what was in flight"
+    assert duplicates <= in_flight, f"{duplicates} duplicates: more than what was in flight ({in_flight})"
 
 
 @aio_test
@@ -117,6 +133,7 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
     await _until(some_delivered)
     workers = _children(first.pid)
     assert len(workers) >= 2  # its compose workers (and multiprocessing's helper)
+    held = {s["serial"]: s["in_flight"] for s in await api.cloud_list_satellites()}["sat-a"]
     os.kill(first.pid, signal.SIGKILL)
     await asyncio.to_thread(first.wait)
 
@@ -131,17 +148,10 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
         return (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
 
     try:
-        try:
-            await _until(finished)
-        except AssertionError:
-            stuck = await database.recipients.find({"status": {"$ne": "FINISHED"}}).to_list()
-            print("STUCK", (await api.list_mailings({"id": [mailing_id]}))[0], stuck[:3], len(stuck))
-            raise
+        await _until(finished)
         mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
-        lost = set(emails) - set(_received(servers))
-        if lost:
-            print("LOST", await database.recipients.find({"email": {"$in": list(lost)}}).to_list())
-        _check_everyone_delivered(emails, _received(servers), mailing)
+        _check_everyone_delivered(emails, _received(servers), mailing, await _finished_changes(api),
+                                  in_flight=held + LEASE)  # (and what it leased just before the kill)
         # The killed satellite comes back with its outbox: what it had not reported is reported now.
         restarted = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port))
         outbox = tmp_path / "sat-a" / "satellite" / "outbox.jsonl"
@@ -152,6 +162,8 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
         await _until(outbox_empty, 30)
         restarted.terminate()
         await asyncio.to_thread(restarted.wait)
+        # What it reported then was another satellite's since: recorded nowhere, counted once.
+        assert set((await _finished_changes(api)).values()) == {1}
     finally:
         second.terminate()
         await asyncio.to_thread(second.wait)
@@ -206,12 +218,13 @@ class _ProcessMaster:
     """A master process on its own ports, and an API client making a new connection per call
     (a kept-alive connection would be dead after a kill)."""
 
-    def __init__(self, tmp_path: Path, mongo_url: str, db_name: str) -> None:
+    def __init__(self, tmp_path: Path, mongo_url: str, db_name: str, lease_seconds: int = 5) -> None:
         self.api_port, self.link_port = free_port(), free_port()
         self.config = _write(tmp_path / "master.ini", {
             "database": {"url": mongo_url, "name": db_name, "block_recipients": LEASE},
             "api": {"host": "127.0.0.1", "port": self.api_port},
-            "satellite_link": {"host": "127.0.0.1", "port": self.link_port}, "dispatch": {"lease_seconds": 5},
+            "satellite_link": {"host": "127.0.0.1", "port": self.link_port},
+            "dispatch": {"lease_seconds": lease_seconds},
             "paths": {"data_dir": tmp_path / "master"}, "logging": {"level": "INFO"}})
         key = subprocess.run([sys.executable, "-m", "cloudmailing.cli.admin", "--config", str(self.config),
                               "api-key", "create", "--name", "t"], capture_output=True, text=True, check=True
@@ -245,7 +258,11 @@ class _ProcessMaster:
             except (OSError, xmlrpc.client.Error):
                 return False  # the master or its database is still coming back
 
-        await _until(finished, seconds)
+        try:
+            await _until(finished, seconds)
+        except AssertionError:
+            print("NOT FINISHED", await self.call("list_mailings", {"id": [mailing_id]}))
+            raise
         return (await self.call("list_mailings", {"id": [mailing_id]}))[0]
 
     async def stop(self) -> None:
@@ -255,9 +272,10 @@ class _ProcessMaster:
 
 
 async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path, serial: str, fault,
-                                   ) -> tuple[list[str], list[str], dict]:
+                                   ) -> tuple[list[str], list[str], dict, Counter[str]]:
     """Start a mailing with one satellite, run ``fault()`` once some mail is out, wait for its end:
-    ``(recipients' addresses, addresses the MX hosts received, the finished mailing)``."""
+    ``(recipients' addresses, addresses the MX hosts received, the finished mailing, the FINISHED
+    changes the cursor reports per recipient)``."""
     dns, servers, smtp_port = world
     await master.cloud_add_satellite(serial, {})
     mailing_id, emails = await _new_mailing(master)
@@ -269,7 +287,7 @@ async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path
         await _until(some_delivered)
         await fault()
         mailing = await master.wait_finished(mailing_id, 120)
-        return emails, _received(servers), mailing
+        return emails, _received(servers), mailing, await _finished_changes(master)
     finally:
         satellite.terminate()
         await asyncio.to_thread(satellite.wait)
@@ -311,3 +329,45 @@ async def test_the_database_going_away_for_a_few_seconds(world, tmp_path, tmp_pa
             *await _mailing_through_a_fault(master, world, tmp_path, "sat-d", database_away_for_3_seconds))
     finally:
         await asyncio.to_thread(databases[0].stop)
+
+
+@aio_test
+async def test_a_lease_whose_answer_died_with_the_master_is_freed_when_its_satellite_says_hello(
+        mongo_url, db_name, database, world, tmp_path):
+    from twisted.internet import reactor
+    from twisted.internet import ssl as twisted_ssl
+    from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+    from cloudmailing.common.aio import wait_deferred
+    from cloudmailing.common.link import LinkProtocol
+
+    dns, servers, smtp_port = world
+    master = _ProcessMaster(tmp_path, mongo_url, db_name, lease_seconds=300)
+    await master.start()
+    try:
+        await master.cloud_add_satellite("sat-x", {})
+        mailing_id, emails = await _new_mailing(master)
+        await master.mailing_manager_force_check()
+        # The master hands a lease to sat-x, and is killed before the answer gets anywhere.
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.link_port,
+                                      twisted_ssl.CertificateOptions(verify=False))
+        link = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+        await link.call("hello", serial="sat-x", secret="sat-x-secret")
+        stranded = (await link.call("lease", max_recipients=LEASE))["recipients"]
+        assert len(stranded) == LEASE
+        await master.kill()
+        link.close()
+        await master.start()
+        started = asyncio.get_running_loop().time()
+        satellite = _start("satellite", _satellite_config(tmp_path, "sat-x", master.link_port, dns, smtp_port))
+        try:
+            mailing = await master.wait_finished(mailing_id, 90)
+        finally:
+            satellite.terminate()
+            await asyncio.to_thread(satellite.wait)
+        assert asyncio.get_running_loop().time() - started < 90  # not lease_seconds (300 s)
+        _check_everyone_delivered(emails, _received(servers), mailing, await _finished_changes(master))
+    finally:
+        await master.stop()
+        for server in servers.values():
+            await server.stop()

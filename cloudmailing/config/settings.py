@@ -44,6 +44,7 @@ class SatelliteLinkConfig:
     host: str = "0.0.0.0"
     port: int = 33620
     max_awaiting_approval: int = 100  # unknown satellites recorded for approval; more are refused
+    reconnect_grace_seconds: float = 10.0  # a satellite that left keeps its leases this long
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ class Master:
         assert self.database is not None and self.services is not None and self.tls is not None
         assert self.services.dispatcher is not None
         link = self.settings.satellite_link
-        self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher)
+        self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher, self.reactor,
+                                                 link.reconnect_grace_seconds)
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
@@ -102,6 +103,8 @@ class Master:
     async def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self.link_factory is not None:
+            self.link_factory.stop()
         for port in self._ports:
             await wait_deferred(port.stopListening())
         if self.database is not None:

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from pymongo.errors import PyMongoError
+from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
@@ -34,11 +35,17 @@ class SatelliteSession(LinkProtocol):
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
 
-    async def hello(self, serial: str, secret: str, version: str = "") -> dict[str, Any]:
+    async def hello(self, serial: str, secret: str, version: str = "", leases: list[str] | None = None,
+                    ) -> dict[str, Any]:
+        """``leases``: those the satellite still holds recipients of; the master frees the others
+        of this satellite at once (a lease answer lost in a crash strands nobody)."""
         satellite = await self._factory.authenticate(str(serial), str(secret), str(version))
         self.satellite = satellite
         self._factory.sessions[satellite["serial"]] = self
+        self._factory.cancel_release(satellite["serial"])
         log.info("satellite connected", extra={"satellite": satellite["serial"]})
+        if leases is not None:
+            await self._factory.release_leases(satellite["serial"], keep={str(lease) for lease in leases})
         return {"satellite_id": satellite["_id"], "group": satellite.get("group", "")}
 
     def _authenticated(self) -> dict[str, Any]:
@@ -80,22 +87,46 @@ class SatelliteSession(LinkProtocol):
         serial = self.satellite["serial"]
         if self._factory.sessions.get(serial) is self:
             del self._factory.sessions[serial]
-            asyncio.ensure_future(self._release_leases(serial))
+            self._factory.release_later(serial)
         log.info("satellite disconnected", extra={"satellite": serial})
 
 
-    async def _release_leases(self, serial: str) -> None:
-        try:
-            await self._factory.dispatcher.release_satellite(serial)
-        except Exception as error:  # the database may be away: the leases then expire on their own
-            log.warning("could not return the leases at once: %s", error, extra={"satellite": serial})
-
-
 class SatelliteLinkFactory(Factory):
-    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher) -> None:
+    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Any,
+                 reconnect_grace_seconds: float = 10.0) -> None:
         self.dispatcher = dispatcher
         self._satellites = satellites
+        self._clock = clock
+        self._grace = reconnect_grace_seconds
+        self._releases: dict[str, DelayedCall] = {}  # serial -> its leases' release, after the grace
         self.sessions: dict[str, SatelliteSession] = {}
+
+    def release_later(self, serial: str) -> None:
+        """A satellite left: its leases go back to the queue unless it says hello again within
+        ``reconnect_grace_seconds`` (a link that broke for a moment loses no delivery)."""
+        self.cancel_release(serial)
+        self._releases[serial] = self._clock.callLater(
+            self._grace, lambda: asyncio.ensure_future(self._release_after_grace(serial)))
+
+    async def _release_after_grace(self, serial: str) -> None:
+        self._releases.pop(serial, None)
+        await self.release_leases(serial)
+
+    def stop(self) -> None:
+        """No release after the master stops (a restarted master frees them at hello)."""
+        for serial in list(self._releases):
+            self.cancel_release(serial)
+
+    def cancel_release(self, serial: str) -> None:
+        pending = self._releases.pop(serial, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+
+    async def release_leases(self, serial: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        try:
+            await self.dispatcher.release_satellite(serial, keep)
+        except Exception as error:  # the database may be away: the leases then expire on their own
+            log.warning("could not return the leases at once: %s", error, extra={"satellite": serial})
 
     def buildProtocol(self, addr: Any) -> SatelliteSession:
         return SatelliteSession(self)

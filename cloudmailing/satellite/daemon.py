@@ -40,7 +40,7 @@ from cloudmailing.satellite.templates import TemplateLimits
 log = logging.getLogger(__name__)
 
 REPORT_BATCH = 1000
-REPORT_INTERVAL = 1.0  # outcomes wait up to this long before they are reported
+REPORT_INTERVAL = 0.5  # outcomes wait up to this long before they are reported
 IDLE_POLL = 1.0
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
@@ -94,6 +94,9 @@ class SatelliteDaemon:
         self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
                                   config.max_composed_bytes)
         self._mailings: dict[int, tuple[float, MailingSource]] = {}
+        # The lease of every recipient held (leased, not yet acknowledged): a reconnecting
+        # satellite names them, and the master frees its other leases at once.
+        self._leases: dict[str, str] = {}
         self._stopping = False
         self.sessions = 0  # how many times it has connected (for tests and logs)
 
@@ -105,7 +108,18 @@ class SatelliteDaemon:
         report.pop("retryable", None)
         if job.keep_content:
             report["customized_content"] = base64.b64encode(job.data).decode("ascii")
-        self._outbox.add(report)
+        self._keep(report)
+
+    def _keep(self, outcome: dict[str, Any]) -> None:
+        """Into the outbox, to be reported, naming the lease the recipient came with."""
+        lease = self._leases.get(outcome["recipient_id"])
+        if lease is not None:
+            outcome["lease"] = lease
+        self._outbox.add(outcome)
+
+    def held_leases(self) -> list[str]:
+        """The leases of the recipients this satellite holds, outbox included (after a restart too)."""
+        return sorted(set(self._leases.values()) | self._outbox.leases())
 
     # -- the link ---------------------------------------------------------------------------
 
@@ -139,7 +153,8 @@ class SatelliteDaemon:
 
     async def _session(self, link: LinkProtocol) -> None:
         try:
-            await link.call("hello", serial=self.serial, secret=self._secret, version=__version__)
+            await link.call("hello", serial=self.serial, secret=self._secret, version=__version__,
+                            leases=self.held_leases())
         except LinkError as error:
             log.error("the master refused this satellite: %s", error, extra={"satellite": self.serial})
             link.close()
@@ -167,6 +182,7 @@ class SatelliteDaemon:
                 continue
             answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - held)
             recipients = answer["recipients"] if answer else []
+            self._leases.update((r["id"], r["lease"]) for r in recipients if r.get("lease"))
             by_mailing: dict[int, list[dict[str, Any]]] = {}
             for recipient in recipients:
                 by_mailing.setdefault(int(recipient["mailing_id"]), []).append(recipient)
@@ -184,13 +200,15 @@ class SatelliteDaemon:
             # Deleted since the lease, with its recipients: nothing to send, nothing to report.
             log.warning("mailing gone; %d leased recipients dropped", len(recipients),
                         extra={"mailing": mailing_id, "satellite": self.serial})
+            for recipient in recipients:
+                self._leases.pop(recipient["id"], None)
             return
         self.ahead.add(mailing, recipients)
 
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
         log.warning("cannot build the message: %s", failure["reply_text"],
                     extra={"mailing": mailing_id, "recipient": failure["recipient_id"]})
-        self._outbox.add(failure)
+        self._keep(failure)
 
     async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
         now = self._reactor.seconds()
@@ -220,6 +238,8 @@ class SatelliteDaemon:
             answer = await self._ask(link, "report", outcomes=batch)
             if answer:
                 self._outbox.acknowledge(answer["acknowledged"])
+                for recipient_id in answer["acknowledged"]:
+                    self._leases.pop(recipient_id, None)
 
     async def _ask(self, link: LinkProtocol, method: str, **params: Any) -> Any:
         """A call that survives the master's passing troubles (its database away): None, then retry."""

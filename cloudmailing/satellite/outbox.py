@@ -71,6 +71,10 @@ class Outbox:
         elif ids:
             self._file.write(json.dumps({"ack": ids}) + "\n")
 
+    def leases(self) -> set[str]:
+        """The leases the outcomes still to report came with."""
+        return {outcome["lease"] for outcome in self._pending.values() if outcome.get("lease")}
+
     def __len__(self) -> int:
         return len(self._pending)
 

@@ -171,10 +171,12 @@ class Dispatcher:
         addresses = await self._blocks.addresses(block_id)
 
         def decide(block: Block) -> list[Change] | None:
-            if block.lease is None or block.lease.owner != serial:
+            lease = block.lease
+            if lease is None or lease.owner != serial:
                 return None
             changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
-                       if block.columns.leased[slot] and slot < len(addresses) and addresses[slot][0] == rid]
+                       if block.columns.leased[slot] and slot < len(addresses) and addresses[slot][0] == rid
+                       and outcome.get("lease", lease.id) == lease.id]
             return changes or None
 
         written = await self._ledger.edit(block_id, decide, now)
@@ -216,11 +218,12 @@ class Dispatcher:
             log.warning("%d expired leases returned to the queue", released)
         return released
 
-    async def release_satellite(self, serial: str) -> int:
-        """Return every recipient ``serial`` holds to the queue (it went away)."""
+    async def release_satellite(self, serial: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Return what ``serial`` holds to the queue (it went away), but for the leases in ``keep``."""
         released = 0
         for summary in await self._blocks.held_by(serial):
-            released += await self._end_block_lease(summary["_id"], lambda lease: lease.owner == serial)
+            released += await self._end_block_lease(summary["_id"],
+                                                    lambda lease: lease.owner == serial and lease.id not in keep)
         if released:
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released

@@ -77,10 +77,13 @@ class Ledger:
     async def _write(self, block: Block, changes: list[Change], before: dict[str, int],
                      now: datetime.datetime) -> bool:
         page = await self._apply(block, changes, now) if changes else None
-        if page is None:
-            saved = await self.blocks.save(block)
-        else:
-            saved = await self._log_then_save(page, block)
+        try:
+            saved = await self.blocks.save(block) if page is None else await self._log_then_save(page, block)
+        except BaseException:
+            # The database may have written the state without answering: its summary and the
+            # mailing's counts are repaired from it (repair_stale).
+            self._stale[block.id] = block.mailing_id
+            raise
         if not saved:
             return False  # another writer came first: the caller reads and decides again
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cloudmailing.common.statuses import READY, STORED_STATUSES
+from cloudmailing.storage import counters
 from cloudmailing.storage.block_codec import STATUS_CODES, StateColumns, to_millis
 from cloudmailing.storage.blocks import MAX_RECIPIENTS, Block
 from cloudmailing.storage.database import LAYOUT_VERSION, Database, has_old_layout
@@ -47,6 +48,8 @@ async def migrate(database: Database, say: Callable[[str], None] = print) -> Mig
     say(f"converted {report.changes} status changes")
     await _write_blocks(database, stores, places, latest)
     await stores.ledger.recount(sorted(report.mailings))
+    # Every converted page is final (no state names them as recent writes).
+    await stores.blocks.set_logged_floor(await counters.current(database, "status_seq"))
     for name in ("recipients", "status_log", "ingest_batches"):
         await database.db.drop_collection(name)
     await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from twisted.internet import ssl
@@ -11,6 +12,14 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
 from tests.helpers import aio_test, running_mailing
+
+GRACE = 0.5  # seconds a satellite that left keeps its leases, in these tests
+
+
+@pytest.fixture
+def settings(settings):
+    link = dataclasses.replace(settings.satellite_link, reconnect_grace_seconds=GRACE)
+    return dataclasses.replace(settings, satellite_link=link)
 
 
 async def _connect(master) -> LinkProtocol:
@@ -63,24 +72,75 @@ async def test_first_secret_is_kept_and_a_wrong_one_refused(running_master):
     other.close()
 
 
+async def _in_flight(api) -> int:
+    return (await api.cloud_list_satellites())[0]["in_flight"]
+
+
 @aio_test
-async def test_a_disconnect_returns_the_leases(running_master):
+async def test_a_disconnect_returns_the_leases_after_the_grace(running_master):
     api = running_master.proxy()
     await running_mailing(api, 3)
     link = await _registered_link(running_master, "sat-2")
     leased = (await link.call("lease", max_recipients=10))["recipients"]
-    assert len(leased) == 3
-    assert (await api.cloud_list_satellites())[0]["in_flight"] == 3
+    assert len(leased) == 3 and await _in_flight(api) == 3
     statuses = await api.get_recipients_status([r["id"] for r in leased], {})
     assert {s["status"] for s in statuses} == {"IN PROGRESS"}
     link.close()
     await link.closed_future
-    for _ in range(50):
-        if (await api.cloud_list_satellites())[0]["in_flight"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    assert await _in_flight(api) == 3  # a link that broke for a moment loses nothing
+    await asyncio.sleep(GRACE + 0.5)
+    assert await _in_flight(api) == 0
     assert (await api.cloud_list_satellites())[0]["connected"] is False
     assert {s["status"] for s in await api.get_recipients_status([r["id"] for r in leased], {})} == {"READY"}
+
+
+@aio_test
+async def test_a_reconnecting_satellite_keeps_what_it_holds_and_frees_the_rest_at_once(running_master):
+    api = running_master.proxy()
+    await running_mailing(api, 700)  # two blocks
+    link = await _registered_link(running_master, "sat-r")
+    first = (await link.call("lease", max_recipients=1000))["recipients"]
+    assert len(first) == 500 and len({r["lease"] for r in first}) == 1  # a block
+    link.close()
+    await link.closed_future
+    # Back within the grace, holding nothing of that lease (its answer was lost in a crash).
+    again = await _connect(running_master.master)
+    await again.call("hello", serial="sat-r", secret="pw", leases=[])
+    assert await _in_flight(api) == 0  # at once, not after lease_seconds
+    held = (await again.call("lease", max_recipients=1000))["recipients"]
+    again.close()
+    await again.closed_future
+    third = await _connect(running_master.master)
+    await third.call("hello", serial="sat-r", secret="pw", leases=[held[0]["lease"]])
+    assert await _in_flight(api) == len(held) == 500  # still its own
+    third.close()
+
+
+@aio_test
+async def test_a_satellite_only_touches_what_it_holds_and_a_repeated_report_records_nothing(running_master):
+    api = running_master.proxy()
+    mailing_id = await running_mailing(api, 3)
+    other_mailing = await api.create_mailing("news@sender.test", "Other", "Hi", "<p>Hi</p>", "", "utf-8")
+    (unstarted,) = await api.add_recipients(other_mailing, [{"email": "x@example.org"}])
+    holder = await _registered_link(running_master, "sat-h")
+    stranger = await _registered_link(running_master, "sat-s")
+    assert await _refused(stranger, "mailing", mailing_id=mailing_id) == "not_found"  # no DKIM key for it
+    leased = (await holder.call("lease", max_recipients=10))["recipients"]
+    assert (await holder.call("mailing", mailing_id=mailing_id))["id"] == mailing_id
+    forged = [{"recipient_id": r["id"], "status": "ERROR", "reply_code": 550} for r in leased]
+    forged.append({"recipient_id": unstarted["id"], "status": "FINISHED", "reply_code": 250})
+    assert len((await stranger.call("report", outcomes=forged))["acknowledged"]) == 4  # acknowledged, ignored
+    report = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250, "lease": r["lease"]} for r in leased]
+    await holder.call("report", outcomes=report)
+    await holder.call("report", outcomes=report)  # its acknowledgement was lost: sent again
+    changes = (await api.get_recipients_status_updated_since("", {"status": ["FINISHED", "ERROR"]}, 100))
+    assert sorted(c["id"] for c in changes["recipients"]) == sorted(r["id"] for r in leased)  # once each
+    statuses = await api.get_recipients_status([*(r["id"] for r in leased), unstarted["id"]], {})
+    assert [(s["status"], s["try_count"]) for s in statuses] == [("FINISHED", 1)] * 3 + [("READY", 0)]
+    totals = (await api.list_mailings({"id": [other_mailing]}))[0]
+    assert (totals["total_sent"], totals["total_pending"]) == (0, 1)
+    holder.close()
+    stranger.close()
 
 
 @aio_test

@@ -153,6 +153,10 @@ async def test_a_state_write_that_failed_unseen_is_settled_by_the_state(database
         await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
     stores.blocks.save = real_save
     assert (await stores.status_log.read_since(0, 0, 10))[0] == []  # in flight: not read yet
+    assert (await stores.mailings.get(1))["counts"] == {"READY": 2}  # trails the state
     await stores.ledger.settle_unsure()
     entries, _, _ = await stores.status_log.read_since(0, 0, 10)
     assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED")]
+    await stores.ledger.repair_stale()  # as the next life-cycle tick does
+    assert (await stores.mailings.get(1))["counts"] == {"READY": 1, "FINISHED": 1}
+    assert await stores.blocks.counts([1]) == {1: {"READY": 1, "FINISHED": 1}}

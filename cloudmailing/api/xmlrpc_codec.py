@@ -4,18 +4,29 @@ Parsing uses expat with the stdlib's ``Unmarshaller`` as target, plus guards: an
 refused (so no entity expansion, internal or external: XML-RPC never needs one), the nesting of
 values is bounded (the body's size is bounded before parsing), and dates are read liberally
 (``20261123T10:00:00``, or ISO 8601 with dashes or a zone).
-Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape).
+Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape),
+and are always well-formed XML: characters XML 1.0 forbids (control characters in a stored SMTP
+reply, a sender name from older versions...) are sent as U+FFFD.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 import xmlrpc.client
 from typing import Any
 from xml.parsers import expat
 
 from cloudmailing.services.errors import InvalidValue
 from cloudmailing.services.values import optional_datetime
+
+# Everything but the characters XML 1.0 allows (its "Char" production).
+_NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(value: str) -> str:
+    """``value`` with every character XML 1.0 cannot carry replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", value)
 
 
 class MalformedRequest(ValueError):
@@ -75,8 +86,8 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
         params = target.close()
     except MalformedRequest:
         raise
-    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError) as error:
+    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, LookupError,
+            AttributeError, OverflowError) as error:  # LookupError: an unknown encoding declaration
         raise MalformedRequest(f"malformed XML-RPC request: {error}") from None
     method = target.getmethodname()
     if not method:
@@ -86,9 +97,11 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
 
 
 def _scrub(value: Any) -> Any:
-    """Replace what XML-RPC cannot say without extensions: None, tuples, huge ints."""
+    """Replace what XML-RPC cannot say without extensions: None, tuples, huge ints, non-XML characters."""
+    if isinstance(value, str):
+        return xml_safe(value)
     if isinstance(value, dict):
-        return {str(k): _scrub(v) for k, v in value.items()}
+        return {xml_safe(str(k)): _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     if value is None:
@@ -105,5 +118,5 @@ def dump_response(result: Any) -> bytes:
 
 
 def dump_fault(code: int, message: str) -> bytes:
-    return xmlrpc.client.dumps(xmlrpc.client.Fault(code, message), methodresponse=True,
+    return xmlrpc.client.dumps(xmlrpc.client.Fault(code, xml_safe(message)), methodresponse=True,
                                encoding="utf-8").encode("utf-8")

@@ -77,7 +77,8 @@ class Master:
                                       api.auth_failures_before_delay, api.auth_max_delay_seconds)
         resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
                                   api.max_xml_depth)
-        site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes))
+        site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes, authenticator,
+                                                                   self.reactor))
         site.displayTracebacks = False
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()

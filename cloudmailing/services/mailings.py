@@ -222,7 +222,7 @@ class MailingService:
         await self._delete_ids([mailing["_id"]])
 
     async def delete_for_domain(self, domain: Any) -> int:
-        name = values.text("domain", domain).strip().lower()
+        name = values.text("domain", domain, max_length=253).strip().lower()
         ids = await self._store.ids({"domain_name": name})
         await self._delete_ids(ids)
         return len(ids)
@@ -249,7 +249,7 @@ def mailing_query(filters: Any) -> dict[str, Any]:
     if filters is None or filters == "" or filters == [] or filters == {}:
         return {}
     if isinstance(filters, str):
-        return {"domain_name": filters.strip().lower()}
+        return {"domain_name": values.text("filters", filters, max_length=253).strip().lower()}
     given = values.struct("filters", filters)
     known = {"id": "_id", "domain": "domain_name", "status": "status", "owner_guid": "owner_guid",
              "satellite_group": "satellite_group"}

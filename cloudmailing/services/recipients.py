@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import uuid
 from typing import Any, Sequence
 
@@ -140,6 +141,10 @@ def _check_contact(data: Any, path: str = "") -> None:
     elif isinstance(data, list):
         for item in data:
             _check_contact(item, path)
+    elif isinstance(data, float) and not math.isfinite(data):  # the database refuses NaN and infinity
+        raise EntryError(f"field {path.rstrip('.')}: not a finite number")
+    elif isinstance(data, int) and not values.INT64_MIN <= data <= values.INT64_MAX:
+        raise EntryError(f"field {path.rstrip('.')}: integer out of range (64-bit integers only)")
     elif data is not None and not isinstance(data, (*_SCALARS, bytes)) and not hasattr(data, "isoformat"):
         raise EntryError(f"field {path.rstrip('.')}: unsupported value type {type(data).__name__}")
 

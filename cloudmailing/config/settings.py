@@ -43,6 +43,10 @@ class SatelliteLinkConfig:
     host: str = "0.0.0.0"
     port: int = 33620
     max_awaiting_approval: int = 100  # unknown satellites recorded for approval; more are refused
+    max_frame_bytes: int = 64 * 1024 * 1024   # largest frame from an authenticated satellite
+    max_hello_frame_bytes: int = 4096         # largest frame before hello succeeded
+    hello_timeout_seconds: float = 30.0       # a connection that has not said hello by then is closed
+    idle_timeout_seconds: float = 900.0       # no frame either way for this long (nothing pending): closed
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,11 @@ def _validate(name: str, section: Any) -> None:
             raise ConfigError(f"[{name}] {attr}: {port} is not a TCP port")
     if isinstance(section, ApiConfig) and section.max_request_bytes < 1024:
         raise ConfigError("[api] max_request_bytes: must be at least 1024")
+    if isinstance(section, SatelliteLinkConfig):
+        if not 256 <= section.max_hello_frame_bytes <= section.max_frame_bytes:
+            raise ConfigError("[satellite_link] max_hello_frame_bytes: 256 to max_frame_bytes")
+        if section.hello_timeout_seconds <= 0 or section.idle_timeout_seconds <= 0:
+            raise ConfigError("[satellite_link] hello_timeout_seconds, idle_timeout_seconds: must be positive")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,

@@ -14,6 +14,7 @@ from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
 from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.link import LinkLimits
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
 from cloudmailing.master.link_server import SatelliteLinkFactory
@@ -88,7 +89,10 @@ class Master:
         assert self.database is not None and self.services is not None and self.tls is not None
         assert self.services.dispatcher is not None
         link = self.settings.satellite_link
-        self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher)
+        limits = LinkLimits(link.max_frame_bytes, link.max_hello_frame_bytes, link.hello_timeout_seconds,
+                            link.idle_timeout_seconds)
+        self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher, limits,
+                                                 self.reactor)
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()

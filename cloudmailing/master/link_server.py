@@ -17,7 +17,7 @@ from pymongo.errors import PyMongoError
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
-from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 
@@ -29,7 +29,7 @@ class SatelliteSession(LinkProtocol):
 
     def __init__(self, factory: SatelliteLinkFactory) -> None:
         super().__init__({"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
-                          "report": self.report})
+                          "report": self.report}, factory.limits, factory.clock)
         self._factory = factory
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
@@ -37,6 +37,7 @@ class SatelliteSession(LinkProtocol):
     async def hello(self, serial: str, secret: str, version: str = "") -> dict[str, Any]:
         satellite = await self._factory.authenticate(str(serial), str(secret), str(version))
         self.satellite = satellite
+        self.mark_authenticated()
         self._factory.sessions[satellite["serial"]] = self
         log.info("satellite connected", extra={"satellite": satellite["serial"]})
         return {"satellite_id": satellite["_id"], "group": satellite.get("group", "")}
@@ -92,7 +93,10 @@ class SatelliteSession(LinkProtocol):
 
 
 class SatelliteLinkFactory(Factory):
-    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher) -> None:
+    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, limits: LinkLimits | None = None,
+                 clock: Any = None) -> None:
+        self.limits = limits or LinkLimits(max_frame_before_hello=4096, hello_timeout=30.0, idle_timeout=900.0)
+        self.clock = clock  # IReactorTime for the link's timeouts; None: the reactor
         self.dispatcher = dispatcher
         self._satellites = satellites
         self.sessions: dict[str, SatelliteSession] = {}

@@ -1,0 +1,146 @@
+"""The satellite link against a hostile peer, over real TLS: oversized and malformed frames,
+silent connections. The link's timeouts run on a fake clock injected into the master's factory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from typing import Any
+
+import pytest
+from twisted.internet import task
+
+from cloudmailing.common.link import LinkError, LinkProtocol
+from tests.helpers import aio_test
+from tests.master.test_link_server import _connect, _registered_link
+
+
+class RecordingLink(LinkProtocol):
+    """A client end that also keeps every frame the master sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[Any] = []
+
+    def frameReceived(self, data: bytes) -> None:
+        self.received.append(json.loads(data))
+        super().frameReceived(data)
+
+
+async def _recording(master: Any) -> RecordingLink:
+    from twisted.internet import reactor
+    from twisted.internet import ssl as tssl
+    from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+    from cloudmailing.common.aio import wait_deferred
+
+    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.satellite_port, tssl.CertificateOptions(verify=False))
+    return await wait_deferred(connectProtocol(endpoint, RecordingLink()))
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+async def _closed(link: LinkProtocol, seconds: float = 5.0) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.shield(link.closed_future), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _link_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("cloudmailing.common.link")]
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert [r for r in caplog.records if r.exc_info or r.levelno > logging.WARNING] == []
+
+
+@aio_test
+async def test_a_large_frame_before_hello_is_refused_at_its_header(running_master, caplog):
+    caplog.set_level(logging.INFO)
+    link = await _recording(running_master.master)
+    link.transport.write(struct.pack("!I", 64 * 1024 * 1024) + b"{" * 4096)
+    assert await _closed(link)
+    assert [m["error"]["code"] for m in link.received] == ["frame_too_large"]
+    assert [r.levelname for r in _link_records(caplog)] == ["WARNING"]
+    _no_tracebacks(caplog)
+
+
+@aio_test
+async def test_a_small_frame_before_hello_is_fine_and_the_limit_grows_after_hello(running_master):
+    await running_master.proxy().cloud_add_satellite("sat-big", {})
+    link = await _connect(running_master.master)
+    answer = await link.call("hello", serial="sat-big", secret="pw")
+    assert answer["satellite_id"] > 0
+    # 1 MiB of parameters: far over the hello limit, fine once authenticated (and still checked).
+    with pytest.raises(LinkError) as raised:
+        await link.call("mailing", mailing_id=1, padding="x" * (1024 * 1024))
+    assert raised.value.code == "bad_request"
+    assert not link.closed_future.done()
+    link.close()
+
+
+@aio_test
+async def test_malformed_frames_before_hello_get_an_error_and_the_link_closes(running_master, caplog):
+    caplog.set_level(logging.INFO)
+    for payload in (b"[1, 2, 3]", b"\xff\xfe not json", json.dumps({"id": 1, "method": "hello",
+                    "params": {"serial": "s", "secret": "x", "version": "1", "extra": True}}).encode(),
+                    json.dumps({"id": 1, "method": "no_such_method"}).encode(), b"[" * 100_000):
+        caplog.clear()
+        link = await _recording(running_master.master)
+        link.transport.write(_frame(payload))
+        assert await _closed(link), payload[:30]
+        assert len(link.received) == 1 and "error" in link.received[0]
+        assert len(_link_records(caplog)) == 1 and _link_records(caplog)[0].levelname == "WARNING"
+        _no_tracebacks(caplog)
+
+
+@aio_test
+async def test_malformed_frames_after_hello_get_an_error_and_the_link_stays(running_master, caplog):
+    caplog.set_level(logging.INFO)
+    link = await _registered_link(running_master, "sat-m")
+    caplog.clear()
+    for method, params in (("no_such_method", {}), ("hello", {"serial": "sat-m", "secret": "pw", "extra": 1}),
+                           ("lease", {"max_recipients": "many"}), ("mailing", {"mailing_id": [1]}),
+                           ("lease", {}), ("report", {"outcomes": "x"})):
+        with pytest.raises(LinkError) as raised:
+            await link.call(method, **params)
+        assert raised.value.code in ("unknown_method", "bad_request"), (method, raised.value)
+    link.transport.write(_frame(b'["not", "an", "object"]') + _frame(b'{"id": 1, "result": NaN}'))
+    assert (await link.call("lease", max_recipients=1))["recipients"] == []  # still served
+    assert [r.levelname for r in _link_records(caplog)] == ["WARNING"] * 8
+    _no_tracebacks(caplog)
+    link.close()
+
+
+@aio_test
+async def test_a_connection_without_hello_is_closed_after_the_hello_timeout(running_master, caplog):
+    caplog.set_level(logging.INFO)
+    clock = task.Clock()
+    running_master.master.link_factory.clock = clock
+    link = await _connect(running_master.master)
+    await asyncio.sleep(0.1)  # the master has accepted it
+    clock.advance(29)
+    assert not await _closed(link, 0.3)
+    clock.advance(2)
+    assert await _closed(link)
+    assert any("no hello" in r.getMessage() for r in _link_records(caplog))
+
+
+@aio_test
+async def test_an_idle_link_is_closed_after_the_idle_timeout(running_master):
+    clock = task.Clock()
+    running_master.master.link_factory.clock = clock
+    link = await _registered_link(running_master, "sat-idle")
+    clock.advance(31)  # past the hello timeout: authenticated, so no effect
+    assert not await _closed(link, 0.3)
+    await link.call("lease", max_recipients=1)  # activity: the idle count starts again
+    clock.advance(899)
+    assert not await _closed(link, 0.3)
+    clock.advance(2)
+    assert await _closed(link)

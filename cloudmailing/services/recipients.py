@@ -140,6 +140,8 @@ def _check_contact(data: Any, path: str = "") -> None:
             _check_contact(value, f"{path}{key}.")
     elif isinstance(data, list):
         for item in data:
+            if isinstance(item, list):  # FerretDB cannot store them, MongoDB can: refused alike
+                raise EntryError(f"field {path.rstrip('.')}: lists of lists are not supported")
             _check_contact(item, path)
     elif isinstance(data, float) and not math.isfinite(data):  # the database refuses NaN and infinity
         raise EntryError(f"field {path.rstrip('.')}: not a finite number")

@@ -208,19 +208,20 @@ async def test_edge_dates_huge_integers_and_odd_encodings_are_client_mistakes(ru
     assert tracebacks == []
 
 
-# -- 5. NaN and infinity --------------------------------------------------------------------
+# -- 5. NaN, infinity, and what the database cannot store --------------------------------
 
 @aio_test
-async def test_nan_and_infinity_are_refused_per_entry(running_master, tracebacks):
+async def test_nan_infinity_and_nested_lists_are_refused_per_entry(running_master, tracebacks):
     api = running_master.proxy()
     mailing_id = await api.create_mailing("a@example.org", "N", "S", "<p>x</p>", "", "utf-8")
     answer = await api.add_recipients(mailing_id, [
         {"email": "nan@example.org", "score": float("nan")},
         {"email": "ok@example.org", "score": 1.5},
         {"email": "inf@example.org", "deep": {"list": [float("-inf")]}},
+        {"email": "nested@example.org", "grid": [[1, 2], [3]]},  # found by tests/api/test_fuzz.py
     ])
-    assert ["error" in a for a in answer] == [True, False, True]
-    assert "score" in answer[0]["error"] and "deep.list" in answer[2]["error"]
+    assert ["error" in a for a in answer] == [True, False, True, True]
+    assert "score" in answer[0]["error"] and "deep.list" in answer[2]["error"] and "grid" in answer[3]["error"]
     assert await api.get_recipients_count({"mailings": [mailing_id]}) == 1  # and the database is still there
     assert tracebacks == []
 

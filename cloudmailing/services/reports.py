@@ -26,8 +26,9 @@ def decode_cursor(cursor: Any) -> int:
     """'' or None start from the beginning; anything else must be a cursor we handed out."""
     if cursor is None or cursor == "":
         return 0
-    if isinstance(cursor, str) and cursor.startswith(_CURSOR_PREFIX) and cursor[3:].isdigit():
-        return int(cursor[3:])
+    digits = cursor[len(_CURSOR_PREFIX):] if isinstance(cursor, str) and cursor.startswith(_CURSOR_PREFIX) else ""
+    if digits.isascii() and digits.isdigit() and len(digits) <= 18:  # ASCII, and always a 64-bit integer
+        return int(digits)
     raise InvalidValue("cursor: not a cursor returned by get_recipients_status_updated_since")
 
 

@@ -240,3 +240,13 @@ async def test_only_ascii_compatible_charsets_are_accepted(running_master):
     assert code == 406
     for charset in ("utf-8", "windows-1252", "iso-2022-jp", "shift_jis"):
         assert await api.set_mailing_properties(mailing_id, {"subject": "S", "charset": charset}) == 0
+
+
+@aio_test
+async def test_forged_cursors_are_refused(running_master, tracebacks):
+    api = running_master.proxy()
+    for cursor in ("c1:" + "9" * 5000, "c1:" + "9" * 30, "c1:\u00b2", "c1:-1", "c1:"):
+        code, message = await _fault_code(api.get_recipients_status_updated_since, cursor, {}, 10)
+        assert code == 406 and message.startswith("cursor")
+    assert (await api.get_recipients_status_updated_since("c1:12", {}, 10))["recipients"] == []
+    assert tracebacks == []

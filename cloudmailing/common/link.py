@@ -27,6 +27,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -64,7 +65,12 @@ class LinkError(Exception):
 
 
 class MalformedFrame(ValueError):
-    """A frame that is not a JSON object of the link's shape."""
+    """A frame that is not a JSON object of the link's shape; ``request_id`` is its id if readable,
+    so that the caller gets its error answer."""
+
+    def __init__(self, reason: str, request_id: int | str | None = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
 
 
 def _strict_int(digits: str) -> int:
@@ -74,27 +80,52 @@ def _strict_int(digits: str) -> int:
     return number
 
 
+def _strict_float(digits: str) -> float:
+    number = float(digits)
+    if not math.isfinite(number):  # 1e999 is infinity
+        raise MalformedFrame("number out of the float range")
+    return number
+
+
 def _no_constant(name: str) -> Any:
     raise MalformedFrame(f"{name} is not a JSON number")
+
+
+def _request_id(message: Any) -> int | str | None:
+    """The id of a decoded message, if it has a usable one."""
+    request_id = message.get("id") if isinstance(message, dict) else None
+    if isinstance(request_id, str) or (isinstance(request_id, int) and not isinstance(request_id, bool)
+                                       and _INT64[0] <= request_id <= _INT64[1]):
+        return request_id
+    return None
+
+
+def _lenient_id(data: bytes) -> int | str | None:
+    """The id of a frame refused for its numbers, read without the number rules."""
+    try:
+        return _request_id(json.loads(data))
+    except (ValueError, RecursionError):
+        return None
 
 
 def decode_frame(data: bytes) -> dict[str, Any]:
     """The message in one frame's payload, or :class:`MalformedFrame` (never anything else)."""
     try:
-        message = json.loads(data, parse_int=_strict_int, parse_constant=_no_constant)
-    except MalformedFrame:
-        raise
+        message = json.loads(data, parse_int=_strict_int, parse_float=_strict_float, parse_constant=_no_constant)
+    except MalformedFrame as error:
+        raise MalformedFrame(str(error), _lenient_id(data)) from None
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise MalformedFrame(f"not JSON: {str(error)[:100]}") from None
     if not isinstance(message, dict):
         raise MalformedFrame(f"expected a JSON object, got {type(message).__name__}")
-    if not isinstance(message.get("id"), (int, str, type(None))) or isinstance(message.get("id"), bool):
+    request_id = _request_id(message)
+    if message.get("id") is not None and request_id is None:
         raise MalformedFrame("id: expected an integer or a string")
     if "method" in message:
         if not isinstance(message["method"], str):
-            raise MalformedFrame("method: expected a string")
+            raise MalformedFrame("method: expected a string", request_id)
         if not isinstance(message.get("params") or {}, dict):
-            raise MalformedFrame("params: expected an object")
+            raise MalformedFrame("params: expected an object", request_id)
     return message
 
 
@@ -228,7 +259,7 @@ class LinkProtocol(Protocol):
         try:
             message = decode_frame(data)
         except MalformedFrame as error:
-            self._bad_frame(None, "bad_request", str(error))
+            self._bad_frame(error.request_id, "bad_request", str(error))
             return
         if "method" in message:
             asyncio.ensure_future(self._answer(message))
@@ -291,6 +322,8 @@ class LinkProtocol(Protocol):
     # -- frames out ---------------------------------------------------------------------------
 
     async def call(self, method: str, **params: Any) -> Any:
+        if self._closing or self.closed_future.done():
+            raise LinkError("disconnected", "the link is closed")
         self._next_id += 1
         request_id = self._next_id
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

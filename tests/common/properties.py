@@ -17,6 +17,6 @@ async def run_property(test: Callable[[], None]) -> None:
     await asyncio.to_thread(test)
 
 
-def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
     """From the worker thread: run ``coro`` on the reactor's loop and wait for its result."""
     return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)

@@ -84,6 +84,11 @@ def test_decode_frame_refuses_what_the_link_cannot_use():
         with pytest.raises(MalformedFrame):
             decode_frame(payload)
     assert decode_frame(b'{"id": 1, "method": "m"}') == {"id": 1, "method": "m"}
+    for payload in (b'{"id": 5, "method": "m", "params": {"n": 1e999999}}', b'{"id": 5, "method": 1}',
+                    b'{"id": 5, "method": "m", "params": {"n": 100000000000000000000}}'):
+        with pytest.raises(MalformedFrame) as raised:
+            decode_frame(payload)
+        assert raised.value.request_id == 5  # so the caller gets its error answer
 
 
 # -- properties -----------------------------------------------------------------------------

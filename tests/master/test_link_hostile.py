@@ -10,9 +10,12 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 
 from cloudmailing.common.link import LinkError, LinkProtocol
+from tests.common.properties import on_loop, run_property
 from tests.helpers import aio_test
 from tests.master.test_link_server import _connect, _registered_link
 
@@ -107,13 +110,13 @@ async def test_malformed_frames_after_hello_get_an_error_and_the_link_stays(runn
     caplog.clear()
     for method, params in (("no_such_method", {}), ("hello", {"serial": "sat-m", "secret": "pw", "extra": 1}),
                            ("lease", {"max_recipients": "many"}), ("mailing", {"mailing_id": [1]}),
-                           ("lease", {}), ("report", {"outcomes": "x"})):
+                           ("lease", {}), ("report", {"outcomes": "x"}), ("lease", {"max_recipients": 2**70})):
         with pytest.raises(LinkError) as raised:
             await link.call(method, **params)
         assert raised.value.code in ("unknown_method", "bad_request"), (method, raised.value)
     link.transport.write(_frame(b'["not", "an", "object"]') + _frame(b'{"id": 1, "result": NaN}'))
     assert (await link.call("lease", max_recipients=1))["recipients"] == []  # still served
-    assert [r.levelname for r in _link_records(caplog)] == ["WARNING"] * 8
+    assert [r.levelname for r in _link_records(caplog)] == ["WARNING"] * 9
     _no_tracebacks(caplog)
     link.close()
 
@@ -144,3 +147,54 @@ async def test_an_idle_link_is_closed_after_the_idle_timeout(running_master):
     assert not await _closed(link, 0.3)
     clock.advance(2)
     assert await _closed(link)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3),
+    max_leaves=12)
+outcome = st.fixed_dictionaries({}, optional={
+    "recipient_id": json_values, "status": st.sampled_from(["FINISHED", "ERROR", "WARNING", "GENERAL_ERROR", "x"])
+    | json_values, "reply_code": json_values, "reply_text": json_values, "reply_enhanced_code": json_values,
+    "smtp_log": json_values, "customized_content": json_values})
+calls = st.sampled_from(["hello", "lease", "mailing", "report", "nope"]).flatmap(lambda method: st.tuples(
+    st.just(method),
+    st.dictionaries(st.sampled_from(["serial", "secret", "version", "max_recipients", "mailing_id", "outcomes",
+                                     "other"]),
+                    json_values | st.lists(outcome, max_size=3), max_size=3)))
+# "disconnected": the master closes a link after MAX_BAD_FRAMES bad requests (the test reconnects).
+LINK_ERRORS = {"bad_request", "unknown_method", "not_found", "unauthorized", "not_paired", "disconnected"}
+
+
+@aio_test
+async def test_generated_requests_from_a_satellite_get_answers_or_errors(running_master, caplog):
+    caplog.set_level(logging.INFO)
+    links = [await _registered_link(running_master, "sat-fuzz")]
+    loop = asyncio.get_running_loop()
+
+    async def answer(method: str, params: dict[str, Any]) -> Any:
+        if links[-1].closed_future.done():  # closed after MAX_BAD_FRAMES: a satellite reconnects
+            links.append(await _connect(running_master.master))
+            await links[-1].call("hello", serial="sat-fuzz", secret="pw")
+        try:
+            return await links[-1].call(method, **params)
+        except LinkError as error:
+            return error
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(calls)
+    def check(call: tuple[str, dict[str, Any]]) -> None:
+        seen = len(caplog.records)
+        method, params = call
+        if method == "hello":
+            params = {**params, "serial": "sat-fuzz", "secret": "pw"}  # stay the satellite we are
+        result = on_loop(loop, answer(method, params))
+        if isinstance(result, LinkError):
+            assert result.code in LINK_ERRORS, result
+        bad = [r for r in caplog.records[seen:] if r.exc_info or r.levelno > logging.WARNING]
+        assert bad == [], [r.getMessage() for r in bad]
+
+    await run_property(check)
+    assert (await answer("lease", {"max_recipients": 1}))["recipients"] == []  # still served
+    links[-1].close()

@@ -261,10 +261,13 @@ class LinkProtocol(Protocol):
         except MalformedFrame as error:
             self._bad_frame(error.request_id, "bad_request", str(error))
             return
-        if "method" in message:
-            asyncio.ensure_future(self._answer(message))
-        else:
+        if "method" not in message:
             self._resolve(message)
+        elif not self._trusted and self._answering:  # hello costs a key check: one at a time
+            self._bad_frame(message.get("id"), "bad_request", "one request at a time before hello")
+        else:
+            self._answering += 1
+            asyncio.ensure_future(self._answer(message))
 
     def _bad_frame(self, request_id: Any, code: str, reason: str) -> None:
         """One log line and an error answer; too many bad frames close the link."""
@@ -285,18 +288,21 @@ class LinkProtocol(Protocol):
             waiter.set_result(message.get("result"))
 
     async def _answer(self, message: dict[str, Any]) -> None:
-        request_id, name = message.get("id"), message["method"]
+        try:
+            await self._answer_request(message.get("id"), message["method"], message.get("params") or {})
+        finally:
+            self._answering -= 1
+
+    async def _answer_request(self, request_id: Any, name: str, params: dict[str, Any]) -> None:
         handler = self.handlers.get(name)
         if handler is None:
             self._bad_frame(request_id, "unknown_method", f"no method {name[:100]!r}")
             return
-        params = message.get("params") or {}
         try:
             inspect.signature(handler).bind(**params)
         except TypeError as error:
             self._bad_frame(request_id, "bad_request", f"{name}: {error}")
             return
-        self._answering += 1
         try:
             result = await handler(**params)
             self._send({"id": request_id, "result": result})
@@ -312,8 +318,6 @@ class LinkProtocol(Protocol):
                 return
             log.exception("link request %s failed", name, exc_info=error)
             self._send({"id": request_id, "error": {"code": "internal", "message": "internal error"}})
-        finally:
-            self._answering -= 1
 
     def describe_error(self, error: Exception) -> tuple[str, str] | None:
         """``(code, message)`` for an expected failure of a handler; None logs it as a bug."""

@@ -198,3 +198,13 @@ async def test_generated_requests_from_a_satellite_get_answers_or_errors(running
     await run_property(check)
     assert (await answer("lease", {"max_recipients": 1}))["recipients"] == []  # still served
     links[-1].close()
+
+
+@aio_test
+async def test_a_stranger_sends_one_request_at_a_time(running_master):
+    link = await _recording(running_master.master)
+    hello = {"method": "hello", "params": {"serial": "s", "secret": "x"}}
+    link.transport.write(b"".join(_frame(json.dumps({"id": i, **hello}).encode()) for i in range(20)))
+    assert await _closed(link)
+    codes = [m["error"]["code"] for m in link.received]
+    assert codes[0] == "bad_request" and len(codes) <= 2  # the second hello; perhaps the first's answer

@@ -100,7 +100,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.binary(max_size=300))
 def test_decode_frame_raises_only_malformed_frame(payload: bytes) -> None:
     try:
@@ -110,7 +110,7 @@ def test_decode_frame_raises_only_malformed_frame(payload: bytes) -> None:
     assert isinstance(message, dict)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(json_values.map(lambda v: {"id": 1, "result": v}), max_size=5), st.data())
 def test_frames_cut_anywhere_come_out_whole_and_in_order(messages: list[dict[str, Any]], data: st.DataObject) -> None:
     stream = b"".join(encode_frame(m) for m in messages)
@@ -145,7 +145,8 @@ async def test_any_frames_get_answers_or_errors_and_never_a_traceback(caplog):
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.INFO)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(payloads)
     def check(frames: list[bytes]) -> None:
         caplog.clear()

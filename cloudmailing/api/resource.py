@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import Any
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import DocumentTooLarge, PyMongoError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web import http, resource, server
@@ -22,36 +23,111 @@ log = logging.getLogger(__name__)
 API_PATHS = (b"/CloudMailing", b"/RPC2")
 
 
+# Body bytes a request may send before its credentials are known to be good: enough for any
+# small call; a larger body waits (the socket is not read) until the key has been checked.
+PREAUTH_BODY_BYTES = 64 * 1024
+CLOSE_GRACE_SECONDS = 1.0  # a refused, unread connection is aborted after this long
+
+
 class BoundedRequest(server.Request):
-    """A request that refuses bodies over ``max_body`` bytes before reading them."""
+    """A request that refuses bodies over ``max_body`` bytes, and reads at most
+    ``PREAUTH_BODY_BYTES`` of a body before its credentials are checked.
+
+    A refused request is never executed: the channel may still parse the end of a chunked body,
+    but the request it completes is dropped (:meth:`requestReceived`)."""
 
     max_body = 32 * 1024 * 1024
+    authenticator: Authenticator | None = None
+    reactor: Any = None  # IReactorTime (its stubs type callLater oddly)
+    authenticated: asyncio.Future[bool] | None = None  # started as soon as the headers are in
+    _refused = False
+    _paused = False
+    _received = 0
 
     def gotLength(self, length: int | None) -> None:
-        self._received = 0
         if length is not None and length > self.max_body:
-            self._refuse_too_large()
+            self._refuse_too_large(f"Content-Length {length}")
             return
         super().gotLength(length)
+        if self.authenticator is not None:
+            self.authenticated = asyncio.ensure_future(
+                self.authenticator.authenticate(self.getHeader(b"authorization")))
+            self.authenticated.add_done_callback(self._credentials_checked)
 
     def handleContentChunk(self, data: bytes) -> None:
-        self._received = getattr(self, "_received", 0) + len(data)
-        if self._received > self.max_body:
-            self._refuse_too_large()
+        if self._refused:
             return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse_too_large("chunked body")
+            return
+        if self._received > PREAUTH_BODY_BYTES and not self._credentials_good() and not self._paused:
+            self._paused = True  # read no more until the key is checked
+            self.channel.transport.pauseProducing()  # type: ignore[union-attr]
+            if self.authenticated is not None and self.authenticated.done():
+                self._credentials_checked(self.authenticated)  # known bad already
+                return
         super().handleContentChunk(data)
 
-    def _refuse_too_large(self) -> None:
-        if getattr(self, "_refused", False):
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:  # answered already; the connection is closing
+            return
+        super().requestReceived(command, path, version)
+
+    def _credentials_good(self) -> bool:
+        future = self.authenticated
+        return future is None or (future.done() and not future.cancelled() and future.exception() is None
+                                  and future.result())
+
+    def _credentials_checked(self, future: asyncio.Future[bool]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved here: a refused request may never await it
+        if not self._paused or self._refused or self.channel is None:
+            return  # the resource answers (a small body, or one that was complete anyway)
+        if self._credentials_good():
+            self._paused = False
+            self.channel.transport.resumeProducing()  # type: ignore[union-attr]
             return
         self._refused = True
-        transport: Any = self.channel.transport
-        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        transport.loseConnection()
+        address = self.getClientAddress().host  # type: ignore[attr-defined]
+        assert self.authenticator is not None and self.reactor is not None
+        delay = self.authenticator.delay_before_answer(address)
+        self.authenticator.record_failure(address)
+        self.reactor.callLater(delay, self._write_and_close, b"401 Unauthorized",
+                               dump_fault(401, "authentication required: user admin, an API key"),
+                               b'WWW-Authenticate: Basic realm="CloudMailing"\r\n')
+
+    def _refuse_too_large(self, what: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        log.info("refused request: %s over %d bytes", what, self.max_body,
+                 extra={"client": self.getClientAddress().host})  # type: ignore[attr-defined]
+        self._write_and_close(b"413 Payload Too Large", b"")
+
+    def _write_and_close(self, status: bytes, body: bytes, headers: bytes = b"") -> None:
+        channel: Any = self.channel
+        if channel is None or channel.transport is None:
+            return
+        channel.transport.write(b"HTTP/1.1 " + status + b"\r\n" + headers + b"Content-Type: text/xml\r\n"
+                                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        channel.loseConnection()
+        if self._paused and self.reactor is not None:
+            # TLS waits for the peer's close_notify, which we no longer read: cut it short.
+            self.reactor.callLater(CLOSE_GRACE_SECONDS, _abort, channel.transport)
 
 
-def request_factory(max_body: int) -> type[BoundedRequest]:
-    return type("ApiRequest", (BoundedRequest,), {"max_body": max_body})
+def _abort(transport: Any) -> None:
+    if transport.connected:
+        transport.abortConnection()
+
+
+def request_factory(max_body: int, authenticator: Authenticator | None = None,
+                    reactor: IReactorTime | None = None) -> type[BoundedRequest]:
+    """The Site's request class: bodies over ``max_body`` get 413; with ``authenticator``, a body
+    over ``PREAUTH_BODY_BYTES`` is read only once its credentials are good (else 401, unread)."""
+    return type("ApiRequest", (BoundedRequest,),
+                {"max_body": max_body, "authenticator": authenticator, "reactor": reactor})
 
 
 class XmlRpcResource(resource.Resource):
@@ -80,7 +156,10 @@ class XmlRpcResource(resource.Resource):
     async def _handle(self, request: server.Request) -> None:
         address = request.getClientAddress().host
         try:
-            if not await self._auth.authenticate(request.getHeader(b"authorization")):
+            early = getattr(request, "authenticated", None)  # started by BoundedRequest
+            good = await early if early is not None else await self._auth.authenticate(
+                request.getHeader(b"authorization"))
+            if not good:
                 await self._refuse(request, address)
                 return
             self._auth.record_success(address)
@@ -109,6 +188,9 @@ class XmlRpcResource(resource.Resource):
             return dump_response(await self._dispatch(name, params))
         except ServiceError as error:
             return dump_fault(error.code, str(error))
+        except DocumentTooLarge as error:  # e.g. a filter list over the database's 16 MiB
+            log.info("refused request: %s: %s", name, error, extra={"client": address})
+            return dump_fault(400, f"{name}: arguments too large for one database request")
         except PyMongoError as error:
             log.error("database error in %s: %s", name, error, extra={"client": address})
             return dump_fault(500, "database unavailable, please retry")

@@ -5,7 +5,9 @@ refused (so no entity expansion, internal or external: XML-RPC never needs one),
 values is bounded (the body's size is bounded before parsing), and dates are read liberally
 (``20261123T10:00:00``, or ISO 8601 with dashes or a zone).
 Answers never contain ``<nil/>``: every ``None`` is sent as '' (keys stay, so structs keep one shape),
-and a CR in a string is sent as ``&#13;`` so that it survives XML's line-end normalization.
+and are always well-formed XML: characters XML 1.0 forbids (control characters in a stored SMTP
+reply, a sender name from older versions...) are sent as U+FFFD, and a CR as ``&#13;`` so that it
+survives XML's line-end normalization (see ``xmlrpc_writer``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import xmlrpc.client
 from typing import Any
 from xml.parsers import expat
 
-from cloudmailing.api.xmlrpc_writer import dump_response
+from cloudmailing.api.xmlrpc_writer import dump_response, xml_safe
 from cloudmailing.services.errors import InvalidValue
 from cloudmailing.services.values import optional_datetime
 
@@ -76,8 +78,8 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
         params = target.close()
     except MalformedRequest:
         raise
-    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError) as error:
+    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, LookupError,
+            AttributeError, OverflowError) as error:  # LookupError: an unknown encoding declaration
         raise MalformedRequest(f"malformed XML-RPC request: {error}") from None
     method = target.getmethodname()
     if not method:
@@ -90,5 +92,5 @@ __all__ = ["MalformedRequest", "dump_fault", "dump_response", "parse_call"]
 
 
 def dump_fault(code: int, message: str) -> bytes:
-    return xmlrpc.client.dumps(xmlrpc.client.Fault(code, message), methodresponse=True,
+    return xmlrpc.client.dumps(xmlrpc.client.Fault(code, xml_safe(message)), methodresponse=True,
                                encoding="utf-8").encode("utf-8")

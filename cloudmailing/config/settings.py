@@ -45,6 +45,10 @@ class SatelliteLinkConfig:
     port: int = 33620
     max_awaiting_approval: int = 100  # unknown satellites recorded for approval; more are refused
     reconnect_grace_seconds: float = 10.0  # a satellite that left keeps its leases this long
+    max_frame_bytes: int = 64 * 1024 * 1024   # largest frame from an authenticated satellite
+    max_hello_frame_bytes: int = 4096         # largest frame before hello succeeded
+    hello_timeout_seconds: float = 30.0       # a connection that has not said hello by then is closed
+    idle_timeout_seconds: float = 900.0       # no frame either way for this long (nothing pending): closed
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,13 @@ def _validate(name: str, section: Any) -> None:
         raise ConfigError("[api] max_request_bytes: must be at least 1024")
     if isinstance(section, DatabaseConfig) and not 1 <= section.block_recipients <= 1000:
         raise ConfigError("[database] block_recipients: from 1 to 1000")
+    if isinstance(section, SatelliteLinkConfig):
+        if not 256 <= section.max_hello_frame_bytes <= section.max_frame_bytes:
+            raise ConfigError("[satellite_link] max_hello_frame_bytes: 256 to max_frame_bytes")
+        if section.hello_timeout_seconds <= 0 or section.idle_timeout_seconds <= 0:
+            raise ConfigError("[satellite_link] hello_timeout_seconds, idle_timeout_seconds: must be positive")
+        if section.reconnect_grace_seconds < 0:
+            raise ConfigError("[satellite_link] reconnect_grace_seconds: must not be negative")
     if isinstance(section, SatelliteConfig):
         for attr in _POSITIVE_SATELLITE_SETTINGS:
             if getattr(section, attr) <= 0:

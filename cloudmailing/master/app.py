@@ -14,6 +14,7 @@ from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
 from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.link import LinkLimits
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
 from cloudmailing.master.link_server import SatelliteLinkFactory
@@ -75,7 +76,8 @@ class Master:
                                       api.auth_failures_before_delay, api.auth_max_delay_seconds)
         resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
                                   api.max_xml_depth)
-        site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes))
+        site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes, authenticator,
+                                                                   self.reactor))
         site.displayTracebacks = False
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
@@ -85,8 +87,10 @@ class Master:
         assert self.database is not None and self.services is not None and self.tls is not None
         assert self.services.dispatcher is not None
         link = self.settings.satellite_link
+        limits = LinkLimits(link.max_frame_bytes, link.max_hello_frame_bytes, link.hello_timeout_seconds,
+                            link.idle_timeout_seconds)
         self.link_factory = SatelliteLinkFactory(self.services.satellites, self.services.dispatcher, self.reactor,
-                                                 link.reconnect_grace_seconds)
+                                                 limits, link.reconnect_grace_seconds)
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()

@@ -18,7 +18,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
-from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 
@@ -30,7 +30,7 @@ class SatelliteSession(LinkProtocol):
 
     def __init__(self, factory: SatelliteLinkFactory) -> None:
         super().__init__({"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
-                          "report": self.report})
+                          "report": self.report}, factory.limits, factory.clock)
         self._factory = factory
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
@@ -41,6 +41,7 @@ class SatelliteSession(LinkProtocol):
         of this satellite at once (a lease answer lost in a crash strands nobody)."""
         satellite = await self._factory.authenticate(str(serial), str(secret), str(version))
         self.satellite = satellite
+        self.mark_authenticated()
         self._factory.sessions[satellite["serial"]] = self
         self._factory.cancel_release(satellite["serial"])
         log.info("satellite connected", extra={"satellite": satellite["serial"]})
@@ -93,7 +94,9 @@ class SatelliteSession(LinkProtocol):
 
 class SatelliteLinkFactory(Factory):
     def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Any,
-                 reconnect_grace_seconds: float = 10.0) -> None:
+                 limits: LinkLimits | None = None, reconnect_grace_seconds: float = 10.0) -> None:
+        self.limits = limits or LinkLimits(max_frame_before_hello=4096, hello_timeout=30.0, idle_timeout=900.0)
+        self.clock = clock  # IReactorTime: the link's timeouts and the leases' grace
         self.dispatcher = dispatcher
         self._satellites = satellites
         self._clock = clock

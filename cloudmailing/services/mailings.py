@@ -219,7 +219,7 @@ class MailingService:
         await self._delete_ids([mailing["_id"]])
 
     async def delete_for_domain(self, domain: Any) -> int:
-        name = values.text("domain", domain).strip().lower()
+        name = values.text("domain", domain, max_length=253).strip().lower()
         ids = await self._store.ids(MailingFilter(domains=[name]))
         await self._delete_ids(ids)
         return len(ids)
@@ -246,7 +246,7 @@ def mailing_filter(filters: Any) -> MailingFilter:
     if filters is None or filters == "" or filters == [] or filters == {}:
         return MailingFilter()
     if isinstance(filters, str):
-        return MailingFilter(domains=[filters.strip().lower()])
+        return MailingFilter(domains=[values.text("filters", filters, max_length=253).strip().lower()])
     given = values.struct("filters", filters)
     unknown = sorted(set(given) - set(_FILTER_KEYS))
     if unknown:

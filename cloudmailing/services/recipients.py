@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import logging
+import math
 from typing import Any
 
 from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY
@@ -139,7 +140,13 @@ def _check_contact(data: Any, path: str = "") -> None:
             _check_contact(value, f"{path}{key}.")
     elif isinstance(data, list):
         for item in data:
+            if isinstance(item, list):  # FerretDB cannot store them, MongoDB can: refused alike
+                raise EntryError(f"field {path.rstrip('.')}: lists of lists are not supported")
             _check_contact(item, path)
+    elif isinstance(data, float) and not math.isfinite(data):  # the database refuses NaN and infinity
+        raise EntryError(f"field {path.rstrip('.')}: not a finite number")
+    elif isinstance(data, int) and not values.INT64_MIN <= data <= values.INT64_MAX:
+        raise EntryError(f"field {path.rstrip('.')}: integer out of range (64-bit integers only)")
     elif data is not None and not isinstance(data, (*_SCALARS, bytes)) and not hasattr(data, "isoformat"):
         raise EntryError(f"field {path.rstrip('.')}: unsupported value type {type(data).__name__}")
 

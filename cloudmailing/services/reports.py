@@ -33,13 +33,18 @@ class Cursor:
         earlier versions included)."""
         if text is None or text == "":
             return cls()
-        if isinstance(text, str) and len(text) < 60:
-            if text.startswith("c1:") and text[3:].isdigit():
+        if isinstance(text, str) and len(text) < 60 and text.isascii():
+            # Digits only, and at most 18 of them: always a 64-bit integer.
+            if text.startswith("c1:") and _number(text[3:]):
                 return cls(0, int(text[3:]))
             page, _, seq = text[3:].partition(".")
-            if text.startswith("c2:") and page.isdigit() and seq.isdigit():
+            if text.startswith("c2:") and _number(page) and _number(seq):
                 return cls(int(page), int(seq))
         raise InvalidValue("cursor: not a cursor returned by get_recipients_status_updated_since")
+
+
+def _number(text: str) -> bool:
+    return text.isdigit() and len(text) <= 18
 
 
 @dataclass(frozen=True)

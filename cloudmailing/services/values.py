@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import re
 from typing import Any
 
 from cloudmailing.services.errors import InvalidValue
 
+# Ids and counters are stored as BSON int64: a larger integer is a client mistake, not a crash.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# C0 controls but tab, DEL and C1 controls: meaningless (or harmful) in a header or a display name.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y%m%dT%H:%M:%S", "%Y%m%dT%H%M%S",
                 "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a fault quotes the client's value, not 30 MiB of it."""
+    described = repr(value) if not isinstance(value, (str, bytes)) or len(value) <= limit else repr(value[:limit])
+    return described if len(described) <= limit + 3 else described[:limit] + "..."
+
+
 def text(name: str, value: Any, *, max_length: int | None = None, header: bool = False,
          allow_none: bool = False) -> str:
-    """A string (``Binary``/bytes decoded as UTF-8); ``header`` refuses CR/LF (header injection)."""
+    """A string (``Binary``/bytes decoded as UTF-8).
+
+    ``header`` refuses line breaks (header injection) and every other control character but tab."""
     if value is None and allow_none:
         return ""
     if isinstance(value, (bytes, bytearray)):
@@ -28,11 +41,11 @@ def text(name: str, value: Any, *, max_length: int | None = None, header: bool =
         except UnicodeDecodeError:
             raise InvalidValue(f"{name}: not valid UTF-8") from None
     elif hasattr(value, "data") and isinstance(value.data, bytes):  # xmlrpc.client.Binary
-        return text(name, value.data, max_length=max_length, header=header)
+        return text(name, value.data, max_length=max_length, header=header, allow_none=allow_none)
     if not isinstance(value, str):
         raise InvalidValue(f"{name}: expected a string, got {type(value).__name__}")
-    if header and ("\r" in value or "\n" in value or "\0" in value):
-        raise InvalidValue(f"{name}: line breaks are not allowed in a header value")
+    if header and _CONTROL_CHARACTERS.search(value):
+        raise InvalidValue(f"{name}: line breaks and control characters are not allowed in a header value")
     if max_length is not None and len(value) > max_length:
         raise InvalidValue(f"{name}: longer than {max_length} characters")
     return value
@@ -45,7 +58,7 @@ def boolean(name: str, value: Any) -> bool:
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    raise InvalidValue(f"{name}: expected a boolean, got {value!r}")
+    raise InvalidValue(f"{name}: expected a boolean, got {shown(value)}")
 
 
 def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
@@ -54,9 +67,11 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise InvalidValue(f"{name}: expected an integer, got {value!r}") from None
+        raise InvalidValue(f"{name}: expected an integer, got {shown(value)}") from None
     if minimum is not None and number < minimum:
         raise InvalidValue(f"{name}: must be at least {minimum}")
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise InvalidValue(f"{name}: out of range (64-bit integers only)")
     return number
 
 
@@ -65,44 +80,58 @@ def optional_datetime(name: str, value: Any) -> datetime.datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, datetime.datetime):
-        return _naive_utc(value)
+        return _naive_utc(name, value)
     if isinstance(value, str):
         candidate = value.strip()
         try:
-            return _naive_utc(datetime.datetime.fromisoformat(candidate.replace("Z", "+00:00")))
+            parsed = datetime.datetime.fromisoformat(candidate.replace("Z", "+00:00"))
         except ValueError:
             pass
+        else:
+            return _naive_utc(name, parsed)
         for fmt in _ISO_FORMATS:
             try:
                 return datetime.datetime.strptime(candidate, fmt)
             except ValueError:
                 continue
-    raise InvalidValue(f"{name}: expected a date (ISO 8601), got {value!r}")
+    raise InvalidValue(f"{name}: expected a date (ISO 8601), got {shown(value)}")
 
 
-def _naive_utc(value: datetime.datetime) -> datetime.datetime:
+def _naive_utc(name: str, value: datetime.datetime) -> datetime.datetime:
     if value.tzinfo is not None:
-        value = value.astimezone(datetime.UTC).replace(tzinfo=None)
+        try:
+            value = value.astimezone(datetime.UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+            raise InvalidValue(f"{name}: {shown(value.isoformat())} is out of range in UTC") from None
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
+_ASCII_PROBE = "From: Aa Zz 09 <a@b.c>; [x=y] {~}\r\n"
+
+
 def charset(name: str, value: Any) -> str:
+    """A charset a message can be sent in: known to Python and ASCII-compatible (not UTF-16/32)."""
     label = text(name, value, max_length=40).strip() or "utf-8"
     try:
         codecs.lookup(label)
-    except LookupError:
-        raise InvalidValue(f"{name}: unknown charset {label!r}") from None
+        compatible = _ASCII_PROBE.encode(label) == _ASCII_PROBE.encode("ascii")
+    except (LookupError, UnicodeError, TypeError, ValueError):
+        raise InvalidValue(f"{name}: unknown charset {shown(label)}") from None
+    if not compatible:
+        raise InvalidValue(f"{name}: charset {shown(label)} is not ASCII-compatible (mail headers need it)")
     return label.lower()
 
 
-def string_list(name: str, value: Any) -> list[str]:
-    """A list of strings; a single string (or comma-separated string) is accepted too."""
+def string_list(name: str, value: Any, *, max_length: int = 1000) -> list[str]:
+    """A list of strings of at most ``max_length`` characters each (ids, domains, statuses...);
+    a single string (or comma-separated string) is accepted too."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        return [text(f"{name}[{i}]", part, max_length=max_length) for i, part in enumerate(parts)]
     if isinstance(value, (list, tuple)):
-        return [text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        return [text(f"{name}[{i}]", item, max_length=max_length) for i, item in enumerate(value)]
     raise InvalidValue(f"{name}: expected a list of strings")
 
 

@@ -468,6 +468,9 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
         started = time.monotonic()
         for first in range(0, args.messages, 1000):
             proxy.add_recipients(mailing_id, [contact(i) for i in range(first, min(first + 1000, args.messages))])
+            if (first + 1000) % 100_000 == 0:
+                print(f"  ingest: {first + 1000:,} recipients in {time.monotonic() - started:.0f} s, resident memory: "
+                      f"master {resident_mb(master.pid):.0f} MiB", flush=True)
         ingest_seconds = time.monotonic() - started
         proxy.cloud_add_satellite(SERIAL, {})
         satellite = subprocess.Popen(cli("satellite", satellite_config, args), stdout=subprocess.DEVNULL,

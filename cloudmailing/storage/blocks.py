@@ -45,7 +45,7 @@ MAX_BYTES = 4 * 1024 * 1024
 BLOCK_ID_COUNTER = "block_id"
 RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between two life-cycle ticks
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
-_ADDRESS_CACHE_BLOCKS = 256
+_ADDRESS_CACHE_BLOCKS = 32  # blocks whose (id, email) the master keeps: more than a few leases in flight
 
 
 @dataclass

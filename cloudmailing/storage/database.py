@@ -21,7 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 LAYOUT_VERSION = 2
 MIGRATE_COMMAND = "cm-admin storage migrate"
-BLOCKS_PER_BUCKET = 256  # block content, state and kept messages: at most this many blocks per collection
+BLOCKS_PER_BUCKET = 64  # block content, state and kept messages: at most this many blocks per collection
 SEQS_PER_BUCKET = 200_000  # status log pages: a collection per this many change numbers
 
 # Indexes for MongoDB, where every query the API and the dispatcher make uses one. FerretDB v1

@@ -77,22 +77,29 @@ class Dispatcher:
         lease = Lease(uuid.uuid4().hex, satellite["serial"], until)
         affinity = set(satellite.get("domain_affinity") or [])
         mailing_ids = await self._stores.mailings.running_for_groups(_groups(satellite))
-        candidates = await self._blocks.leasable(None, True, now) + await self._blocks.leasable(mailing_ids, False, now)
-        leased: list[dict[str, Any]] = []
-        size = 0
-        for summary in candidates:
-            if len(leased) >= wanted:
-                break
-            content = await self._blocks.content(summary["_id"])
-            got = await self._lease_block(summary["_id"], content, lease, now, affinity)
-            got_size = sum(_attachments_size(recipient) for recipient in got)
-            if leased and size + got_size > self.config.max_lease_bytes:
-                await self.release_recipients([recipient["id"] for recipient in got])
-                break
-            leased += got
-            size += got_size
+        leased = await self._fill(wanted, [(None, True), (mailing_ids, False)], lease, now, affinity)
         if leased:
             log.info("leased %d recipients", len(leased), extra={"satellite": lease.owner})
+        return leased
+
+    async def _fill(self, wanted: int, scopes: list[tuple[list[int] | None, bool]], lease: Lease,
+                    now: datetime.datetime, affinity: set[str]) -> list[dict[str, Any]]:
+        """Blocks of each scope (mailings, test or not) in turn, until ``wanted`` recipients or the
+        attachments' byte bound."""
+        leased: list[dict[str, Any]] = []
+        size = 0
+        for mailing_ids, test in scopes:
+            async for summary in self._blocks.leasable(mailing_ids, test, now):
+                if len(leased) >= wanted:
+                    return leased
+                content = await self._blocks.content(summary["_id"])
+                got = await self._lease_block(summary["_id"], content, lease, now, affinity)
+                got_size = sum(_attachments_size(recipient) for recipient in got)
+                if leased and size + got_size > self.config.max_lease_bytes:
+                    await self.release_recipients([recipient["id"] for recipient in got])
+                    return leased
+                leased += got
+                size += got_size
         return leased
 
     async def _lease_block(self, block_id: int, content: list[dict[str, Any]], lease: Lease,

@@ -45,6 +45,7 @@ MAX_BYTES = 4 * 1024 * 1024
 BLOCK_ID_COUNTER = "block_id"
 RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between two life-cycle ticks
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
+_BATCH = 8  # summaries per batch of a leasable search
 _ADDRESS_CACHE_BLOCKS = 32  # blocks whose (id, email) the master keeps: more than a few leases in flight
 
 
@@ -88,8 +89,11 @@ class Block:
         ready = sum(1 for slot in free if cols.status[slot] == ready_code)
         due = min((cols.next_try[slot] for slot in free if cols.status[slot] == warning_code), default=0)
         counts = cols.counts()
+        held = self.lease is not None
+        # Booleans for what the dispatcher searches: FerretDB hands equalities to PostgreSQL.
         return {"_id": self.id, "m": self.mailing_id, "test": self.test, "n": len(cols), "sv": self.version,
                 "open": any(counts.get(status) for status in PENDING_STATUSES), "ready": ready,
+                "free": bool(ready) and not held, "retry": bool(due), "held": held,
                 "due": from_millis(due), "leased": leased, "owner": self.lease.owner if self.lease else None,
                 "until": self.lease.until if self.lease else None, "counts": counts}
 
@@ -182,23 +186,27 @@ class BlockStore:
     # -- summaries: what the dispatcher and the counts search ------------------------------
 
     async def leasable(self, mailing_ids: Sequence[int] | None, test: bool, now: datetime.datetime,
-                       ) -> list[dict[str, Any]]:
+                       ) -> AsyncIterator[dict[str, Any]]:
         """Summaries of blocks (of ``mailing_ids``; None: of any mailing) of test recipients or
-        not, with recipients to deliver now and no lease held: due retries first, then by age."""
-        query: dict[str, Any] = {"open": True, "test": test}
+        not, with recipients to deliver now and no lease held: due retries first, then by age.
+        Streamed in small batches, sorted by the database: a caller that has enough stops, and
+        FerretDB decodes only what it read (its equality filters reach PostgreSQL)."""
+        scope: dict[str, Any] = {"test": test}
         if mailing_ids is not None:
             if not mailing_ids:
-                return []
-            query["m"] = mailing_ids[0] if len(mailing_ids) == 1 else {"$in": list(mailing_ids)}
-        found = [doc async for doc in self._db.blocks.find(query)
-                 if (doc["ready"] or (doc["due"] and doc["due"] <= now)) and (not doc["owner"] or doc["until"] < now)]
-        return sorted(found, key=lambda doc: (not (doc["due"] and doc["due"] <= now), doc["_id"]))
+                return
+            scope["m"] = mailing_ids[0] if len(mailing_ids) == 1 else {"$in": list(mailing_ids)}
+        async for doc in self._db.blocks.find({"retry": True, **scope}).sort("_id", 1).batch_size(_BATCH):
+            if doc["due"] <= now and (not doc["owner"] or doc["until"] < now):
+                yield doc
+        async for doc in self._db.blocks.find({"free": True, **scope}).sort("_id", 1).batch_size(_BATCH):
+            yield doc
 
     async def held_by(self, owner: str) -> list[dict[str, Any]]:
         return await self._db.blocks.find({"owner": owner}).to_list()
 
     async def lease_expired(self, now: datetime.datetime) -> list[dict[str, Any]]:
-        return await self._db.blocks.find({"until": {"$lt": now}}).to_list()
+        return [doc async for doc in self._db.blocks.find({"held": True}) if doc["until"] < now]
 
     def of_mailing(self, mailing_id: int) -> AsyncIterator[dict[str, Any]]:
         return self._db.blocks.find({"m": mailing_id}).sort("_id", 1)

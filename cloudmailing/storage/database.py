@@ -28,8 +28,9 @@ SEQS_PER_BUCKET = 200_000  # status log pages: a collection per this many change
 # keeps them but does not read them.
 _INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "mailings": [[("status", ASCENDING)], [("domain_name", ASCENDING)], [("owner_guid", ASCENDING)]],
-    "blocks": [[("m", ASCENDING)], [("open", ASCENDING), ("m", ASCENDING)], [("owner", ASCENDING)],
-               [("until", ASCENDING)]],
+    "blocks": [[("m", ASCENDING)], [("free", ASCENDING), ("test", ASCENDING), ("m", ASCENDING), ("_id", ASCENDING)],
+               [("retry", ASCENDING), ("test", ASCENDING), ("m", ASCENDING), ("_id", ASCENDING)],
+               [("owner", ASCENDING)], [("held", ASCENDING)]],
     "recipient_ids": [[("m", ASCENDING)], [("batch", ASCENDING)]],
     "api_keys": [[("name", ASCENDING)]],
     "satellites": [[("serial", ASCENDING)]],

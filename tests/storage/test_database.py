@@ -11,7 +11,7 @@ from tests.helpers import aio_test
 @aio_test
 async def test_every_collection_has_its_indexes(database):
     names = [index["name"] async for index in await database.blocks.list_indexes()]
-    assert "open_1_m_1" in names and "owner_1" in names
+    assert "free_1_test_1_m_1__id_1" in names and "held_1" in names
     log = await database.bucket("status_log", 3)
     names = [index["name"] async for index in await log.list_indexes()]
     assert "m_1" in names and "at_1" in names

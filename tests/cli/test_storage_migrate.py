@@ -104,3 +104,18 @@ async def _check_served(tmp_path: Path, mongo_url: str, db_name: str) -> None:
         assert (await api.get_recipients_status_updated_since(page["cursor"], [], 10))["recipients"] == []
     finally:
         await master.stop()
+
+
+@aio_test
+async def test_storage_recount_repairs_totals_from_the_blocks(tmp_path, mongo_url, db_name, database):
+    from cloudmailing.storage.stores import open_stores
+    from tests.storage.world import NOW, recipients
+
+    stores = await open_stores(database)
+    await stores.mailings.insert(7, {"status": "RUNNING", "type": "REGULAR", "satellite_group": ""})
+    await stores.writer.append(7, False, recipients(5), NOW)
+    await database.mailings.update_one({"_id": 7}, {"$set": {"counts.READY": 2, "counts.FINISHED": 9}})
+    config = _config(tmp_path, mongo_url, db_name, free_port())
+    repaired = await asyncio.to_thread(_run, config, "admin", "storage", "recount", "7")
+    assert repaired.returncode == 0 and "recounted 1 mailings" in repaired.stdout, repaired.stderr
+    assert (await database.mailings.find_one({"_id": 7}))["counts"] == {"READY": 5, "FINISHED": 0}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
@@ -52,3 +53,28 @@ async def set_statuses(stores: Any, recipient_ids: list[str], status: str, detai
         changes = [Change(slot, status, 1, details=details) for slot in slots]
         await stores.ledger.edit(block_id, lambda block, changes=changes: changes,
                                  now or datetime.datetime(2027, 1, 15))
+
+
+@contextlib.asynccontextmanager
+async def satellite_running(master: Any, data_dir: Any, serial: str, dns: Any, smtp_port: int,
+                            **settings: Any) -> AsyncIterator[Any]:
+    """A satellite daemon in this process, linked to ``master`` (registered beforehand), delivering
+    through the test DNS server to loopback SMTP servers on ``smtp_port``, until the block ends."""
+    import random
+
+    from twisted.internet import reactor
+
+    from cloudmailing.config.settings import SatelliteConfig
+    from cloudmailing.satellite.daemon import SatelliteDaemon
+
+    defaults = {"secret": "s3cret", "helo_hostname": "sat.test", "connect_timeout": 5, "reply_timeout": 5,
+                "compose_workers": 1}
+    config = SatelliteConfig(master_port=master.satellite_port, serial=serial, dns_servers=dns.nameserver,
+                             smtp_port=smtp_port, **{**defaults, **settings})
+    satellite = SatelliteDaemon(config, data_dir, reactor, random.Random(1))
+    running = asyncio.ensure_future(satellite.run())
+    try:
+        yield satellite
+    finally:
+        await satellite.stop()
+        running.cancel()

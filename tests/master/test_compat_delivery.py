@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import random
 import xmlrpc.client
 from pathlib import Path
 
@@ -16,10 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cloudmailing.config.settings import SatelliteConfig
-from cloudmailing.satellite.daemon import SatelliteDaemon
 from cloudmailing.satellite.dkim_signer import DkimSigner
-from tests.helpers import aio_test
+from tests.helpers import aio_test, satellite_running
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
@@ -68,16 +65,9 @@ async def _deliver(running_master, dns_server: DnsTestServer, smtp_port: int, tm
     await api.cloud_add_satellite("sat-compat", {})
     for mailing_id in mailing_ids:
         await api.start_mailing(mailing_id)
-    from twisted.internet import reactor
-
-    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-compat",
-                             secret="s3cret", helo_hostname="sat.test", dns_servers=dns_server.nameserver,
-                             smtp_port=smtp_port, connect_timeout=5, reply_timeout=5, compose_workers=1)
-    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
-    running = asyncio.ensure_future(satellite.run())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
-    try:
+    async with satellite_running(running_master.master, tmp_path / "satellite", "sat-compat", dns_server, smtp_port):
         while loop.time() < deadline:
             await api.mailing_manager_force_check()
             mailings = await api.list_mailings({"id": mailing_ids})
@@ -86,9 +76,6 @@ async def _deliver(running_master, dns_server: DnsTestServer, smtp_port: int, tm
                 return
             await asyncio.sleep(0.3)
         raise AssertionError(f"mailings not finished: {mailings}")
-    finally:
-        await satellite.stop()
-        running.cancel()
 
 
 @aio_test
@@ -167,25 +154,18 @@ async def test_send_test_recipients_are_counted_delivered_and_reported(running_m
     await api.add_recipients(mailing_id, [{"email": "later@ok.test"}])
     tests = await api.send_test(mailing_id, [{"email": "qa1@ok.test"}, {"email": "qa2@ok.test"}])
     cursor = (await api.get_recipients_status_updated_since("", [], 1000))["cursor"]
-    from twisted.internet import reactor
-
     await api.cloud_add_satellite("sat-test", {})
-    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-test", secret="s3cret",
-                             helo_hostname="sat.test", dns_servers=dns_server.nameserver, smtp_port=smtp_port,
-                             connect_timeout=5, reply_timeout=5, compose_workers=1)
-    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
-    running = asyncio.ensure_future(satellite.run())
     try:
-        for _ in range(200):
+        async with satellite_running(running_master.master, tmp_path / "satellite", "sat-test", dns_server,
+                                     smtp_port):
+            for _ in range(200):
+                mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
+                if mailing["total_sent"] == 2:
+                    break
+                await asyncio.sleep(0.1)
+            await api.mailing_manager_force_check()
             mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
-            if mailing["total_sent"] == 2:
-                break
-            await asyncio.sleep(0.1)
-        await api.mailing_manager_force_check()
-        mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
     finally:
-        await satellite.stop()
-        running.cancel()
         await servers[MX_ADDRESS].stop()
     assert (mailing["status"], mailing["total_recipient"], mailing["total_sent"], mailing["total_pending"]) == \
         ("FILLING_RECIPIENTS", 3, 2, 1)  # the mailing itself is not started: its recipient waits

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import random
 from pathlib import Path
 
 import dkim
@@ -14,10 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cloudmailing.config.settings import DispatchConfig, SatelliteConfig
-from cloudmailing.satellite.daemon import SatelliteDaemon
+from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.satellite.dkim_signer import DkimSigner
-from tests.helpers import aio_test
+from tests.helpers import aio_test, satellite_running
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
@@ -66,7 +64,6 @@ async def _wait_finished(api, mailing_id: int, seconds: float = 90.0) -> dict:
 
 @aio_test
 async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(running_master, dns, tmp_path: Path):
-    from twisted.internet import reactor
 
     servers, smtp_port = start_servers({address: behaviour for address, behaviour in DOMAINS.values()})
     api = running_master.proxy()
@@ -84,17 +81,11 @@ async def test_a_mailing_runs_to_finished_with_the_right_status_for_everyone(run
     await api.cloud_add_satellite("sat-e2e", {})
     assert await api.start_mailing(mailing_id) == "READY"
 
-    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-e2e",
-                             secret="s3cret", helo_hostname="sat.test", dns_servers=dns.nameserver,
-                             smtp_port=smtp_port, lease_size=20, connect_timeout=5, reply_timeout=1,
-                             compose_workers=2)
-    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
-    running = asyncio.ensure_future(satellite.run())
     try:
-        mailing = await _wait_finished(api, mailing_id)
+        async with satellite_running(running_master.master, tmp_path / "satellite", "sat-e2e", dns, smtp_port,
+                                     lease_size=20, reply_timeout=1, compose_workers=2):
+            mailing = await _wait_finished(api, mailing_id)
     finally:
-        await satellite.stop()
-        running.cancel()
         for server in servers.values():
             await server.stop()
 
@@ -157,7 +148,6 @@ async def _check_customized_content(api, recipient_id: str, received) -> None:
 
 @aio_test
 async def test_a_lease_of_big_messages_is_composed_within_the_byte_bound(running_master, dns, tmp_path: Path):
-    from twisted.internet import reactor
 
     servers, smtp_port = start_servers({"127.0.0.2": Behaviour()})
     api = running_master.proxy()
@@ -167,17 +157,11 @@ async def test_a_lease_of_big_messages_is_composed_within_the_byte_bound(running
     await api.cloud_add_satellite("sat-big", {})
     assert await api.start_mailing(mailing_id) == "READY"
     bound = 2 * 1024 * 1024
-    config = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-big", secret="s",
-                             helo_hostname="sat.test", dns_servers=dns.nameserver, smtp_port=smtp_port,
-                             lease_size=40, connect_timeout=5, reply_timeout=5, compose_workers=2,
-                             max_composed_bytes=bound)
-    satellite = SatelliteDaemon(config, tmp_path / "satellite", reactor, random.Random(1))
-    running = asyncio.ensure_future(satellite.run())
     try:
-        mailing = await _wait_finished(api, mailing_id)
+        async with satellite_running(running_master.master, tmp_path / "satellite", "sat-big", dns, smtp_port,
+                                     lease_size=40, compose_workers=2, max_composed_bytes=bound) as satellite:
+            mailing = await _wait_finished(api, mailing_id)
     finally:
-        await satellite.stop()
-        running.cancel()
         for server in servers.values():
             await server.stop()
     received = servers["127.0.0.2"].messages

@@ -158,8 +158,10 @@ class BlockStore:
         return _block(doc) if doc else None
 
     async def insert(self, block: Block) -> None:
+        """A new block's state and summary (inserts: on FerretDB an update first reads the collection)."""
         collection = await self._db.bucket("block_state", bucket_of(block.id))
         await collection.insert_one({"_id": block.id, **_state_fields(block)})
+        await self._db.blocks.insert_one(block.summary())
 
     async def save(self, block: Block) -> bool:
         """Write ``block``'s state over the version it was read at; False if another write came

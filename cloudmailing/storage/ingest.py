@@ -54,6 +54,9 @@ class RecipientWriter:
                  mailings: MailingStore, block_recipients: int = MAX_RECIPIENTS) -> None:
         self._db = database
         self._block_recipients = block_recipients
+        # (mailing, test) -> its newest block and how many it holds: a batch finds where to go
+        # without a search (several masters: a stale entry only fills an older block).
+        self._tails: dict[tuple[int, bool], tuple[int, int]] = {}
         self._blocks = blocks
         self._index = index
         self._mailings = mailings
@@ -86,15 +89,24 @@ class RecipientWriter:
         await self._db.ingest_batches.delete_one({"_id": batch})
         return [None if i in void else rid for i, (rid, _) in enumerate(places)]
 
+    async def _tail(self, mailing_id: int, test: bool) -> tuple[int, int] | None:
+        """The mailing's newest block of this kind and its size, remembered from the last batch."""
+        if (mailing_id, test) not in self._tails:
+            summary = await self._blocks.tail(mailing_id, test)
+            if summary is None:
+                return None
+            self._tails[(mailing_id, test)] = (summary["_id"], summary["n"])
+        return self._tails[(mailing_id, test)]
+
     async def _place(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient]) -> list[_Fill]:
         """Which block and slot each recipient goes to; their ids."""
         fills: list[_Fill] = []
-        tail = await self._blocks.tail(mailing_id, test)
+        tail = await self._tail(mailing_id, test)
         current: _Fill | None = None
         size = 0
-        if tail is not None and tail["n"] < self._block_recipients:
-            existing = await self._blocks.content(tail["_id"])
-            current = _Fill(tail["_id"], len(existing), existing, [])
+        if tail is not None and tail[1] < self._block_recipients:
+            existing = await self._blocks.content(tail[0])
+            current = _Fill(tail[0], len(existing), existing, [])
             size = len(bson.encode({"r": existing}))
             fills.append(current)
         for recipient in recipients:
@@ -124,11 +136,10 @@ class RecipientWriter:
             if fill.before == 0:
                 columns = StateColumns()
                 _extend(columns, len(fill.added), void_slots, now)
-                block = Block(fill.block_id, mailing_id, test, 0, columns)
-                await self._blocks.insert(block)
+                await self._blocks.insert(Block(fill.block_id, mailing_id, test, 0, columns))
             else:
-                block = await self._extend_state(fill, void_slots, now)
-            await self._blocks.write_summary(block)
+                await self._blocks.write_summary(await self._extend_state(fill, void_slots, now))
+            self._tails[(mailing_id, test)] = (fill.block_id, fill.before + len(fill.added))
 
     async def _extend_state(self, fill: _Fill, void_slots: list[int], now: datetime.datetime) -> Block:
         """The tail block's state with the new recipients (the caller holds its lock)."""
@@ -153,6 +164,7 @@ class RecipientWriter:
         return touched
 
     async def _cut_block(self, mailing_id: int, block_id: int, before: int) -> None:
+        self._tails.clear()
         if before == 0:
             await self._blocks.delete(block_id)
             return

@@ -163,4 +163,3 @@ async def _write_blocks(database: Database, stores: Stores, places: dict[str, _P
     for block_id, (placed, columns) in blocks.items():
         block = Block(block_id, placed.mailing_id, placed.test, 0, columns)
         await stores.blocks.insert(block)
-        await stores.blocks.write_summary(block)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any, NoReturn
 
-from cloudmailing.common.keys import hash_secret, verify_secret
+from cloudmailing.common.keys import hash_secret, verify_secret, verify_secret_or_dummy
 from cloudmailing.services import values
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
@@ -97,6 +97,8 @@ class SatelliteService:
 
     async def _record_unknown(self, serial: str, secret: str, version: str, now: Any) -> NoReturn:
         if len(serial) > 100 or await self._store.count_awaiting_approval() >= self._max_awaiting:
+            # The same scrypt as a known serial's check: the time does not tell which serials exist.
+            await asyncio.to_thread(verify_secret_or_dummy, secret, None)
             log.warning("unknown satellite refused: too many already wait for approval (max_awaiting_approval)",
                         extra={"satellite": serial[:100]})
             raise SatelliteRefused("not_paired", "not registered on this master")

@@ -8,12 +8,14 @@ from typing import Any
 
 from twisted.internet import ssl
 from twisted.internet.task import LoopingCall
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
 
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
 from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.connection_limit import LimitPerSource
 from cloudmailing.common.link import LinkLimits
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
@@ -81,7 +83,7 @@ class Master:
         site.displayTracebacks = False
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
-        self._ports.append(self.reactor.listenSSL(api.port, site, context, interface=api.host))
+        self._ports.append(self._listen_tls(api.port, api.host, site, context, api.max_connections_per_source, "api"))
 
     def _listen_satellites(self) -> None:
         assert self.database is not None and self.services is not None and self.tls is not None
@@ -94,7 +96,13 @@ class Master:
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
-        self._ports.append(self.reactor.listenSSL(link.port, self.link_factory, context, interface=link.host))
+        self._ports.append(self._listen_tls(link.port, link.host, self.link_factory, context,
+                                            link.max_connections_per_source, "satellite link"))
+
+    def _listen_tls(self, port: int, host: str, factory: Any, context: Any, max_per_source: int, name: str) -> Any:
+        """Listen with TLS, at most ``max_per_source`` connections per address (counted before the handshake)."""
+        limited = LimitPerSource(TLSMemoryBIOFactory(context, False, factory), max_per_source, name)
+        return self.reactor.listenTCP(port, limited, interface=host)
 
     @property
     def api_port(self) -> int:

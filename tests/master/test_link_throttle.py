@@ -90,3 +90,17 @@ async def test_an_unknown_serial_costs_the_same_scrypt_as_a_wrong_secret(databas
         with pytest.raises(SatelliteRefused):
             await service.authenticate(serial, "wrong", "1.0")
         assert len(scrypt_calls) == 1, serial
+
+
+@aio_test
+async def test_150_parallel_strangers_record_exactly_max_awaiting_approval(running_master) -> None:
+    """The default cap, 100. Each stranger from its own address (127.0.0.2 on): no per-address
+    throttle or connection limit lines them up."""
+    port = running_master.master.satellite_port
+    links = await asyncio.gather(*(connect(port, f"127.0.{2 + n // 250}.{2 + n % 250}") for n in range(150)))
+    codes = await asyncio.gather(*(hello_code(link, f"stranger-{n}", "pw") for n, link in enumerate(links)))
+    assert codes == ["not_paired"] * 150
+    listed = await running_master.proxy().cloud_list_satellites()
+    assert len(listed) == 100 and not any(satellite["paired"] for satellite in listed)
+    for link in links:
+        link.close()

@@ -57,12 +57,10 @@ class Authenticator:
         if self._cached(digest):
             return True
         async with self.throttle.attempt(source) as attempt:
-            if self._cached(digest):  # checked while this attempt waited its turn
-                attempt.succeeded()
-                return True
-            if not await self._check_key(key):
+            # Another request may have checked the same key while this one waited its turn.
+            if not (self._cached(digest) or await self._check_key(key)):
                 attempt.failed()
-                log.warning("authentication failed (%d in a row)", self.throttle.failures(source) + 1,
+                log.warning("authentication failed (%d in a row)", self.throttle.failures(source),
                             extra={"client": source})
                 return False
             attempt.succeeded()

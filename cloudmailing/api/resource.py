@@ -68,6 +68,11 @@ class BoundedRequest(server.Request):
                 return
         super().handleContentChunk(data)
 
+    def connectionLost(self, reason: Any) -> None:
+        if self.authenticated is not None and not self.authenticated.done():
+            self.authenticated.cancel()  # the client left: its key check leaves its address's line
+        super().connectionLost(reason)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:  # answered already; the connection is closing
             return
@@ -159,6 +164,8 @@ class XmlRpcResource(resource.Resource):
                 return
             body = request.content.read() if request.content is not None else b""
             answer = await self._call(body, address)
+        except asyncio.CancelledError:  # the client left while its key check waited: nobody to answer
+            return
         except Exception:  # never let a bug leave a request hanging
             log.exception("unexpected error answering a request", extra={"client": address})
             answer = dump_fault(500, "internal error (see the master's log)")

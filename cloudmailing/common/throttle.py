@@ -31,20 +31,23 @@ class _Source:
     failures: int = 0           # in a row, since the last success
     not_before: float = 0.0     # the next attempt waits until then
     last_failure: float = 0.0
+    in_line: int = 0            # attempts waiting or being checked
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Attempt:
-    """One check in progress; the caller says how it went."""
+    """One check having its turn; the caller says how it went (saying nothing, as on an error,
+    neither forgives nor counts)."""
 
-    def __init__(self) -> None:
-        self.outcome: bool | None = None  # None: undecided (an error): neither forgiven nor counted
+    def __init__(self, throttle: SourceThrottle, entry: _Source) -> None:
+        self._throttle = throttle
+        self._entry = entry
 
     def failed(self) -> None:
-        self.outcome = False
+        self._throttle._charge(self._entry)
 
     def succeeded(self) -> None:
-        self.outcome = True
+        self._entry.failures, self._entry.not_before = 0, 0.0
 
 
 class SourceThrottle:
@@ -65,25 +68,26 @@ class SourceThrottle:
         entry = self._sources.get(source)
         return 0 if entry is None else self._fresh(entry).failures
 
+    def in_line(self, source: str) -> int:
+        """Attempts of ``source`` waiting for their turn or being checked."""
+        entry = self._sources.get(source)
+        return 0 if entry is None else entry.in_line
+
     @asynccontextmanager
     async def attempt(self, source: str) -> AsyncIterator[Attempt]:
         """Wait for ``source``'s turn, then let the body check its credentials.
 
-        The body calls :meth:`Attempt.failed` or :meth:`Attempt.succeeded` (neither: an error, not
-        counted), and may then return or raise."""
+        The body calls :meth:`Attempt.failed` or :meth:`Attempt.succeeded`."""
         entry = self._entry(source)
-        async with entry.turn:
-            delay = self._fresh(entry).not_before - self._reactor.seconds()
-            if delay > 0:
-                await wait_deferred(deferLater(self._reactor, delay, lambda: None))
-            attempt = Attempt()
-            try:
-                yield attempt
-            finally:  # the body may leave by raising its refusal
-                if attempt.outcome is True:
-                    entry.failures, entry.not_before = 0, 0.0
-                elif attempt.outcome is False:
-                    self._charge(entry)
+        entry.in_line += 1
+        try:
+            async with entry.turn:
+                delay = self._fresh(entry).not_before - self._reactor.seconds()
+                if delay > 0:
+                    await wait_deferred(deferLater(self._reactor, delay, lambda: None))
+                yield Attempt(self, entry)
+        finally:  # a caller whose client left cancels its attempt: it leaves the line
+            entry.in_line -= 1
 
     def _charge(self, entry: _Source) -> None:
         now = self._reactor.seconds()

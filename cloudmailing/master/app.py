@@ -47,6 +47,7 @@ class Master:
     _ports: list[Any] = field(default_factory=list)
     _loop: LoopingCall | None = None
     link_factory: SatelliteLinkFactory | None = None
+    api_site: server.Site | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -81,6 +82,7 @@ class Master:
         site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes, authenticator,
                                                                    self.reactor))
         site.displayTracebacks = False
+        self.api_site = site
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
         self._ports.append(self._listen_tls(api.port, api.host, site, context, api.max_connections_per_source, "api"))

@@ -42,7 +42,7 @@ class SatelliteSession(LinkProtocol):
                     ) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
         of this satellite at once (a lease answer lost in a crash strands nobody)."""
-        satellite = await self._factory.authenticate(str(serial), str(secret), str(version), self.source)
+        satellite = await self._factory.authenticate(self, str(serial), str(secret), str(version))
         self.satellite = satellite
         self.mark_authenticated()
         self._factory.sessions[satellite["serial"]] = self
@@ -143,17 +143,29 @@ class SatelliteLinkFactory(Factory):
         """Serials of the satellites connected now."""
         return set(self.sessions)
 
-    async def authenticate(self, serial: str, secret: str, version: str, source: str) -> dict[str, Any]:
-        """The satellite's registry entry; ``source`` waits its turn, slowed down after wrong secrets."""
+    async def authenticate(self, session: SatelliteSession, serial: str, secret: str, version: str,
+                           ) -> dict[str, Any]:
+        """The satellite's registry entry. Hellos from the session's address wait their turn, slowed
+        down after wrong secrets; one whose link closes meanwhile leaves the line."""
+        check = asyncio.ensure_future(self._check_hello(serial, secret, version, session.source))
+        session.closed_future.add_done_callback(lambda _: check.cancel())
+        try:
+            return await check
+        except asyncio.CancelledError:
+            if not check.cancelled():
+                raise
+            raise LinkError("disconnected", "the link went down") from None
+
+    async def _check_hello(self, serial: str, secret: str, version: str, source: str) -> dict[str, Any]:
         async with self.throttle.attempt(source) as attempt:
             try:
                 satellite = await self._satellites.authenticate(serial, secret, version)
             except SatelliteRefused as refused:
                 if refused.code == "unauthorized":
                     attempt.failed()
-                    log.warning("satellite authentication failed (%d in a row)", self.throttle.failures(source) + 1,
+                    log.warning("satellite authentication failed (%d in a row)", self.throttle.failures(source),
                                 extra={"client": source, "satellite": serial[:100]})
-                else:  # the secret was right (or the serial new): not a guess
+                else:  # not yet paired: the secret was right, or the serial new; no guess
                     attempt.succeeded()
                 raise LinkError(refused.code, str(refused)) from None
             attempt.succeeded()

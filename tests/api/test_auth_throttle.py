@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 
 import pytest
 
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.common import keys
+from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.storage.api_keys import ApiKeyStore
 from tests.helpers import aio_test
@@ -77,3 +79,29 @@ async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-u
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+def _authenticator(master) -> Authenticator:  # type: ignore[no-untyped-def]
+    return master.api_site.requestFactory.authenticator  # type: ignore[no-any-return]
+
+
+@aio_test
+async def test_a_client_that_leaves_takes_its_check_out_of_the_line(running_master, clock) -> None:
+    authenticator = _authenticator(running_master.master)
+    authenticator.throttle = SourceThrottle(clock, free_failures=1)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = (b"POST /CloudMailing HTTP/1.1\r\nHost: x\r\nAuthorization: " + _header("cm_000000000000_guess")
+               + b"\r\nContent-Length: 10\r\n\r\n")
+    first = await asyncio.open_connection("127.0.0.1", running_master.master.api_port, ssl=context)
+    first[1].write(request + b"0123456789")
+    assert b"401" in await asyncio.wait_for(first[0].readline(), 10)  # a free failure: the next wait 1 s
+    leaving = [await asyncio.open_connection("127.0.0.1", running_master.master.api_port, ssl=context)
+               for _ in range(5)]
+    for _, writer in leaving:
+        writer.write(request)  # the body never comes; the key check starts with the headers
+    await _until(lambda: authenticator.throttle.in_line("127.0.0.1") == 5)
+    for _, writer in leaving:
+        writer.close()
+    await _until(lambda: authenticator.throttle.in_line("127.0.0.1") == 0)
+    first[1].close()

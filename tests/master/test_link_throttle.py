@@ -75,6 +75,34 @@ async def test_wrong_secrets_slow_down_their_source_not_others(running_master, c
         link.close()
 
 
+@aio_test
+async def test_a_hello_whose_link_closes_leaves_the_line(running_master, clock: task.Clock) -> None:
+    master = running_master.master
+    throttle = master.link_factory.throttle = SourceThrottle(clock, free_failures=1)
+    await running_master.proxy().cloud_add_satellite("sat-l", {})
+    first = await connect(master.satellite_port)
+    assert await hello_code(first, "sat-l", "right") == "ok"
+    other = await connect(master.satellite_port)
+    assert await hello_code(other, "sat-l", "guess") == "unauthorized"  # free; the next waits 1 s
+    links = [await connect(master.satellite_port) for _ in range(3)]
+    guesses = [asyncio.ensure_future(hello_code(link, "sat-l", "guess")) for link in links]
+    await _until(lambda: throttle.in_line("127.0.0.1") == 3)
+    for link in links:
+        link.close()
+    await _until(lambda: throttle.in_line("127.0.0.1") == 0)
+    assert await asyncio.gather(*guesses) == ["disconnected"] * 3
+    first.close()
+    other.close()
+
+
+async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
 async def _done(futures: list[asyncio.Future[str]], count: int) -> None:
     while sum(future.done() for future in futures) < count:
         await asyncio.sleep(0.02)

@@ -132,12 +132,10 @@ def request_factory(max_body: int, authenticator: Authenticator | None = None,
 class XmlRpcResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, methods: dict[str, ApiMethod], authenticator: Authenticator, reactor: IReactorTime,
-                 max_depth: int = 64) -> None:
+    def __init__(self, methods: dict[str, ApiMethod], authenticator: Authenticator, max_depth: int = 64) -> None:
         super().__init__()
         self._methods = methods
         self._auth = authenticator
-        self._reactor = reactor
         self._max_depth = max_depth
 
     def render_GET(self, request: server.Request) -> bytes:

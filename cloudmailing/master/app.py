@@ -77,8 +77,7 @@ class Master:
         self.tls = ensure_certificate(api.tls_cert, api.tls_key, self.settings.paths.data_path)
         authenticator = Authenticator(self.stores.api_keys, self.reactor, api.key_cache_seconds,
                                       api.auth_failures_before_delay, api.auth_max_delay_seconds)
-        resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
-                                  api.max_xml_depth)
+        resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, api.max_xml_depth)
         site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes, authenticator,
                                                                    self.reactor))
         site.displayTracebacks = False

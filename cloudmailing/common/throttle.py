@@ -68,6 +68,11 @@ class SourceThrottle:
         entry = self._sources.get(source)
         return 0 if entry is None else self._fresh(entry).failures
 
+    def wait(self, source: str) -> float:
+        """Seconds the next attempt of ``source`` would wait for its turn, were the line empty."""
+        entry = self._sources.get(source)
+        return 0.0 if entry is None else self._wait(entry)
+
     def in_line(self, source: str) -> int:
         """Attempts of ``source`` waiting for their turn or being checked."""
         entry = self._sources.get(source)
@@ -82,12 +87,15 @@ class SourceThrottle:
         entry.in_line += 1
         try:
             async with entry.turn:
-                delay = self._fresh(entry).not_before - self._reactor.seconds()
+                delay = self._wait(entry)
                 if delay > 0:
                     await wait_deferred(deferLater(self._reactor, delay, lambda: None))
                 yield Attempt(self, entry)
         finally:  # a caller whose client left cancels its attempt: it leaves the line
             entry.in_line -= 1
+
+    def _wait(self, entry: _Source) -> float:
+        return max(0.0, self._fresh(entry).not_before - self._reactor.seconds())
 
     def _charge(self, entry: _Source) -> None:
         now = self._reactor.seconds()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 
 from cloudmailing.common.throttle import SourceThrottle
@@ -108,3 +114,46 @@ async def test_a_body_that_raises_its_refusal_is_still_charged(clock: task.Clock
     except OSError:
         pass
     assert throttle.failures("s") == 2
+
+
+def _now(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that must not suspend (an attempt whose turn is now)."""
+    with pytest.raises(StopIteration):
+        coroutine.send(None)
+
+
+async def _one(throttle: SourceThrottle, source: str, good: bool) -> None:
+    async with throttle.attempt(source) as attempt:
+        if good:
+            attempt.succeeded()
+        else:
+            attempt.failed()
+
+
+FREE, MAX_DELAY, FORGET, MAX_SOURCES = 3, 30.0, 900.0, 4
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.booleans(), st.floats(0, 1000)), max_size=60))
+@example([(n, False, 0.0) for n in (0, 1, 2, 3, 4, 0)])  # the oldest address was forgotten
+@settings(max_examples=300, deadline=None)
+def test_any_sequence_of_attempts_keeps_the_model(events: list[tuple[int, bool, float]]) -> None:
+    """Strangers choose addresses, outcomes and timing: the table stays bounded, a wait never
+    exceeds max_delay, and each remembered address is charged its failures since its last success."""
+    clock = task.Clock()
+    throttle = SourceThrottle(clock, FREE, MAX_DELAY, FORGET, MAX_SOURCES)
+    # address -> (failures in a row, last failure), the least recently seen first
+    model: OrderedDict[str, tuple[int, float]] = OrderedDict()
+    for number, good, pause in events:
+        source = f"10.0.0.{number}"
+        clock.advance(pause + throttle.wait(source))  # its turn has come: the attempt does not wait
+        _now(_one(throttle, source, good))
+        failures, last = model.pop(source, (0, 0.0))
+        if failures and clock.seconds() - last > FORGET:
+            failures = 0
+        model[source] = (0, 0.0) if good else (failures + 1, clock.seconds())
+        while len(model) > MAX_SOURCES:
+            model.popitem(last=False)
+        assert len(throttle) <= MAX_SOURCES
+        assert 0.0 <= throttle.wait(source) <= MAX_DELAY
+        assert throttle.failures(source) == model[source][0]
+        assert (throttle.wait(source) > 0) == (not good and model[source][0] >= FREE)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 API_USER = "admin"
 _MAX_TRACKED = 10000  # verified keys remembered
 
+
 def basic_credentials(header: bytes | None) -> tuple[str, str] | None:
     """``(user, password)`` from an ``Authorization: Basic`` header, or None."""
     if not header or not header[:6].lower() == b"basic ":

@@ -27,7 +27,7 @@ def make_private_dir(path: Path) -> Path:
 
 def open_private(path: Path, flags: int) -> int:
     """``os.open`` that creates ``path`` with mode 0600 (an existing file of ours is made 0600 too)."""
-    descriptor = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    descriptor = os.open(path, flags | os.O_CREAT, FILE_MODE)
     os.fchmod(descriptor, FILE_MODE)
     return descriptor
 

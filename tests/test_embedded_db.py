@@ -174,6 +174,15 @@ def test_the_cluster_is_private_and_never_runs_as_root(data_dir, start):
         assert _psql(data_dir, "SHOW fsync") == "on"
 
 
+def test_everything_in_the_data_dir_is_private_from_the_start(data_dir, start):
+    with start():
+        others = 0o001 if os.geteuid() == 0 else 0  # as root: searchable for the cluster's user
+        assert data_dir.stat().st_mode & 0o777 == 0o700 | others
+        for path in [data_dir / "lock", data_dir / "postgresql.log", data_dir / "ferretdb.log",
+                     data_dir / "ferretdb.pid", data_dir / "ferretdb", *(data_dir / "ferretdb").rglob("*")]:
+            assert path.stat().st_mode & 0o077 == 0, path
+
+
 def test_a_given_port_is_used(data_dir, start):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -3,7 +3,8 @@
 Keys are checked against their scrypt hash (about 50 ms, run off the reactor thread); a key
 that passed is remembered for ``cache_seconds`` (as a SHA-256 of the key, never in clear) so a
 busy client does not pay the hash on every call. A revoked key therefore stops working within
-``cache_seconds``. Failed attempts slow down their source address exponentially.
+``cache_seconds``. Each source address gets one check at a time, slowed down exponentially
+after failures (:mod:`cloudmailing.common.throttle`).
 """
 
 from __future__ import annotations
@@ -14,23 +15,17 @@ import binascii
 import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import Any
 
-from cloudmailing.common.keys import parse_key, verify_secret
+from cloudmailing.common.keys import parse_key, verify_secret_or_dummy
+from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.clock import SecondsClock
 from cloudmailing.storage.api_keys import ApiKeyStore
 
 log = logging.getLogger(__name__)
 
 API_USER = "admin"
-_MAX_TRACKED = 10000
-FAILURE_MEMORY_SECONDS = 900.0  # failures older than this are forgiven
-
-
-@dataclass
-class _Failures:
-    count: int
-    last: float
+_MAX_TRACKED = 10000  # verified keys remembered
 
 
 def basic_credentials(header: bytes | None) -> tuple[str, str] | None:
@@ -46,66 +41,44 @@ def basic_credentials(header: bytes | None) -> tuple[str, str] | None:
 
 
 class Authenticator:
-    def __init__(self, keys: ApiKeyStore, clock: SecondsClock, cache_seconds: float = 30.0,
+    def __init__(self, keys: ApiKeyStore, reactor: Any, cache_seconds: float = 30.0,
                  failures_before_delay: int = 5, max_delay: float = 30.0) -> None:
         self._keys = keys
-        self._clock = clock
+        self._clock: SecondsClock = reactor
         self._cache_seconds = cache_seconds
-        self._free_failures = failures_before_delay
-        self._max_delay = max_delay
         self._verified: OrderedDict[bytes, float] = OrderedDict()  # key digest -> valid until
-        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self.throttle = SourceThrottle(reactor, failures_before_delay, max_delay)
 
-    async def authenticate(self, header: bytes | None) -> bool:
+    async def authenticate(self, header: bytes | None, source: str) -> bool:
+        """Whether ``header`` carries a valid API key; ``source`` (the client's address) waits its
+        turn for the check, slowed down after failures (see :mod:`cloudmailing.common.throttle`)."""
         credentials = basic_credentials(header)
-        if credentials is None or credentials[0] != API_USER:
-            return False
-        key = credentials[1]
+        key = credentials[1] if credentials is not None and credentials[0] == API_USER else ""
         digest = hashlib.sha256(key.encode("utf-8")).digest()
-        now = self._clock.seconds()
-        if self._verified.get(digest, 0.0) > now:
+        if self._cached(digest):
             return True
-        if not await self._check_key(key):
-            return False
-        self._remember(self._verified, digest, now + self._cache_seconds)
+        async with self.throttle.attempt(source) as attempt:
+            # Another request may have checked the same key while this one waited its turn.
+            if not (self._cached(digest) or await self._check_key(key)):
+                attempt.failed()
+                log.warning("authentication failed (%d in a row)", self.throttle.failures(source),
+                            extra={"client": source})
+                return False
+            attempt.succeeded()
+        self._verified[digest] = self._clock.seconds() + self._cache_seconds
+        self._verified.move_to_end(digest)
+        while len(self._verified) > _MAX_TRACKED:
+            self._verified.popitem(last=False)
         return True
+
+    def _cached(self, digest: bytes) -> bool:
+        return self._verified.get(digest, 0.0) > self._clock.seconds()
 
     async def _check_key(self, key: str) -> bool:
         parsed = parse_key(key)
         if parsed is None:
             return False
         record = await self._keys.get_active(parsed.key_id)
-        if record is None:
-            return False
-        return await asyncio.to_thread(verify_secret, parsed.secret, record)
-
-    def _recent_failures(self, address: str) -> _Failures:
-        failures = self._failures.get(address)
-        if failures is None or self._clock.seconds() - failures.last > FAILURE_MEMORY_SECONDS:
-            return _Failures(0, 0.0)
-        return failures
-
-    def delay_before_answer(self, address: str) -> float:
-        """Seconds to wait before answering this address's next failure."""
-        failures = self._recent_failures(address)
-        if failures.count < self._free_failures:
-            return 0.0
-        return min(2.0 ** (failures.count - self._free_failures), self._max_delay)
-
-    def record_failure(self, address: str) -> None:
-        failures = self._recent_failures(address)
-        self._failures.pop(address, None)
-        failures.count += 1
-        failures.last = self._clock.seconds()
-        self._remember(self._failures, address, failures)
-        log.warning("authentication failed (%d in a row)", failures.count, extra={"client": address})
-
-    def record_success(self, address: str) -> None:
-        self._failures.pop(address, None)
-
-    @staticmethod
-    def _remember(table: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > _MAX_TRACKED:
-            table.popitem(last=False)
+        # An unknown (or revoked) key id costs the same scrypt as a wrong secret: its answer comes
+        # no sooner, so the time tells nobody which key ids exist.
+        return await asyncio.to_thread(verify_secret_or_dummy, parsed.secret, record)

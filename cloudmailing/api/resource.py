@@ -9,13 +9,12 @@ from typing import Any
 
 from pymongo.errors import DocumentTooLarge, PyMongoError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.web import http, resource, server
 
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import SIGNATURES, ApiMethod, method_help
 from cloudmailing.api.xmlrpc_codec import MalformedRequest, dump_fault, dump_response, parse_call
-from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.aio import as_deferred
 from cloudmailing.services.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,8 @@ class BoundedRequest(server.Request):
             return
         super().gotLength(length)
         if self.authenticator is not None:
-            self.authenticated = asyncio.ensure_future(
-                self.authenticator.authenticate(self.getHeader(b"authorization")))
+            self.authenticated = asyncio.ensure_future(self.authenticator.authenticate(
+                self.getHeader(b"authorization"), self.getClientAddress().host))  # type: ignore[attr-defined]
             self.authenticated.add_done_callback(self._credentials_checked)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -68,6 +67,11 @@ class BoundedRequest(server.Request):
                 self._credentials_checked(self.authenticated)  # known bad already
                 return
         super().handleContentChunk(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.authenticated is not None and not self.authenticated.done():
+            self.authenticated.cancel()  # the client left: its key check leaves its address's line
+        super().connectionLost(reason)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:  # answered already; the connection is closing
@@ -88,14 +92,9 @@ class BoundedRequest(server.Request):
             self._paused = False
             self.channel.transport.resumeProducing()  # type: ignore[union-attr]
             return
-        self._refused = True
-        address = self.getClientAddress().host  # type: ignore[attr-defined]
-        assert self.authenticator is not None and self.reactor is not None
-        delay = self.authenticator.delay_before_answer(address)
-        self.authenticator.record_failure(address)
-        self.reactor.callLater(delay, self._write_and_close, b"401 Unauthorized",
-                               dump_fault(401, "authentication required: user admin, an API key"),
-                               b'WWW-Authenticate: Basic realm="CloudMailing"\r\n')
+        self._refused = True  # the check waited its source's turn already: answer at once
+        self._write_and_close(b"401 Unauthorized", dump_fault(401, "authentication required: user admin, an API key"),
+                              b'WWW-Authenticate: Basic realm="CloudMailing"\r\n')
 
     def _refuse_too_large(self, what: str) -> None:
         if self._refused:
@@ -133,12 +132,10 @@ def request_factory(max_body: int, authenticator: Authenticator | None = None,
 class XmlRpcResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, methods: dict[str, ApiMethod], authenticator: Authenticator, reactor: IReactorTime,
-                 max_depth: int = 64) -> None:
+    def __init__(self, methods: dict[str, ApiMethod], authenticator: Authenticator, max_depth: int = 64) -> None:
         super().__init__()
         self._methods = methods
         self._auth = authenticator
-        self._reactor = reactor
         self._max_depth = max_depth
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -158,25 +155,19 @@ class XmlRpcResource(resource.Resource):
         try:
             early = getattr(request, "authenticated", None)  # started by BoundedRequest
             good = await early if early is not None else await self._auth.authenticate(
-                request.getHeader(b"authorization"))
+                request.getHeader(b"authorization"), address)
             if not good:
-                await self._refuse(request, address)
+                request.setHeader(b"WWW-Authenticate", b'Basic realm="CloudMailing"')
+                _finish(request, http.UNAUTHORIZED, dump_fault(401, "authentication required: user admin, an API key"))
                 return
-            self._auth.record_success(address)
             body = request.content.read() if request.content is not None else b""
             answer = await self._call(body, address)
+        except asyncio.CancelledError:  # the client left while its key check waited: nobody to answer
+            return
         except Exception:  # never let a bug leave a request hanging
             log.exception("unexpected error answering a request", extra={"client": address})
             answer = dump_fault(500, "internal error (see the master's log)")
         _finish(request, http.OK, answer)
-
-    async def _refuse(self, request: server.Request, address: str) -> None:
-        delay = self._auth.delay_before_answer(address)
-        self._auth.record_failure(address)
-        if delay:
-            await wait_deferred(deferLater(self._reactor, delay, lambda: None))
-        request.setHeader(b"WWW-Authenticate", b'Basic realm="CloudMailing"')
-        _finish(request, http.UNAUTHORIZED, dump_fault(401, "authentication required: user admin, an API key"))
 
     async def _call(self, body: bytes, address: str) -> bytes:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from cloudmailing.common.private_files import make_private_dir, write_private
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,11 @@ def ensure_certificate(cert: str, key: str, data_dir: Path, stem: str = "master"
     cert_path, key_path = tls_dir / f"{stem}.crt", tls_dir / f"{stem}.key"
     if cert_path.exists() and key_path.exists():
         return TlsFiles(cert_path, key_path, created=False)
-    tls_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(tls_dir)  # and the data directory, when this start makes it
     cert_pem, key_pem = make_self_signed(socket.getfqdn())
-    _write_private(key_path, key_pem)
+    write_private(key_path, key_pem)
     cert_path.write_bytes(cert_pem)
     return TlsFiles(cert_path, key_path, created=True)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 def make_self_signed(hostname: str, days: int = 3650) -> tuple[bytes, bytes]:

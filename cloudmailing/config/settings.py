@@ -37,6 +37,7 @@ class ApiConfig:
     key_cache_seconds: float = 30.0
     auth_failures_before_delay: int = 5
     auth_max_delay_seconds: float = 30.0
+    max_connections_per_source: int = 64  # open at once from one address; more are closed at once
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SatelliteLinkConfig:
     host: str = "0.0.0.0"
     port: int = 33620
     max_awaiting_approval: int = 100  # unknown satellites recorded for approval; more are refused
+    max_connections_per_source: int = 8  # open at once from one address; more are closed at once
     reconnect_grace_seconds: float = 10.0  # a satellite that left keeps its leases this long
     max_frame_bytes: int = 64 * 1024 * 1024   # largest frame from an authenticated satellite
     max_hello_frame_bytes: int = 4096         # largest frame before hello succeeded
@@ -176,6 +178,8 @@ def _validate(name: str, section: Any) -> None:
             raise ConfigError(f"[{name}] {attr}: {port} is not a TCP port")
     if isinstance(section, ApiConfig) and section.max_request_bytes < 1024:
         raise ConfigError("[api] max_request_bytes: must be at least 1024")
+    if isinstance(section, (ApiConfig, SatelliteLinkConfig)) and section.max_connections_per_source < 1:
+        raise ConfigError(f"[{name}] max_connections_per_source: must be at least 1")
     if isinstance(section, DatabaseConfig) and not 1 <= section.block_recipients <= 1000:
         raise ConfigError("[database] block_recipients: from 1 to 1000")
     if isinstance(section, SatelliteLinkConfig):

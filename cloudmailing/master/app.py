@@ -8,12 +8,14 @@ from typing import Any
 
 from twisted.internet import ssl
 from twisted.internet.task import LoopingCall
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
 
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
 from cloudmailing.common.aio import as_deferred, wait_deferred
+from cloudmailing.common.connection_limit import LimitPerSource
 from cloudmailing.common.link import LinkLimits
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
@@ -45,6 +47,7 @@ class Master:
     _ports: list[Any] = field(default_factory=list)
     _loop: LoopingCall | None = None
     link_factory: SatelliteLinkFactory | None = None
+    api_site: server.Site | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -74,14 +77,14 @@ class Master:
         self.tls = ensure_certificate(api.tls_cert, api.tls_key, self.settings.paths.data_path)
         authenticator = Authenticator(self.stores.api_keys, self.reactor, api.key_cache_seconds,
                                       api.auth_failures_before_delay, api.auth_max_delay_seconds)
-        resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, self.reactor,
-                                  api.max_xml_depth)
+        resource = XmlRpcResource(CloudMailingApi(self.services).methods(), authenticator, api.max_xml_depth)
         site = server.Site(resource, requestFactory=request_factory(api.max_request_bytes, authenticator,
                                                                    self.reactor))
         site.displayTracebacks = False
+        self.api_site = site
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
-        self._ports.append(self.reactor.listenSSL(api.port, site, context, interface=api.host))
+        self._ports.append(self._listen_tls(api.port, api.host, site, context, api.max_connections_per_source, "api"))
 
     def _listen_satellites(self) -> None:
         assert self.database is not None and self.services is not None and self.tls is not None
@@ -94,7 +97,13 @@ class Master:
         self.services.connected_satellites = self.link_factory.connected
         pem = self.tls.cert_path.read_bytes() + self.tls.key_path.read_bytes()
         context = ssl.PrivateCertificate.loadPEM(pem).options()
-        self._ports.append(self.reactor.listenSSL(link.port, self.link_factory, context, interface=link.host))
+        self._ports.append(self._listen_tls(link.port, link.host, self.link_factory, context,
+                                            link.max_connections_per_source, "satellite link"))
+
+    def _listen_tls(self, port: int, host: str, factory: Any, context: Any, max_per_source: int, name: str) -> Any:
+        """Listen with TLS, at most ``max_per_source`` connections per address (counted before the handshake)."""
+        limited = LimitPerSource(TLSMemoryBIOFactory(context, False, factory), max_per_source, name)
+        return self.reactor.listenTCP(port, limited, interface=host)
 
     @property
     def api_port(self) -> int:

@@ -3,7 +3,8 @@
 A satellite must say ``hello`` with its serial and secret first. The master serves only
 satellites that are registered, ``enabled`` and ``paired``: an unknown serial is recorded as
 unpaired (an admin approves it with ``cloud_set_satellite_properties`` or ``cm-admin``), and a
-registered satellite without a secret yet keeps the first one it presents.
+registered satellite without a secret yet keeps the first one it presents. Hellos from one
+address are checked one at a time, slowed down after wrong secrets (``common/throttle.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
 from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol
+from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 
@@ -28,10 +30,11 @@ log = logging.getLogger(__name__)
 class SatelliteSession(LinkProtocol):
     """One connected satellite."""
 
-    def __init__(self, factory: SatelliteLinkFactory) -> None:
+    def __init__(self, factory: SatelliteLinkFactory, source: str = "") -> None:
         super().__init__({"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
                           "report": self.report}, factory.limits, factory.clock)
         self._factory = factory
+        self.source = source  # the peer's address: its hellos are throttled together
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
 
@@ -39,7 +42,7 @@ class SatelliteSession(LinkProtocol):
                     ) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
         of this satellite at once (a lease answer lost in a crash strands nobody)."""
-        satellite = await self._factory.authenticate(str(serial), str(secret), str(version))
+        satellite = await self._factory.authenticate(self, str(serial), str(secret), str(version))
         self.satellite = satellite
         self.mark_authenticated()
         self._factory.sessions[satellite["serial"]] = self
@@ -94,7 +97,8 @@ class SatelliteSession(LinkProtocol):
 
 class SatelliteLinkFactory(Factory):
     def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Any,
-                 limits: LinkLimits | None = None, reconnect_grace_seconds: float = 10.0) -> None:
+                 limits: LinkLimits | None = None, reconnect_grace_seconds: float = 10.0,
+                 throttle: SourceThrottle | None = None) -> None:
         self.limits = limits or LinkLimits(max_frame_before_hello=4096, hello_timeout=30.0, idle_timeout=900.0)
         self.clock = clock  # IReactorTime: the link's timeouts and the leases' grace
         self.dispatcher = dispatcher
@@ -103,6 +107,7 @@ class SatelliteLinkFactory(Factory):
         self._grace = reconnect_grace_seconds
         self._releases: dict[str, DelayedCall] = {}  # serial -> its leases' release, after the grace
         self.sessions: dict[str, SatelliteSession] = {}
+        self.throttle = throttle or SourceThrottle(clock)  # hellos per source address
 
     def release_later(self, serial: str) -> None:
         """A satellite left: its leases go back to the queue unless it says hello again within
@@ -132,17 +137,39 @@ class SatelliteLinkFactory(Factory):
             log.warning("could not return the leases at once: %s", error, extra={"satellite": serial})
 
     def buildProtocol(self, addr: Any) -> SatelliteSession:
-        return SatelliteSession(self)
+        return SatelliteSession(self, str(getattr(addr, "host", addr)))
 
     def connected(self) -> set[str]:
         """Serials of the satellites connected now."""
         return set(self.sessions)
 
-    async def authenticate(self, serial: str, secret: str, version: str) -> dict[str, Any]:
+    async def authenticate(self, session: SatelliteSession, serial: str, secret: str, version: str,
+                           ) -> dict[str, Any]:
+        """The satellite's registry entry. Hellos from the session's address wait their turn, slowed
+        down after wrong secrets; one whose link closes meanwhile leaves the line."""
+        check = asyncio.ensure_future(self._check_hello(serial, secret, version, session.source))
+        session.closed_future.add_done_callback(lambda _: check.cancel())
         try:
-            return await self._satellites.authenticate(serial, secret, version)
-        except SatelliteRefused as refused:
-            raise LinkError(refused.code, str(refused)) from None
+            return await check
+        except asyncio.CancelledError:
+            if not check.cancelled():
+                raise
+            raise LinkError("disconnected", "the link went down") from None
+
+    async def _check_hello(self, serial: str, secret: str, version: str, source: str) -> dict[str, Any]:
+        async with self.throttle.attempt(source) as attempt:
+            try:
+                satellite = await self._satellites.authenticate(serial, secret, version)
+            except SatelliteRefused as refused:
+                if refused.code == "unauthorized":
+                    attempt.failed()
+                    log.warning("satellite authentication failed (%d in a row)", self.throttle.failures(source),
+                                extra={"client": source, "satellite": serial[:100]})
+                else:  # not yet paired: the secret was right, or the serial new; no guess
+                    attempt.succeeded()
+                raise LinkError(refused.code, str(refused)) from None
+            attempt.succeeded()
+            return satellite
 
     async def refresh(self, satellite: dict[str, Any]) -> dict[str, Any]:
         try:

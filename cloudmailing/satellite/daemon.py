@@ -27,6 +27,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.common.private_files import write_private
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.compose_ahead import ComposeAhead
 from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
@@ -72,9 +73,7 @@ def load_or_create_secret(config: SatelliteConfig, data_dir: Path) -> str:
         return config.secret
     path = data_dir / "satellite.secret"
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
+        write_private(path, secrets.token_urlsafe(32).encode("ascii"))  # 0600, in a 0700 data_dir
     return path.read_text().strip()
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
+from cloudmailing.common.private_files import write_private
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +42,7 @@ class PinnedMasterOptions(ssl.CertificateOptions):
             return True  # only the master's own certificate is pinned
         self.seen = certificate.digest("sha256").decode().replace(":", "").upper()
         if not self._pinned:
-            self._remember.parent.mkdir(parents=True, exist_ok=True)
-            self._remember.write_text(self.seen + "\n")
+            write_private(self._remember, (self.seen + "\n").encode("ascii"))
             self._pinned = self.seen
             log.warning("trusting the master's certificate on first use: SHA-256 %s", self.seen)
         if self.seen != self._pinned:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from cloudmailing.common.private_files import make_private_dir, open_private
+
 log = logging.getLogger(__name__)
 
 REPORT_BYTES = 16 * 1024 * 1024  # a report's size, well within the link's frame limit
@@ -23,8 +25,9 @@ class Outbox:
         self._path = path
         self._pending: dict[str, dict[str, Any]] = {}
         self._replay()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the outbox
+        make_private_dir(path.parent)
+        # Lives as long as the outbox; mode 0600 from creation: outcomes may hold messages kept.
+        self._file = os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
 
     def _replay(self) -> None:
         if not self._path.exists():

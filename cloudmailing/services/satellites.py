@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any, NoReturn
 
-from cloudmailing.common.keys import hash_secret, verify_secret
+from cloudmailing.common.keys import hash_secret, verify_secret, verify_secret_or_dummy
 from cloudmailing.services import values
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
@@ -75,8 +75,8 @@ class SatelliteService:
     async def authenticate(self, serial: str, secret: str, version: str) -> dict[str, Any]:
         """The registry entry of a satellite that may be served, or :class:`SatelliteRefused`.
 
-        An unknown serial is recorded unpaired, for an administrator to approve, while fewer than
-        ``max_awaiting_approval`` wait (else refused unrecorded: strangers cannot fill the registry);
+        An unknown serial is recorded unpaired, for an administrator to approve, if it gets one of
+        ``max_awaiting_approval`` places (else refused unrecorded: strangers cannot fill the registry);
         a registered satellite without a secret yet keeps the first one it presents (as a scrypt hash)."""
         if not serial or not secret:
             raise SatelliteRefused("unauthorized", "serial and secret are required")
@@ -96,7 +96,9 @@ class SatelliteService:
         return satellite
 
     async def _record_unknown(self, serial: str, secret: str, version: str, now: Any) -> NoReturn:
-        if len(serial) > 100 or await self._store.count_awaiting_approval() >= self._max_awaiting:
+        if len(serial) > 100 or not await self._store.take_awaiting_place(serial, self._max_awaiting, now):
+            # The same scrypt as a known serial's check: the time does not tell which serials exist.
+            await asyncio.to_thread(verify_secret_or_dummy, secret, None)
             log.warning("unknown satellite refused: too many already wait for approval (max_awaiting_approval)",
                         extra={"satellite": serial[:100]})
             raise SatelliteRefused("not_paired", "not registered on this master")

@@ -119,7 +119,7 @@ def _auth_header(key: str) -> bytes:
 @aio_test
 async def test_a_chunked_body_over_the_limit_is_refused_and_not_executed(running_master):
     limit = 64 * 1024
-    running_master.master._ports[0].factory.wrappedFactory.requestFactory.max_body = limit
+    running_master.master.api_site.requestFactory.max_body = limit
     body = _call("create_mailing", "a@example.org", "N", "S", "<p>" + "x" * (2 * limit) + "</p>", "", "utf-8")
     head = (b"POST /CloudMailing HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n" + _auth_header(running_master.key)
             + b"Transfer-Encoding: chunked\r\n\r\n")

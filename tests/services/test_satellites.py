@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from cloudmailing.services.clock import utc_now
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
+from cloudmailing.storage.database import open_database
+from cloudmailing.storage.satellites import ORPHAN_PLACE_SECONDS
 from cloudmailing.storage.stores import open_stores
 from tests.helpers import aio_test
 
@@ -30,3 +35,31 @@ async def test_at_most_max_awaiting_approval_strangers_are_recorded(database, cl
     assert (await service.authenticate("stranger-1", "pw", "1.0"))["serial"] == "stranger-1"
     assert "waiting for an administrator" in await _refusal(service, "stranger-3")
     assert await service.count() == 3
+
+
+@aio_test
+async def test_the_cap_holds_for_two_masters_recording_at_once(database, mongo_url, db_name, clock):
+    other = await open_database(mongo_url, db_name)  # another master's connection (and its own locks)
+    try:
+        services = [SatelliteService(await open_stores(db), clock, max_awaiting_approval=10)
+                    for db in (database, other)]
+        refusals = await asyncio.gather(*(_refusal(services[n % 2], f"s-{n}") for n in range(30)))
+        assert sum("waiting for an administrator" in refusal for refusal in refusals) == 10
+        assert await services[0].count() == 10
+    finally:
+        await other.close()
+
+
+@aio_test
+async def test_places_of_deleted_and_never_recorded_strangers_are_freed(database, clock):
+    stores = await open_stores(database)
+    service = SatelliteService(stores, clock, max_awaiting_approval=1)
+    assert "waiting for an administrator" in await _refusal(service, "first")
+    await service.delete((await service.list())[0]["id"])
+    assert "waiting for an administrator" in await _refusal(service, "second")  # the deleted one's place
+    await service.delete((await service.list())[0]["id"])
+    # A master died between taking a place and recording its stranger: the place is freed later.
+    assert await stores.satellites.take_awaiting_place("ghost", 1, utc_now(clock))
+    assert "not registered" in await _refusal(service, "third")
+    clock.advance(ORPHAN_PLACE_SECONDS + 1)
+    assert "waiting for an administrator" in await _refusal(service, "third")

@@ -150,10 +150,10 @@ async def test_a_satellite_holds_the_initial_lease_size_until_it_reports(running
     await running_mailing(api, 700)  # two blocks: 500 and 200
     link = await _registered_link(running_master, "sat-3")
     leased = (await link.call("lease", max_recipients=50))["recipients"]
-    assert len(leased) == 500  # one block, though [dispatch] initial_lease_size is 100
+    assert len(leased) in (500, 200)  # one block, though [dispatch] initial_lease_size is 100
     assert (await link.call("lease", max_recipients=500))["recipients"] == []
-    outcomes = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250} for r in leased[:300]]
+    outcomes = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250} for r in leased[:150]]
     await link.call("report", outcomes=outcomes)
-    # 300 outcomes within a second: a rate that allows far more than the 200 left.
-    assert len((await link.call("lease", max_recipients=500))["recipients"]) == 200
+    # 150 outcomes within a second: a rate that allows far more than the other block.
+    assert len((await link.call("lease", max_recipients=500))["recipients"]) == 700 - len(leased)
     link.close()

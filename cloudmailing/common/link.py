@@ -35,6 +35,8 @@ from typing import Any, Awaitable, Callable
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from cloudmailing.common.clock import Clock, DelayedCall
+
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -161,11 +163,11 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 class LinkProtocol(Protocol):
     """One link end: calls out with :meth:`call`, answers with the coroutines in ``handlers``."""
 
-    def __init__(self, handlers: dict[str, Handler] | None = None, limits: LinkLimits | None = None,
-                 clock: Any = None) -> None:
+    def __init__(self, clock: Clock, handlers: dict[str, Handler] | None = None,
+                 limits: LinkLimits | None = None) -> None:
         self.handlers: dict[str, Handler] = handlers or {}
         self.limits = limits or LinkLimits()
-        self._clock = clock  # IReactorTime; None: the global reactor
+        self._clock = clock  # the link's hello and idle timeouts
         self._frames = FrameBuffer()
         self._trusted = self.limits.max_frame_before_hello is None
         self._next_id = 0
@@ -173,26 +175,18 @@ class LinkProtocol(Protocol):
         self._answering = 0  # requests of the peer being handled now
         self._bad_frames = 0
         self._closing = False
-        self._hello_timer: Any = None  # IDelayedCall
-        self._idle_timer: Any = None
+        self._hello_timer: DelayedCall | None = None
+        self._idle_timer: DelayedCall | None = None
         # Protocols are built while the reactor (the asyncio loop) runs.
         self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- connection and timers ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        clock = self._reactor_clock()
         if self.limits.hello_timeout is not None and not self._trusted:
-            self._hello_timer = clock.callLater(self.limits.hello_timeout, self._time_out, "no hello")
+            self._hello_timer = self._clock.callLater(self.limits.hello_timeout, self._time_out, "no hello")
         if self.limits.idle_timeout is not None:
-            self._idle_timer = clock.callLater(self.limits.idle_timeout, self._idle)
-
-    def _reactor_clock(self) -> Any:
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor
-        return self._clock
+            self._idle_timer = self._clock.callLater(self.limits.idle_timeout, self._idle)
 
     def mark_authenticated(self) -> None:
         """The peer proved who it is: frames may now be as large as ``limits.max_frame``."""
@@ -202,12 +196,13 @@ class LinkProtocol(Protocol):
 
     def _activity(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
+            assert self.limits.idle_timeout is not None
             self._idle_timer.reset(self.limits.idle_timeout)
 
     def _idle(self) -> None:
         if self._answering or self._waiting:  # a slow request is not idleness
             assert self.limits.idle_timeout is not None
-            self._idle_timer = self._reactor_clock().callLater(self.limits.idle_timeout, self._idle)
+            self._idle_timer = self._clock.callLater(self.limits.idle_timeout, self._idle)
             return
         self._time_out("idle")
 

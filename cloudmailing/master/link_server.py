@@ -14,10 +14,10 @@ import logging
 from typing import Any
 
 from pymongo.errors import PyMongoError
-from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
+from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
@@ -29,8 +29,8 @@ class SatelliteSession(LinkProtocol):
     """One connected satellite."""
 
     def __init__(self, factory: SatelliteLinkFactory) -> None:
-        super().__init__({"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
-                          "report": self.report}, factory.limits, factory.clock)
+        super().__init__(factory.clock, {"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
+                                         "report": self.report}, factory.limits)
         self._factory = factory
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
@@ -93,10 +93,10 @@ class SatelliteSession(LinkProtocol):
 
 
 class SatelliteLinkFactory(Factory):
-    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Any,
+    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Clock,
                  limits: LinkLimits | None = None, reconnect_grace_seconds: float = 10.0) -> None:
         self.limits = limits or LinkLimits(max_frame_before_hello=4096, hello_timeout=30.0, idle_timeout=900.0)
-        self.clock = clock  # IReactorTime: the link's timeouts and the leases' grace
+        self.clock = clock  # the link's timeouts and the leases' grace
         self.dispatcher = dispatcher
         self._satellites = satellites
         self._clock = clock

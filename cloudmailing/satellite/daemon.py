@@ -148,7 +148,7 @@ class SatelliteDaemon:
     async def _connect(self) -> LinkProtocol:
         options = master_options(self.config.master_fingerprint, self._data_dir)
         endpoint = SSL4ClientEndpoint(self._reactor, self.config.master_host, self.config.master_port, options)
-        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol(self._reactor)))
         return link
 
     async def _session(self, link: LinkProtocol) -> None:

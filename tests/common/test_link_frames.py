@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cloudmailing.common.link import (
@@ -46,7 +47,7 @@ async def _echo(**params: Any) -> Any:
 
 
 def _link(limits: LinkLimits | None = None) -> tuple[LinkProtocol, StringTransport]:
-    link = LinkProtocol({"echo": _echo}, limits)
+    link = LinkProtocol(Clock(), {"echo": _echo}, limits)
     transport = StringTransport()
     link.makeConnection(transport)
     return link, transport

@@ -24,7 +24,9 @@ class RecordingLink(LinkProtocol):
     """A client end that also keeps every frame the master sent."""
 
     def __init__(self) -> None:
-        super().__init__()
+        from twisted.internet import reactor
+
+        super().__init__(reactor)
         self.received: list[Any] = []
 
     def frameReceived(self, data: bytes) -> None:

@@ -54,11 +54,16 @@ def host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
+    """The scheduler's settings: every one of them comes from ``[satellite]``."""
     return DeliveryConfig(
         helo_hostname=config.helo_hostname or socket.getfqdn(), smtp_port=config.smtp_port,
         test_target=host_port(config.test_target, 25) if config.test_target else None,
         max_connections=config.max_connections, max_connections_per_host=config.max_connections_per_host,
-        connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout)
+        connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout,
+        max_messages_per_connection=config.max_messages_per_connection, idle_timeout=config.connection_idle_timeout,
+        starttls=config.starttls, backoff_initial=config.backoff_initial, backoff_factor=config.backoff_factor,
+        backoff_maximum=config.backoff_maximum, backoff_burst=config.backoff_burst,
+        max_backoff_wait=config.max_backoff_wait)
 
 
 def template_limits(config: SatelliteConfig) -> TemplateLimits:

@@ -57,7 +57,7 @@ class DeliveryJob:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    """Scheduler settings (the satellite's ``[delivery]`` configuration)."""
+    """Scheduler settings (from ``[satellite]``: ``daemon.delivery_config``)."""
 
     helo_hostname: str = "localhost"
     smtp_port: int = 25

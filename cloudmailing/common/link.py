@@ -6,36 +6,31 @@ Each frame is a 32-bit big-endian length and a UTF-8 JSON object: a request
 satellite calls and the master answers. (AMP was the first idea, but its 64 KiB value limit does
 not fit mailing bodies.)
 
-Methods the master serves (see ``master/link_server.py``):
-
-- ``hello(serial, secret, version)`` → ``{"satellite_id", "group"}``; must come first.
-- ``lease(max_recipients)`` → ``{"recipients": [...], "lease_seconds"}``: recipients this
-  satellite may deliver until the lease expires. Each: ``id``, ``mailing_id``, ``email``,
-  ``domain``, ``contact``, ``test``.
-- ``mailing(mailing_id)`` → the mailing's content and delivery settings (``rfc822`` base64).
-- ``report(outcomes)`` → ``{"acknowledged": [recipient ids]}``.
+What the requests and answers carry, and how they are checked, is ``link_protocol.py``: each
+method an end serves is a :class:`Method`, the decoder of its parameters and their handler.
 
 The receiving side is written for a hostile peer (see :class:`LinkLimits`): frames are bounded,
 tiny until the peer said hello, buffered in linear time, and a malformed one gets an error
-answer and one log line. Error codes of the link itself: ``bad_request`` (malformed frame or
-parameters), ``unknown_method``, ``frame_too_large`` (then the link is closed), ``internal``.
+answer and one log line (so do parameters their decoder refuses). Error codes of the link
+itself: ``bad_request`` (malformed frame or parameters), ``unknown_method``, ``frame_too_large``
+(then the link is closed), ``internal``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from cloudmailing.common.clock import Clock, DelayedCall
+from cloudmailing.common.link_protocol import FrameError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +38,16 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_BAD_FRAMES = 10  # malformed frames tolerated on one link before it is closed
 _HEADER = struct.Struct("!I")
 _INT64 = (-2**63, 2**63 - 1)
-Handler = Callable[..., Awaitable[Any]]
+Request = TypeVar("Request")
+
+
+@dataclass(frozen=True)
+class Method(Generic[Request]):
+    """A method one end serves: the decoder of its parameters (:class:`FrameError` when they are
+    not of its shape), and the handler of the request decoded, whose result is the answer."""
+
+    decode: Callable[[dict[str, Any]], Request]
+    handle: Callable[[Request], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -163,9 +167,9 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 class LinkProtocol(Protocol):
     """One link end: calls out with :meth:`call`, answers with the coroutines in ``handlers``."""
 
-    def __init__(self, clock: Clock, handlers: dict[str, Handler] | None = None,
+    def __init__(self, clock: Clock, methods: dict[str, Method[Any]] | None = None,
                  limits: LinkLimits | None = None) -> None:
-        self.handlers: dict[str, Handler] = handlers or {}
+        self.methods: dict[str, Method[Any]] = methods or {}
         self.limits = limits or LinkLimits()
         self._clock = clock  # the link's hello and idle timeouts
         self._frames = FrameBuffer()
@@ -289,22 +293,20 @@ class LinkProtocol(Protocol):
             self._answering -= 1
 
     async def _answer_request(self, request_id: Any, name: str, params: dict[str, Any]) -> None:
-        handler = self.handlers.get(name)
-        if handler is None:
+        method = self.methods.get(name)
+        if method is None:
             self._bad_frame(request_id, "unknown_method", f"no method {name[:100]!r}")
             return
         try:
-            inspect.signature(handler).bind(**params)
-        except TypeError as error:
-            self._bad_frame(request_id, "bad_request", f"{name}: {error}")
+            request = method.decode(params)
+        except FrameError as error:
+            self._bad_frame(request_id, "bad_request", str(error)[:300])
             return
         try:
-            result = await handler(**params)
+            result = await method.handle(request)
             self._send({"id": request_id, "result": result})
         except LinkError as error:
             self._send({"id": request_id, "error": {"code": error.code, "message": error.message}})
-        except (TypeError, ValueError, KeyError, AttributeError) as error:  # values of the wrong shape
-            self._bad_frame(request_id, "bad_request", f"{name}: {type(error).__name__}: {str(error)[:200]}")
         except Exception as error:  # one bad request must not take the link down
             known = self.describe_error(error)
             if known is not None:

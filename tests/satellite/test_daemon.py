@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 
 from cloudmailing import __version__
 from cloudmailing.common.link import LinkProtocol
+from cloudmailing.common.link_protocol import LeasedRecipient, Outcome
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.daemon import UNREPORTED_LEASES, SatelliteDaemon
 from tests.helpers import aio_test, running_mailing
@@ -41,7 +42,8 @@ async def test_recipients_of_a_mailing_deleted_since_their_lease_are_dropped(run
         leased = (await link.call("lease", max_recipients=10))["recipients"]
         assert len(leased) == 3
         await api.delete_mailing(mailing_id)
-        await satellite._submit(link, mailing_id, leased)  # neither waits forever nor fails the link
+        # Neither waits forever nor fails the link:
+        await satellite._submit(link, mailing_id, [LeasedRecipient.from_wire(r) for r in leased])
         assert satellite._scheduler.pending == 0 and not satellite._outbox.batch(10)
         assert not link.closed_future.done()
 
@@ -53,7 +55,7 @@ async def test_no_new_lease_while_the_master_has_not_taken_the_outcomes(running_
     async with _satellite(running_master, tmp_path, "sat-slow", lease_size=2) as (satellite, link):
         backlog = [f"old-{i}" for i in range(UNREPORTED_LEASES * 2)]
         for rid in backlog:  # outcomes the master has not acknowledged (the reporter is not running)
-            satellite._outbox.add({"recipient_id": rid, "status": "FINISHED", "reply_code": 250})
+            satellite._outbox.add(Outcome(rid, "FINISHED", 250, "", ""))
         feeding = asyncio.ensure_future(satellite._feed(link))
         try:
             await asyncio.sleep(0.5)

@@ -68,3 +68,25 @@ async def test_no_new_lease_while_the_master_has_not_taken_the_outcomes(running_
             assert (await api.cloud_list_satellites())[0]["in_flight"] == 3  # a whole block
         finally:
             feeding.cancel()
+
+
+@aio_test
+async def test_a_malformed_answer_of_the_master_is_refused_with_one_log_line(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from cloudmailing.common.link_protocol import LeaseAnswer
+    from cloudmailing.satellite import daemon
+
+    class Master:
+        async def call(self, method: str, **params: Any) -> Any:
+            return {"recipients": [{"id": "r1", "mailing_id": "one"}], "lease_seconds": 300}
+
+    monkeypatch.setattr(daemon, "RETRY_PAUSE", 0)
+    caplog.set_level(logging.INFO)
+    answer = await SatelliteDaemon._ask(SimpleNamespace(serial="sat"), Master(), "lease",  # type: ignore[arg-type]
+                                        {"max_recipients": 1}, LeaseAnswer.from_wire)
+    assert answer is None  # the feeder asks again
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "malformed answer from the master to lease: lease answer.recipients[0].mailing_id: "
+                    "expected an integer, got str")]

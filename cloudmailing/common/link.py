@@ -165,7 +165,7 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 
 
 class LinkProtocol(Protocol):
-    """One link end: calls out with :meth:`call`, answers with the coroutines in ``handlers``."""
+    """One link end: calls out with :meth:`call`, answers the requests its ``methods`` decode."""
 
     def __init__(self, clock: Clock, methods: dict[str, Method[Any]] | None = None,
                  limits: LinkLimits | None = None) -> None:

@@ -170,8 +170,12 @@ class SatelliteDaemon:
         try:
             hello = Hello(self.serial, self._secret, __version__, self.held_leases())
             HelloAnswer.from_wire(await link.call("hello", **hello.to_wire()))
-        except (LinkError, FrameError) as error:
+        except LinkError as error:
             log.error("the master refused this satellite: %s", error, extra={"satellite": self.serial})
+            link.close()
+            return
+        except FrameError as error:  # a master of another version: reconnecting will not help soon
+            log.error("malformed answer from the master to hello: %s", error, extra={"satellite": self.serial})
             link.close()
             return
         self.sessions += 1
@@ -224,7 +228,9 @@ class SatelliteDaemon:
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
         log.warning("cannot build the message: %s", failure["reply_text"],
                     extra={"mailing": mailing_id, "recipient": failure["recipient_id"]})
-        self._keep(Outcome.from_wire(failure))
+        # The reason may quote a template: made valid text, so that the master takes the report.
+        reason = str(failure["reply_text"]).encode("utf-8", "replace").decode("utf-8")
+        self._keep(Outcome(failure["recipient_id"], failure["status"], None, "", reason))
 
     async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
         now = self._reactor.seconds()

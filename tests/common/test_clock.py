@@ -7,8 +7,10 @@ import ast
 import inspect
 from pathlib import Path
 
+from cloudmailing.api.resource import request_factory
 from cloudmailing.common.link import LinkProtocol
 from cloudmailing.master.link_server import SatelliteLinkFactory
+from cloudmailing.satellite.daemon import SatelliteDaemon
 from cloudmailing.satellite.delivery import DeliveryScheduler
 from cloudmailing.satellite.message_builder import MailingMessageTemplate
 from cloudmailing.satellite.mx_resolver import MxResolver
@@ -36,7 +38,7 @@ def test_only_the_entry_point_imports_the_global_reactor():
 
 def test_clocks_and_reactors_are_required_arguments():
     for built in (LinkProtocol, SatelliteLinkFactory, DeliveryScheduler, MailingMessageTemplate, MxResolver,
-                  SmtpConnection):
+                  SmtpConnection, SatelliteDaemon, request_factory):
         parameters = inspect.signature(built).parameters
         timed = [p for name, p in parameters.items() if name in ("clock", "reactor")]
         assert timed, built

@@ -90,3 +90,16 @@ async def test_a_malformed_answer_of_the_master_is_refused_with_one_log_line(mon
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "malformed answer from the master to lease: lease answer.recipients[0].mailing_id: "
                     "expected an integer, got str")]
+
+
+def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
+    from types import SimpleNamespace
+
+    from cloudmailing.satellite.composer import build_failure
+    from cloudmailing.satellite.templates import PersonalizationError
+
+    kept: list[Outcome] = []
+    failure = build_failure("r1", PersonalizationError("template error near '\ud800'"))
+    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append), failure, 3)  # type: ignore[arg-type]
+    assert Outcome.from_wire(kept[0].to_wire()).status == "GENERAL_ERROR"  # the master will take it
+    assert kept[0].reply_text.startswith("template error near")

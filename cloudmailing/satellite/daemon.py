@@ -260,8 +260,15 @@ class SatelliteDaemon:
             answer = await self._ask(link, "report", Report(batch).to_wire(), ReportAnswer.from_wire)
             if answer:
                 self._outbox.acknowledge(answer.acknowledged)
-                for recipient_id in answer.acknowledged:
-                    self._leases.pop(recipient_id, None)
+                self._forget_leases(batch, set(answer.acknowledged))
+
+    def _forget_leases(self, reported: list[Outcome], acknowledged: set[str]) -> None:
+        """Forget the lease of each acknowledged recipient, unless it was leased again since (the
+        outcome names an older lease): its next outcome must name the lease it holds now."""
+        for outcome in reported:
+            rid = outcome.recipient_id
+            if rid in acknowledged and outcome.lease is not None and self._leases.get(rid) == outcome.lease:
+                del self._leases[rid]
 
     async def _ask(self, link: LinkProtocol, method: str, params: dict[str, Any],
                    decode: Callable[[Any], Answer]) -> Answer | None:

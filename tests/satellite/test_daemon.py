@@ -103,3 +103,13 @@ def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
     SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append), failure, 3)  # type: ignore[arg-type]
     assert Outcome.from_wire(kept[0].to_wire()).status == "GENERAL_ERROR"  # the master will take it
     assert kept[0].reply_text.startswith("template error near")
+
+
+def test_an_acknowledged_outcome_of_an_older_lease_keeps_the_recipients_new_lease():
+    from types import SimpleNamespace
+
+    daemon = SimpleNamespace(_leases={"r1": "new", "r2": "L2", "r3": "L3"})
+    reported = [Outcome("r1", "FINISHED", 250, "", "", lease="old"), Outcome("r2", "FINISHED", 250, "", "", lease="L2"),
+                Outcome("r3", "FINISHED", 250, "", "", lease="L3")]
+    SatelliteDaemon._forget_leases(daemon, reported, {"r1", "r2"})  # type: ignore[arg-type]
+    assert daemon._leases == {"r1": "new", "r3": "L3"}  # r1 was leased again; r3 not acknowledged yet

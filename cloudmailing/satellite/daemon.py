@@ -181,10 +181,12 @@ class SatelliteDaemon:
         self.sessions += 1
         log.info("connected to the master", extra={"satellite": self.serial})
         tasks = [asyncio.ensure_future(self._feed(link)), asyncio.ensure_future(self._report(link))]
-        await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        link.close()
+        try:
+            await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the session ends, or run() was cancelled: its loops and link end with it
+            for task in tasks:
+                task.cancel()
+            link.close()
         log.warning("link to the master lost", extra={"satellite": self.serial})
 
     # -- leasing and composing --------------------------------------------------------------

@@ -113,3 +113,27 @@ def test_an_acknowledged_outcome_of_an_older_lease_keeps_the_recipients_new_leas
                 Outcome("r3", "FINISHED", 250, "", "", lease="L3")]
     SatelliteDaemon._forget_leases(daemon, reported, {"r1", "r2"})  # type: ignore[arg-type]
     assert daemon._leases == {"r1": "new", "r3": "L3"}  # r1 was leased again; r3 not acknowledged yet
+
+
+@aio_test
+async def test_a_cancelled_daemon_leaves_no_loop_running(running_master, tmp_path):
+    from twisted.internet import reactor
+
+    await running_master.proxy().cloud_add_satellite("sat-c", {})
+    settings = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-c", secret="pw",
+                               dns_servers="127.0.0.1:9")
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+    running = asyncio.ensure_future(satellite.run())
+    while satellite.sessions == 0:
+        await asyncio.sleep(0.05)
+
+    def loops() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if not task.done() and getattr(
+            task.get_coro(), "__qualname__", "") in ("SatelliteDaemon._feed", "SatelliteDaemon._report")]
+
+    session_loops = loops()
+    assert len(session_loops) == 2
+    running.cancel()
+    await satellite.stop()
+    _, still_running = await asyncio.wait(session_loops, timeout=5)
+    assert not still_running

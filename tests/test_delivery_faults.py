@@ -351,7 +351,7 @@ async def test_a_lease_whose_answer_died_with_the_master_is_freed_when_its_satel
         # The master hands a lease to sat-x, and is killed before the answer gets anywhere.
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.link_port,
                                       twisted_ssl.CertificateOptions(verify=False))
-        link = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+        link = await wait_deferred(connectProtocol(endpoint, LinkProtocol(reactor)))
         await link.call("hello", serial="sat-x", secret="sat-x-secret")
         stranded = (await link.call("lease", max_recipients=LEASE))["recipients"]
         assert len(stranded) == LEASE

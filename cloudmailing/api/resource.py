@@ -8,13 +8,13 @@ import logging
 from typing import Any
 
 from pymongo.errors import DocumentTooLarge, PyMongoError
-from twisted.internet.interfaces import IReactorTime
 from twisted.web import http, resource, server
 
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import SIGNATURES, ApiMethod, method_help
 from cloudmailing.api.xmlrpc_codec import MalformedRequest, dump_fault, dump_response, parse_call
 from cloudmailing.common.aio import as_deferred
+from cloudmailing.common.clock import Clock
 from cloudmailing.services.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ def _abort(transport: Any) -> None:
         transport.abortConnection()
 
 
-def request_factory(max_body: int, authenticator: Authenticator | None = None,
-                    reactor: IReactorTime | None = None) -> type[BoundedRequest]:
+def request_factory(max_body: int, authenticator: Authenticator | None, reactor: Clock) -> type[BoundedRequest]:
     """The Site's request class: bodies over ``max_body`` get 413; with ``authenticator``, a body
     over ``PREAUTH_BODY_BYTES`` is read only once its credentials are good (else 401, unread)."""
     return type("ApiRequest", (BoundedRequest,),

@@ -6,34 +6,31 @@ Each frame is a 32-bit big-endian length and a UTF-8 JSON object: a request
 satellite calls and the master answers. (AMP was the first idea, but its 64 KiB value limit does
 not fit mailing bodies.)
 
-Methods the master serves (see ``master/link_server.py``):
-
-- ``hello(serial, secret, version)`` → ``{"satellite_id", "group"}``; must come first.
-- ``lease(max_recipients)`` → ``{"recipients": [...], "lease_seconds"}``: recipients this
-  satellite may deliver until the lease expires. Each: ``id``, ``mailing_id``, ``email``,
-  ``domain``, ``contact``, ``test``.
-- ``mailing(mailing_id)`` → the mailing's content and delivery settings (``rfc822`` base64).
-- ``report(outcomes)`` → ``{"acknowledged": [recipient ids]}``.
+What the requests and answers carry, and how they are checked, is ``link_protocol.py``: each
+method an end serves is a :class:`Method`, the decoder of its parameters and their handler.
 
 The receiving side is written for a hostile peer (see :class:`LinkLimits`): frames are bounded,
 tiny until the peer said hello, buffered in linear time, and a malformed one gets an error
-answer and one log line. Error codes of the link itself: ``bad_request`` (malformed frame or
-parameters), ``unknown_method``, ``frame_too_large`` (then the link is closed), ``internal``.
+answer and one log line (so do parameters their decoder refuses). Error codes of the link
+itself: ``bad_request`` (malformed frame or parameters), ``unknown_method``, ``frame_too_large``
+(then the link is closed), ``internal``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+
+from cloudmailing.common.clock import Clock, DelayedCall
+from cloudmailing.common.link_protocol import FrameError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,16 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_BAD_FRAMES = 10  # malformed frames tolerated on one link before it is closed
 _HEADER = struct.Struct("!I")
 _INT64 = (-2**63, 2**63 - 1)
-Handler = Callable[..., Awaitable[Any]]
+Request = TypeVar("Request")
+
+
+@dataclass(frozen=True)
+class Method(Generic[Request]):
+    """A method one end serves: the decoder of its parameters (:class:`FrameError` when they are
+    not of its shape), and the handler of the request decoded, whose result is the answer."""
+
+    decode: Callable[[dict[str, Any]], Request]
+    handle: Callable[[Request], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -159,13 +165,13 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 
 
 class LinkProtocol(Protocol):
-    """One link end: calls out with :meth:`call`, answers with the coroutines in ``handlers``."""
+    """One link end: calls out with :meth:`call`, answers the requests its ``methods`` decode."""
 
-    def __init__(self, handlers: dict[str, Handler] | None = None, limits: LinkLimits | None = None,
-                 clock: Any = None) -> None:
-        self.handlers: dict[str, Handler] = handlers or {}
+    def __init__(self, clock: Clock, methods: dict[str, Method[Any]] | None = None,
+                 limits: LinkLimits | None = None) -> None:
+        self.methods: dict[str, Method[Any]] = methods or {}
         self.limits = limits or LinkLimits()
-        self._clock = clock  # IReactorTime; None: the global reactor
+        self._clock = clock  # the link's hello and idle timeouts
         self._frames = FrameBuffer()
         self._trusted = self.limits.max_frame_before_hello is None
         self._next_id = 0
@@ -173,26 +179,18 @@ class LinkProtocol(Protocol):
         self._answering = 0  # requests of the peer being handled now
         self._bad_frames = 0
         self._closing = False
-        self._hello_timer: Any = None  # IDelayedCall
-        self._idle_timer: Any = None
+        self._hello_timer: DelayedCall | None = None
+        self._idle_timer: DelayedCall | None = None
         # Protocols are built while the reactor (the asyncio loop) runs.
         self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- connection and timers ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        clock = self._reactor_clock()
         if self.limits.hello_timeout is not None and not self._trusted:
-            self._hello_timer = clock.callLater(self.limits.hello_timeout, self._time_out, "no hello")
+            self._hello_timer = self._clock.callLater(self.limits.hello_timeout, self._time_out, "no hello")
         if self.limits.idle_timeout is not None:
-            self._idle_timer = clock.callLater(self.limits.idle_timeout, self._idle)
-
-    def _reactor_clock(self) -> Any:
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor
-        return self._clock
+            self._idle_timer = self._clock.callLater(self.limits.idle_timeout, self._idle)
 
     def mark_authenticated(self) -> None:
         """The peer proved who it is: frames may now be as large as ``limits.max_frame``."""
@@ -202,12 +200,13 @@ class LinkProtocol(Protocol):
 
     def _activity(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
+            assert self.limits.idle_timeout is not None
             self._idle_timer.reset(self.limits.idle_timeout)
 
     def _idle(self) -> None:
         if self._answering or self._waiting:  # a slow request is not idleness
             assert self.limits.idle_timeout is not None
-            self._idle_timer = self._reactor_clock().callLater(self.limits.idle_timeout, self._idle)
+            self._idle_timer = self._clock.callLater(self.limits.idle_timeout, self._idle)
             return
         self._time_out("idle")
 
@@ -294,22 +293,20 @@ class LinkProtocol(Protocol):
             self._answering -= 1
 
     async def _answer_request(self, request_id: Any, name: str, params: dict[str, Any]) -> None:
-        handler = self.handlers.get(name)
-        if handler is None:
+        method = self.methods.get(name)
+        if method is None:
             self._bad_frame(request_id, "unknown_method", f"no method {name[:100]!r}")
             return
         try:
-            inspect.signature(handler).bind(**params)
-        except TypeError as error:
-            self._bad_frame(request_id, "bad_request", f"{name}: {error}")
+            request = method.decode(params)
+        except FrameError as error:
+            self._bad_frame(request_id, "bad_request", str(error)[:300])
             return
         try:
-            result = await handler(**params)
+            result = await method.handle(request)
             self._send({"id": request_id, "result": result})
         except LinkError as error:
             self._send({"id": request_id, "error": {"code": error.code, "message": error.message}})
-        except (TypeError, ValueError, KeyError, AttributeError) as error:  # values of the wrong shape
-            self._bad_frame(request_id, "bad_request", f"{name}: {type(error).__name__}: {str(error)[:200]}")
         except Exception as error:  # one bad request must not take the link down
             known = self.describe_error(error)
             if known is not None:

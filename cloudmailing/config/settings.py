@@ -89,6 +89,14 @@ class SatelliteConfig:
     max_connections_per_host: int = 4
     connect_timeout: float = 30.0
     reply_timeout: float = 120.0
+    max_messages_per_connection: int = 100  # then QUIT and reconnect
+    connection_idle_timeout: float = 2.0  # an SMTP connection with nothing to send lingers this long
+    starttls: bool = True             # opportunistic STARTTLS when the server offers it
+    backoff_initial: float = 5.0      # first pause of an MX address after a 421 or a burst of failures
+    backoff_factor: float = 2.0       # each further pause, times this
+    backoff_maximum: float = 600.0    # longest pause
+    backoff_burst: int = 5            # temporary failures in a row that pause an MX address
+    max_backoff_wait: float = 60.0    # every MX host paused longer than this: queued jobs reported WARNING
 
 
 @dataclass(frozen=True)
@@ -190,13 +198,25 @@ def _validate(name: str, section: Any) -> None:
         if section.reconnect_grace_seconds < 0:
             raise ConfigError("[satellite_link] reconnect_grace_seconds: must not be negative")
     if isinstance(section, SatelliteConfig):
-        for attr in _POSITIVE_SATELLITE_SETTINGS:
-            if getattr(section, attr) <= 0:
-                raise ConfigError(f"[satellite] {attr}: must be more than 0")
+        _validate_satellite(section)
+
+
+def _validate_satellite(section: SatelliteConfig) -> None:
+    for attr in _POSITIVE_SATELLITE_SETTINGS:
+        if getattr(section, attr) <= 0:
+            raise ConfigError(f"[satellite] {attr}: must be more than 0")
+    for attr in ("connection_idle_timeout", "max_backoff_wait"):
+        if getattr(section, attr) < 0:
+            raise ConfigError(f"[satellite] {attr}: must not be negative")
+    if section.backoff_factor < 1:
+        raise ConfigError("[satellite] backoff_factor: must be at least 1")
+    if section.backoff_maximum < section.backoff_initial:
+        raise ConfigError("[satellite] backoff_maximum: must be at least backoff_initial")
 
 
 _POSITIVE_SATELLITE_SETTINGS = ("compose_workers", "compose_memory_mb", "max_composed_bytes", "template_cpu_seconds",
-                                "template_max_output_chars", "template_max_value_chars")
+                                "template_max_output_chars", "template_max_value_chars",
+                                "max_messages_per_connection", "backoff_initial", "backoff_burst")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,

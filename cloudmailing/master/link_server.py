@@ -15,11 +15,22 @@ import logging
 from typing import Any
 
 from pymongo.errors import PyMongoError
-from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
-from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol
+from cloudmailing.common.clock import Clock, DelayedCall
+from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol, Method
+from cloudmailing.common.link_protocol import (
+    Hello,
+    HelloAnswer,
+    LeaseAnswer,
+    LeasedRecipient,
+    LeaseRequest,
+    MailingContent,
+    MailingRequest,
+    Report,
+    ReportAnswer,
+)
 from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
@@ -31,53 +42,57 @@ class SatelliteSession(LinkProtocol):
     """One connected satellite."""
 
     def __init__(self, factory: SatelliteLinkFactory, source: str = "") -> None:
-        super().__init__({"hello": self.hello, "lease": self.lease, "mailing": self.mailing,
-                          "report": self.report}, factory.limits, factory.clock)
+        super().__init__(factory.clock, {
+            "hello": Method(Hello.from_wire, self.hello), "lease": Method(LeaseRequest.from_wire, self.lease),
+            "mailing": Method(MailingRequest.from_wire, self.mailing), "report": Method(Report.from_wire, self.report),
+        }, factory.limits)
         self._factory = factory
         self.source = source  # the peer's address: its hellos are throttled together
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
 
-    async def hello(self, serial: str, secret: str, version: str = "", leases: list[str] | None = None,
-                    ) -> dict[str, Any]:
+    async def hello(self, hello: Hello) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
         of this satellite at once (a lease answer lost in a crash strands nobody)."""
-        satellite = await self._factory.authenticate(self, str(serial), str(secret), str(version))
+        satellite = await self._factory.authenticate(self, hello.serial, hello.secret, hello.version)
         self.satellite = satellite
         self.mark_authenticated()
         self._factory.sessions[satellite["serial"]] = self
         self._factory.cancel_release(satellite["serial"])
         log.info("satellite connected", extra={"satellite": satellite["serial"]})
-        if leases is not None:
-            await self._factory.release_leases(satellite["serial"], keep={str(lease) for lease in leases})
-        return {"satellite_id": satellite["_id"], "group": satellite.get("group", "")}
+        if hello.leases is not None:
+            await self._factory.release_leases(satellite["serial"], keep=set(hello.leases))
+        return HelloAnswer(satellite["_id"], satellite.get("group") or "").to_wire()
 
     def _authenticated(self) -> dict[str, Any]:
         if self.satellite is None:
             raise LinkError("unauthorized", "say hello first")
         return self.satellite
 
-    async def lease(self, max_recipients: int) -> dict[str, Any]:
+    async def lease(self, request: LeaseRequest) -> dict[str, Any]:
         satellite = await self._factory.refresh(self._authenticated())
-        recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(int(max_recipients)))
+        recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(request.max_recipients))
         self._budget.leased(r["id"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
             await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
-        return {"recipients": recipients, "lease_seconds": self._factory.dispatcher.config.lease_seconds}
+        answer = LeaseAnswer([LeasedRecipient.from_wire(r) for r in recipients],
+                             self._factory.dispatcher.config.lease_seconds)
+        return answer.to_wire()
 
-    async def mailing(self, mailing_id: int) -> dict[str, Any]:
+    async def mailing(self, request: MailingRequest) -> dict[str, Any]:
         satellite = self._authenticated()
-        content = await self._factory.dispatcher.mailing_content(int(mailing_id), satellite)
+        content = await self._factory.dispatcher.mailing_content(request.mailing_id, satellite)
         if content is None:
-            raise LinkError("not_found", f"mailing {mailing_id} not found, or none of its recipients leased to you")
+            raise LinkError("not_found",
+                            f"mailing {request.mailing_id} not found, or none of its recipients leased to you")
         content["rfc822"] = base64.b64encode(content["rfc822"]).decode("ascii")
-        return content
+        return MailingContent.from_wire(content).to_wire()
 
-    async def report(self, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    async def report(self, report: Report) -> dict[str, Any]:
         satellite = self._authenticated()
-        acknowledged = await self._factory.dispatcher.report(satellite, outcomes)
+        acknowledged = await self._factory.dispatcher.report(satellite, [o.to_wire() for o in report.outcomes])
         self._budget.reported(acknowledged)
-        return {"acknowledged": acknowledged}
+        return ReportAnswer(acknowledged).to_wire()
 
     def describe_error(self, error: Exception) -> tuple[str, str] | None:
         if isinstance(error, PyMongoError):  # the database is away: the satellite retries
@@ -96,11 +111,11 @@ class SatelliteSession(LinkProtocol):
 
 
 class SatelliteLinkFactory(Factory):
-    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Any,
+    def __init__(self, satellites: SatelliteService, dispatcher: Dispatcher, clock: Clock,
                  limits: LinkLimits | None = None, reconnect_grace_seconds: float = 10.0,
                  throttle: SourceThrottle | None = None) -> None:
         self.limits = limits or LinkLimits(max_frame_before_hello=4096, hello_timeout=30.0, idle_timeout=900.0)
-        self.clock = clock  # IReactorTime: the link's timeouts and the leases' grace
+        self.clock = clock  # the link's timeouts and the leases' grace
         self.dispatcher = dispatcher
         self._satellites = satellites
         self._clock = clock

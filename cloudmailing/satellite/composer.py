@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from cloudmailing.common.clock import WallClock
 from cloudmailing.common.statuses import GENERAL_ERROR
 from cloudmailing.satellite.delivery import DeliveryJob
 from cloudmailing.satellite.dkim_signer import DkimSigner
@@ -38,7 +39,8 @@ def prepare(content: dict[str, Any]) -> PreparedMailing:
     template = MailingMessageTemplate(MailingContent(
         mailing_id=int(content["id"]), mail_from=content["mail_from"], sender_name=content.get("sender_name") or "",
         subject=content.get("subject") or "", html=content.get("html") or "", plain=content.get("plain") or "",
-        charset=content.get("charset") or "utf-8", tracking_url=content.get("tracking_url") or "", rfc822=rfc822))
+        charset=content.get("charset") or "utf-8", tracking_url=content.get("tracking_url") or "", rfc822=rfc822),
+        clock=WallClock())  # a compose worker runs no reactor: its Date headers read the system's time
     dkim = content.get("dkim") or {}
     signer = (DkimSigner(dkim["domain"], dkim["selector"], dkim["privkey"].encode())
               if dkim.get("enabled") else None)

@@ -14,19 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import random
 import secrets
 import socket
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
 from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.common.link_protocol import (
+    FrameError,
+    Hello,
+    HelloAnswer,
+    LeaseAnswer,
+    LeasedRecipient,
+    LeaseRequest,
+    MailingContent,
+    MailingRequest,
+    Outcome,
+    Report,
+    ReportAnswer,
+)
 from cloudmailing.common.private_files import write_private
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.compose_ahead import ComposeAhead
@@ -47,6 +60,7 @@ MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
 UNREPORTED_LEASES = 5  # no new lease while this many leases' worth of outcomes await the master
+Answer = TypeVar("Answer")
 
 
 def host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -55,11 +69,16 @@ def host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
+    """The scheduler's settings: every one of them comes from ``[satellite]``."""
     return DeliveryConfig(
         helo_hostname=config.helo_hostname or socket.getfqdn(), smtp_port=config.smtp_port,
         test_target=host_port(config.test_target, 25) if config.test_target else None,
         max_connections=config.max_connections, max_connections_per_host=config.max_connections_per_host,
-        connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout)
+        connect_timeout=config.connect_timeout, reply_timeout=config.reply_timeout,
+        max_messages_per_connection=config.max_messages_per_connection, idle_timeout=config.connection_idle_timeout,
+        starttls=config.starttls, backoff_initial=config.backoff_initial, backoff_factor=config.backoff_factor,
+        backoff_maximum=config.backoff_maximum, backoff_burst=config.backoff_burst,
+        max_backoff_wait=config.max_backoff_wait)
 
 
 def template_limits(config: SatelliteConfig) -> TemplateLimits:
@@ -103,18 +122,14 @@ class SatelliteDaemon:
 
     def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
         self.ahead.sent(job)
-        report = asdict(outcome)
-        report.pop("retryable", None)
-        if job.keep_content:
-            report["customized_content"] = base64.b64encode(job.data).decode("ascii")
-        self._keep(report)
+        content = base64.b64encode(job.data).decode("ascii") if job.keep_content else None
+        self._keep(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code, outcome.reply_enhanced_code,
+                           outcome.reply_text, outcome.smtp_log, outcome.mx_host, customized_content=content))
 
-    def _keep(self, outcome: dict[str, Any]) -> None:
+    def _keep(self, outcome: Outcome) -> None:
         """Into the outbox, to be reported, naming the lease the recipient came with."""
-        lease = self._leases.get(outcome["recipient_id"])
-        if lease is not None:
-            outcome["lease"] = lease
-        self._outbox.add(outcome)
+        lease = self._leases.get(outcome.recipient_id)
+        self._outbox.add(dataclasses.replace(outcome, lease=lease) if lease is not None else outcome)
 
     def held_leases(self) -> list[str]:
         """The leases of the recipients this satellite holds, outbox included (after a restart too)."""
@@ -147,24 +162,30 @@ class SatelliteDaemon:
     async def _connect(self) -> LinkProtocol:
         options = master_options(self.config.master_fingerprint, self._data_dir)
         endpoint = SSL4ClientEndpoint(self._reactor, self.config.master_host, self.config.master_port, options)
-        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol(self._reactor)))
         return link
 
     async def _session(self, link: LinkProtocol) -> None:
         try:
-            await link.call("hello", serial=self.serial, secret=self._secret, version=__version__,
-                            leases=self.held_leases())
+            hello = Hello(self.serial, self._secret, __version__, self.held_leases())
+            HelloAnswer.from_wire(await link.call("hello", **hello.to_wire()))
         except LinkError as error:
             log.error("the master refused this satellite: %s", error, extra={"satellite": self.serial})
+            link.close()
+            return
+        except FrameError as error:  # a master of another version: reconnecting will not help soon
+            log.error("malformed answer from the master to hello: %s", error, extra={"satellite": self.serial})
             link.close()
             return
         self.sessions += 1
         log.info("connected to the master", extra={"satellite": self.serial})
         tasks = [asyncio.ensure_future(self._feed(link)), asyncio.ensure_future(self._report(link))]
-        await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        link.close()
+        try:
+            await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the session ends, or run() was cancelled: its loops and link end with it
+            for task in tasks:
+                task.cancel()
+            link.close()
         log.warning("link to the master lost", extra={"satellite": self.serial})
 
     # -- leasing and composing --------------------------------------------------------------
@@ -179,18 +200,19 @@ class SatelliteDaemon:
             if held >= low_water or len(self._outbox) >= max_unreported:
                 await asyncio.sleep(0.05)
                 continue
-            answer = await self._ask(link, "lease", max_recipients=self.config.lease_size - held)
-            recipients = answer["recipients"] if answer else []
-            self._leases.update((r["id"], r["lease"]) for r in recipients if r.get("lease"))
-            by_mailing: dict[int, list[dict[str, Any]]] = {}
+            answer = await self._ask(link, "lease", LeaseRequest(self.config.lease_size - held).to_wire(),
+                                     LeaseAnswer.from_wire)
+            recipients = answer.recipients if answer else []
+            self._leases.update((r.id, r.lease) for r in recipients)
+            by_mailing: dict[int, list[LeasedRecipient]] = {}
             for recipient in recipients:
-                by_mailing.setdefault(int(recipient["mailing_id"]), []).append(recipient)
+                by_mailing.setdefault(recipient.mailing_id, []).append(recipient)
             for mailing_id, leased in by_mailing.items():
                 await self._submit(link, mailing_id, leased)
             if not recipients:
                 await asyncio.sleep(IDLE_POLL)
 
-    async def _submit(self, link: LinkProtocol, mailing_id: int, recipients: list[dict[str, Any]]) -> None:
+    async def _submit(self, link: LinkProtocol, mailing_id: int, recipients: list[LeasedRecipient]) -> None:
         try:
             mailing = await self._mailing(link, mailing_id)
         except LinkError as error:
@@ -200,14 +222,16 @@ class SatelliteDaemon:
             log.warning("mailing gone; %d leased recipients dropped", len(recipients),
                         extra={"mailing": mailing_id, "satellite": self.serial})
             for recipient in recipients:
-                self._leases.pop(recipient["id"], None)
+                self._leases.pop(recipient.id, None)
             return
-        self.ahead.add(mailing, recipients)
+        self.ahead.add(mailing, [recipient.to_wire() for recipient in recipients])  # the compose workers take dicts
 
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
         log.warning("cannot build the message: %s", failure["reply_text"],
                     extra={"mailing": mailing_id, "recipient": failure["recipient_id"]})
-        self._keep(failure)
+        # The reason may quote a template: made valid text, so that the master takes the report.
+        reason = str(failure["reply_text"]).encode("utf-8", "replace").decode("utf-8")
+        self._keep(Outcome(failure["recipient_id"], failure["status"], None, "", reason))
 
     async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
         now = self._reactor.seconds()
@@ -216,8 +240,8 @@ class SatelliteDaemon:
             return cached[1]
         content = None
         while content is None:  # its recipients are leased to us: wait out the master's troubles
-            content = await self._ask(link, "mailing", mailing_id=mailing_id)
-        source = MailingSource.from_content(content)
+            content = await self._ask(link, "mailing", MailingRequest(mailing_id).to_wire(), MailingContent.from_wire)
+        source = MailingSource.from_content(content.to_wire())
         self._mailings[mailing_id] = (now, source)
         return source
 
@@ -234,22 +258,33 @@ class SatelliteDaemon:
             if not batch:
                 continue
             self._outbox.sync()
-            answer = await self._ask(link, "report", outcomes=batch)
+            answer = await self._ask(link, "report", Report(batch).to_wire(), ReportAnswer.from_wire)
             if answer:
-                self._outbox.acknowledge(answer["acknowledged"])
-                for recipient_id in answer["acknowledged"]:
-                    self._leases.pop(recipient_id, None)
+                self._outbox.acknowledge(answer.acknowledged)
+                self._forget_leases(batch, set(answer.acknowledged))
 
-    async def _ask(self, link: LinkProtocol, method: str, **params: Any) -> Any:
-        """A call that survives the master's passing troubles (its database away): None, then retry."""
+    def _forget_leases(self, reported: list[Outcome], acknowledged: set[str]) -> None:
+        """Forget the lease of each acknowledged recipient, unless it was leased again since (the
+        outcome names an older lease): its next outcome must name the lease it holds now."""
+        for outcome in reported:
+            rid = outcome.recipient_id
+            if rid in acknowledged and outcome.lease is not None and self._leases.get(rid) == outcome.lease:
+                del self._leases[rid]
+
+    async def _ask(self, link: LinkProtocol, method: str, params: dict[str, Any],
+                   decode: Callable[[Any], Answer]) -> Answer | None:
+        """A call that survives the master's passing troubles (its database away, a malformed
+        answer): None after one log line and a pause, for the caller to retry."""
         try:
-            return await link.call(method, **params)
+            return decode(await link.call(method, **params))
         except LinkError as error:
             if error.code in ("disconnected", "unauthorized", "not_paired", "not_found"):
                 raise
             log.warning("the master could not answer %s: %s", method, error, extra={"satellite": self.serial})
-            await asyncio.sleep(RETRY_PAUSE)
-            return None
+        except FrameError as error:
+            log.warning("malformed answer from the master to %s: %s", method, error, extra={"satellite": self.serial})
+        await asyncio.sleep(RETRY_PAUSE)
+        return None
 
     async def stop(self) -> None:
         self._stopping = True

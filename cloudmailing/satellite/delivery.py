@@ -32,18 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.satellite import outcomes
 from cloudmailing.satellite.mx_resolver import MailHost, PermanentDnsError
 from cloudmailing.satellite.outcomes import DeliveryOutcome
-from cloudmailing.satellite.smtp_client import (
-    Clock,
-    DelayedCallLike,
-    SmtpClientOptions,
-    SmtpConnectError,
-    SmtpConnection,
-    TcpReactor,
-    reactor_and_clock,
-)
+from cloudmailing.satellite.smtp_client import SmtpClientOptions, SmtpConnectError, SmtpConnection, TcpReactor
 
 log = logging.getLogger("cloudmailing.satellite.delivery")
 
@@ -64,7 +57,7 @@ class DeliveryJob:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    """Scheduler settings (the satellite's ``[delivery]`` configuration)."""
+    """Scheduler settings (from ``[satellite]``: ``daemon.delivery_config``)."""
 
     helo_hostname: str = "localhost"
     smtp_port: int = 25
@@ -169,7 +162,7 @@ class _Destination:
     connected: int = 0
     waking: bool = False  # an idle worker elsewhere was asked to free a slot for us
     idle: deque[asyncio.Future[DeliveryJob | None]] = field(default_factory=deque)
-    wake_timer: DelayedCallLike | None = None
+    wake_timer: DelayedCall | None = None
 
 
 class DeliveryScheduler:
@@ -180,10 +173,9 @@ class DeliveryScheduler:
         config: DeliveryConfig,
         resolver: Resolver,
         on_outcome: OutcomeCallback,
-        reactor: TcpReactor | None = None,
-        clock: Clock | None = None,
+        reactor: TcpReactor,
+        clock: Clock,
     ) -> None:
-        reactor, clock = reactor_and_clock(reactor, clock)
         self.config = config
         self._resolver = resolver
         self._on_outcome = on_outcome

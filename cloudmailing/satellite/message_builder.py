@@ -28,7 +28,6 @@ import itertools
 import logging
 import random
 import re
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -37,9 +36,9 @@ from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import formatdate
-from typing import Protocol
 from urllib.parse import quote
 
+from cloudmailing.common.clock import SecondsClock
 from cloudmailing.common.html_text import html_to_text
 from cloudmailing.satellite.templates import (
     CompiledTemplate,
@@ -69,17 +68,6 @@ _VERP_ESCAPE = re.compile(r"[^a-z0-9-]+")
 _VERP_TOKEN = re.compile(r"(?:[a-z0-9-]|=[0-9a-f]{2})*")
 _VERP_HEX = re.compile(rb"=([0-9a-f]{2})")
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
-
-
-class Clock(Protocol):
-    """What the builder needs of a clock (Twisted's IReactorTime has it)."""
-
-    def seconds(self) -> float: ...
-
-
-class _WallClock:
-    def seconds(self) -> float:
-        return time.time()
 
 
 class InvalidRecipientError(PersonalizationError):
@@ -376,11 +364,11 @@ def _decoded_text(part: Message) -> str:
 class MailingMessageTemplate:
     """Every message of one mailing: build it once, then `build` once per recipient."""
 
-    def __init__(self, content: MailingContent, *, clock: Clock | None = None,
+    def __init__(self, content: MailingContent, *, clock: SecondsClock,
                  rng: random.Random | None = None,
                  limits: TemplateLimits | None = None) -> None:
         self._content = content
-        self._clock = clock or _WallClock()
+        self._clock = clock
         rng = rng or random.Random()
         _check_charset(content.charset)
         domain = _address_domain(content.mail_from)

@@ -21,7 +21,6 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -31,6 +30,8 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
+from cloudmailing.common.clock import SecondsClock
+
 logger = logging.getLogger("cloudmailing.satellite.mx_resolver")
 
 # A domain listing hundreds of MX hosts must not make us send hundreds of queries.
@@ -38,12 +39,6 @@ _MAX_MX_HOSTS = 20
 # A partial answer (some address lookups failed) is kept this long at most, so a domain whose
 # AAAA server is broken costs one timeout per minute rather than one per message.
 _PARTIAL_ANSWER_TTL = 60.0
-
-
-class SecondsClock(Protocol):
-    """Anything with ``seconds()``: Twisted's reactor, ``twisted.internet.task.Clock``."""
-
-    def seconds(self) -> float: ...
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 An append-only JSON-lines file: ``{"outcome": {...}}`` when a delivery ends, ``{"ack": [ids]}``
 when the master acknowledged them. On start the file is replayed, so a satellite that died
-reports what it had delivered; the file is truncated whenever nothing is pending.
+reports what it had delivered; the file is truncated whenever nothing is pending. An outcome
+read back is checked as the master will check it (``link_protocol.Outcome``): one that is not of
+its shape is dropped with a log line rather than refused by the master at every report.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
+from cloudmailing.common.link_protocol import FrameError, Outcome
 from cloudmailing.common.private_files import make_private_dir, open_private
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,7 @@ REPORT_BYTES = 16 * 1024 * 1024  # a report's size, well within the link's frame
 class Outbox:
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, Outcome] = {}
         self._replay()
         make_private_dir(path.parent)
         # Lives as long as the outbox; mode 0600 from creation: outcomes may hold messages kept.
@@ -32,35 +35,45 @@ class Outbox:
     def _replay(self) -> None:
         if not self._path.exists():
             return
-        with open(self._path, encoding="utf-8") as lines:
+        dropped = 0
+        with open(self._path, encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 try:
                     entry = json.loads(line)
                 except ValueError:
                     continue  # a line cut by a crash
+                if not isinstance(entry, dict):
+                    continue
                 if "outcome" in entry:
-                    self._pending[entry["outcome"]["recipient_id"]] = entry["outcome"]
-                for recipient_id in entry.get("ack", []):
-                    self._pending.pop(recipient_id, None)
+                    try:
+                        outcome = Outcome.from_wire(entry["outcome"])
+                    except FrameError:
+                        dropped += 1
+                        continue
+                    self._pending[outcome.recipient_id] = outcome
+                for recipient_id in entry.get("ack") or []:
+                    self._pending.pop(str(recipient_id), None)
+        if dropped:
+            log.warning("%d malformed outcomes in the outbox dropped", dropped)
         if self._pending:
             log.info("%d outcomes from an earlier run still to report", len(self._pending))
 
-    def add(self, outcome: dict[str, Any]) -> None:
-        self._pending[outcome["recipient_id"]] = outcome
-        self._file.write(json.dumps({"outcome": outcome}) + "\n")
+    def add(self, outcome: Outcome) -> None:
+        self._pending[outcome.recipient_id] = outcome
+        self._file.write(json.dumps({"outcome": outcome.to_wire()}) + "\n")
 
     def sync(self) -> None:
         """Make what was added durable (called before reporting it)."""
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def batch(self, limit: int, max_bytes: int = REPORT_BYTES) -> list[dict[str, Any]]:
+    def batch(self, limit: int, max_bytes: int = REPORT_BYTES) -> list[Outcome]:
         """Up to ``limit`` outcomes to report, fewer when their kept messages pass ``max_bytes``
         (each report is one link frame; at least one outcome is always in the batch)."""
-        batch: list[dict[str, Any]] = []
+        batch: list[Outcome] = []
         size = 0
         for outcome in self._pending.values():
-            size += 1024 + len(outcome.get("customized_content") or "")
+            size += 1024 + len(outcome.customized_content or "")
             if len(batch) == limit or (batch and size > max_bytes):
                 break
             batch.append(outcome)
@@ -76,7 +89,7 @@ class Outbox:
 
     def leases(self) -> set[str]:
         """The leases the outcomes still to report came with."""
-        return {outcome["lease"] for outcome in self._pending.values() if outcome.get("lease")}
+        return {outcome.lease for outcome in self._pending.values() if outcome.lease}
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -11,7 +11,7 @@ message. Message bytes must use CRLF line endings (the message builder produces 
 
 Usage::
 
-    conn = SmtpConnection(SmtpClientOptions(helo_hostname="out.example.com"), mx_host="mx1")
+    conn = SmtpConnection(SmtpClientOptions(helo_hostname="out.example.com"), "mx1", reactor, reactor)
     await conn.connect("192.0.2.1", 25)          # raises SmtpConnectError
     outcome = await conn.send("bounce@x", "rcpt@y", message_bytes, recipient_id="r1")
     await conn.close()                            # QUIT
@@ -30,23 +30,11 @@ from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 
+from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.satellite import outcomes
 from cloudmailing.satellite.outcomes import DeliveryOutcome
 
 log = logging.getLogger("cloudmailing.satellite.smtp_client")
-
-class DelayedCallLike(Protocol):
-    """What ``callLater`` returns (Twisted's ``IDelayedCall``)."""
-
-    def active(self) -> bool: ...
-    def cancel(self) -> None: ...
-
-
-class Clock(Protocol):
-    """Injected time (Twisted's ``Clock``: the reactor, or ``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
-    def callLater(self, delay: float, f: Callable[..., Any], /, *args: Any) -> DelayedCallLike: ...
 
 
 class TcpReactor(Protocol):
@@ -134,7 +122,7 @@ class _SmtpClientProtocol(TwistedProtocol):
         self._buffer = b""
         self._lines: list[bytes] = []
         self._waiters: deque[tuple[_OnReply, _OnFail]] = deque()
-        self._timer: DelayedCallLike | None = None
+        self._timer: DelayedCall | None = None
         self._last_activity = 0.0
         self.lost: Exception | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -367,27 +355,16 @@ def _opportunistic_tls() -> Any:
     return _tls_options
 
 
-def reactor_and_clock(reactor: TcpReactor | None, clock: Clock | None) -> tuple[TcpReactor, Clock]:
-    """The given reactor and clock, the global reactor standing in for either one left out."""
-    if reactor is None or clock is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = reactor or default_reactor
-        clock = clock or default_reactor
-    return reactor, clock
-
-
 class SmtpConnection:
     """One SMTP connection to one MX host, sending one-recipient messages one after another."""
 
     def __init__(
         self,
         options: SmtpClientOptions,
-        mx_host: str = "",
-        reactor: TcpReactor | None = None,
-        clock: Clock | None = None,
+        mx_host: str,
+        reactor: TcpReactor,
+        clock: Clock,
     ) -> None:
-        reactor, clock = reactor_and_clock(reactor, clock)
         self.options = options
         self.mx_host = mx_host
         self.extensions: dict[str, str] = {}

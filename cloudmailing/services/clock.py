@@ -1,13 +1,12 @@
-"""Time as the services see it: read from an injected clock (Twisted's IReactorTime)."""
+"""Time as the services see it: read from an injected clock (``common.clock``)."""
 
 from __future__ import annotations
 
 import datetime
-from typing import Protocol
 
+from cloudmailing.common.clock import SecondsClock
 
-class SecondsClock(Protocol):
-    def seconds(self) -> float: ...
+__all__ = ["SecondsClock", "utc_now"]  # the services import the protocol from here
 
 
 def utc_now(clock: SecondsClock) -> datetime.datetime:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cloudmailing.common.link import (
@@ -21,6 +22,7 @@ from cloudmailing.common.link import (
     LinkLimits,
     LinkProtocol,
     MalformedFrame,
+    Method,
     decode_frame,
     encode_frame,
 )
@@ -41,12 +43,16 @@ def _sent_messages(transport: StringTransport) -> list[dict[str, Any]]:
     return messages
 
 
-async def _echo(**params: Any) -> Any:
+async def _echo(params: dict[str, Any]) -> Any:
+    return params
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
 def _link(limits: LinkLimits | None = None) -> tuple[LinkProtocol, StringTransport]:
-    link = LinkProtocol({"echo": _echo}, limits)
+    link = LinkProtocol(Clock(), {"echo": Method(_params, _echo)}, limits)
     transport = StringTransport()
     link.makeConnection(transport)
     return link, transport

@@ -24,7 +24,9 @@ class RecordingLink(LinkProtocol):
     """A client end that also keeps every frame the master sent."""
 
     def __init__(self) -> None:
-        super().__init__()
+        from twisted.internet import reactor
+
+        super().__init__(reactor)
         self.received: list[Any] = []
 
     def frameReceived(self, data: bytes) -> None:
@@ -208,3 +210,27 @@ async def test_a_stranger_sends_one_request_at_a_time(running_master):
     assert await _closed(link)
     codes = [m["error"]["code"] for m in link.received]
     assert codes[0] == "bad_request" and len(codes) <= 2  # the second hello; perhaps the first's answer
+
+
+@aio_test
+async def test_a_report_with_a_malformed_outcome_is_refused_by_field_and_records_nothing(running_master, caplog):
+    from tests.helpers import running_mailing
+
+    api = running_master.proxy()
+    await running_mailing(api, 2)
+    link = await _registered_link(running_master, "sat-o")
+    leased = (await link.call("lease", max_recipients=10))["recipients"]
+    good = {"recipient_id": leased[0]["id"], "status": "FINISHED", "reply_code": 250, "lease": leased[0]["lease"]}
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    for bad, field in (({"reply_code": "250"}, "reply_code"), ({"smtp_log": "x"}, "smtp_log"),
+                       ({"reply_text": "\ud800"}, "reply_text"), ({"customized_content": "??"}, "customized_content")):
+        with pytest.raises(LinkError) as raised:
+            await link.call("report", outcomes=[good, {**good, "recipient_id": leased[1]["id"], **bad}])
+        assert raised.value.code == "bad_request" and f"report.outcomes[1].{field}" in raised.value.message
+    assert [r.levelname for r in _link_records(caplog)] == ["WARNING"] * 4
+    _no_tracebacks(caplog)
+    statuses = await api.get_recipients_status([r["id"] for r in leased], {})
+    assert [s["status"] for s in statuses] == ["IN PROGRESS"] * 2  # the whole report was refused
+    assert (await link.call("report", outcomes=[good]))["acknowledged"] == [leased[0]["id"]]  # still served
+    link.close()

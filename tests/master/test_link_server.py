@@ -26,7 +26,7 @@ async def _connect(master) -> LinkProtocol:
     from twisted.internet import reactor
 
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", master.satellite_port, ssl.CertificateOptions(verify=False))
-    return await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+    return await wait_deferred(connectProtocol(endpoint, LinkProtocol(reactor)))
 
 
 async def _registered_link(running_master, serial: str) -> LinkProtocol:

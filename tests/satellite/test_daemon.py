@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 
 from cloudmailing import __version__
 from cloudmailing.common.link import LinkProtocol
+from cloudmailing.common.link_protocol import LeasedRecipient, Outcome
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.daemon import UNREPORTED_LEASES, SatelliteDaemon
 from tests.helpers import aio_test, running_mailing
@@ -41,7 +42,8 @@ async def test_recipients_of_a_mailing_deleted_since_their_lease_are_dropped(run
         leased = (await link.call("lease", max_recipients=10))["recipients"]
         assert len(leased) == 3
         await api.delete_mailing(mailing_id)
-        await satellite._submit(link, mailing_id, leased)  # neither waits forever nor fails the link
+        # Neither waits forever nor fails the link:
+        await satellite._submit(link, mailing_id, [LeasedRecipient.from_wire(r) for r in leased])
         assert satellite._scheduler.pending == 0 and not satellite._outbox.batch(10)
         assert not link.closed_future.done()
 
@@ -53,7 +55,7 @@ async def test_no_new_lease_while_the_master_has_not_taken_the_outcomes(running_
     async with _satellite(running_master, tmp_path, "sat-slow", lease_size=2) as (satellite, link):
         backlog = [f"old-{i}" for i in range(UNREPORTED_LEASES * 2)]
         for rid in backlog:  # outcomes the master has not acknowledged (the reporter is not running)
-            satellite._outbox.add({"recipient_id": rid, "status": "FINISHED", "reply_code": 250})
+            satellite._outbox.add(Outcome(rid, "FINISHED", 250, "", ""))
         feeding = asyncio.ensure_future(satellite._feed(link))
         try:
             await asyncio.sleep(0.5)
@@ -66,3 +68,72 @@ async def test_no_new_lease_while_the_master_has_not_taken_the_outcomes(running_
             assert (await api.cloud_list_satellites())[0]["in_flight"] == 3  # a whole block
         finally:
             feeding.cancel()
+
+
+@aio_test
+async def test_a_malformed_answer_of_the_master_is_refused_with_one_log_line(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from cloudmailing.common.link_protocol import LeaseAnswer
+    from cloudmailing.satellite import daemon
+
+    class Master:
+        async def call(self, method: str, **params: Any) -> Any:
+            return {"recipients": [{"id": "r1", "mailing_id": "one"}], "lease_seconds": 300}
+
+    monkeypatch.setattr(daemon, "RETRY_PAUSE", 0)
+    caplog.set_level(logging.INFO)
+    answer = await SatelliteDaemon._ask(SimpleNamespace(serial="sat"), Master(), "lease",  # type: ignore[arg-type]
+                                        {"max_recipients": 1}, LeaseAnswer.from_wire)
+    assert answer is None  # the feeder asks again
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "malformed answer from the master to lease: lease answer.recipients[0].mailing_id: "
+                    "expected an integer, got str")]
+
+
+def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
+    from types import SimpleNamespace
+
+    from cloudmailing.satellite.composer import build_failure
+    from cloudmailing.satellite.templates import PersonalizationError
+
+    kept: list[Outcome] = []
+    failure = build_failure("r1", PersonalizationError("template error near '\ud800'"))
+    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append), failure, 3)  # type: ignore[arg-type]
+    assert Outcome.from_wire(kept[0].to_wire()).status == "GENERAL_ERROR"  # the master will take it
+    assert kept[0].reply_text.startswith("template error near")
+
+
+def test_an_acknowledged_outcome_of_an_older_lease_keeps_the_recipients_new_lease():
+    from types import SimpleNamespace
+
+    daemon = SimpleNamespace(_leases={"r1": "new", "r2": "L2", "r3": "L3"})
+    reported = [Outcome("r1", "FINISHED", 250, "", "", lease="old"), Outcome("r2", "FINISHED", 250, "", "", lease="L2"),
+                Outcome("r3", "FINISHED", 250, "", "", lease="L3")]
+    SatelliteDaemon._forget_leases(daemon, reported, {"r1", "r2"})  # type: ignore[arg-type]
+    assert daemon._leases == {"r1": "new", "r3": "L3"}  # r1 was leased again; r3 not acknowledged yet
+
+
+@aio_test
+async def test_a_cancelled_daemon_leaves_no_loop_running(running_master, tmp_path):
+    from twisted.internet import reactor
+
+    await running_master.proxy().cloud_add_satellite("sat-c", {})
+    settings = SatelliteConfig(master_port=running_master.master.satellite_port, serial="sat-c", secret="pw",
+                               dns_servers="127.0.0.1:9")
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+    running = asyncio.ensure_future(satellite.run())
+    while satellite.sessions == 0:
+        await asyncio.sleep(0.05)
+
+    def loops() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if not task.done() and getattr(
+            task.get_coro(), "__qualname__", "") in ("SatelliteDaemon._feed", "SatelliteDaemon._report")]
+
+    session_loops = loops()
+    assert len(session_loops) == 2
+    running.cancel()
+    await satellite.stop()
+    _, still_running = await asyncio.wait(session_loops, timeout=5)
+    assert not still_running

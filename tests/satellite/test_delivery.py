@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -69,7 +70,7 @@ class World:
         self.resolver = StaticResolver(table)
         self.scheduler = DeliveryScheduler(
             DeliveryConfig(**settings), self.resolver,
-            lambda job, outcome: self.outcomes.append((job, outcome)), clock=clock,
+            lambda job, outcome: self.outcomes.append((job, outcome)), reactor, clock or reactor,
         )
         return self.scheduler
 

@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from twisted.internet.task import Clock
 
 from cloudmailing.satellite.dkim_signer import (
     DkimSigner,
@@ -58,7 +59,7 @@ def built_message(subject: str, html: str) -> bytes:
         mailing_id=7, mail_from="news@example.com", sender_name="Équipe ✉ Ventes",
         subject=subject, html=html, plain="Hi {{ name }}\n\n\n",
         tracking_url="https://t.example.com/ct/")
-    template = MailingMessageTemplate(content, rng=random.Random(3))
+    template = MailingMessageTemplate(content, clock=Clock(), rng=random.Random(3))
     return template.build("r-1", "zoe@example.org", {"name": "Zoé"}).data
 
 

@@ -113,7 +113,7 @@ def test_tracking_url_is_percent_encoded() -> None:
 
 def test_message_ids_are_unique() -> None:
     template = make()
-    other = MailingMessageTemplate(MailingContent(42, "news@example.com"), rng=random.Random())
+    other = MailingMessageTemplate(MailingContent(42, "news@example.com"), clock=Clock(), rng=random.Random())
     ids = {parse(template.build(f"r{i}", "a@example.org", {}).data)["Message-ID"]
            for i in range(200)}
     ids.add(parse(other.build("r0", "a@example.org", {}).data)["Message-ID"])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -57,8 +58,8 @@ def serve() -> Iterator[Callable[..., tuple[SmtpTestServer, int]]]:
         run(server.stop())
 
 
-async def connected(port: int, options: SmtpClientOptions = OPTIONS, **kwargs: Any) -> SmtpConnection:
-    connection = SmtpConnection(options, "mx.dest.test", **kwargs)
+async def connected(port: int, options: SmtpClientOptions = OPTIONS, clock: Clock | None = None) -> SmtpConnection:
+    connection = SmtpConnection(options, "mx.dest.test", reactor, clock or reactor)
     await connection.connect(HOST, port)
     return connection
 
@@ -287,7 +288,7 @@ async def test_drop_after_mail_is_a_warning(serve: Any) -> None:
 async def test_greeting_timeout_when_server_hangs(serve: Any) -> None:
     server, port = serve(Behaviour(hang_at="connect"))
     clock = Clock()
-    connection = SmtpConnection(OPTIONS, "mx", clock=clock)
+    connection = SmtpConnection(OPTIONS, "mx", reactor, clock)
     attempt = asyncio.ensure_future(connection.connect(HOST, port))
     await server.wait_for_connection()
     await asyncio.sleep(0.05)  # let the client see the connection too

@@ -1,0 +1,385 @@
+"""The satellite link's frames, defined once: what each request and answer carries, and its checks.
+
+``common/link.py`` moves JSON objects; this module says what is in them. Each frame is a
+dataclass with ``from_wire`` (a validating decoder: :class:`FrameError`, naming the field, for
+anything else than the expected shape) and ``to_wire`` (the JSON object sent). The master decodes
+the satellite's requests and the outcomes it reports; the satellite decodes the master's answers.
+Requests and outcomes refuse unknown fields (they come from a peer that may be hostile); answers
+ignore them (a newer master may add some). Strings must be valid Unicode (no lone surrogates).
+
+Methods the master serves (``master/link_server.py``), request → answer:
+
+- ``hello`` :class:`Hello` → :class:`HelloAnswer`; must come first.
+- ``lease`` :class:`LeaseRequest` → :class:`LeaseAnswer` (:class:`LeasedRecipient` each).
+- ``mailing`` :class:`MailingRequest` → :class:`MailingContent`.
+- ``report`` :class:`Report` (:class:`Outcome` each) → :class:`ReportAnswer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, TypeVar
+
+from cloudmailing.common.statuses import REPORTED_STATUSES
+
+T = TypeVar("T")
+_INT64 = (-2**63, 2**63 - 1)
+
+
+class FrameError(ValueError):
+    """A frame or one of its fields is not of the link's shape; the message names the field."""
+
+
+class _Fields:
+    """Typed reads from one JSON object, each failure naming the field (``where.name``)."""
+
+    def __init__(self, value: Any, where: str, strict: bool) -> None:
+        if not isinstance(value, dict):
+            raise FrameError(f"{where}: expected an object, got {_kind(value)}")
+        self._value = value
+        self._where = where
+        self._strict = strict
+        self._read: set[str] = set()
+
+    def _get(self, name: str, required: bool) -> Any:
+        self._read.add(name)
+        if name not in self._value and required:
+            raise FrameError(f"{self._where}.{name}: missing")
+        return self._value.get(name)
+
+    def _fail(self, name: str, expected: str, value: Any) -> FrameError:
+        return FrameError(f"{self._where}.{name}: expected {expected}, got {_kind(value)}")
+
+    def text(self, name: str, required: bool = True, default: str = "") -> str:
+        value = self._get(name, required)
+        if value is None and not required:
+            return default
+        return _text(value, f"{self._where}.{name}")
+
+    def optional_text(self, name: str) -> str | None:
+        value = self._get(name, False)
+        return None if value is None else _text(value, f"{self._where}.{name}")
+
+    def integer(self, name: str, low: int = _INT64[0], high: int = _INT64[1]) -> int:
+        value = self._get(name, True)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(name, "an integer", value)
+        if not low <= value <= high:
+            raise FrameError(f"{self._where}.{name}: {value} is not from {low} to {high}")
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        value = self._get(name, False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(name, "an integer or null", value)
+        return value
+
+    def flag(self, name: str, required: bool = True) -> bool:
+        value = self._get(name, required)
+        if value is None and not required:
+            return False
+        if not isinstance(value, bool):
+            raise self._fail(name, "true or false", value)
+        return value
+
+    def mapping(self, name: str, required: bool = True) -> dict[str, Any]:
+        value = self._get(name, required)
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            raise self._fail(name, "an object", value)
+        return value
+
+    def items(self, name: str, item: Callable[[Any, str], T], required: bool = True) -> list[T]:
+        value = self._get(name, required)
+        if value is None and not required:
+            return []
+        if not isinstance(value, list):
+            raise self._fail(name, "a list", value)
+        return [item(entry, f"{self._where}.{name}[{index}]") for index, entry in enumerate(value)]
+
+    def base64_text(self, name: str, required: bool = True) -> str:
+        text = self.text(name, required)
+        _check_base64(text, f"{self._where}.{name}")
+        return text
+
+    def done(self) -> None:
+        """Refuse fields this frame does not have (requests and outcomes only)."""
+        unknown = sorted(set(self._value) - self._read) if self._strict else []
+        if unknown:
+            raise FrameError(f"{self._where}: unknown field {str(unknown[0])[:50]!r}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise FrameError(f"{where}: expected a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(f"{where}: not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _string_item(value: Any, where: str) -> str:
+    return _text(value, where)
+
+
+def _check_base64(text: str, where: str) -> None:
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FrameError(f"{where}: not base64") from None
+
+
+# -- hello --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Who the satellite is; ``leases``: those it still holds recipients of (None: not said)."""
+
+    serial: str
+    secret: str
+    version: str = ""
+    leases: list[str] | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Hello:
+        fields = _Fields(value, "hello", strict=True)
+        leases = fields.items("leases", _string_item, required=False) if value.get("leases") is not None else None
+        hello = cls(fields.text("serial"), fields.text("secret"), fields.text("version", required=False), leases)
+        fields.done()
+        return hello
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"serial": self.serial, "secret": self.secret, "version": self.version}
+        if self.leases is not None:
+            wire["leases"] = list(self.leases)
+        return wire
+
+
+@dataclass(frozen=True)
+class HelloAnswer:
+    satellite_id: int
+    group: str
+
+    @classmethod
+    def from_wire(cls, value: Any) -> HelloAnswer:
+        fields = _Fields(value, "hello answer", strict=False)
+        return cls(fields.integer("satellite_id"), fields.text("group", required=False))
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- lease --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    max_recipients: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> LeaseRequest:
+        fields = _Fields(value, "lease", strict=True)
+        request = cls(fields.integer("max_recipients", 0, 2**31))
+        fields.done()
+        return request
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One of a recipient's own attachments; ``content`` is base64."""
+
+    filename: str
+    content_type: str
+    content: str
+
+    @classmethod
+    def from_wire(cls, value: Any, where: str) -> Attachment:
+        fields = _Fields(value, where, strict=False)
+        return cls(fields.text("filename"), fields.text("content_type"), fields.base64_text("content"))
+
+
+@dataclass(frozen=True)
+class LeasedRecipient:
+    """A recipient the satellite may deliver until its lease expires."""
+
+    id: str
+    mailing_id: int
+    email: str
+    domain: str
+    contact: dict[str, Any]
+    test: bool
+    lease: str
+    attachments: list[Attachment] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, value: Any, where: str = "recipient") -> LeasedRecipient:
+        fields = _Fields(value, where, strict=False)
+        return cls(fields.text("id"), fields.integer("mailing_id"), fields.text("email"), fields.text("domain"),
+                   fields.mapping("contact", required=False), fields.flag("test"), fields.text("lease"),
+                   fields.items("attachments", Attachment.from_wire, required=False))
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LeaseAnswer:
+    recipients: list[LeasedRecipient]
+    lease_seconds: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> LeaseAnswer:
+        fields = _Fields(value, "lease answer", strict=False)
+        return cls(fields.items("recipients", LeasedRecipient.from_wire), fields.integer("lease_seconds"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"recipients": [r.to_wire() for r in self.recipients], "lease_seconds": self.lease_seconds}
+
+
+# -- mailing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MailingRequest:
+    mailing_id: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> MailingRequest:
+        fields = _Fields(value, "mailing", strict=True)
+        request = cls(fields.integer("mailing_id"))
+        fields.done()
+        return request
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MailingContent:
+    """What a satellite needs to build a mailing's messages (``rfc822``: base64 of the source)."""
+
+    id: int
+    mail_from: str
+    rfc822: str = ""
+    sender_name: str | None = None
+    subject: str | None = None
+    html: str | None = None
+    plain: str | None = None
+    charset: str | None = None
+    tracking_url: str | None = None
+    type: str | None = None
+    testing: bool = False
+    backup_customized_emails: bool = False
+    dkim: dict[str, Any] | None = None  # when ``enabled``: ``domain``, ``selector``, ``privkey`` strings
+
+    @classmethod
+    def from_wire(cls, value: Any) -> MailingContent:
+        fields = _Fields(value, "mailing content", strict=False)
+        texts = {name: fields.optional_text(name)
+                 for name in ("sender_name", "subject", "html", "plain", "charset", "tracking_url", "type")}
+        dkim = fields.mapping("dkim", required=False) or None
+        if dkim is not None and dkim.get("enabled"):
+            keys = _Fields(dkim, "mailing content.dkim", strict=False)
+            for name in ("domain", "selector", "privkey"):
+                keys.text(name)
+        return cls(id=fields.integer("id"), mail_from=fields.text("mail_from"),
+                   rfc822=fields.base64_text("rfc822", False),
+                   testing=fields.flag("testing", False),
+                   backup_customized_emails=fields.flag("backup_customized_emails", False), dkim=dkim, **texts)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's delivery verdict; ``lease`` is the lease it came with (absent in reports
+    written before leases were named), ``customized_content`` the message sent, base64, when the
+    mailing keeps them. The master cuts reply_text and smtp_log to its own limits."""
+
+    recipient_id: str
+    status: str  # one of REPORTED_STATUSES
+    reply_code: int | None
+    reply_enhanced_code: str
+    reply_text: str
+    smtp_log: list[str] = field(default_factory=list)
+    mx_host: str = ""
+    lease: str | None = None
+    customized_content: str | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any, where: str = "outcome") -> Outcome:
+        fields = _Fields(value, where, strict=True)
+        status = fields.text("status")
+        if status not in REPORTED_STATUSES:
+            raise FrameError(f"{where}.status: {status[:30]!r} is not one of {', '.join(REPORTED_STATUSES)}")
+        content = fields.optional_text("customized_content")
+        if content is not None:
+            _check_base64(content, f"{where}.customized_content")
+        outcome = cls(fields.text("recipient_id"), status, fields.optional_integer("reply_code"),
+                      fields.text("reply_enhanced_code", required=False), fields.text("reply_text", required=False),
+                      fields.items("smtp_log", _string_item, required=False), fields.text("mx_host", required=False),
+                      fields.optional_text("lease"), content)
+        fields.done()
+        return outcome
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        for optional in ("lease", "customized_content"):
+            if wire[optional] is None:
+                del wire[optional]
+        return wire
+
+
+@dataclass(frozen=True)
+class Report:
+    outcomes: list[Outcome]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Report:
+        fields = _Fields(value, "report", strict=True)
+        report = cls(fields.items("outcomes", Outcome.from_wire))
+        fields.done()
+        return report
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"outcomes": [o.to_wire() for o in self.outcomes]}
+
+
+@dataclass(frozen=True)
+class ReportAnswer:
+    """The recipient ids the satellite may forget."""
+
+    acknowledged: list[str]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ReportAnswer:
+        fields = _Fields(value, "report answer", strict=False)
+        return cls(fields.items("acknowledged", _string_item))
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+REQUESTS: dict[str, Callable[[Any], Any]] = {
+    "hello": Hello.from_wire, "lease": LeaseRequest.from_wire, "mailing": MailingRequest.from_wire,
+    "report": Report.from_wire,
+}
+"""The decoder of each method's parameters (the master's end)."""

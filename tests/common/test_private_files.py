@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import crypto
 
+from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.common.private_files import write_private
 from cloudmailing.common.tls import ensure_certificate, make_self_signed
 from cloudmailing.config.settings import SatelliteConfig
@@ -47,7 +48,7 @@ def test_the_satellite_secret_outbox_and_master_identity(tmp_path: Path) -> None
     secret = load_or_create_secret(SatelliteConfig(), data_dir)
     assert load_or_create_secret(SatelliteConfig(), data_dir) == secret  # kept
     outbox = Outbox(data_dir / "outbox.jsonl")
-    outbox.add({"recipient_id": "r1", "status": "FINISHED"})
+    outbox.add(Outcome("r1", "FINISHED", 250, "2.0.0", "ok"))
     outbox.sync()
     options = master_options("", data_dir)
     certificate = crypto.load_certificate(crypto.FILETYPE_PEM, make_self_signed("master.test")[0])

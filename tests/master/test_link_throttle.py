@@ -24,7 +24,7 @@ async def connect(port: int, source: str = "127.0.0.1") -> LinkProtocol:
 
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, ssl.CertificateOptions(verify=False),
                                   bindAddress=(source, 0))
-    return await wait_deferred(connectProtocol(endpoint, LinkProtocol()))
+    return await wait_deferred(connectProtocol(endpoint, LinkProtocol(reactor)))
 
 
 async def hello_code(link: LinkProtocol, serial: str, secret: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, TypeVar
 
 from cloudmailing.common.statuses import REPORTED_STATUSES
@@ -118,9 +118,25 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _shallow(frame: Any) -> dict[str, Any]:
+    """A frame as its wire dict: its own fields, nested frames too, values shared, not copied
+    (``dataclasses.asdict`` deep-copies every contact: it cost more than the rest of a report)."""
+    return {item.name: _wire(getattr(frame, item.name)) for item in fields(frame)}
+
+
+def _wire(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _shallow(value)
+    if isinstance(value, list) and value and is_dataclass(value[0]):
+        return [_shallow(item) for item in value]
+    return value
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise FrameError(f"{where}: expected a string, got {_kind(value)}")
+    if value.isascii():  # the common case, checked in C
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -177,7 +193,7 @@ class HelloAnswer:
         return cls(fields.integer("satellite_id"), fields.text("group", required=False))
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 # -- lease --------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ class LeaseRequest:
         return request
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 @dataclass(frozen=True)
@@ -233,7 +249,7 @@ class LeasedRecipient:
                    fields.items("attachments", Attachment.from_wire, required=False))
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 @dataclass(frozen=True)
@@ -265,7 +281,7 @@ class MailingRequest:
         return request
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 @dataclass(frozen=True)
@@ -302,7 +318,7 @@ class MailingContent:
                    backup_customized_emails=fields.flag("backup_customized_emails", False), dkim=dkim, **texts)
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ class Outcome:
         return outcome
 
     def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
+        wire = _shallow(self)
         for optional in ("lease", "customized_content"):
             if wire[optional] is None:
                 del wire[optional]
@@ -375,7 +391,7 @@ class ReportAnswer:
         return cls(fields.items("acknowledged", _string_item))
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _shallow(self)
 
 
 REQUESTS: dict[str, Callable[[Any], Any]] = {

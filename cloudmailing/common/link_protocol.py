@@ -100,6 +100,8 @@ class _Fields:
             return []
         if not isinstance(value, list):
             raise self._fail(name, "a list", value)
+        if item is _string_item and all(type(entry) is str and entry.isascii() for entry in value):
+            return list(value)  # the common case of an SMTP log, checked at C speed
         return [item(entry, f"{self._where}.{name}[{index}]") for index, entry in enumerate(value)]
 
     def base64_text(self, name: str, required: bool = True) -> str:
@@ -249,7 +251,9 @@ class LeasedRecipient:
                    fields.items("attachments", Attachment.from_wire, required=False))
 
     def to_wire(self) -> dict[str, Any]:
-        return _shallow(self)
+        return {"id": self.id, "mailing_id": self.mailing_id, "email": self.email, "domain": self.domain,
+                "contact": self.contact, "test": self.test, "lease": self.lease,
+                "attachments": [_shallow(attachment) for attachment in self.attachments]}
 
 
 @dataclass(frozen=True)
@@ -357,10 +361,13 @@ class Outcome:
         return outcome
 
     def to_wire(self) -> dict[str, Any]:
-        wire = _shallow(self)
-        for optional in ("lease", "customized_content"):
-            if wire[optional] is None:
-                del wire[optional]
+        wire = {"recipient_id": self.recipient_id, "status": self.status, "reply_code": self.reply_code,
+                "reply_enhanced_code": self.reply_enhanced_code, "reply_text": self.reply_text,
+                "smtp_log": self.smtp_log, "mx_host": self.mx_host}
+        if self.lease is not None:
+            wire["lease"] = self.lease
+        if self.customized_content is not None:
+            wire["customized_content"] = self.customized_content
         return wire
 
 

@@ -121,3 +121,13 @@ async def test_kill_9_mid_ingest_keeps_every_acknowledged_batch(tmp_path, mongo_
     finally:
         restarted.terminate()
         await asyncio.to_thread(restarted.communicate, timeout=30)
+
+
+def test_cm_admin_registers_a_satellite_with_and_without_a_group(tmp_path, mongo_url, db_name, database):
+    config = _config(tmp_path, mongo_url, db_name, free_port())
+    for args in (("satellite", "add", "sat-1"), ("satellite", "add", "sat-2", "--group", "eu")):
+        added = subprocess.run(_cli("admin", "--config", str(config), *args), capture_output=True, text=True)
+        assert added.returncode == 0, added.stderr
+    listed = subprocess.run(_cli("admin", "--config", str(config), "satellite", "list"), capture_output=True,
+                            text=True, check=True).stdout
+    assert "sat-1\tenabled=True\tpaired=True\tgroup=\n" in listed and "sat-2" in listed and "group=eu" in listed

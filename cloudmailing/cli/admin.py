@@ -24,7 +24,7 @@ class _WallClock:
 
 def _parser() -> argparse.ArgumentParser:
     parser = base_parser("CloudMailing administration.")
-    groups = parser.add_subparsers(dest="group", required=True)
+    groups = parser.add_subparsers(dest="command", required=True)  # not "group": satellite add --group
     keys = groups.add_parser("api-key", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown once)")
     create.add_argument("--name", required=True)
@@ -116,18 +116,18 @@ def _show_config(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_or_exit(args.config)
-    if args.group == "config":
+    if args.command == "config":
         return _show_config(settings)
 
     async def run() -> int:
         try:
             database = await open_database(settings.mongodb_url, settings.database.name, timeout_ms=5000,
-                                           check_layout=args.group != "storage")
+                                           check_layout=args.command != "storage")
         except LayoutError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         try:
-            handler: Any = {"api-key": _api_key, "satellite": _satellite, "storage": _storage}[args.group]
+            handler: Any = {"api-key": _api_key, "satellite": _satellite, "storage": _storage}[args.command]
             return int(await handler(args, database))
         finally:
             await database.close()

@@ -75,6 +75,22 @@ def database(mongo_url: str, db_name: str) -> Iterator[Database]:
 
 
 @pytest.fixture
+def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every scrypt derivation (hash or check) made from now on."""
+    from cloudmailing.common import keys
+
+    calls: list[int] = []
+    real = keys._scrypt
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keys, "_scrypt", counting)
+    return calls
+
+
+@pytest.fixture
 def clock() -> task.Clock:
     fake = task.Clock()
     fake.advance(1_800_000_000)  # 2027-01-15: a fixed, readable "now"

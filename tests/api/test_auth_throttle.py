@@ -6,8 +6,6 @@ import asyncio
 import base64
 import ssl
 
-import pytest
-
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.common import keys
 from cloudmailing.common.throttle import SourceThrottle
@@ -18,20 +16,6 @@ from tests.helpers import aio_test
 
 def _header(key: str) -> bytes:
     return b"Basic " + base64.b64encode(f"admin:{key}".encode())
-
-
-@pytest.fixture
-def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts every scrypt derivation (hash or check) made from now on."""
-    calls: list[int] = []
-    real = keys._scrypt
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(keys, "_scrypt", counting)
-    return calls
 
 
 @aio_test

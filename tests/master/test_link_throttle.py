@@ -9,7 +9,6 @@ import pytest
 from twisted.internet import ssl, task
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
-from cloudmailing.common import keys
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.common.throttle import SourceThrottle
@@ -33,19 +32,6 @@ async def hello_code(link: LinkProtocol, serial: str, secret: str) -> str:
     except LinkError as error:
         return error.code
     return "ok"
-
-
-@pytest.fixture
-def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = keys._scrypt
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(keys, "_scrypt", counting)
-    return calls
 
 
 @aio_test

@@ -24,7 +24,6 @@ from cloudmailing.common.link_protocol import (
     Hello,
     HelloAnswer,
     LeaseAnswer,
-    LeasedRecipient,
     LeaseRequest,
     MailingContent,
     MailingRequest,
@@ -75,9 +74,7 @@ class SatelliteSession(LinkProtocol):
         self._budget.leased(r["id"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
             await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
-        answer = LeaseAnswer([LeasedRecipient.from_wire(r) for r in recipients],
-                             self._factory.dispatcher.config.lease_seconds)
-        return answer.to_wire()
+        return LeaseAnswer.wire_of(recipients, self._factory.dispatcher.config.lease_seconds)
 
     async def mailing(self, request: MailingRequest) -> dict[str, Any]:
         satellite = self._authenticated()
@@ -90,7 +87,7 @@ class SatelliteSession(LinkProtocol):
 
     async def report(self, report: Report) -> dict[str, Any]:
         satellite = self._authenticated()
-        acknowledged = await self._factory.dispatcher.report(satellite, [o.to_wire() for o in report.outcomes])
+        acknowledged = await self._factory.dispatcher.report(satellite, report.outcomes)
         self._budget.reported(acknowledged)
         return ReportAnswer(acknowledged).to_wire()
 

@@ -19,7 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, REPORTED_STATUSES, TIMEOUT, WARNING
+from cloudmailing.common.link_protocol import Outcome
+from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, TIMEOUT, WARNING
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
@@ -144,13 +145,12 @@ class Dispatcher:
 
     # -- reports ------------------------------------------------------------------------------
 
-    async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> list[str]:
+    async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Outcome]) -> list[str]:
         """Record each outcome of a recipient the satellite holds; the recipient ids it may forget
         (every id it sent: the others have nothing left to record)."""
         now = utc_now(self._clock)
         serial = satellite["serial"]
-        usable = {o["recipient_id"]: o for o in outcomes  # the last outcome of a recipient wins
-                  if o.get("status") in REPORTED_STATUSES and isinstance(o.get("recipient_id"), str)}
+        usable = {o.recipient_id: o for o in outcomes}  # the last outcome of a recipient wins
         recorded: list[Change] = []
         for block_id, outcomes_by_slot in (await self._by_block(usable)).items():
             recorded += await self._record(block_id, outcomes_by_slot, serial, now)
@@ -159,21 +159,20 @@ class Dispatcher:
         ignored = len(usable) - len(recorded)
         log.info("%d outcomes recorded%s", len(recorded), f", {ignored} not held by this satellite ignored"
                  if ignored else "", extra={"satellite": serial})
-        return [str(o.get("recipient_id")) for o in outcomes]
+        return [o.recipient_id for o in outcomes]
 
-    async def _by_block(self, outcomes: Mapping[str, Mapping[str, Any]],
-                        ) -> dict[int, dict[int, tuple[str, Mapping[str, Any]]]]:
+    async def _by_block(self, outcomes: Mapping[str, Outcome]) -> dict[int, dict[int, tuple[str, Outcome]]]:
         """The outcomes by block and slot."""
         unknown = [rid for rid in outcomes if rid not in self._held]
         places = {rid: (place.block_id, place.slot)
                   for rid, place in (await self._stores.index.locate(unknown)).items()} if unknown else {}
         places.update((rid, (self._held[rid].block_id, self._held[rid].slot)) for rid in outcomes if rid in self._held)
-        grouped: dict[int, dict[int, tuple[str, Mapping[str, Any]]]] = {}
+        grouped: dict[int, dict[int, tuple[str, Outcome]]] = {}
         for rid, (block_id, slot) in places.items():
             grouped.setdefault(block_id, {})[slot] = (rid, outcomes[rid])
         return grouped
 
-    async def _record(self, block_id: int, outcomes: Mapping[int, tuple[str, Mapping[str, Any]]], serial: str,
+    async def _record(self, block_id: int, outcomes: Mapping[int, tuple[str, Outcome]], serial: str,
                       now: datetime.datetime) -> list[Change]:
         addresses = await self._blocks.addresses(block_id)
 
@@ -183,7 +182,7 @@ class Dispatcher:
                 return None
             changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
                        if block.columns.leased[slot] and slot < len(addresses) and addresses[slot][0] == rid
-                       and outcome.get("lease", lease.id) == lease.id]
+                       and outcome.lease in (None, lease.id)]
             return changes or None
 
         written = await self._ledger.edit(block_id, decide, now)
@@ -191,19 +190,17 @@ class Dispatcher:
             self._held.pop(rid, None)
         return written[1] if written else []
 
-    def _change(self, block: Block, slot: int, outcome: Mapping[str, Any], serial: str,
-                now: datetime.datetime) -> Change:
+    def _change(self, block: Block, slot: int, outcome: Outcome, serial: str, now: datetime.datetime) -> Change:
         tries = int(block.columns.tries[slot]) + 1
         first_try = from_millis(block.columns.first_try[slot]) or now
-        status, next_try = outcome["status"], None
+        status, next_try = outcome.status, None
         if status == WARNING:
             next_try = now + datetime.timedelta(seconds=retry_delay(self.config, tries))
             if now - first_try > datetime.timedelta(hours=self.config.retry_max_age_hours):
                 status, next_try = TIMEOUT, None
         details = {
-            "reply_code": outcome.get("reply_code"), "reply_enhanced_code": outcome.get("reply_enhanced_code") or "",
-            "reply_text": str(outcome.get("reply_text") or "")[:1000],
-            "smtp_log": "\n".join(str(line) for line in outcome.get("smtp_log") or [])[:10000],
+            "reply_code": outcome.reply_code, "reply_enhanced_code": outcome.reply_enhanced_code,
+            "reply_text": outcome.reply_text[:1000], "smtp_log": "\n".join(outcome.smtp_log)[:10000],
             "cloud_client": serial,
         }
         return Change(slot, status, tries, first_try, next_try, details, _customized_content(outcome))
@@ -281,16 +278,11 @@ def _attachments_size(recipient: Mapping[str, Any]) -> int:
     return sum(len(a["content"]) for a in recipient.get("attachments") or [])
 
 
-def _customized_content(outcome: Mapping[str, Any]) -> bytes | None:
-    """The message as sent, when the mailing keeps them (backup_customized_emails); None if absent or garbled."""
-    encoded = outcome.get("customized_content")
-    if not isinstance(encoded, str):
+def _customized_content(outcome: Outcome) -> bytes | None:
+    """The message as sent, when the mailing keeps them (backup_customized_emails; checked base64)."""
+    if outcome.customized_content is None:
         return None
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except ValueError:
-        log.warning("unreadable customized_content dropped", extra={"recipient": outcome.get("recipient_id")})
-        return None
+    return base64.b64decode(outcome.customized_content)
 
 
 def _groups(satellite: Mapping[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from cloudmailing.common.link_protocol import (
     Outcome,
     Report,
     ReportAnswer,
+    _plain_outcome,
 )
 from cloudmailing.common.statuses import REPORTED_STATUSES
 from tests.common.test_link_frames import json_values
@@ -136,3 +137,32 @@ def test_decoders_raise_only_frame_error(decode: Callable[[Any], Any], value: An
         assert str(refused)  # says which field
         return
     assert type(frame).from_wire(frame.to_wire()) == frame
+
+
+def _field_by_field(value: Any) -> Outcome | FrameError:
+    """What the outcome decoder's general path makes of ``value``, without its fast path."""
+    try:
+        return Outcome.from_wire({**value, "customized_content": None} if isinstance(value, dict) else value)
+    except FrameError as refused:
+        return refused
+
+
+# An outcome with a few of its fields changed to anything JSON holds, or to near-misses.
+near_misses = st.sampled_from([None, "", "é", "\ud800", 0, True, 2**70, [], ["x"], ["é"], [None], {}])
+outcome_variants = st.fixed_dictionaries({}, optional={
+    name: json_values | near_misses | st.just(OUTCOME.get(name, "r1")) for name in OUTCOME}) | json_values
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(outcome_variants)
+def test_the_fast_outcome_check_accepts_only_what_the_field_check_accepts(value: Any) -> None:
+    assert _plain_outcome(OUTCOME) == _field_by_field(OUTCOME)  # the everyday outcome takes the fast path
+    try:
+        fast = Outcome.from_wire(value)
+    except FrameError:
+        fast = None
+    general = _field_by_field(value)
+    if fast is not None:
+        assert general == fast  # same fields; "customized_content": None forces the general path
+    else:
+        assert isinstance(general, FrameError)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
 
+from cloudmailing.common.link_protocol import LeaseAnswer, Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.services.dispatcher import retry_delay
@@ -27,8 +30,8 @@ async def _add(services, mailing_id, count, domain="example.org"):
 
 
 def _outcome(recipient_id, status, code=250):
-    return {"recipient_id": recipient_id, "status": status, "reply_code": code, "reply_text": "x",
-            "smtp_log": ["> RCPT", f"< {code}"]}
+    return Outcome.from_wire({"recipient_id": recipient_id, "status": status, "reply_code": code, "reply_text": "x",
+                              "smtp_log": ["> RCPT", f"< {code}"]})
 
 
 @aio_test
@@ -146,6 +149,10 @@ async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database
     await services.recipients.add(mailing_id, entries)  # blocks: 6 KB, 6 KB, 33 KB
     await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
-    sizes = [len(await services.dispatcher.lease(SATELLITE, 10)) for _ in range(4)]
-    assert sizes == [2, 2, 2, 0]  # one block fits each time; the big one goes alone: one block always does
+    leases = [await services.dispatcher.lease(SATELLITE, 10) for _ in range(4)]
+    assert [len(lease) for lease in leases] == [2, 2, 2, 0]  # a block each time; the big one goes alone
+    # The master sends these without decoding them again: they must be of the link's shape.
+    answer = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leases[0], 60))))
+    assert [r.to_wire() for r in answer.recipients] == leases[0]
+    assert base64.b64decode(answer.recipients[0].attachments[0].content) == b"%" * 3000
     assert await BlockStore(database).leased_count("sat-a") == 6

@@ -8,6 +8,7 @@ import datetime
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 
+from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.storage.database import Database
@@ -52,8 +53,8 @@ async def _commands_for_one_block(mongo_url: str, db_name: str, block_size: int)
         leased = await services.dispatcher.lease(SATELLITE, block_size)
         lease_commands = list(listener.names)
         listener.names.clear()
-        replies = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250, "reply_text": f"ok {i}",
-                    "smtp_log": [f"< 250 queued as {i}"]} for i, r in enumerate(leased)]
+        replies = [Outcome(r["id"], "FINISHED", 250, "", f"ok {i}", [f"< 250 queued as {i}"])
+                   for i, r in enumerate(leased)]
         await services.dispatcher.report(SATELLITE, replies)
         assert len(leased) == block_size
         assert (await stores.mailings.get(1))["counts"] == {"READY": 0, "FINISHED": block_size}
@@ -77,8 +78,8 @@ async def test_a_report_racing_a_lease_expiry_and_another_report_loses_nothing(d
     stores, ids = await mailing_with(database, 6, block_recipients=6)
     services = build_services(stores, _Clock(), dispatch=DispatchConfig(lease_seconds=60))
     leased = await services.dispatcher.lease(SATELLITE, 6)
-    first = [{"recipient_id": r["id"], "status": "FINISHED"} for r in leased[:3]]
-    second = [{"recipient_id": r["id"], "status": "ERROR", "reply_code": 550} for r in leased[3:]]
+    first = [Outcome(r["id"], "FINISHED", None, "", "") for r in leased[:3]]
+    second = [Outcome(r["id"], "ERROR", 550, "", "") for r in leased[3:]]
     await asyncio.gather(services.dispatcher.report(SATELLITE, first), services.dispatcher.expire_leases(),
                          services.dispatcher.report(SATELLITE, second), services.dispatcher.expire_leases())
     statuses = {s["id"]: s["status"] for s in await services.reports.statuses(ids, {})}

@@ -402,7 +402,7 @@ def _plain_outcome(value: Any) -> Outcome | None:
             or not (code is None or type(code) is int)
             or not (log is None or (type(log) is list and all(type(line) is str and line.isascii() for line in log)))):
         return None
-    return Outcome(recipient_id, status, code, enhanced, text, log or [], mx_host, lease)
+    return Outcome(str(recipient_id), status, code, enhanced, text, log or [], mx_host, lease)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     config.add_parser("show", help="print the settings in force")
     storage = groups.add_parser("storage", help="the database's storage (run with the master stopped)")
     storage_actions = storage.add_subparsers(dest="action", required=True)
-    storage_actions.add_parser("migrate", help="convert a database of earlier versions to the block layout")
+    storage_actions.add_parser("migrate", help="convert a database of earlier versions to the current storage layout")
     recount = storage_actions.add_parser("recount", help="repair mailings' totals from their recipients")
     recount.add_argument("mailing_id", type=int, nargs="*", help="mailings (default: every unfinished one)")
     return parser
@@ -92,7 +92,7 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
 async def _storage(args: argparse.Namespace, database: Database) -> int:
     if args.action == "migrate":
         if await migrate(database) is None:
-            print("nothing to migrate: the database already has the block layout, or is empty")
+            print("nothing to migrate: the database already has the current layout, or is empty")
         return 0
     await check_layout_version(database)
     from cloudmailing.services.lifecycle import MailingLifecycle

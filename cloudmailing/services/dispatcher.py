@@ -136,7 +136,7 @@ class Dispatcher:
             held = {summary["m"] for summary in await self._blocks.held_by(satellite["serial"])}
             if mailing_id not in held:
                 return None
-        mailing = await self._stores.mailings.get(mailing_id)
+        mailing = await self._stores.mailings.get(mailing_id, with_content=True)
         if mailing is None:
             return None
         content = {name: mailing.get(name) for name in _CONTENT_FIELDS}

@@ -19,7 +19,7 @@ from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 2: mailing bodies inside the mailing documents; 1: a document per recipient
 MIGRATE_COMMAND = "cm-admin storage migrate"
 BLOCKS_PER_BUCKET = 64  # block content, state and kept messages: at most this many blocks per collection
 SEQS_PER_BUCKET = 200_000  # status log pages: a collection per this many change numbers
@@ -131,6 +131,10 @@ async def check_layout_version(database: Database) -> None:
     """Mark a new database with our layout; refuse one written by another layout."""
     marker = await database.meta.find_one({"_id": "layout"})
     if marker is not None:
+        if marker.get("version") == 2:
+            raise LayoutError(f"database {database.db.name!r} keeps the mailings' bodies in the layout of earlier "
+                              f"CloudMailing versions (storage layout 2); stop the master and run "
+                              f"`{MIGRATE_COMMAND}` to convert it")
         if marker.get("version") != LAYOUT_VERSION:
             raise LayoutError(f"database {database.db.name!r} has storage layout {marker.get('version')}, "
                               f"this CloudMailing reads layout {LAYOUT_VERSION}")

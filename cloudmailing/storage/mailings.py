@@ -1,4 +1,10 @@
-"""The ``mailings`` collection: one document per mailing, with per-status recipient counts.
+"""The ``mailings`` collection: one small document per mailing, with per-status recipient counts;
+its bodies (``html``, ``plain``, ``rfc822``) in ``mailing_content``, by the same ``_id``.
+
+The mailing document is read on every lease and rewritten on every count change: FerretDB v1
+decodes and re-encodes a whole document for each, so the bodies (tens of KB) are kept apart and
+read only when asked for (``with_content``). Storage layout 3; ``storage.migration`` moves them
+out of layout 2's mailing documents.
 
 The counts move only by increments, in the same step as the recipient changes they count (see
 ``storage.ledger``); a recount from the blocks is a repair, run when nothing else writes.
@@ -15,7 +21,7 @@ from cloudmailing.storage.database import Database
 
 MAILING_ID_COUNTER = "mailing_id"
 OPEN_STATUSES = (MAILING_READY, RUNNING, PAUSED)
-_CONTENT_FIELDS = {"html": 0, "plain": 0, "rfc822": 0}
+CONTENT_FIELDS = ("html", "plain", "rfc822")  # kept in mailing_content
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,19 @@ class MailingStore:
         return await counters.increment(self._db, MAILING_ID_COUNTER)
 
     async def insert(self, mailing_id: int, fields: Mapping[str, Any]) -> None:
-        await self._db.mailings.insert_one({"_id": mailing_id, "counts": {}, **fields})
+        content, rest = _split(fields)
+        await self._db.mailing_content.replace_one({"_id": mailing_id}, content, upsert=True)
+        await self._db.mailings.insert_one({"_id": mailing_id, "counts": {}, **rest})
 
-    async def get(self, mailing_id: int, with_content: bool = True) -> dict[str, Any] | None:
-        projection = None if with_content else _CONTENT_FIELDS
-        return await self._db.mailings.find_one({"_id": mailing_id}, projection)
+    async def get(self, mailing_id: int, with_content: bool = False) -> dict[str, Any] | None:
+        mailing = await self._db.mailings.find_one({"_id": mailing_id})
+        if mailing is not None and with_content:
+            await self._add_content(mailing)
+        return mailing
+
+    async def _add_content(self, mailing: dict[str, Any]) -> None:
+        content = await self._db.mailing_content.find_one({"_id": mailing["_id"]}) or {}
+        mailing.update((name, content.get(name)) for name in CONTENT_FIELDS)
 
     async def update(self, mailing_id: int, fields: Mapping[str, Any],
                      only_if_status: Sequence[str] | None = None) -> bool:
@@ -57,17 +71,24 @@ class MailingStore:
         query: dict[str, Any] = {"_id": mailing_id}
         if only_if_status is not None:
             query["status"] = {"$in": list(only_if_status)}
+        content, rest = _split(fields)
         async with self._db.locks.hold(("mailing", mailing_id)):
-            result = await self._db.mailings.update_one(query, {"$set": dict(fields)})
-        return result.matched_count == 1
+            if rest:
+                matched = (await self._db.mailings.update_one(query, {"$set": rest})).matched_count == 1
+            else:
+                matched = await self._db.mailings.find_one(query, {"_id": 1}) is not None
+            if content and matched:
+                await self._db.mailing_content.update_one({"_id": mailing_id}, {"$set": content}, upsert=True)
+        return matched
 
     async def delete(self, mailing_id: int) -> bool:
         result = await self._db.mailings.delete_one({"_id": mailing_id})
+        await self._db.mailing_content.delete_one({"_id": mailing_id})
         return result.deleted_count == 1
 
-    def find(self, which: MailingFilter, with_content: bool = False) -> AsyncIterator[dict[str, Any]]:
-        """Mailings matching ``which``, by id ascending, streamed."""
-        return self._db.mailings.find(which.query(), None if with_content else _CONTENT_FIELDS).sort("_id", 1)
+    def find(self, which: MailingFilter) -> AsyncIterator[dict[str, Any]]:
+        """Mailings matching ``which``, by id ascending, streamed (without their bodies)."""
+        return self._db.mailings.find(which.query()).sort("_id", 1)
 
     def open_mailings(self) -> AsyncIterator[dict[str, Any]]:
         """Started mailings not finished yet (READY, RUNNING, PAUSED), without their content."""
@@ -112,3 +133,9 @@ class MailingStore:
         """FINISHED now, unless it already is; whether this call finished it."""
         return await self.update(mailing_id, {"status": MAILING_FINISHED, "end_time": now},
                                  only_if_status=OPEN_STATUSES)
+
+
+def _split(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the bodies, the rest) of a mailing's fields."""
+    content = {name: value for name, value in fields.items() if name in CONTENT_FIELDS}
+    return content, {name: value for name, value in fields.items() if name not in CONTENT_FIELDS}

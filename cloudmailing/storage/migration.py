@@ -1,5 +1,6 @@
 """``cm-admin storage migrate``: from layout 1 (one document per recipient, one per change) to
-the block layout.
+the block layout, and from layout 2 (bodies inside the mailing documents) to layout 3 (bodies in
+``mailing_content``, see ``storage.mailings``).
 
 Run with the master stopped. It can be run again after an interruption: it first drops what an
 earlier run wrote, and drops the old collections only once everything is written. Change numbers
@@ -18,6 +19,7 @@ from cloudmailing.storage import counters
 from cloudmailing.storage.block_codec import STATUS_CODES, StateColumns, to_millis
 from cloudmailing.storage.blocks import MAX_RECIPIENTS, Block
 from cloudmailing.storage.database import LAYOUT_VERSION, Database, has_old_layout
+from cloudmailing.storage.mailings import CONTENT_FIELDS
 from cloudmailing.storage.recipient_index import Place
 from cloudmailing.storage.status_log import DETAIL_DEFAULTS, STATUS_FIELDS, LogPage
 from cloudmailing.storage.stores import Stores, open_stores
@@ -35,8 +37,11 @@ class MigrationReport:
 
 
 async def migrate(database: Database, say: Callable[[str], None] = print) -> MigrationReport | None:
-    """Convert ``database`` to the block layout; None if it needs no migration."""
-    if await database.meta.find_one({"_id": "layout"}) or not await has_old_layout(database):
+    """Convert ``database`` to the current layout; None if it needs no migration."""
+    marker = await database.meta.find_one({"_id": "layout"})
+    if marker is not None and marker.get("version") == 2:
+        return await _move_mailing_bodies(database, say)
+    if marker is not None or not await has_old_layout(database):
         return None
     await _drop_new_collections(database)
     stores = await open_stores(database)
@@ -52,8 +57,24 @@ async def migrate(database: Database, say: Callable[[str], None] = print) -> Mig
     await stores.blocks.set_logged_floor(await counters.current(database, "status_seq"))
     for name in ("recipients", "status_log", "ingest_batches"):
         await database.db.drop_collection(name)
+    await _move_mailing_bodies(database, say)
     await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
     say(f"storage layout {LAYOUT_VERSION}: done")
+    return report
+
+
+async def _move_mailing_bodies(database: Database, say: Callable[[str], None]) -> MigrationReport:
+    """Layouts 1 and 2 kept each mailing's bodies in its document: move them to mailing_content
+    (content first, so an interrupted run loses nothing and can be run again)."""
+    report = MigrationReport()
+    async for mailing in database.mailings.find({}, {name: 1 for name in CONTENT_FIELDS}):
+        bodies = {name: mailing[name] for name in CONTENT_FIELDS if name in mailing}
+        if bodies:
+            await database.mailing_content.update_one({"_id": mailing["_id"]}, {"$set": bodies}, upsert=True)
+            await database.mailings.update_one({"_id": mailing["_id"]}, {"$unset": dict.fromkeys(bodies, "")})
+            report.mailings.add(mailing["_id"])
+    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
+    say(f"moved the bodies of {len(report.mailings)} mailings to mailing_content")
     return report
 
 

@@ -119,3 +119,24 @@ async def test_storage_recount_repairs_totals_from_the_blocks(tmp_path, mongo_ur
     repaired = await asyncio.to_thread(_run, config, "admin", "storage", "recount", "7")
     assert repaired.returncode == 0 and "recounted 1 mailings" in repaired.stdout, repaired.stderr
     assert (await database.mailings.find_one({"_id": 7}))["counts"] == {"READY": 5, "FINISHED": 0}
+
+
+@aio_test
+async def test_a_layout_2_database_is_refused_then_its_mailing_bodies_moved(tmp_path, mongo_url, db_name, database):
+    from cloudmailing.storage.stores import open_stores
+
+    html, rfc822 = "<p>Hello {{ firstname }}</p>", b"Subject: x\r\n\r\nbody\r\n"
+    await database.mailings.insert_one({"_id": 4, "status": "RUNNING", "type": "REGULAR", "counts": {},
+                                        "html": html, "plain": "Hello", "rfc822": rfc822})
+    await database.meta.replace_one({"_id": "layout"}, {"version": 2}, upsert=True)
+    config = _config(tmp_path, mongo_url, db_name, free_port())
+    refused = await asyncio.to_thread(_run, config, "master")
+    assert refused.returncode != 0 and "layout 2" in refused.stderr and "cm-admin storage migrate" in refused.stderr
+    migrated = await asyncio.to_thread(_run, config, "admin", "storage", "migrate")
+    assert migrated.returncode == 0 and "moved the bodies of 1 mailings" in migrated.stdout, migrated.stderr
+    assert "html" not in await database.mailings.find_one({"_id": 4})
+    mailing = await (await open_stores(database)).mailings.get(4, with_content=True)
+    assert (mailing["html"], mailing["plain"], mailing["rfc822"], mailing["status"]) == (html, "Hello", rfc822,
+                                                                                         "RUNNING")
+    again = await asyncio.to_thread(_run, config, "admin", "storage", "migrate")
+    assert "nothing to migrate" in again.stdout

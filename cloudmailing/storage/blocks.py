@@ -47,6 +47,7 @@ RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between 
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
 _BATCH = 8  # summaries per batch of a leasable search
 _ADDRESS_CACHE_BLOCKS = 32  # blocks whose (id, email) the master keeps: more than a few leases in flight
+_STATE_CACHE_BLOCKS = 64  # block states this master last wrote or read, kept to edit them again
 
 
 @dataclass
@@ -108,6 +109,10 @@ class BlockStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         self._addresses: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
+        # The state documents this process last saw, by block id: an edit starts from one without
+        # reading it again. If another master wrote since, the save's version check fails and the
+        # edit reads the database (load without ``cached``); a failed write forgets the block.
+        self._states: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     def lock(self, block_id: int) -> Any:
         return self._db.locks.hold(("block", block_id))
@@ -152,15 +157,30 @@ class BlockStore:
 
     # -- state --------------------------------------------------------------------------------
 
-    async def load(self, block_id: int) -> Block | None:
-        collection = await self._db.bucket("block_state", bucket_of(block_id))
-        doc = await collection.find_one({"_id": block_id})
-        return _block(doc) if doc else None
+    async def load(self, block_id: int, cached: bool = False) -> Block | None:
+        """The block's state, from the database; with ``cached``, as this process last saw it if it
+        still remembers (for an edit: its save checks the version)."""
+        doc = self._states.get(block_id) if cached else None
+        if doc is None:
+            collection = await self._db.bucket("block_state", bucket_of(block_id))
+            doc = await collection.find_one({"_id": block_id})
+            if doc is None:
+                return None
+            self._remember_state(doc)
+        return _block(doc)
+
+    def _remember_state(self, doc: dict[str, Any]) -> None:
+        self._states[doc["_id"]] = doc
+        self._states.move_to_end(doc["_id"])
+        while len(self._states) > _STATE_CACHE_BLOCKS:
+            self._states.popitem(last=False)
 
     async def insert(self, block: Block) -> None:
         """A new block's state and summary (inserts: on FerretDB an update first reads the collection)."""
         collection = await self._db.bucket("block_state", bucket_of(block.id))
-        await collection.insert_one({"_id": block.id, **_state_fields(block)})
+        doc = {"_id": block.id, **_state_fields(block)}
+        await collection.insert_one(doc)
+        self._remember_state(doc)
         await self._db.blocks.insert_one(block.summary())
 
     async def save(self, block: Block) -> bool:
@@ -169,10 +189,12 @@ class BlockStore:
         collection = await self._db.bucket("block_state", bucket_of(block.id))
         fields = _state_fields(block)
         fields["v"] = block.version + 1
+        self._states.pop(block.id, None)  # until the database said what it did
         result = await collection.update_one({"_id": block.id, "v": block.version}, {"$set": fields})
         if result.matched_count != 1:
             return False
         block.version += 1
+        self._remember_state({"_id": block.id, **fields})
         return True
 
     async def write_summary(self, block: Block) -> None:
@@ -184,6 +206,7 @@ class BlockStore:
             await collection.delete_many({"_id": block_id} if kind != "kept_messages" else {"b": block_id})
         await self._db.blocks.delete_one({"_id": block_id})
         self._addresses.pop(block_id, None)
+        self._states.pop(block_id, None)
 
     # -- summaries: what the dispatcher and the counts search ------------------------------
 

@@ -143,8 +143,10 @@ class RecipientWriter:
 
     async def _extend_state(self, fill: _Fill, void_slots: list[int], now: datetime.datetime) -> Block:
         """The tail block's state with the new recipients (the caller holds its lock)."""
+        cached = True  # as this process last wrote it; after a conflict, as the database has it
         while True:
-            block = await self._blocks.load(fill.block_id)
+            block = await self._blocks.load(fill.block_id, cached)
+            cached = False
             assert block is not None
             block.columns.truncate(fill.before)  # a cut write of this batch may have left some
             _extend(block.columns, len(fill.added), void_slots, now)

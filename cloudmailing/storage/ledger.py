@@ -63,8 +63,10 @@ class Ledger:
         """Apply ``edit`` to the block and write it; the block as written and its status changes
         (None: no such block, or nothing to write)."""
         async with self.blocks.lock(block_id):
+            cached = True  # this process's last view of the block; after a conflict, the database's
             while True:
-                block = await self.blocks.load(block_id)
+                block = await self.blocks.load(block_id, cached)
+                cached = False
                 if block is None:
                     return None
                 before = block.columns.counts()

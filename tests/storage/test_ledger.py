@@ -96,8 +96,8 @@ async def test_two_masters_writing_one_block_never_lose_an_update(database, mong
     real_load = stores.blocks.load
     interleaved = []
 
-    async def load_then_let_the_other_master_write(wanted):
-        block = await real_load(wanted)
+    async def load_then_let_the_other_master_write(wanted, cached=False):
+        block = await real_load(wanted, cached)
         if not interleaved:  # between this master's read and write, the other one writes the block
             interleaved.append(True)
             await other.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
@@ -113,6 +113,30 @@ async def test_two_masters_writing_one_block_never_lose_an_update(database, mong
     assert block.version == 2
     counts = (await stores.mailings.get(1))["counts"]
     assert (counts["FINISHED"], counts["ERROR"], counts["READY"]) == (1, 1, 2)
+
+
+@aio_test
+async def test_an_edit_from_a_state_another_master_wrote_over_reads_it_again(database, mongo_url):
+    stores, ids = await mailing_with(database, 3, block_recipients=3)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)  # this master remembers v1
+    other_client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
+    try:
+        other = await open_stores(Database(client=other_client, db=other_client[database.db.name]))
+        await other.ledger.edit(block_id, lambda b: [Change(1, "ERROR", 1)], NOW)  # v2, unseen here
+    finally:
+        await other_client.close()
+    seen = []
+
+    def record(block):
+        seen.append(block.version)
+        return [Change(2, "WARNING", 1)]
+
+    await stores.ledger.edit(block_id, record, NOW)
+    assert seen == [1, 2]  # its own v1 first: the save refused it, then the database's v2
+    block = await stores.blocks.load(block_id)
+    assert [block.columns.status_of(slot) for slot in range(3)] == ["FINISHED", "ERROR", "WARNING"]
+    assert block.version == 3
 
 
 @aio_test

@@ -287,8 +287,10 @@ class DeliveryScheduler:
             target = dest.route[target_index]
             host_full = self._per_host.get(target.key, 0) >= self.config.max_connections_per_host
             if host_full or self._connections >= self.config.max_connections:
+                if host_full and dest.workers:
+                    return  # its own connections to that host take the jobs: none need close for it
                 self._blocked[id(dest)] = dest  # pumped again when a slot frees up
-                if not dest.waking:
+                if not dest.waking and not dest.workers:
                     self._wake_idle_worker(target.key if host_full else None, dest)
                 return
             self._reserve(target)
@@ -479,8 +481,8 @@ class DeliveryScheduler:
         """
         if dest.jobs:
             return dest.jobs.popleft()
-        if self._blocked:  # other destinations wait for a slot: give ours up rather than linger
-            return None
+        if any(waiting is not dest for waiting in self._blocked.values()):
+            return None  # other destinations wait for a slot: give ours up rather than linger
         waiter: asyncio.Future[DeliveryJob | None] = asyncio.get_running_loop().create_future()
         dest.idle.append(waiter)
         self._idle_workers[waiter] = target.key

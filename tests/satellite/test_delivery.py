@@ -130,6 +130,24 @@ async def test_every_job_delivered_and_reported_once(world: Any) -> None:
     assert all(o.mx_host == "mx-127.0.0.2" for _, o in w.outcomes)
 
 
+@pytest.mark.parametrize("bound", ["max_connections_per_host", "max_connections"])
+@aio_test
+async def test_jobs_arriving_in_bursts_reuse_the_open_connections(world: Any, bound: str) -> None:
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, **{"max_connections_per_host": 10, bound: 4})
+    batch = jobs("a.test", 200)
+    for start in range(0, 200, 20):  # as composed messages come: in chunks, the queue empty between
+        for job in batch[start:start + 20]:
+            scheduler.submit(job)
+        await asyncio.sleep(0.05)
+    await scheduler.drain()
+
+    assert set(w.statuses().values()) == {FINISHED} and len(w.outcomes) == 200
+    server = w.servers["127.0.0.2"]
+    assert server.max_concurrent == 4
+    assert server.connections_total == 4  # its own full pool never makes a destination close connections
+
+
 @aio_test
 async def test_per_host_connection_bound(world: Any) -> None:
     w = world({"127.0.0.2": Behaviour()})

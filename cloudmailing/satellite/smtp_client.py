@@ -5,7 +5,7 @@ Wire code only: :class:`SmtpConnection` speaks SMTP and reports what the server 
 decides about retries, back-off or other MX hosts — ``delivery`` does.
 
 Why not ``twisted.mail``'s ESMTPClient: it costs about twice the CPU per message. Here, with
-PIPELINING, each message is exactly two writes (``[RSET] MAIL RCPT DATA``, then the dot-stuffed
+PIPELINING, each message is exactly two writes (``MAIL RCPT DATA``, then the dot-stuffed
 body with its final ``.``) and one asyncio wake-up; TCP_NODELAY avoids a ~43 ms Nagle stall per
 message. Message bytes must use CRLF line endings (the message builder produces them).
 
@@ -251,6 +251,7 @@ class _Factory(ClientFactory):
 
 class _Transaction:
     """One message: ``[RSET] MAIL RCPT DATA`` then the body; completes ``future`` with itself.
+    RSET only after a transaction that did not complete (see ``SmtpConnection._needs_rset``).
 
     Pipelined, the envelope commands go out in one write and their replies are collected;
     otherwise each command is sent after the previous one succeeded.
@@ -286,6 +287,10 @@ class _Transaction:
     def _send_command(self, index: int) -> None:
         self._protocol.expect(self._on_reply, self._on_fail)
         self._protocol.write(self.commands[index])
+
+    def completed(self) -> bool:
+        """Whether the server answered the end of the data (its transaction is over)."""
+        return len(self.replies) == self._data_index + 2
 
     def envelope_accepted(self) -> bool:
         """Whether every decisive envelope reply so far was positive."""
@@ -371,6 +376,10 @@ class SmtpConnection:
         self.tls = False
         self.esmtp = False
         self.messages_sent = 0
+        # A transaction that ended before the reply to its data may leave the server holding
+        # a sender or recipients: the next one starts with RSET. A completed one needs none
+        # (the end of the data resets the server, RFC 5321 4.1.1.4).
+        self._needs_rset = False
         self._reactor: TcpReactor = reactor
         self._clock: Clock = clock
         self._protocol: _SmtpClientProtocol | None = None
@@ -483,7 +492,7 @@ class SmtpConnection:
         if problem:
             return outcomes.permanent_failure(recipient_id, problem, (), self.mx_host)
         commands = self._envelope_commands(envelope_from, recipient, data)
-        has_rset = self.messages_sent > 0
+        has_rset = self._needs_rset
         if has_rset:
             commands.insert(0, b"RSET\r\n")
         self.messages_sent += 1
@@ -492,6 +501,7 @@ class SmtpConnection:
         )
         transaction.start()
         await transaction.future
+        self._needs_rset = not transaction.completed()
         return self._outcome(transaction, recipient_id, len(data), has_rset)
 
     def _envelope_problem(self, envelope_from: str, recipient: str) -> str:
@@ -569,6 +579,6 @@ def _decisive_reply(transaction: _Transaction, has_rset: bool) -> SmtpReply | No
         positive = reply.code == 354 if index == data_index else 200 <= reply.code < 300
         if not positive:
             return reply
-    if len(replies) == data_index + 2:
+    if transaction.completed():
         return replies[-1]
     return None

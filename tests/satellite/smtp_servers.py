@@ -5,6 +5,7 @@ out in one write) whose misbehaviour is chosen with a :class:`Behaviour`::
 
     Behaviour()                          accept everything, store each message
     Behaviour(rcpt_code=550)             reject every RCPT with 550 5.1.1
+    Behaviour(rcpt_codes={"x@y": 550})   reject that address only
     Behaviour(tempfail_first=True)       451 4.7.1 on the first RCPT of an address, 250 after
     Behaviour(hang_at="connect")         accept the TCP connection, never send a greeting
     Behaviour(hang_at="mail")            never answer MAIL FROM (the reply timeout case)
@@ -41,7 +42,7 @@ import datetime
 import random
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLContextFactory
@@ -63,6 +64,7 @@ class Behaviour:
     eightbitmime: bool = True
     smtputf8: bool = True
     rcpt_code: int = 250
+    rcpt_codes: dict[str, int] = field(default_factory=dict)  # per address, over rcpt_code
     tempfail_first: bool = False
     store: bool = True
     hostname: str = "mx.test"
@@ -217,7 +219,7 @@ class _ServerProtocol(Protocol):
             self._reply(b"503 5.5.1 need MAIL first\r\n")
             return
         address = arg.partition("<")[2].partition(">")[0]
-        code = self.behaviour.rcpt_code
+        code = self.behaviour.rcpt_codes.get(address, self.behaviour.rcpt_code)
         if self.behaviour.tempfail_first and address not in self.server.greylist_seen:
             self.server.greylist_seen.add(address)
             code = 451

@@ -4,7 +4,9 @@ Personalizing and DKIM-signing are CPU work (an RSA-2048 signature alone costs ~
 Python process uses one core; a mailing's templates are also code written by a client. So the
 daemon never renders a template itself: ``compose_workers`` worker processes do, each compiling a
 mailing on first use and keeping it while its content is unchanged. A worker composes a chunk of
-recipients and sends each message back as soon as it is made.
+recipients and sends the messages back in small batches (:class:`_Batch`: a few per pipe write
+and daemon wake-up; a message waits for at most ~20 ms of others, and the one under way); after a
+worker was lost, one by one, so that a second loss names the message that caused it.
 
 Limits, so that no template stalls the satellite or starves other mailings:
 
@@ -45,6 +47,9 @@ from cloudmailing.satellite.templates import TemplateLimits
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 50          # recipients per task: large enough to pay for the trip, small enough to stream
+_BATCH_RESULTS = 16      # messages a worker sends back at once, at most ...
+_BATCH_BYTES = 256 * 1024  # ... or about this many bytes of them
+_BATCH_SECONDS = 0.02    # ... or what it made in this time, and the message under way
 _WORKER_CACHE_SIZE = 16  # compiled mailings a worker keeps (the daemon mirrors this cache)
 _POISONED_KEPT = 64      # mailings remembered as over the limits
 LIMIT_PREFIX = "template over its limits"
@@ -100,7 +105,7 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
     conn.send(_READY)
     while True:
         try:
-            digest, content, recipients = conn.recv()
+            digest, content, recipients, one_by_one = conn.recv()
         except EOFError:
             return
         if content is not None:
@@ -112,11 +117,43 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
             while len(compiled) > _WORKER_CACHE_SIZE:
                 compiled.popitem(last=False)
         compiled.move_to_end(digest)
+        batch = _Batch(conn, one_by_one)
         for recipient in recipients:
+            batch.flush_if_old()
             result, over_limit = _compose_one(compiled[digest], recipient, limits, memory_mb)
             if over_limit and isinstance(result, dict):  # its other messages fail without being tried
                 compiled[digest] = templates.PersonalizationError(not_composed(result["reply_text"]))
-            conn.send((result, over_limit))
+            batch.add(result, over_limit)
+        batch.flush()
+
+
+class _Batch:
+    """A worker's results on their way back: sent when full, before a message is started once
+    they are ~20 ms old, at once for a message over a limit, and at the end of the chunk."""
+
+    def __init__(self, conn: Connection, one_by_one: bool) -> None:
+        self._conn = conn
+        self._one_by_one = one_by_one
+        self._results: list[tuple[DeliveryJob | dict[str, Any], bool]] = []
+        self._bytes = 0
+        self._started = 0.0
+
+    def add(self, result: DeliveryJob | dict[str, Any], over_limit: bool) -> None:
+        if not self._results:
+            self._started = time.monotonic()
+        self._results.append((result, over_limit))
+        self._bytes += len(result.data) if isinstance(result, DeliveryJob) else 0
+        if self._one_by_one or over_limit or len(self._results) >= _BATCH_RESULTS or self._bytes >= _BATCH_BYTES:
+            self.flush()
+
+    def flush_if_old(self) -> None:
+        if self._results and time.monotonic() - self._started >= _BATCH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._results:
+            self._conn.send(self._results)
+            self._results, self._bytes = [], 0
 
 
 def not_composed(reason: str) -> str:
@@ -188,13 +225,13 @@ class _Worker:
         self.compiled: OrderedDict[str, None] = OrderedDict()
         self.ready = False  # it said so, once its interpreter and imports were up
 
-    def send(self, mailing: MailingSource, recipients: list[dict[str, Any]]) -> None:
+    def send(self, mailing: MailingSource, recipients: list[dict[str, Any]], one_by_one: bool) -> None:
         known = mailing.digest in self.compiled
         self.compiled[mailing.digest] = None
         self.compiled.move_to_end(mailing.digest)
         while len(self.compiled) > _WORKER_CACHE_SIZE:
             self.compiled.popitem(last=False)
-        self.conn.send((mailing.digest, None if known else mailing.content, recipients))
+        self.conn.send((mailing.digest, None if known else mailing.content, recipients, one_by_one))
 
     async def started(self) -> None:
         """Once the worker is up: its start-up does not count in a message's time."""
@@ -209,7 +246,8 @@ class _Worker:
         self.ready = True
 
     async def receive(self, wall_seconds: float) -> Any:
-        """The next message or failure; :class:`_WorkerLost` if none comes in ``wall_seconds``."""
+        """The next batch of messages or failures; :class:`_WorkerLost` if none comes in
+        ``wall_seconds`` (a batch takes ~20 ms more than its last message)."""
         if not self.conn.poll():
             loop = asyncio.get_running_loop()
             ready = loop.create_future()
@@ -331,7 +369,7 @@ class ComposePool:
                 break
             try:
                 await worker.started()
-                worker.send(mailing, remaining)
+                worker.send(mailing, remaining, one_by_one=retried)
             except (OSError, _WorkerLost) as error:  # it died while idle or starting: nothing was lost
                 worker = self._replace(worker)
                 failed_starts += 1
@@ -342,13 +380,13 @@ class ComposePool:
                 continue
             done = 0
             try:
-                for _ in remaining:
-                    result, over_limit = await worker.receive(self.wall_seconds)
-                    if over_limit:
-                        self._poison(mailing, result["reply_text"])
-                    report(_as_composed(result))
-                    done += 1
-                    retried = False
+                while done < len(remaining):
+                    for result, over_limit in await worker.receive(self.wall_seconds):
+                        if over_limit:
+                            self._poison(mailing, result["reply_text"])
+                        report(_as_composed(result))
+                        done += 1
+                        retried = False
                 break
             except _WorkerLost as lost:
                 worker = self._replace(worker)

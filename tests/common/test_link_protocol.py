@@ -4,6 +4,7 @@ the frame back. Property tests feed the decoders generated frames, valid and not
 from __future__ import annotations
 
 import json
+from unittest import mock
 from typing import Any, Callable
 
 import pytest
@@ -25,6 +26,7 @@ from cloudmailing.common.link_protocol import (
     Report,
     ReportAnswer,
     _plain_outcome,
+    _plain_recipient,
 )
 from cloudmailing.common.statuses import REPORTED_STATUSES
 from tests.common.test_link_frames import json_values
@@ -164,5 +166,30 @@ def test_the_fast_outcome_check_accepts_only_what_the_field_check_accepts(value:
     general = _field_by_field(value)
     if fast is not None:
         assert general == fast  # same fields; "customized_content": None forces the general path
+    else:
+        assert isinstance(general, FrameError)
+
+
+recipient_variants = st.fixed_dictionaries({}, optional={
+    name: json_values | near_misses | st.just(RECIPIENT[name] if name != "attachments" else [])
+    for name in RECIPIENT}) | json_values
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(recipient_variants)
+def test_the_fast_recipient_check_accepts_only_what_the_field_check_accepts(value: Any) -> None:
+    everyday = {**RECIPIENT, "attachments": []}
+    assert _plain_recipient(everyday) == LeasedRecipient.from_wire(everyday)  # it takes the fast path
+    try:
+        fast = LeasedRecipient.from_wire(value)
+    except FrameError:
+        fast = None
+    with mock.patch("cloudmailing.common.link_protocol._plain_recipient", return_value=None):
+        try:
+            general: LeasedRecipient | FrameError = LeasedRecipient.from_wire(value)
+        except FrameError as refused:
+            general = refused
+    if fast is not None:
+        assert general == fast
     else:
         assert isinstance(general, FrameError)

@@ -50,7 +50,7 @@ async def raw(port: int, messages: list[bytes], connections: int) -> float:
     queue = list(reversed(messages))
 
     async def worker() -> None:
-        conn = SmtpConnection(options, "sink", reactor, reactor)
+        conn = SmtpConnection(options, "sink", reactor)
         await conn.connect(HOST, port)
         while queue:
             data = queue.pop()
@@ -77,7 +77,7 @@ async def scheduled(port: int, messages: list[bytes], connections: int) -> float
         status = outcome.status  # type: ignore[attr-defined]
         statuses[status] = statuses.get(status, 0) + 1
 
-    scheduler = DeliveryScheduler(config, OneHost(), on_outcome, reactor, reactor)
+    scheduler = DeliveryScheduler(config, OneHost(), on_outcome, reactor)
     start = time.perf_counter()
     for i, data in enumerate(messages):
         scheduler.submit(DeliveryJob(str(i), "bench.test", "bounce@bench.test", f"r{i}@bench.test", data))

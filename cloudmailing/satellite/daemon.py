@@ -107,7 +107,7 @@ class SatelliteDaemon:
         self._resolver = MxResolver(nameservers, clock=reactor, rng=rng or random.Random())
         self._outbox = Outbox(data_dir / "outbox.jsonl")
         self._scheduler = DeliveryScheduler(delivery_config(config), self._resolver, self._delivered,
-                                            reactor=reactor, clock=reactor)
+                                            clock=reactor)
         self._composer = ComposePool(config.compose_workers, template_limits(config), config.compose_memory_mb)
         self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
                                   config.max_composed_bytes)

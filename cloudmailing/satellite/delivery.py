@@ -36,7 +36,7 @@ from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.satellite import outcomes
 from cloudmailing.satellite.mx_resolver import MailHost, PermanentDnsError
 from cloudmailing.satellite.outcomes import DeliveryOutcome
-from cloudmailing.satellite.smtp_client import SmtpClientOptions, SmtpConnectError, SmtpConnection, TcpReactor
+from cloudmailing.satellite.smtp_client import SmtpClientOptions, SmtpConnectError, SmtpConnection
 
 log = logging.getLogger("cloudmailing.satellite.delivery")
 
@@ -173,13 +173,11 @@ class DeliveryScheduler:
         config: DeliveryConfig,
         resolver: Resolver,
         on_outcome: OutcomeCallback,
-        reactor: TcpReactor,
         clock: Clock,
     ) -> None:
         self.config = config
         self._resolver = resolver
         self._on_outcome = on_outcome
-        self._reactor: TcpReactor = reactor
         self._clock: Clock = clock
         self._options = SmtpClientOptions(
             config.helo_hostname, config.connect_timeout, config.reply_timeout, config.starttls
@@ -413,7 +411,7 @@ class DeliveryScheduler:
         target = dest.route[index]
         error: SmtpConnectError | None = None
         while True:
-            connection = SmtpConnection(self._options, target.name, self._reactor, self._clock)
+            connection = SmtpConnection(self._options, target.name, self._clock)
             try:
                 await connection.connect(target.address, target.port)
                 return connection, target

@@ -4,8 +4,8 @@ the frame back. Property tests feed the decoders generated frames, valid and not
 from __future__ import annotations
 
 import json
-from unittest import mock
 from typing import Any, Callable
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings

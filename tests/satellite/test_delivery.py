@@ -70,7 +70,7 @@ class World:
         self.resolver = StaticResolver(table)
         self.scheduler = DeliveryScheduler(
             DeliveryConfig(**settings), self.resolver,
-            lambda job, outcome: self.outcomes.append((job, outcome)), reactor, clock or reactor,
+            lambda job, outcome: self.outcomes.append((job, outcome)), clock or reactor,
         )
         return self.scheduler
 

@@ -59,7 +59,7 @@ def serve() -> Iterator[Callable[..., tuple[SmtpTestServer, int]]]:
 
 
 async def connected(port: int, options: SmtpClientOptions = OPTIONS, clock: Clock | None = None) -> SmtpConnection:
-    connection = SmtpConnection(options, "mx.dest.test", reactor, clock or reactor)
+    connection = SmtpConnection(options, "mx.dest.test", clock or reactor)
     await connection.connect(HOST, port)
     return connection
 
@@ -292,7 +292,7 @@ async def test_drop_after_mail_is_a_warning(serve: Any) -> None:
 async def test_greeting_timeout_when_server_hangs(serve: Any) -> None:
     server, port = serve(Behaviour(hang_at="connect"))
     clock = Clock()
-    connection = SmtpConnection(OPTIONS, "mx", reactor, clock)
+    connection = SmtpConnection(OPTIONS, "mx", clock)
     attempt = asyncio.ensure_future(connection.connect(HOST, port))
     await server.wait_for_connection()
     await asyncio.sleep(0.05)  # let the client see the connection too

@@ -84,7 +84,7 @@ scripts = chunks | st.tuples(handshakes, transactions).map(lambda parts: parts[0
 
 async def _deliver(port: int, clock: Clock) -> DeliveryOutcome:
     """One message through a new connection; a failed connect reported as the scheduler does."""
-    connection = SmtpConnection(OPTIONS, "mx.fuzz.test", reactor, clock)
+    connection = SmtpConnection(OPTIONS, "mx.fuzz.test", clock)
     try:
         await connection.connect(HOST, port)
     except SmtpConnectError as error:

@@ -13,6 +13,9 @@ Methods the master serves (``master/link_server.py``), request → answer:
 - ``lease`` :class:`LeaseRequest` → :class:`LeaseAnswer` (:class:`LeasedRecipient` each).
 - ``mailing`` :class:`MailingRequest` → :class:`MailingContent`.
 - ``report`` :class:`Report` (:class:`Outcome` each) → :class:`ReportAnswer`.
+
+The method the satellite serves: ``wake`` :class:`Wake` (no answer awaited): recipients became
+deliverable, ask for a lease now rather than at the next idle poll.
 """
 
 from __future__ import annotations
@@ -436,6 +439,19 @@ class Report:
 
     def to_wire(self) -> dict[str, Any]:
         return {"outcomes": [o.to_wire() for o in self.outcomes]}
+
+
+@dataclass(frozen=True)
+class Wake:
+    """The master has new work (a mailing started, recipients added to one, test recipients)."""
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Wake:
+        _Fields(value, "wake", strict=True).done()
+        return cls()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True)

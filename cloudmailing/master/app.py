@@ -128,11 +128,12 @@ def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatc
                    max_awaiting_approval: int = 100) -> Services:
     """Every domain service of the master, on ``stores`` (a test may hand in its own)."""
     mailings = MailingService(stores, clock)
+    dispatcher = Dispatcher(stores, clock, dispatch)
     return Services(
-        dispatcher=Dispatcher(stores, clock, dispatch),
+        dispatcher=dispatcher,
         mailings=mailings,
-        recipients=RecipientService(stores, mailings, clock),
+        recipients=RecipientService(stores, mailings, clock, dispatcher.work_available),
         reports=ReportService(stores),
         satellites=SatelliteService(stores, clock, max_awaiting_approval),
-        lifecycle=MailingLifecycle(stores, clock, retention_days),
+        lifecycle=MailingLifecycle(stores, clock, retention_days, dispatcher.work_available),
     )

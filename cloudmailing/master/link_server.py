@@ -29,6 +29,7 @@ from cloudmailing.common.link_protocol import (
     MailingRequest,
     Report,
     ReportAnswer,
+    Wake,
 )
 from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.dispatcher import Dispatcher
@@ -120,6 +121,12 @@ class SatelliteLinkFactory(Factory):
         self._releases: dict[str, DelayedCall] = {}  # serial -> its leases' release, after the grace
         self.sessions: dict[str, SatelliteSession] = {}
         self.throttle = throttle or SourceThrottle(clock)  # hellos per source address
+        dispatcher.on_work(self.wake_all)
+
+    def wake_all(self) -> None:
+        """Tell every connected satellite that there is work (``wake``): an idle one leases now."""
+        for session in self.sessions.values():
+            session.notify("wake", **Wake().to_wire())
 
     def release_later(self, serial: str) -> None:
         """A satellite left: its leases go back to the queue unless it says hello again within

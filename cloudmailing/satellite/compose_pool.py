@@ -306,6 +306,11 @@ class ComposePool:
         self._tasks: set[asyncio.Future[None]] = set()
         self._closed = False
 
+    def start(self) -> None:
+        """Start the worker processes now rather than on first use (in the running loop): the
+        first lease need not wait for their interpreters and imports."""
+        self._idle_workers()
+
     def _idle_workers(self) -> asyncio.Queue[_Worker]:
         if self._idle is None:  # started on first use, in the running loop
             self._idle = asyncio.Queue()

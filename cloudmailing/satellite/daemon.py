@@ -26,7 +26,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
 from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
-from cloudmailing.common.link import LinkError, LinkProtocol
+from cloudmailing.common.link import LinkError, LinkProtocol, Method
 from cloudmailing.common.link_protocol import (
     FrameError,
     Hello,
@@ -39,6 +39,7 @@ from cloudmailing.common.link_protocol import (
     Outcome,
     Report,
     ReportAnswer,
+    Wake,
 )
 from cloudmailing.common.private_files import write_private
 from cloudmailing.config.settings import SatelliteConfig
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 REPORT_BATCH = 1000
 REPORT_INTERVAL = 0.5  # outcomes wait up to this long before they are reported
-IDLE_POLL = 1.0
+IDLE_POLL = 1.0  # an idle satellite asks again after this, or at once when the master wakes it
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
@@ -115,6 +116,7 @@ class SatelliteDaemon:
         # The lease of every recipient held (leased, not yet acknowledged): a reconnecting
         # satellite names them, and the master frees its other leases at once.
         self._leases: dict[str, str] = {}
+        self._work = asyncio.Event()  # the master said it has work (``wake``) since the last lease
         self._stopping = False
         self.sessions = 0  # how many times it has connected (for tests and logs)
 
@@ -139,6 +141,7 @@ class SatelliteDaemon:
 
     async def run(self) -> None:
         """Connect, serve, reconnect with a growing pause, until :meth:`stop`."""
+        self._composer.start()
         composing = asyncio.ensure_future(self.ahead.run())
         try:
             await self._serve()
@@ -162,7 +165,8 @@ class SatelliteDaemon:
     async def _connect(self) -> LinkProtocol:
         options = master_options(self.config.master_fingerprint, self._data_dir)
         endpoint = SSL4ClientEndpoint(self._reactor, self.config.master_host, self.config.master_port, options)
-        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol(self._reactor)))
+        served = {"wake": Method(Wake.from_wire, self._wake)}  # the one request the master makes
+        link: LinkProtocol = await wait_deferred(connectProtocol(endpoint, LinkProtocol(self._reactor, served)))
         return link
 
     async def _session(self, link: LinkProtocol) -> None:
@@ -200,6 +204,7 @@ class SatelliteDaemon:
             if held >= low_water or len(self._outbox) >= max_unreported:
                 await asyncio.sleep(0.05)
                 continue
+            self._work.clear()  # a wake from now on is for what this lease may not see
             answer = await self._ask(link, "lease", LeaseRequest(self.config.lease_size - held).to_wire(),
                                      LeaseAnswer.from_wire)
             recipients = answer.recipients if answer else []
@@ -210,7 +215,18 @@ class SatelliteDaemon:
             for mailing_id, leased in by_mailing.items():
                 await self._submit(link, mailing_id, leased)
             if not recipients:
-                await asyncio.sleep(IDLE_POLL)
+                await self._idle()
+
+    async def _idle(self) -> None:
+        """Until ``IDLE_POLL`` has passed, or the master says it has work."""
+        try:
+            await asyncio.wait_for(self._work.wait(), IDLE_POLL)
+        except TimeoutError:
+            pass
+
+    async def _wake(self, wake: Wake) -> dict[str, Any]:
+        self._work.set()
+        return {}
 
     async def _submit(self, link: LinkProtocol, mailing_id: int, recipients: list[LeasedRecipient]) -> None:
         try:

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, TIMEOUT, WARNING
@@ -60,6 +60,18 @@ class Dispatcher:
         # The recipients this master leased, until reported or released: a report finds them
         # here (after a restart, through the recipient index).
         self._held: dict[str, _Held] = {}
+        self._work_listeners: list[Callable[[], None]] = []
+
+    def on_work(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever recipients become deliverable (see :meth:`work_available`)."""
+        self._work_listeners.append(listener)
+
+    def work_available(self) -> None:
+        """Recipients became deliverable (a mailing started, recipients were added to a running
+        one, test recipients): the listeners (the satellite link) wake idle satellites, which
+        would otherwise ask again only at their next idle poll."""
+        for listener in self._work_listeners:
+            listener()
 
     def new_lease_budget(self) -> LeaseBudget:
         """A fresh allowance for a satellite that just connected."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from cloudmailing.common.statuses import MAILING_READY, PENDING_STATUSES, RUNNING, TIMEOUT
 from cloudmailing.services.clock import SecondsClock, utc_now
@@ -38,8 +38,10 @@ def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
 
 
 class MailingLifecycle:
-    def __init__(self, stores: Stores, clock: SecondsClock, log_retention_days: int = 30) -> None:
+    def __init__(self, stores: Stores, clock: SecondsClock, log_retention_days: int = 30,
+                 work_available: Callable[[], None] = lambda: None) -> None:
         self._stores = stores
+        self._work_available = work_available  # a mailing started: satellites may lease now
         self._mailings = stores.mailings
         self._clock = clock
         self._retention = datetime.timedelta(days=log_retention_days)
@@ -68,6 +70,7 @@ class MailingLifecycle:
             await self._mailings.update(mailing_id, {"status": RUNNING, "start_time": mailing["start_time"]},
                                         only_if_status=[MAILING_READY])
             log.info("mailing running", extra={"mailing": mailing_id})
+            self._work_available()
         if mailing["status"] == MAILING_READY or mailing.get("type", REGULAR) != REGULAR:
             return  # an OPENED mailing (a transactional stream) never finishes by itself
         end = deadline(mailing)

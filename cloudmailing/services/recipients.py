@@ -7,9 +7,9 @@ import binascii
 import functools
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
-from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY
+from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY, RUNNING
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
 from cloudmailing.services.clock import SecondsClock, utc_now
@@ -35,8 +35,10 @@ class EntryError(ValueError):
 
 
 class RecipientService:
-    def __init__(self, stores: Stores, mailings: MailingService, clock: SecondsClock) -> None:
+    def __init__(self, stores: Stores, mailings: MailingService, clock: SecondsClock,
+                 work_available: Callable[[], None] = lambda: None) -> None:
         self._stores = stores
+        self._work_available = work_available  # deliverable now: satellites may lease at once
         self._mailings = mailings
         self._clock = clock
 
@@ -69,6 +71,8 @@ class RecipientService:
             else:
                 answers[position]["id"] = recipient_id
         stored = sum(1 for recipient_id in ids if recipient_id is not None)
+        if stored and (test or mailing["status"] == RUNNING):
+            self._work_available()
         log.info("%d recipients added, %d refused", stored, len(entries) - stored, extra={"mailing": mailing["_id"]})
         return answers
 

@@ -171,3 +171,37 @@ async def test_a_lease_of_big_messages_is_composed_within_the_byte_bound(running
     # The whole lease (40 × ~570 KB) was never composed at once: at most the bound and one message.
     assert 0 < satellite.ahead.peak_bytes <= bound + largest
     assert satellite.ahead.composed_bytes == 0
+
+
+@aio_test
+async def test_an_idle_satellite_is_woken_when_a_mailing_starts_and_when_test_recipients_come(
+        running_master, dns, tmp_path: Path, monkeypatch):
+    from cloudmailing.satellite import daemon
+
+    monkeypatch.setattr(daemon, "IDLE_POLL", 120.0)  # only a wake from the master can start it in time
+    servers, smtp_port = start_servers({"127.0.0.2": Behaviour()})
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("news@sender.test", "S", "Hi {{ firstname }}", "", "Hello", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": f"user{i}@ok.test", "firstname": f"F{i}"} for i in range(5)])
+    await api.cloud_add_satellite("sat-idle", {})
+    loop = asyncio.get_running_loop()
+    try:
+        async with satellite_running(running_master.master, tmp_path / "satellite", "sat-idle", dns, smtp_port):
+            while running_master.master.link_factory.sessions.get("sat-idle") is None:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # it asked for a lease, got none: idle now
+            await api.send_test(mailing_id, [{"email": "qa@ok.test", "firstname": "QA"}])
+            started = loop.time()
+            while not any(m.rcpt_to == ["qa@ok.test"] for m in servers["127.0.0.2"].messages):
+                assert loop.time() - started < 15, "the test recipient waited for the idle poll"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            assert await api.start_mailing(mailing_id) == "READY"
+            await api.mailing_manager_force_check()  # RUNNING: the satellites are told
+            started = loop.time()
+            while len(servers["127.0.0.2"].messages) < 6:
+                assert loop.time() - started < 15, "the started mailing waited for the idle poll"
+                await asyncio.sleep(0.05)
+    finally:
+        for server in servers.values():
+            await server.stop()

@@ -133,7 +133,7 @@ def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatc
         dispatcher=dispatcher,
         mailings=mailings,
         recipients=RecipientService(stores, mailings, clock, dispatcher.work_available),
-        reports=ReportService(stores),
+        reports=ReportService(stores, clock),
         satellites=SatelliteService(stores, clock, max_awaiting_approval),
         lifecycle=MailingLifecycle(stores, clock, retention_days, dispatcher.work_available),
     )

@@ -7,8 +7,10 @@ from typing import Any, Mapping, Sequence
 
 from cloudmailing.common.statuses import IN_PROGRESS, PENDING_STATUSES, READY, RECIPIENT_STATUSES
 from cloudmailing.services import values
+from cloudmailing.services.clock import SecondsClock
 from cloudmailing.services.errors import InvalidValue
 from cloudmailing.services.kept_messages import customized_content
+from cloudmailing.services.read_ahead import ReadAhead
 from cloudmailing.storage.mailings import MailingFilter
 from cloudmailing.storage.recipients import FoundRecipient
 from cloudmailing.storage.stores import Stores
@@ -56,8 +58,9 @@ class RecipientFilter:
 
 
 class ReportService:
-    def __init__(self, stores: Stores) -> None:
+    def __init__(self, stores: Stores, clock: SecondsClock) -> None:
         self._stores = stores
+        self._read_ahead = ReadAhead(clock)
 
     async def recipient_filter(self, filters: Any, default_statuses: Sequence[str] | None = None) -> RecipientFilter:
         """The ``filters`` of a recipient query: status, owners, mailings, sender_domains."""
@@ -113,17 +116,30 @@ class ReportService:
 
     async def updated_since(self, cursor: Any, filters: Any, max_results: Any, options: Any) -> dict[str, Any]:
         position = Cursor.decode(cursor)
-        limit = values.integer("max_results", max_results if max_results not in (None, "") else MAX_RESULTS,
-                               minimum=1)
+        limit = min(values.integer("max_results", max_results if max_results not in (None, "") else MAX_RESULTS,
+                                   minimum=1), MAX_RESULTS)
         wanted = _options(options)
         which = await self.recipient_filter(filters, default_statuses=[s for s in RECIPIENT_STATUSES if s != READY])
+        request = (position, which, limit, tuple(sorted(wanted.items())))
+        answer = await self._read_ahead.take(request)
+        if answer is None:
+            answer = await self._read_since(position, which, limit, wanted)
+        if len(answer["recipients"]) == limit and not _wants_content(wanted):
+            # A full page: the reader will want the next one; read it while it parses this one
+            # (never when reading has an effect: delete_customized_content).
+            following = Cursor.decode(answer["cursor"])
+            self._read_ahead.start((following, *request[1:]), self._read_since(following, which, limit, wanted))
+        return answer
+
+    async def _read_since(self, position: Cursor, which: RecipientFilter, limit: int,
+                          wanted: Mapping[str, bool]) -> dict[str, Any]:
         statuses = which.statuses
 
         def accept(entry: Mapping[str, Any]) -> bool:
             return statuses is None or entry["r"]["status"] in statuses
 
         entries, page, seq = await self._stores.status_log.read_since(
-            position.page, position.seq, min(limit, MAX_RESULTS),
+            position.page, position.seq, limit,
             set(which.mailing_ids) if which.mailing_ids is not None else None, accept)
         records = [dict(entry["r"], id=entry["id"]) for entry in entries]
         places = {entry["id"]: (entry["b"], entry["s"]) for entry in entries}

@@ -93,9 +93,11 @@ async def test_concurrent_writers_and_a_paging_reader_see_every_change_once(data
 
 
 async def _statuses(stores, ids):
+    from twisted.internet.task import Clock
+
     from cloudmailing.services.reports import ReportService
 
-    return await ReportService(stores).statuses(ids, {})
+    return await ReportService(stores, Clock()).statuses(ids, {})
 
 
 @aio_test

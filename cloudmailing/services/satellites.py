@@ -42,12 +42,16 @@ class SatelliteRefused(Exception):
         self.code = code
 
 
+LAST_SEEN_SECONDS = 10.0  # a satellite's last_seen is written at most this often (leases come more often)
+
+
 class SatelliteService:
     def __init__(self, stores: Stores, clock: SecondsClock, max_awaiting_approval: int = 100) -> None:
         self._store = stores.satellites
         self._blocks = stores.blocks
         self._clock = clock
         self._max_awaiting = max_awaiting_approval
+        self._seen_written: dict[int, float] = {}  # satellite id -> when its last_seen was last written
 
     async def add(self, serial: Any, properties: Any) -> int:
         name = values.text("serial", serial, max_length=100, header=True).strip()
@@ -113,7 +117,10 @@ class SatelliteService:
         current = await self._store.get(satellite_id)
         if current is None or not (current.get("enabled") and current.get("paired")):
             raise SatelliteRefused("not_paired", "this satellite is no longer enabled and paired")
-        await self._store.update(current["_id"], {"last_seen": utc_now(self._clock)})
+        now = self._clock.seconds()
+        if now - self._seen_written.get(current["_id"], -LAST_SEEN_SECONDS) >= LAST_SEEN_SECONDS:
+            await self._store.update(current["_id"], {"last_seen": utc_now(self._clock)})
+            self._seen_written[current["_id"]] = now
         return current
 
     async def count(self) -> int:

@@ -20,6 +20,7 @@ import asyncio
 import datetime
 import logging
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SEQUENCE_COUNTER = "status_seq"
 RESERVE = 10_000  # numbers reserved from the database at a time
+_PAGES_KEPT = 4  # decoded pages kept: a cursor reads the rest of its last page, the read ahead the same
 
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
 STATUS_FIELDS = ("email", "status", "reply_code", "reply_enhanced_code", "reply_text", "smtp_log",
@@ -115,6 +117,8 @@ class StatusLog:
     def __init__(self, database: Database, allocator: SequenceAllocator) -> None:
         self._db = database
         self.allocator = allocator
+        # The last pages read, decoded (a page does not change once written; deleted ones leave).
+        self._recent: OrderedDict[int, LogPage] = OrderedDict()
 
     async def insert(self, page: LogPage) -> None:
         """Write ``page`` (again after a crash: a page already there is left as it is)."""
@@ -124,6 +128,7 @@ class StatusLog:
             pass
 
     async def delete_page(self, first: int) -> None:
+        self._recent.pop(first, None)
         collection = await self._db.bucket("status_log", bucket_of(first))
         await collection.delete_one({"_id": first})
 
@@ -137,9 +142,18 @@ class StatusLog:
         return found
 
     async def page(self, first: int) -> LogPage | None:
+        if first in self._recent:
+            self._recent.move_to_end(first)
+            return self._recent[first]
         collection = await self._db.bucket("status_log", bucket_of(first))
         doc = await collection.find_one({"_id": first})
-        return LogPage.from_document(doc) if doc else None
+        if doc is None:
+            return None
+        page = LogPage.from_document(doc)
+        self._recent[first] = page
+        while len(self._recent) > _PAGES_KEPT:
+            self._recent.popitem(last=False)
+        return page
 
     async def entries(self, refs: Iterable[tuple[int, int]]) -> dict[int, Mapping[str, Any]]:
         """The entries numbered ``seq`` of pages ``page`` for each (page, seq), by number."""
@@ -204,6 +218,7 @@ class StatusLog:
         return None
 
     async def delete_mailing(self, mailing_id: int) -> None:
+        self._recent.clear()
         for bucket in await self._db.bucket_numbers("status_log"):
             await (await self._db.bucket("status_log", bucket)).delete_many({"m": mailing_id})
 
@@ -211,6 +226,7 @@ class StatusLog:
         """Delete the pages logged before ``cutoff`` that no recipient's details point at
         (``referenced``: page ids); drop buckets left empty."""
         deleted = 0
+        self._recent.clear()
         for bucket in await self._db.bucket_numbers("status_log"):
             collection = await self._db.bucket("status_log", bucket)
             old = [doc["_id"] async for doc in collection.find({"at": {"$lt": cutoff}}, {"_id": 1})]

@@ -268,13 +268,16 @@ def _plain_recipient(value: Any) -> LeasedRecipient | None:
     It accepts only what that check accepts (a property test compares them)."""
     if type(value) is not dict:
         return None
-    recipient_id, mailing_id, email, domain, contact, test, lease, attachments = map(value.get, (
-        "id", "mailing_id", "email", "domain", "contact", "test", "lease", "attachments"))
+    get = value.get
+    recipient_id, mailing_id, email, domain, lease = get("id"), get("mailing_id"), get("email"), get("domain"), \
+        get("lease")
+    contact, test, attachments = get("contact"), get("test"), get("attachments")
     if (type(mailing_id) is not int or not _INT64[0] <= mailing_id <= _INT64[1] or type(test) is not bool
-            or not all(type(text) is str and text.isascii() for text in (recipient_id, email, domain, lease))
-            or not (contact is None or type(contact) is dict) or attachments not in (None, [])):
+            or not (contact is None or type(contact) is dict) or not (attachments is None or attachments == [])
+            or type(recipient_id) is not str or type(email) is not str or type(domain) is not str
+            or type(lease) is not str or not (recipient_id + email + domain + lease).isascii()):
         return None
-    return LeasedRecipient(str(recipient_id), mailing_id, str(email), str(domain), contact or {}, test, str(lease))
+    return LeasedRecipient(recipient_id, mailing_id, email, domain, contact or {}, test, lease)
 
 
 @dataclass(frozen=True)
@@ -414,16 +417,20 @@ def _plain_outcome(value: Any) -> Outcome | None:
     if type(value) is not dict or not value.keys() <= _OUTCOME_FIELDS or "customized_content" in value:
         return None
     get = value.get
-    recipient_id, status, code, log, lease = map(get, ("recipient_id", "status", "reply_code", "smtp_log", "lease"))
-    enhanced, text, mx_host = ("" if item is None else item
-                               for item in map(get, ("reply_enhanced_code", "reply_text", "mx_host")))
-    if (type(status) is not str or status not in REPORTED_STATUSES
-            or not all(type(item) is str and item.isascii() for item in (recipient_id, enhanced, text, mx_host))
-            or not (lease is None or (type(lease) is str and lease.isascii()))
-            or not (code is None or type(code) is int)
-            or not (log is None or (type(log) is list and all(type(line) is str and line.isascii() for line in log)))):
+    recipient_id, status, code, log, lease = get("recipient_id"), get("status"), get("reply_code"), \
+        get("smtp_log"), get("lease")
+    enhanced, text, mx_host = get("reply_enhanced_code"), get("reply_text"), get("mx_host")
+    enhanced, text, mx_host = ("" if enhanced is None else enhanced, "" if text is None else text,
+                               "" if mx_host is None else mx_host)
+    if (type(recipient_id) is not str or type(status) is not str or status not in REPORTED_STATUSES
+            or not (code is None or type(code) is int) or not (log is None or type(log) is list)):
         return None
-    return Outcome(str(recipient_id), status, code, enhanced, text, log or [], mx_host, lease)
+    try:  # joining raises TypeError for anything else than strings
+        if not "".join((recipient_id, enhanced, text, mx_host, lease or "", *(log or ()))).isascii():
+            return None
+    except TypeError:
+        return None
+    return Outcome(recipient_id, status, code, enhanced, text, log or [], mx_host, lease)
 
 
 @dataclass(frozen=True)

@@ -362,6 +362,23 @@ class MailingResult:
     cpu: dict[str, float]
     ingest_seconds: float
     resident: list[tuple[int, float, float]]  # every 10 s: messages at the sinks, master MiB, satellite MiB
+    idle: dict[str, float]  # CPU seconds per second of each process before the mailing starts
+
+
+IDLE_SECONDS = 10.0
+
+
+def idle_cpu(watched: dict[str, int], postmaster: int | None) -> dict[str, float]:
+    """CPU seconds per second of each process, linked and waiting, before the mailing starts: what
+    a master, its database and an idle satellite cost with nothing to send."""
+    time.sleep(2)  # the satellite's first lease, answered empty
+    before = {name: tree_cpu_seconds(pid) for name, pid in watched.items()}
+    pg_before = postgres_cpu_seconds(postmaster) if postmaster else 0.0
+    time.sleep(IDLE_SECONDS)
+    idle = {name: (tree_cpu_seconds(pid) - before[name]) / IDLE_SECONDS for name, pid in watched.items()}
+    if postmaster:
+        idle["postgresql"] = (postgres_cpu_seconds(postmaster) - pg_before) / IDLE_SECONDS
+    return idle
 
 
 def wait_connected(proxy: Any, satellite: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
@@ -480,13 +497,14 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
         if database is not None:
             watched["ferretdb"] = database.ferretdb_pid
         resident: list[tuple[int, float, float]] = []
+        idle = idle_cpu(watched, database.postgres_pid if database else None)
         seconds, mailing, finished, cpu = follow_mailing(url, proxy, mailing_id, sinks, args.timeout, watched,
                                                           database.postgres_pid if database else None, resident)
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
         workers = children(satellite.pid)
         if workers:
             memory[f"its {len(workers)} child processes"] = sum(peak_memory_mb(pid) for pid in workers)
-        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds, resident)
+        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds, resident, idle)
     finally:
         stop(satellite)
         stop(master)
@@ -539,6 +557,8 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
             result.resident[0], result.resident[-1])
         print(f"resident memory from {first_sent:,} to {last_sent:,} messages sent: master {master_first:.0f} -> "
               f"{master_last:.0f} MiB, satellite (with workers) {satellite_first:.0f} -> {satellite_last:.0f} MiB")
+    print("idle, linked, before the mailing (CPU ms per second): "
+          + ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in result.idle.items()))
     print(f"CPU seconds during the {result.seconds:.1f} s mailing: "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.cpu.items()))
     delivered = max(mailing["total_sent"] + mailing["total_error"], 1)

@@ -125,8 +125,9 @@ class SatelliteDaemon:
     def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
         self.ahead.sent(job)
         content = base64.b64encode(job.data).decode("ascii") if job.keep_content else None
-        self._keep(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code, outcome.reply_enhanced_code,
-                           outcome.reply_text, outcome.smtp_log, outcome.mx_host, customized_content=content))
+        self._outbox.add(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code,
+                                 outcome.reply_enhanced_code, outcome.reply_text, outcome.smtp_log, outcome.mx_host,
+                                 self._leases.get(outcome.recipient_id), content))
 
     def _keep(self, outcome: Outcome) -> None:
         """Into the outbox, to be reported, naming the lease the recipient came with."""

@@ -188,6 +188,10 @@ class DeliveryScheduler:
         self._connections = 0
         self._blocked: dict[int, _Destination] = {}  # waiting for connection slots
         self._idle_workers: dict[asyncio.Future[DeliveryJob | None], tuple[str, int]] = {}
+        # When each lingering worker gives up, and the one timer that ends the lingers due (a
+        # timer per linger cost a tenth of the daemon's time: a worker lingers after most messages).
+        self._linger_ends: dict[asyncio.Future[DeliveryJob | None], float] = {}
+        self._linger_timer: DelayedCall | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._pending = 0
         self._drained: asyncio.Future[None] | None = None
@@ -235,6 +239,9 @@ class DeliveryScheduler:
                     waiter.set_result(None)
             if dest.wake_timer is not None and dest.wake_timer.active():
                 dest.wake_timer.cancel()
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
+        self._linger_timer = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -484,13 +491,23 @@ class DeliveryScheduler:
         waiter: asyncio.Future[DeliveryJob | None] = asyncio.get_running_loop().create_future()
         dest.idle.append(waiter)
         self._idle_workers[waiter] = target.key
-        timer = self._clock.callLater(self.config.idle_timeout, _settle, waiter, None)
+        self._linger_ends[waiter] = self._clock.seconds() + self.config.idle_timeout
+        if self._linger_timer is None:
+            self._linger_timer = self._clock.callLater(self.config.idle_timeout, self._end_lingers)
         try:
             return await waiter
         finally:
             del self._idle_workers[waiter]
-            if timer.active():
-                timer.cancel()
+            del self._linger_ends[waiter]
+
+    def _end_lingers(self) -> None:
+        """Give None to the lingering workers whose ``idle_timeout`` is over; wait for the next."""
+        now = self._clock.seconds()
+        for waiter, end in self._linger_ends.items():
+            if end <= now:
+                _settle(waiter, None)
+        waiting = [end for waiter, end in self._linger_ends.items() if not waiter.done()]
+        self._linger_timer = self._clock.callLater(min(waiting) - now, self._end_lingers) if waiting else None
 
     def _account(self, target: _Target, outcome: DeliveryOutcome, saw_421: bool) -> None:
         if outcome.status == outcomes.FINISHED:

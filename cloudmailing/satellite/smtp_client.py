@@ -62,6 +62,8 @@ class SmtpReply(NamedTuple):
     @property
     def text(self) -> str:
         """The reply text, lines joined by a space."""
+        if len(self.lines) == 1:  # most replies
+            return self.lines[0].decode("utf-8", "replace")
         return " ".join(line.decode("utf-8", "replace") for line in self.lines)
 
     def log_line(self) -> str:

@@ -214,6 +214,32 @@ async def test_idle_connection_is_closed_after_idle_timeout(world: Any) -> None:
     assert server.open_connections == 0 and scheduler.open_connections == 0
 
 
+@aio_test
+async def test_each_lingering_connection_ends_its_own_idle_timeout_after_its_last_message(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+    clock = Clock()
+    scheduler = w.start({"a.test": [mx("127.0.0.2")], "b.test": [mx("127.0.0.3")]}, clock=clock, idle_timeout=2.0)
+    await deliver(scheduler, jobs("a.test", 1))
+    clock.advance(1.5)
+    await deliver(scheduler, jobs("b.test", 1))
+    first, second = w.servers["127.0.0.2"], w.servers["127.0.0.3"]
+
+    async def settled(server: Any, open_connections: int) -> bool:
+        for _ in range(100):
+            if server.open_connections == open_connections:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    clock.advance(0.5)  # 2 s after a.test's last message, 0.5 s after b.test's
+    assert await settled(first, 0) and second.open_connections == 1
+    clock.advance(1.4)
+    await asyncio.sleep(0.05)
+    assert second.open_connections == 1
+    clock.advance(0.1)
+    assert await settled(second, 0) and scheduler.open_connections == 0
+
+
 # -- refusals -------------------------------------------------------------------------------------
 
 

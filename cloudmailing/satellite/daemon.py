@@ -117,6 +117,7 @@ class SatelliteDaemon:
         # satellite names them, and the master frees its other leases at once.
         self._leases: dict[str, str] = {}
         self._work = asyncio.Event()  # the master said it has work (``wake``) since the last lease
+        self._drained = asyncio.Event()  # everything leased is delivered: report without waiting
         self._stopping = False
         self.sessions = 0  # how many times it has connected (for tests and logs)
 
@@ -128,6 +129,8 @@ class SatelliteDaemon:
         self._outbox.add(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code,
                                  outcome.reply_enhanced_code, outcome.reply_text, outcome.smtp_log, outcome.mx_host,
                                  self._leases.get(outcome.recipient_id), content))
+        if not self._scheduler.pending and not self.ahead.pending:
+            self._drained.set()
 
     def _keep(self, outcome: Outcome) -> None:
         """Into the outbox, to be reported, naming the lease the recipient came with."""
@@ -265,12 +268,17 @@ class SatelliteDaemon:
     # -- reporting --------------------------------------------------------------------------
 
     async def _report(self, link: LinkProtocol) -> None:
-        """Report what the outbox holds every REPORT_INTERVAL, or at once when a full batch waits:
-        each report is a write per block on the master, so a few large ones beat many small ones."""
+        """Report what the outbox holds every REPORT_INTERVAL, or at once when a full batch waits or
+        everything leased is delivered (the last outcomes of a mailing do not wait): each report is a
+        write per block on the master, so a few large ones beat many small ones."""
         while True:
             batch = self._outbox.batch(REPORT_BATCH)
             if len(batch) < REPORT_BATCH:
-                await asyncio.sleep(REPORT_INTERVAL)
+                try:
+                    await asyncio.wait_for(self._drained.wait(), REPORT_INTERVAL)
+                except TimeoutError:
+                    pass
+                self._drained.clear()
                 batch = self._outbox.batch(REPORT_BATCH)
             if not batch:
                 continue

@@ -42,8 +42,24 @@ def xml_safe(document: str) -> str:
     return _NOT_XML.sub("\ufffd", document) if _NOT_XML.search(document) else document
 
 
+class Written(dict[str, Any]):
+    """An answer whose ``methodResponse`` was written ahead (``xml``): a cursor page read ahead
+    is also written ahead, while the client still parses the page before."""
+
+    xml: bytes = b""
+
+
+def written_ahead(answer: dict[str, Any]) -> Written:
+    """``answer`` with its ``methodResponse`` written now."""
+    written = Written(answer)
+    written.xml = dump_response(answer)
+    return written
+
+
 def dump_response(result: Any) -> bytes:
     """A ``methodResponse`` holding ``result``."""
+    if type(result) is Written and result.xml:
+        return result.xml
     out = ["<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n"]
     _write(result, out.append)
     out.append("</param>\n</params>\n</methodResponse>\n")

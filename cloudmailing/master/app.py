@@ -14,6 +14,7 @@ from twisted.web import server
 from cloudmailing.api.auth import Authenticator
 from cloudmailing.api.methods import CloudMailingApi, Services
 from cloudmailing.api.resource import XmlRpcResource, request_factory
+from cloudmailing.api.xmlrpc_writer import written_ahead
 from cloudmailing.common.aio import as_deferred, wait_deferred
 from cloudmailing.common.connection_limit import LimitPerSource
 from cloudmailing.common.link import LinkLimits
@@ -133,7 +134,7 @@ def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatc
         dispatcher=dispatcher,
         mailings=mailings,
         recipients=RecipientService(stores, mailings, clock, dispatcher.work_available),
-        reports=ReportService(stores, clock),
+        reports=ReportService(stores, clock, written_ahead),
         satellites=SatelliteService(stores, clock, max_awaiting_approval),
         lifecycle=MailingLifecycle(stores, clock, retention_days, dispatcher.work_available),
     )

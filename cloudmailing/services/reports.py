@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cloudmailing.common.statuses import IN_PROGRESS, PENDING_STATUSES, READY, RECIPIENT_STATUSES
 from cloudmailing.services import values
@@ -58,9 +58,11 @@ class RecipientFilter:
 
 
 class ReportService:
-    def __init__(self, stores: Stores, clock: SecondsClock) -> None:
+    def __init__(self, stores: Stores, clock: SecondsClock,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] = lambda answer: answer) -> None:
         self._stores = stores
         self._read_ahead = ReadAhead(clock)
+        self._prepare = prepare  # applied to a page read ahead (the API writes its XML then)
 
     async def recipient_filter(self, filters: Any, default_statuses: Sequence[str] | None = None) -> RecipientFilter:
         """The ``filters`` of a recipient query: status, owners, mailings, sender_domains."""
@@ -128,8 +130,12 @@ class ReportService:
             # A full page: the reader will want the next one; read it while it parses this one
             # (never when reading has an effect: delete_customized_content).
             following = Cursor.decode(answer["cursor"])
-            self._read_ahead.start((following, *request[1:]), self._read_since(following, which, limit, wanted))
+            self._read_ahead.start((following, *request[1:]), self._read_ahead_page(following, which, limit, wanted))
         return answer
+
+    async def _read_ahead_page(self, position: Cursor, which: RecipientFilter, limit: int,
+                               wanted: Mapping[str, bool]) -> dict[str, Any]:
+        return self._prepare(await self._read_since(position, which, limit, wanted))
 
     async def _read_since(self, position: Cursor, which: RecipientFilter, limit: int,
                           wanted: Mapping[str, bool]) -> dict[str, Any]:

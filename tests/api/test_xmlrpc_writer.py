@@ -8,7 +8,7 @@ import xmlrpc.client
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from cloudmailing.api.xmlrpc_writer import dump_response
+from cloudmailing.api.xmlrpc_writer import dump_response, written_ahead
 
 scalars = (st.text() | st.none() | st.booleans() | st.integers(-2**40, 2**40)
            | st.floats(allow_nan=False) | st.binary(max_size=40)
@@ -53,3 +53,12 @@ def test_big_integers_and_zoned_dates():
     zoned = datetime.datetime(2027, 1, 15, 13, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
     (parsed,), _ = xmlrpc.client.loads(dump_response([2**40, 10**400, zoned]), use_builtin_types=True)
     assert parsed == [float(2**40), str(10**400), datetime.datetime(2027, 1, 15, 12, 0)]
+
+
+def test_an_answer_written_ahead_is_the_same_answer():
+    page = {"cursor": "c2:1.2", "recipients": [{"id": "r1", "status": "FINISHED", "reply_code": 250,
+                                                "modified": datetime.datetime(2027, 1, 15, 12, 0)}]}
+    written = written_ahead(page)
+    assert written == page and written.xml == dump_response(page)
+    written["cursor"] = "changed after it was written"  # what was written is what is sent
+    assert dump_response(written) == dump_response(page)

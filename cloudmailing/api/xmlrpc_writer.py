@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import gzip
 import re
 import xmlrpc.client
 from typing import Any, Callable
@@ -42,17 +43,34 @@ def xml_safe(document: str) -> str:
     return _NOT_XML.sub("\ufffd", document) if _NOT_XML.search(document) else document
 
 
+GZIP_AT_LEAST = 64 * 1024  # answers this large go gzipped to clients that accept it
+
+
+def gzipped(body: bytes) -> bytes:
+    """``body`` gzipped (fast: level 1), or as it was written ahead."""
+    return getattr(body, "gzipped", b"") or gzip.compress(body, compresslevel=1, mtime=0)
+
+
+class WrittenXml(bytes):
+    """A ``methodResponse`` written ahead, and its gzip form when large enough to be sent so."""
+
+    gzipped: bytes = b""
+
+
 class Written(dict[str, Any]):
     """An answer whose ``methodResponse`` was written ahead (``xml``): a cursor page read ahead
-    is also written ahead, while the client still parses the page before."""
+    is also written (and gzipped) ahead, while the client still parses the page before."""
 
     xml: bytes = b""
 
 
 def written_ahead(answer: dict[str, Any]) -> Written:
     """``answer`` with its ``methodResponse`` written now."""
+    xml = WrittenXml(dump_response(answer))
+    if len(xml) >= GZIP_AT_LEAST:
+        xml.gzipped = gzipped(xml)
     written = Written(answer)
-    written.xml = dump_response(answer)
+    written.xml = xml
     return written
 
 

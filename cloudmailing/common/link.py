@@ -332,11 +332,6 @@ class LinkProtocol(Protocol):
         self._send({"id": request_id, "method": method, "params": params})
         return await waiter
 
-    def notify(self, method: str, **params: Any) -> None:
-        """Call ``method`` without waiting for its answer; a failure is only logged."""
-        call = asyncio.ensure_future(self.call(method, **params))
-        call.add_done_callback(_log_notify_failure)
-
     def close(self) -> None:
         self._closing = True
         transport: Any = self.transport
@@ -355,8 +350,3 @@ class LinkProtocol(Protocol):
             return str(transport.getPeer().host)
         except AttributeError:
             return "?"
-
-
-def _log_notify_failure(call: asyncio.Future[Any]) -> None:
-    if not call.cancelled() and call.exception() is not None:
-        log.debug("notification not delivered: %s", call.exception())

@@ -50,6 +50,7 @@ class SatelliteSession(LinkProtocol):
         self.source = source  # the peer's address: its hellos are throttled together
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
+        self.wakes = True  # False for a satellite of an earlier version, which has no ``wake``
 
     async def hello(self, hello: Hello) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
@@ -63,6 +64,17 @@ class SatelliteSession(LinkProtocol):
         if hello.leases is not None:
             await self._factory.release_leases(satellite["serial"], keep=set(hello.leases))
         return HelloAnswer(satellite["_id"], satellite.get("group") or "").to_wire()
+
+    def wake(self) -> None:
+        """Tell the satellite there is work, without waiting for its answer."""
+        if self.wakes:
+            call = asyncio.ensure_future(self.call("wake", **Wake().to_wire()))
+            call.add_done_callback(self._woken)
+
+    def _woken(self, call: asyncio.Future[Any]) -> None:
+        error = None if call.cancelled() else call.exception()
+        if isinstance(error, LinkError) and error.code == "unknown_method":
+            self.wakes = False  # it will poll; more wakes would count against it as bad requests
 
     def _authenticated(self) -> dict[str, Any]:
         if self.satellite is None:
@@ -126,7 +138,7 @@ class SatelliteLinkFactory(Factory):
     def wake_all(self) -> None:
         """Tell every connected satellite that there is work (``wake``): an idle one leases now."""
         for session in self.sessions.values():
-            session.notify("wake", **Wake().to_wire())
+            session.wake()
 
     def release_later(self, serial: str) -> None:
         """A satellite left: its leases go back to the queue unless it says hello again within

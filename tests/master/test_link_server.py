@@ -157,3 +157,18 @@ async def test_a_satellite_holds_the_initial_lease_size_until_it_reports(running
     # 150 outcomes within a second: a rate that allows far more than the other block.
     assert len((await link.call("lease", max_recipients=500))["recipients"]) == 700 - len(leased)
     link.close()
+
+
+@aio_test
+async def test_a_satellite_without_wake_is_woken_once_then_left_to_poll(running_master):
+    link = await _registered_link(running_master, "sat-old")  # serves no method, as before wake existed
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await api.start_mailing(mailing_id)
+    for _ in range(12):  # more than the bad requests a link tolerates
+        await api.send_test(mailing_id, [{"email": "qa@example.org"}])
+        await asyncio.sleep(0.05)
+    session = running_master.master.link_factory.sessions["sat-old"]
+    assert session.wakes is False and link._bad_frames == 1 and not link.closed_future.done()
+    assert (await link.call("lease", max_recipients=100))["recipients"]  # still served
+    link.close()

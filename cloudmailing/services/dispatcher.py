@@ -70,6 +70,7 @@ class Dispatcher:
         """Recipients became deliverable (a mailing started, recipients were added to a running
         one, test recipients): the listeners (the satellite link) wake idle satellites, which
         would otherwise ask again only at their next idle poll."""
+        self._blocks.forget_free()
         for listener in self._work_listeners:
             listener()
 
@@ -102,17 +103,19 @@ class Dispatcher:
         leased: list[dict[str, Any]] = []
         size = 0
         for mailing_ids, test in scopes:
-            async for summary in self._blocks.leasable(mailing_ids, test, now):
-                if len(leased) >= wanted:
-                    return leased
-                content = await self._blocks.content(summary["_id"])
-                got = await self._lease_block(summary["_id"], content, lease, now, affinity)
+            if len(leased) >= wanted:
+                break
+            async for block_id in self._blocks.leasable(mailing_ids, test, now):
+                content = await self._blocks.content(block_id)
+                got = await self._lease_block(block_id, content, lease, now, affinity)
                 got_size = sum(_attachments_size(recipient) for recipient in got)
                 if leased and size + got_size > self.config.max_lease_bytes:
                     await self.release_recipients([recipient["id"] for recipient in got])
                     return leased
                 leased += got
                 size += got_size
+                if len(leased) >= wanted:  # before taking another block id: it stays for the next lease
+                    return leased
         return leased
 
     async def _lease_block(self, block_id: int, content: list[dict[str, Any]], lease: Lease,
@@ -231,6 +234,7 @@ class Dispatcher:
         for summary in await self._blocks.lease_expired(now):
             released += await self._end_block_lease(summary["_id"], lambda lease: lease.until < now)
         if released:
+            self._blocks.forget_free()
             log.warning("%d expired leases returned to the queue", released)
         return released
 
@@ -241,6 +245,7 @@ class Dispatcher:
             released += await self._end_block_lease(summary["_id"],
                                                     lambda lease: lease.owner == serial and lease.id not in keep)
         if released:
+            self._blocks.forget_free()
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released
 
@@ -254,6 +259,8 @@ class Dispatcher:
         released = 0
         for block_id, slots in by_block.items():
             released += await self._end_block_lease(block_id, lambda lease: True, slots)
+        if released:
+            self._blocks.forget_free()
         return released
 
     async def _end_block_lease(self, block_id: int, applies: Any, slots: set[int] | None = None) -> int:

@@ -20,7 +20,7 @@ when a crash came between the two (:meth:`BlockStore.repair_summaries`).
 from __future__ import annotations
 
 import datetime
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -45,7 +45,10 @@ MAX_BYTES = 4 * 1024 * 1024
 BLOCK_ID_COUNTER = "block_id"
 RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between two life-cycle ticks
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
-_BATCH = 8  # summaries per batch of a leasable search
+_BATCH = 8  # summaries per batch of the search for due retries
+_FREE_KEPT = 4096  # free block ids one search leaves for the next leases of its scope
+_FREE_SECONDS = 30  # ... for at most this long: blocks freed since are found by the next search
+_FREE_SCOPES = 16  # scopes (mailings, test or not) whose free blocks are kept
 _ADDRESS_CACHE_BLOCKS = 32  # blocks whose (id, email) the master keeps: more than a few leases in flight
 _STATE_CACHE_BLOCKS = 64  # block states this master last wrote or read, kept to edit them again
 
@@ -113,6 +116,10 @@ class BlockStore:
         # reading it again. If another master wrote since, the save's version check fails and the
         # edit reads the database (load without ``cached``); a failed write forgets the block.
         self._states: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        # Free blocks found by the last search of each scope, not tried yet, when it ran and
+        # whether it found any. On FerretDB every search sends every free block of the scope (it
+        # pushes no limit down), so searching at each lease cost a time quadratic in the size.
+        self._free: OrderedDict[tuple[tuple[int, ...] | None, bool], _FreeBlocks] = OrderedDict()
 
     def lock(self, block_id: int) -> Any:
         return self._db.locks.hold(("block", block_id))
@@ -211,12 +218,12 @@ class BlockStore:
     # -- summaries: what the dispatcher and the counts search ------------------------------
 
     async def leasable(self, mailing_ids: Sequence[int] | None, test: bool, now: datetime.datetime,
-                       ) -> AsyncIterator[dict[str, Any]]:
-        """Summaries of blocks (of ``mailing_ids``; None: of any mailing) of test recipients or
-        not, with recipients to deliver now and no lease held: due retries first (oldest block
-        first), then the others in the order the database keeps them. Streamed in small batches:
-        a caller that has enough stops, and FerretDB decodes only what it read (its equality
-        filters reach PostgreSQL; a sort it would do itself, on every match)."""
+                       ) -> AsyncIterator[int]:
+        """Ids of blocks (of ``mailing_ids``; None: of any mailing) of test recipients or not,
+        likely to have recipients to deliver now and no lease held (the lease's own edit checks):
+        due retries first (oldest block first), then free ones, each handed out once from the
+        last search of this scope until it is used up or ``_FREE_SECONDS`` old. A caller that
+        has enough stops."""
         scope: dict[str, Any] = {"test": test}
         if mailing_ids is not None:
             if not mailing_ids:
@@ -224,9 +231,23 @@ class BlockStore:
             scope["m"] = mailing_ids[0] if len(mailing_ids) == 1 else {"$in": list(mailing_ids)}
         async for doc in self._db.blocks.find({"retry": True, **scope}).sort("_id", 1).batch_size(_BATCH):
             if doc["due"] <= now and (not doc["owner"] or doc["until"] < now):
-                yield doc
-        async for doc in self._db.blocks.find({"free": True, **scope}).batch_size(_BATCH):
-            yield doc
+                yield doc["_id"]
+        key = (None if mailing_ids is None else tuple(sorted(mailing_ids)), test)
+        searched = self._free.get(key)
+        if searched is None or searched.used_up() or now - searched.at > datetime.timedelta(seconds=_FREE_SECONDS):
+            found = [doc["_id"] async for doc in self._db.blocks.find({"free": True, **scope}, {"_id": 1})]
+            searched = _FreeBlocks(now, deque(found[:_FREE_KEPT]), bool(found))
+            self._free[key] = searched
+            while len(self._free) > _FREE_SCOPES:
+                self._free.popitem(last=False)
+        free = searched.ids
+        while free:
+            yield free.popleft()
+
+    def forget_free(self) -> None:
+        """Blocks may have become free (recipients added, a mailing started, leases returned):
+        the next lease searches again."""
+        self._free.clear()
 
     async def held_by(self, owner: str) -> list[dict[str, Any]]:
         return await self._db.blocks.find({"owner": owner}).to_list()
@@ -283,6 +304,18 @@ class BlockStore:
         async for block in self.all_states():
             pages.update(page for page in block.columns.last_page if page)
         return pages
+
+
+@dataclass
+class _FreeBlocks:
+    """What a search for free blocks found (``ids``: those not handed out yet)."""
+
+    at: datetime.datetime
+    ids: deque[int]
+    found_any: bool  # none found: nothing to search for until forget_free or _FREE_SECONDS
+
+    def used_up(self) -> bool:
+        return self.found_any and not self.ids
 
 
 def _state_fields(block: Block) -> dict[str, Any]:

@@ -6,11 +6,14 @@ import base64
 import datetime
 import json
 
+from pymongo import AsyncMongoClient, monitoring
+
 from cloudmailing.common.link_protocol import LeaseAnswer, Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.services.dispatcher import retry_delay
 from cloudmailing.storage.blocks import BlockStore
+from cloudmailing.storage.database import Database
 from cloudmailing.storage.stores import open_stores
 from tests.helpers import aio_test
 
@@ -156,3 +159,45 @@ async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database
     assert [r.to_wire() for r in answer.recipients] == leases[0]
     assert base64.b64decode(answer.recipients[0].attachments[0].content) == b"%" * 3000
     assert await BlockStore(database).leased_count("sat-a") == 6
+
+
+class _Finds(monitoring.CommandListener):
+    """The searches for free blocks the database is asked."""
+
+    def __init__(self) -> None:
+        self.free_searches = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        query = event.command.get("filter") or {} if event.command_name == "find" else {}
+        if "free" in query and "m" in query:  # of the mailing (not of test recipients)
+            self.free_searches += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@aio_test
+async def test_free_blocks_found_by_one_search_serve_the_next_leases(mongo_url, db_name, clock):
+    finds = _Finds()
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[finds])
+    try:
+        services, mailing_id = await _world(Database(client=client, db=client[db_name]), clock)
+        ids = await _add(services, mailing_id, 10)  # five blocks of two
+        await services.mailings.start(mailing_id)
+        await services.lifecycle.tick()
+        leased = [await services.dispatcher.lease(SATELLITE, 1) for _ in range(3)]
+        assert [len(lease) for lease in leased] == [2, 2, 2] and finds.free_searches == 1
+        # Recipients added to the running mailing: searched again, the new block found at once.
+        new = await _add(services, mailing_id, 2, domain="example.net")
+        more = await services.dispatcher.lease(SATELLITE, 100)
+        assert sorted(r["id"] for r in more) == sorted(ids[6:] + new) and finds.free_searches == 2
+        # Leases returned to the queue: searched again, found again.
+        await services.dispatcher.release_satellite(SATELLITE["serial"])
+        again = await services.dispatcher.lease(SATELLITE, 100)
+        assert sorted(r["id"] for r in again) == sorted(ids + new) and finds.free_searches == 3
+    finally:
+        await client.drop_database(db_name)
+        await client.close()

@@ -234,7 +234,6 @@ class Dispatcher:
         for summary in await self._blocks.lease_expired(now):
             released += await self._end_block_lease(summary["_id"], lambda lease: lease.until < now)
         if released:
-            self._blocks.forget_free()
             log.warning("%d expired leases returned to the queue", released)
         return released
 
@@ -245,7 +244,6 @@ class Dispatcher:
             released += await self._end_block_lease(summary["_id"],
                                                     lambda lease: lease.owner == serial and lease.id not in keep)
         if released:
-            self._blocks.forget_free()
             log.info("%d leased recipients returned to the queue", released, extra={"satellite": serial})
         return released
 
@@ -259,8 +257,6 @@ class Dispatcher:
         released = 0
         for block_id, slots in by_block.items():
             released += await self._end_block_lease(block_id, lambda lease: True, slots)
-        if released:
-            self._blocks.forget_free()
         return released
 
     async def _end_block_lease(self, block_id: int, applies: Any, slots: set[int] | None = None) -> int:
@@ -274,6 +270,8 @@ class Dispatcher:
             return []
 
         await self._ledger.edit(block_id, end, utc_now(self._clock))
+        if ended:
+            self._blocks.forget_free()  # free again: the next lease searches for it
         return len(ended)
 
 

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from cloudmailing.common.keys import parse_key, verify_secret_or_dummy
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.clock import SecondsClock
 from cloudmailing.storage.api_keys import ApiKeyStore
@@ -65,10 +66,7 @@ class Authenticator:
                             extra={"client": source})
                 return False
             attempt.succeeded()
-        self._verified[digest] = self._clock.seconds() + self._cache_seconds
-        self._verified.move_to_end(digest)
-        while len(self._verified) > _MAX_TRACKED:
-            self._verified.popitem(last=False)
+        keep_recent(self._verified, digest, self._clock.seconds() + self._cache_seconds, _MAX_TRACKED)
         return True
 
     def _cached(self, digest: bytes) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 from twisted.internet.task import deferLater
 
 from cloudmailing.common.aio import wait_deferred
+from cloudmailing.common.recent import keep_recent
 
 MAX_SOURCES = 10000
 FORGET_AFTER_SECONDS = 900.0
@@ -110,8 +111,6 @@ class SourceThrottle:
         return entry
 
     def _entry(self, source: str) -> _Source:
-        entry = self._sources.pop(source, None) or _Source()
-        self._sources[source] = entry  # the most recently seen last
-        while len(self._sources) > self._max_sources:
-            self._sources.popitem(last=False)
+        entry = self._sources.get(source) or _Source()
+        keep_recent(self._sources, source, entry, self._max_sources)  # the most recently seen last
         return entry

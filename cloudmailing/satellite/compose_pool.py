@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.satellite import templates
 from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
 from cloudmailing.satellite.delivery import DeliveryJob
@@ -238,10 +239,7 @@ class _Worker:
 
     def send(self, mailing: MailingSource, recipients: list[dict[str, Any]], one_by_one: bool) -> None:
         known = mailing.digest in self.compiled
-        self.compiled[mailing.digest] = None
-        self.compiled.move_to_end(mailing.digest)
-        while len(self.compiled) > _WORKER_CACHE_SIZE:
-            self.compiled.popitem(last=False)
+        keep_recent(self.compiled, mailing.digest, None, _WORKER_CACHE_SIZE)
         self.conn.send((mailing.digest, None if known else mailing.content, recipients, one_by_one))
 
     async def started(self) -> None:
@@ -416,9 +414,7 @@ class ComposePool:
 
     def _poison(self, mailing: MailingSource, reason: str) -> None:
         log.error("mailing over the template limits: %s", reason, extra={"mailing": mailing.mailing_id})
-        self._poisoned[mailing.digest] = reason
-        while len(self._poisoned) > _POISONED_KEPT:
-            self._poisoned.popitem(last=False)
+        keep_recent(self._poisoned, mailing.digest, reason, _POISONED_KEPT)
 
     def worker_pids(self) -> list[int]:
         """The worker processes' ids (started on first use)."""

@@ -31,6 +31,7 @@ import dns.resolver
 import idna
 
 from cloudmailing.common.clock import SecondsClock
+from cloudmailing.common.recent import keep_recent
 
 logger = logging.getLogger("cloudmailing.satellite.mx_resolver")
 
@@ -148,10 +149,7 @@ class MxResolver:
         """Cache ``value`` for ``ttl`` seconds, evicting the oldest entries beyond the bound."""
         if ttl <= 0 or self._max_cache_entries <= 0:
             return
-        self._cache.pop(name, None)
-        self._cache[name] = _CacheEntry(self._clock.seconds() + ttl, value)
-        while len(self._cache) > self._max_cache_entries:
-            self._cache.popitem(last=False)
+        keep_recent(self._cache, name, _CacheEntry(self._clock.seconds() + ttl, value), self._max_cache_entries)
 
     # -- single flight ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 
 import bson
 
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.common.statuses import PENDING_STATUSES, READY, WARNING
 from cloudmailing.storage import counters
 from cloudmailing.storage.block_codec import (
@@ -158,9 +159,7 @@ class BlockStore:
         return self._addresses.get(block_id, [])
 
     def _remember_addresses(self, block_id: int, recipients: list[dict[str, Any]]) -> None:
-        self._addresses[block_id] = [(r["id"], r["email"]) for r in recipients]
-        while len(self._addresses) > _ADDRESS_CACHE_BLOCKS:
-            self._addresses.popitem(last=False)
+        keep_recent(self._addresses, block_id, [(r["id"], r["email"]) for r in recipients], _ADDRESS_CACHE_BLOCKS)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -177,10 +176,7 @@ class BlockStore:
         return _block(doc)
 
     def _remember_state(self, doc: dict[str, Any]) -> None:
-        self._states[doc["_id"]] = doc
-        self._states.move_to_end(doc["_id"])
-        while len(self._states) > _STATE_CACHE_BLOCKS:
-            self._states.popitem(last=False)
+        keep_recent(self._states, doc["_id"], doc, _STATE_CACHE_BLOCKS)
 
     async def insert(self, block: Block) -> None:
         """A new block's state and summary (inserts: on FerretDB an update first reads the collection)."""
@@ -237,9 +233,7 @@ class BlockStore:
         if searched is None or searched.used_up() or now - searched.at > datetime.timedelta(seconds=_FREE_SECONDS):
             found = [doc["_id"] async for doc in self._db.blocks.find({"free": True, **scope}, {"_id": 1})]
             searched = _FreeBlocks(now, deque(found[:_FREE_KEPT]), bool(found))
-            self._free[key] = searched
-            while len(self._free) > _FREE_SCOPES:
-                self._free.popitem(last=False)
+            keep_recent(self._free, key, searched, _FREE_SCOPES)
         free = searched.ids
         while free:
             yield free.popleft()

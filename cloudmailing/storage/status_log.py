@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import bson
 from pymongo.errors import DuplicateKeyError
 
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.storage import counters
 from cloudmailing.storage.database import SEQS_PER_BUCKET, Database
 
@@ -150,9 +151,7 @@ class StatusLog:
         if doc is None:
             return None
         page = LogPage.from_document(doc)
-        self._recent[first] = page
-        while len(self._recent) > _PAGES_KEPT:
-            self._recent.popitem(last=False)
+        keep_recent(self._recent, first, page, _PAGES_KEPT)
         return page
 
     async def entries(self, refs: Iterable[tuple[int, int]]) -> dict[int, Mapping[str, Any]]:

@@ -219,14 +219,7 @@ class SatelliteDaemon:
             for mailing_id, leased in by_mailing.items():
                 await self._submit(link, mailing_id, leased)
             if not recipients:
-                await self._idle()
-
-    async def _idle(self) -> None:
-        """Until ``IDLE_POLL`` has passed, or the master says it has work."""
-        try:
-            await asyncio.wait_for(self._work.wait(), IDLE_POLL)
-        except TimeoutError:
-            pass
+                await _set_or_after(self._work, IDLE_POLL)  # the master may wake us sooner
 
     async def _wake(self, wake: Wake) -> dict[str, Any]:
         self._work.set()
@@ -274,10 +267,7 @@ class SatelliteDaemon:
         while True:
             batch = self._outbox.batch(REPORT_BATCH)
             if len(batch) < REPORT_BATCH:
-                try:
-                    await asyncio.wait_for(self._drained.wait(), REPORT_INTERVAL)
-                except TimeoutError:
-                    pass
+                await _set_or_after(self._drained, REPORT_INTERVAL)
                 self._drained.clear()
                 batch = self._outbox.batch(REPORT_BATCH)
             if not batch:
@@ -316,3 +306,11 @@ class SatelliteDaemon:
         self._composer.close()  # first: a worker may be busy on a template that takes its full limit
         await self._scheduler.close()
         self._outbox.close()
+
+
+async def _set_or_after(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set, or ``seconds`` have passed."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass

@@ -24,6 +24,15 @@ def aio_test(function: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[...,
     return wrapper
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, polling every 20 ms; fail after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run an asyncio coroutine from a fixture (not from a test body: use ``aio_test``)."""
     return pytest_twisted.blockon(Deferred.fromFuture(asyncio.ensure_future(coro)))  # type: ignore[no-any-return]

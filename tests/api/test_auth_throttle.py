@@ -11,7 +11,7 @@ from cloudmailing.common import keys
 from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.storage.api_keys import ApiKeyStore
-from tests.helpers import aio_test
+from tests.helpers import aio_test, until
 
 
 def _header(key: str) -> bytes:
@@ -47,22 +47,14 @@ async def test_parallel_guesses_from_one_source_wait_their_turn(database, clock,
     assert await asyncio.wait_for(authenticator.authenticate(_header(key), "10.0.0.2"), 10)
     scrypt_calls.clear()
     clock.advance(1.0)  # the first turn
-    await _until(lambda: sum(guess.done() for guess in guesses) == 1)
+    await until(lambda: sum(guess.done() for guess in guesses) == 1)
     await asyncio.sleep(0.3)
     assert len(scrypt_calls) == 1 and sum(guess.done() for guess in guesses) == 1
     clock.advance(2.0)  # the next, twice as far
-    await _until(lambda: sum(guess.done() for guess in guesses) == 2)
+    await until(lambda: sum(guess.done() for guess in guesses) == 2)
     assert len(scrypt_calls) == 2
     for guess in guesses:
         guess.cancel()
-
-
-async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def _authenticator(master) -> Authenticator:  # type: ignore[no-untyped-def]
@@ -84,8 +76,8 @@ async def test_a_client_that_leaves_takes_its_check_out_of_the_line(running_mast
                for _ in range(5)]
     for _, writer in leaving:
         writer.write(request)  # the body never comes; the key check starts with the headers
-    await _until(lambda: authenticator.throttle.in_line("127.0.0.1") == 5)
+    await until(lambda: authenticator.throttle.in_line("127.0.0.1") == 5)
     for _, writer in leaving:
         writer.close()
-    await _until(lambda: authenticator.throttle.in_line("127.0.0.1") == 0)
+    await until(lambda: authenticator.throttle.in_line("127.0.0.1") == 0)
     first[1].close()

@@ -14,7 +14,7 @@ from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.common.throttle import SourceThrottle
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 from cloudmailing.storage.stores import open_stores
-from tests.helpers import aio_test
+from tests.helpers import aio_test, until
 
 
 async def connect(port: int, source: str = "127.0.0.1") -> LinkProtocol:
@@ -72,21 +72,13 @@ async def test_a_hello_whose_link_closes_leaves_the_line(running_master, clock: 
     assert await hello_code(other, "sat-l", "guess") == "unauthorized"  # free; the next waits 1 s
     links = [await connect(master.satellite_port) for _ in range(3)]
     guesses = [asyncio.ensure_future(hello_code(link, "sat-l", "guess")) for link in links]
-    await _until(lambda: throttle.in_line("127.0.0.1") == 3)
+    await until(lambda: throttle.in_line("127.0.0.1") == 3)
     for link in links:
         link.close()
-    await _until(lambda: throttle.in_line("127.0.0.1") == 0)
+    await until(lambda: throttle.in_line("127.0.0.1") == 0)
     assert await asyncio.gather(*guesses) == ["disconnected"] * 3
     first.close()
     other.close()
-
-
-async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def _done(futures: list[asyncio.Future[str]], count: int) -> None:

@@ -230,6 +230,15 @@ class _SmtpClientProtocol(asyncio.Protocol):
         if self.tcp is not None:
             self.tcp.abort()
 
+    def discard(self, error: Exception) -> None:
+        """Drop a connection its opener gave up on. The TCP connection may have come up in the
+        meantime, and the greeting's timer failed the greeting: that failure is marked as seen,
+        or asyncio would log it as never retrieved."""
+        self.abort(error)
+        self.greeting.cancel()  # does nothing when the greeting is already done
+        if not self.greeting.cancelled():
+            self.greeting.exception()
+
     def _fail_all(self, error: Exception) -> None:
         while self._waiters:
             self._waiters.popleft()[1](error)
@@ -416,12 +425,13 @@ class SmtpConnection:
         try:
             await connecting
         except asyncio.CancelledError:
+            protocol.discard(SmtpConnectionLost("connect abandoned"))
             if not timed_out:
                 raise
             raise SmtpConnectError(f"connect timeout after {self.options.connect_timeout:g} s",
                                    self._log_prefix) from None
         except OSError as error:
-            protocol.greeting.cancel()
+            protocol.discard(SmtpConnectionLost("connect failed"))
             # asyncio's message ("Connect call failed (address)") hides the cause: the errno says it
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise SmtpConnectError(reason, self._log_prefix) from None

@@ -6,6 +6,7 @@ import asyncio
 import email
 import email.policy
 import functools
+import gc
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from cloudmailing.satellite import smtp_client
 from cloudmailing.satellite.outcomes import ERROR, FINISHED, WARNING
 from cloudmailing.satellite.smtp_client import (
     SmtpClientOptions,
@@ -329,3 +331,27 @@ async def test_short_real_reply_timeout(serve: Any) -> None:
     outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE)
     assert outcome.status == WARNING and "no reply within 0.2 s" in outcome.reply_text
     await connection.close()
+
+
+@aio_test
+async def test_connect_timeout_in_the_same_step_as_the_greeting_timeout_leaves_nothing_behind(
+        serve: Any, monkeypatch: Any, caplog: Any) -> None:
+    """The connect timer and the greeting's reply timer both fire in the clock step that follows
+    the TCP connection, before the connect call resumes: the attempt fails as a connect timeout,
+    the connection is closed, and no failed future is left for asyncio to log unretrieved."""
+    server, port = serve(Behaviour(hang_at="connect"))
+    clock = Clock()
+    made = smtp_client._SmtpClientProtocol.connection_made
+
+    def made_then_both_timers_fire(self: Any, transport: Any) -> None:
+        made(self, transport)
+        clock.advance(OPTIONS.connect_timeout)  # give_up, then the greeting's timer
+
+    monkeypatch.setattr(smtp_client._SmtpClientProtocol, "connection_made", made_then_both_timers_fire)
+    with pytest.raises(SmtpConnectError) as raised:
+        await SmtpConnection(OPTIONS, "mx", clock).connect(HOST, port)
+    assert "connect timeout" in raised.value.reason
+    del raised  # its traceback holds the attempt's frames
+    await asyncio.sleep(0.05)  # the transport's close runs its callbacks
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []

@@ -9,7 +9,8 @@ writes, in this order:
 3. the block's summary and the mailing's counts (a crash before them: start-up rebuilds them).
 
 A page whose state write never happened (a crash between 1 and 2) is an *orphan*: the state does
-not name it, and :meth:`Ledger.recover` deletes it before the master serves anyone. So a change is
+not name it. A failed write leaves the page in flight until :meth:`Ledger.settle_unsure` deletes
+it if it is an orphan; after a crash, :meth:`Ledger.recover` does so before the master serves anyone. So a change is
 in the state and the log exactly once, whatever fails: a satellite's repeated report finds its
 recipients no longer leased and records nothing new.
 """
@@ -99,18 +100,14 @@ class Ledger:
         allocator = self.status_log.allocator
         try:
             await self.status_log.insert(page)
-        except BaseException:
-            allocator.release(page.first)  # never written (or an orphan, deleted at start-up)
-            raise
-        try:
             saved = await self.blocks.save(block)
+            if not saved:
+                await self.status_log.delete_page(page.first)
         except BaseException:
-            # The state may or may not have been written: the page stays in flight until
-            # settle_unsure finds out (no cursor reads it meanwhile).
+            # The page, and then the state, may or may not have been written: the page stays in
+            # flight (no cursor reads it) until settle_unsure asks the state whether it names it.
             self._unsure[page.first] = page
             raise
-        if not saved:
-            await self.status_log.delete_page(page.first)
         allocator.release(page.first)
         return saved
 

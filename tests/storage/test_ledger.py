@@ -185,3 +185,29 @@ async def test_a_state_write_that_failed_unseen_is_settled_by_the_state(database
     await stores.ledger.repair_stale()  # as the next life-cycle tick does
     assert (await stores.mailings.get(1))["counts"] == {"READY": 1, "FINISHED": 1}
     assert await stores.blocks.counts([1]) == {1: {"READY": 1, "FINISHED": 1}}
+
+
+@aio_test
+async def test_a_log_page_written_but_unanswered_is_never_read_and_is_settled_away(database):
+    """The database wrote the page and died before answering (CI saw a whole report's FINISHED
+    twice in the cursor): the page stays in flight until the state says it is not named."""
+    stores, ids = await mailing_with(database, 2, block_recipients=2)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    real_insert = stores.status_log.insert
+
+    async def written_but_unanswered(page):
+        await real_insert(page)
+        raise ConnectionError("connection reset")
+
+    stores.status_log.insert = written_but_unanswered
+    with pytest.raises(ConnectionError):
+        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    stores.status_log.insert = real_insert
+    # The satellite reports again, before the life-cycle tick: recorded, once.
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    assert [e["r"]["status"] for e in (await stores.status_log.read_since(0, 0, 10))[0]] == []  # one in flight
+    await stores.ledger.settle_unsure()
+    await stores.ledger.save_logged_floor()
+    entries, _, _ = await stores.status_log.read_since(0, 0, 10)
+    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED")]
+    assert await (await open_stores(database)).ledger.recover() == 0  # no orphan left for a restart

@@ -73,12 +73,14 @@ class _Fields:
             raise FrameError(f"{self._where}.{name}: {value} is not from {low} to {high}")
         return value
 
-    def optional_integer(self, name: str) -> int | None:
+    def optional_integer(self, name: str, low: int = _INT64[0], high: int = _INT64[1]) -> int | None:
         value = self._get(name, False)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(name, "an integer or null", value)
+        if not low <= value <= high:
+            raise FrameError(f"{self._where}.{name}: {value} is not from {low} to {high}")
         return value
 
     def flag(self, name: str, required: bool = True) -> bool:
@@ -387,7 +389,7 @@ class Outcome:
         content = fields.optional_text("customized_content")
         if content is not None:
             _check_base64(content, f"{where}.customized_content")
-        outcome = cls(fields.text("recipient_id"), status, fields.optional_integer("reply_code"),
+        outcome = cls(fields.text("recipient_id"), status, fields.optional_integer("reply_code", *REPLY_CODES),
                       fields.text("reply_enhanced_code", required=False), fields.text("reply_text", required=False),
                       fields.items("smtp_log", _string_item, required=False), fields.text("mx_host", required=False),
                       fields.optional_text("lease"), content)
@@ -405,6 +407,7 @@ class Outcome:
         return wire
 
 
+REPLY_CODES = (0, 999)  # an SMTP reply code is three digits (what the master stores and shows)
 _OUTCOME_FIELDS = frozenset(("recipient_id", "status", "reply_code", "reply_enhanced_code", "reply_text",
                              "smtp_log", "mx_host", "lease", "customized_content"))
 
@@ -423,7 +426,8 @@ def _plain_outcome(value: Any) -> Outcome | None:
     enhanced, text, mx_host = ("" if enhanced is None else enhanced, "" if text is None else text,
                                "" if mx_host is None else mx_host)
     if (type(recipient_id) is not str or type(status) is not str or status not in REPORTED_STATUSES
-            or not (code is None or type(code) is int) or not (log is None or type(log) is list)):
+            or not (code is None or (type(code) is int and REPLY_CODES[0] <= code <= REPLY_CODES[1]))
+            or not (log is None or type(log) is list) or not (lease is None or type(lease) is str)):
         return None
     try:  # joining raises TypeError for anything else than strings
         if not "".join((recipient_id, enhanced, text, mx_host, lease or "", *(log or ()))).isascii():

@@ -16,7 +16,12 @@ Printed:
 * each with its ratio to smtp-source, and the peak memory (VmHWM) of the master and satellite
   (and FerretDB), with the CPU seconds each used during the mailing (where the time goes);
 * their resident memory every 10 s while delivering, and its first and last values: memory
-  must stay flat as the mailing goes on (run it with 20,000 and 200,000 messages to compare).
+  must stay flat as the mailing goes on (run it with 20,000 and 200,000 messages to compare);
+* the work limit: 2 cores / (CPU per message to compose and sign, with the satellite's own code,
+  + CPU per message of its SMTP client, from bench/smtp_client.py), each measured before and
+  after the mailing, the mean of the two used (this machine's speed drifts from minute to minute);
+* the CPU per message of every process (the satellite's own, its workers, the sinks, this
+  benchmark), and how long the mailing takes to start and to be seen FINISHED.
 
     .venv/bin/python bench/delivery.py [--messages N] [--size BYTES] [--ed25519] [--compose-workers N]
                                        [--max-composed-bytes N] [--profile DIR]
@@ -43,6 +48,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +82,9 @@ _MESG = re.compile(rb"mesg=(\d+)")
 # -- the sinks ------------------------------------------------------------------------------
 
 
+COUNTER_READ_PAUSE = 0.05  # seconds between two reads of a sink's counter
+
+
 @dataclass
 class Sink:
     """One ``smtp-sink`` process and its running message counter, read from its ``-c`` output."""
@@ -96,6 +105,9 @@ class Sink:
                 with self.lock:
                     self.count = int(found[-1])
                     self.changes.append((time.monotonic(), self.count))
+            # The sink writes its counter per message: read it a few times a second, not once per
+            # message, so that this benchmark takes little of the CPU it measures.
+            time.sleep(COUNTER_READ_PAUSE)
 
     def window(self, baseline: int) -> tuple[float, float, int] | None:
         """First time the count passed ``baseline``, last change time, messages since baseline."""
@@ -120,14 +132,15 @@ def start_sinks(sink_binary: str, port: int) -> list[Sink]:
     return sinks
 
 
-def sink_rate(sinks: list[Sink], baselines: list[int]) -> tuple[float, int]:
-    """Messages per second seen by all sinks together (first to last message), and their count."""
+def sink_rate(sinks: list[Sink], baselines: list[int]) -> tuple[float, int, float, float]:
+    """Messages per second seen by all sinks together (first to last message), their count, and
+    the monotonic times of the first and the last."""
     windows = [w for w in (s.window(b) for s, b in zip(sinks, baselines, strict=True)) if w]
     if not windows:
-        return 0.0, 0
+        return 0.0, 0, 0.0, 0.0
     first, last = min(w[0] for w in windows), max(w[1] for w in windows)
     total = sum(w[2] for w in windows)
-    return total / max(last - first, 1e-6), total
+    return total / max(last - first, 1e-6), total, first, last
 
 
 def wait_for_address(address: str, port: int, timeout: float = 10.0) -> None:
@@ -217,18 +230,29 @@ def filler_for(size: int, privkey: str) -> int:
     return max(0, round((size - base) / per_line))
 
 
-def compose_cpu_per_message(filler_lines: int, privkey: str, count: int = 300) -> float:
-    """CPU seconds to personalize and sign one message, with the satellite's own code."""
+def compose_cpu_per_message(filler_lines: int, privkey: str, count: int = 100, rounds: int = 9) -> float:
+    """CPU seconds to personalize and sign one message, with the satellite's own code: the median
+    of ``rounds`` rounds (this machine's speed moves from second to second)."""
     subject, html, plain = mailing_content(filler_lines)
     prepared = prepare({"id": 1, "mail_from": MAIL_FROM, "sender_name": "Bench", "subject": subject, "html": html,
                         "plain": plain, "charset": "utf-8", "dkim": {"enabled": True, "selector": "s1",
                                                                      "domain": "sender.bench.test",
                                                                      "privkey": privkey}})
-    started = time.process_time()
-    for index in range(count):
-        person = contact(index)
-        compose(prepared, {"id": f"r{index}", "email": person["email"], "domain": DOMAINS[0][0], "contact": person})
-    return (time.process_time() - started) / count
+    leased = [{"id": f"r{index}", "email": person["email"], "domain": DOMAINS[0][0], "contact": person}
+              for index, person in enumerate(contact(index) for index in range(count))]
+    compose(prepared, leased[0])  # the first message fills caches
+    per_message = []
+    for _ in range(rounds):
+        started = time.process_time()
+        for recipient in leased:
+            compose(prepared, recipient)
+        per_message.append((time.process_time() - started) / count)
+    return statistics.median(per_message)
+
+
+def work_per_message(filler_lines: int, privkey: str, size: int) -> tuple[float, float]:
+    """The reference's two costs, CPU seconds per message: composing and signing, sending."""
+    return compose_cpu_per_message(filler_lines, privkey), send_cpu_per_message(size)
 
 
 def send_cpu_per_message(size: int, count: int = 3000) -> float:
@@ -363,6 +387,9 @@ class MailingResult:
     ingest_seconds: float
     resident: list[tuple[int, float, float]]  # every 10 s: messages at the sinks, master MiB, satellite MiB
     idle: dict[str, float]  # CPU seconds per second of each process before the mailing starts
+    started: float  # monotonic times of start_mailing and of FINISHED seen
+    ended: float
+    parts: dict[str, float]  # CPU seconds of the satellite's own process and of the sinks
 
 
 IDLE_SECONDS = 10.0
@@ -411,10 +438,12 @@ def api_proxy(url: str, timeout: float) -> Any:
 
 def follow_mailing(url: str, proxy: Any, mailing_id: int, sinks: list[Sink], timeout: float,
                    watched: dict[str, int], postmaster: int | None, resident: list[tuple[int, float, float]],
-                   ) -> tuple[float, dict[str, Any], bool, dict[str, float]]:
-    """Poll until FINISHED (or timeout); returns seconds, the mailing, finished?, CPU seconds used.
+                   ) -> tuple[float, float, dict[str, Any], bool, dict[str, float], dict[str, float]]:
+    """Poll until FINISHED (or timeout); returns the start and end times, the mailing, finished?,
+    CPU seconds used by each watched process tree, and by the satellite's own process and the sinks.
     Appends the master's and satellite's resident memory to ``resident`` every 10 s."""
     cpu_before = {name: tree_cpu_seconds(pid) for name, pid in watched.items()}
+    parts_before = _parts_cpu(watched["satellite"], sinks)
     pg_before = postgres_cpu_seconds(postmaster) if postmaster else 0.0
     baseline = sum(s.count for s in sinks)
     started = time.monotonic()
@@ -448,7 +477,14 @@ def follow_mailing(url: str, proxy: Any, mailing_id: int, sinks: list[Sink], tim
     cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
     if postmaster:
         cpu["postgresql"] = postgres_cpu_seconds(postmaster) - pg_before
-    return now - started, mailing, mailing["status"] == "FINISHED", cpu
+    parts = {name: seconds - parts_before[name] for name, seconds in _parts_cpu(watched["satellite"], sinks).items()}
+    return started, now, mailing, mailing["status"] == "FINISHED", cpu, parts
+
+
+def _parts_cpu(satellite: int, sinks: list[Sink]) -> dict[str, float]:
+    return {"the satellite's own process": cpu_seconds(satellite),
+            "the 10 smtp-sinks": sum(cpu_seconds(sink.process.pid) for sink in sinks),
+            "this benchmark (DNS server, sink counters)": cpu_seconds(os.getpid())}
 
 
 def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTestServer, sinks: list[Sink],
@@ -498,13 +534,15 @@ def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTes
             watched["ferretdb"] = database.ferretdb_pid
         resident: list[tuple[int, float, float]] = []
         idle = idle_cpu(watched, database.postgres_pid if database else None)
-        seconds, mailing, finished, cpu = follow_mailing(url, proxy, mailing_id, sinks, args.timeout, watched,
-                                                          database.postgres_pid if database else None, resident)
+        started, ended, mailing, finished, cpu, parts = follow_mailing(
+            url, proxy, mailing_id, sinks, args.timeout, watched, database.postgres_pid if database else None,
+            resident)
         memory = {name: peak_memory_mb(pid) for name, pid in watched.items()}
         workers = children(satellite.pid)
         if workers:
             memory[f"its {len(workers)} child processes"] = sum(peak_memory_mb(pid) for pid in workers)
-        return MailingResult(seconds, mailing, finished, memory, cpu, ingest_seconds, resident, idle)
+        return MailingResult(ended - started, mailing, finished, memory, cpu, ingest_seconds, resident, idle,
+                             started, ended, parts)
     finally:
         stop(satellite)
         stop(master)
@@ -525,7 +563,8 @@ def find_postfix_tools() -> tuple[str, str]:
 
 
 def report(args: argparse.Namespace, backend: str, source_rate: float, result: MailingResult,
-           pipeline_rate: float, at_sinks: int, work: tuple[float, float]) -> None:
+           pipeline_rate: float, at_sinks: int, work_before: tuple[float, float],
+           work_after: tuple[float, float]) -> None:
     key = "Ed25519" if args.ed25519 else "RSA-2048"
     mailing = result.mailing
     print(f"\ndatabase: {backend}; {args.messages} messages of ~{args.size} bytes, personalized, {key} DKIM; "
@@ -546,10 +585,12 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
           f"   ({result.seconds:.1f} s)")
     print(f"satellite pipeline (at the sinks):  {pipeline_rate:10,.0f} messages/s   "
           f"ratio {pipeline_rate / source_rate:.3f}")
-    compose_cpu, send_cpu = work
+    compose_cpu, send_cpu = ((before + after) / 2 for before, after in zip(work_before, work_after, strict=True))
     work_limit = 2 / (compose_cpu + send_cpu)
     print(f"work limit (2 cores / ({compose_cpu * 1000:.3f} ms to compose and sign + {send_cpu * 1000:.3f} ms to "
           f"send, per message, measured in this run)): {work_limit:,.0f} messages/s")
+    print(f"  measured before the mailing: {work_before[0] * 1000:.3f} + {work_before[1] * 1000:.3f} ms; after it: "
+          f"{work_after[0] * 1000:.3f} + {work_after[1] * 1000:.3f} ms (the mean of the two is used)")
     print(f"end to end / work limit: {e2e_rate / work_limit:.2f}   (target >= 0.5)")
     print("peak memory (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MiB" for name, mb in result.memory.items()))
     if len(result.resident) >= 2:  # flat memory: the last sample close to the first
@@ -569,6 +610,12 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
     per_message = result.cpu["satellite"] / max(at_sinks, 1)
     print(f"satellite CPU per message: {per_message * 1000:.2f} ms (one core would sustain "
           f"~{1 / max(per_message, 1e-9):,.0f} messages/s if the master kept it fed)")
+    own = result.parts["the satellite's own process"]
+    print(f"  of which its own process {own / max(at_sinks, 1) * 1000:.3f} ms, its compose workers "
+          f"{(result.cpu['satellite'] - own) / max(at_sinks, 1) * 1000:.3f} ms; the 10 smtp-sinks "
+          f"{result.parts['the 10 smtp-sinks'] / max(at_sinks, 1) * 1000:.3f} ms per message")
+    print(f"this benchmark's own process (DNS server, sink counters): "
+          f"{result.parts['this benchmark (DNS server, sink counters)'] / max(at_sinks, 1) * 1000:.3f} ms per message")
 
 
 def main() -> None:
@@ -608,7 +655,7 @@ def main() -> None:
             source_rate = args.messages / smtp_source_run(source_binary, sink_port, args.messages, args.size,
                                                           args.sessions)
             key = private_key(args.ed25519)
-            work = compose_cpu_per_message(filler_for(args.size, key), key), send_cpu_per_message(args.size)
+            work_before = work_per_message(filler_for(args.size, key), key, args.size)
             time.sleep(0.5)  # let the sinks' last counters arrive
             args.mongo_url, database = start_database(tmp)
             args.db_name = f"bench_delivery_{uuid.uuid4().hex[:8]}"
@@ -616,7 +663,10 @@ def main() -> None:
             baselines = [sink.count for sink in sinks]
             result = run_mailing(args, tmp, sink_port, dns, sinks, database)
             time.sleep(0.5)
-            pipeline_rate, at_sinks = sink_rate(sinks, baselines)
+            pipeline_rate, at_sinks, first_at_sink, last_at_sink = sink_rate(sinks, baselines)
+            # Measured again after the mailing: the reference is the mean of the two, which
+            # bracket the run (this machine's speed drifts by a third from minute to minute).
+            work_after = work_per_message(filler_for(args.size, key), key, args.size)
             try:
                 MongoClient(args.mongo_url, socketTimeoutMS=30_000,
                             serverSelectionTimeoutMS=10_000).drop_database(args.db_name)
@@ -627,7 +677,10 @@ def main() -> None:
                 database.stop()
             for sink in sinks:
                 stop(sink.process)
-    report(args, backend, source_rate, result, pipeline_rate, at_sinks, work)
+    report(args, backend, source_rate, result, pipeline_rate, at_sinks, work_before, work_after)
+    if at_sinks:
+        print(f"edges: start -> first message at a sink {first_at_sink - result.started:.2f} s, last message at a "
+              f"sink -> FINISHED seen {result.ended - last_at_sink:.2f} s")
     if args.profile:
         print_profile(args.profile / "master.prof", "master")
         print_profile(args.profile / "satellite.prof", "satellite")

@@ -130,11 +130,13 @@ def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatc
     """Every domain service of the master, on ``stores`` (a test may hand in its own)."""
     mailings = MailingService(stores, clock)
     dispatcher = Dispatcher(stores, clock, dispatch)
+    lifecycle = MailingLifecycle(stores, clock, retention_days, dispatcher.work_available)
+    dispatcher.on_settled(lifecycle.settle)
     return Services(
         dispatcher=dispatcher,
         mailings=mailings,
         recipients=RecipientService(stores, mailings, clock, dispatcher.work_available),
         reports=ReportService(stores, clock, written_ahead),
         satellites=SatelliteService(stores, clock, max_awaiting_approval),
-        lifecycle=MailingLifecycle(stores, clock, retention_days, dispatcher.work_available),
+        lifecycle=lifecycle,
     )

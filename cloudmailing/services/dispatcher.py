@@ -17,10 +17,10 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from cloudmailing.common.link_protocol import Outcome
-from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, TIMEOUT, WARNING
+from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATUSES, TIMEOUT, WARNING
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
@@ -61,6 +61,7 @@ class Dispatcher:
         # here (after a restart, through the recipient index).
         self._held: dict[str, _Held] = {}
         self._work_listeners: list[Callable[[], None]] = []
+        self._settled_listeners: list[Callable[[set[int]], Awaitable[None]]] = []
 
     def on_work(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever recipients become deliverable (see :meth:`work_available`)."""
@@ -73,6 +74,11 @@ class Dispatcher:
         self._blocks.forget_free()
         for listener in self._work_listeners:
             listener()
+
+    def on_settled(self, listener: Callable[[set[int]], Awaitable[None]]) -> None:
+        """Await ``listener`` with the ids of the mailings a report gave final statuses to: the
+        life cycle finishes those with nothing left pending at once, not at its next tick."""
+        self._settled_listeners.append(listener)
 
     def new_lease_budget(self) -> LeaseBudget:
         """A fresh allowance for a satellite that just connected."""
@@ -167,10 +173,16 @@ class Dispatcher:
         serial = satellite["serial"]
         usable = {o.recipient_id: o for o in outcomes}  # the last outcome of a recipient wins
         recorded: list[Change] = []
+        settled: set[int] = set()  # mailings some of whose recipients reached a final status
         for block_id, outcomes_by_slot in (await self._by_block(usable)).items():
-            recorded += await self._record(block_id, outcomes_by_slot, serial, now)
+            mailing_id, changes = await self._record(block_id, outcomes_by_slot, serial, now)
+            recorded += changes
+            if any(change.status not in PENDING_STATUSES for change in changes):
+                settled.add(mailing_id)
         if recorded:
             await self._count(serial, recorded, now)
+        if settled:
+            await self._tell_settled(settled)
         ignored = len(usable) - len(recorded)
         log.info("%d outcomes recorded%s", len(recorded), f", {ignored} not held by this satellite ignored"
                  if ignored else "", extra={"satellite": serial})
@@ -187,8 +199,16 @@ class Dispatcher:
             grouped.setdefault(block_id, {})[slot] = (rid, outcomes[rid])
         return grouped
 
+    async def _tell_settled(self, mailing_ids: set[int]) -> None:
+        for listener in self._settled_listeners:
+            try:
+                await listener(mailing_ids)
+            except Exception:  # recorded all the same: the life cycle's next tick does it
+                log.exception("finishing the reported mailings failed", extra={"mailing": sorted(mailing_ids)})
+
     async def _record(self, block_id: int, outcomes: Mapping[int, tuple[str, Outcome]], serial: str,
-                      now: datetime.datetime) -> list[Change]:
+                      now: datetime.datetime) -> tuple[int, list[Change]]:
+        """The block's mailing, and the changes recorded in the block."""
         addresses = await self._blocks.addresses(block_id)
 
         def decide(block: Block) -> list[Change] | None:
@@ -203,7 +223,7 @@ class Dispatcher:
         written = await self._ledger.edit(block_id, decide, now)
         for rid, _ in outcomes.values():
             self._held.pop(rid, None)
-        return written[1] if written else []
+        return (written[0].mailing_id, written[1]) if written else (0, [])
 
     def _change(self, block: Block, slot: int, outcome: Outcome, serial: str, now: datetime.datetime) -> Change:
         tries = int(block.columns.tries[slot]) + 1

@@ -1,7 +1,9 @@
 """The mailings' life cycle over time: start when scheduled, time out, finish.
 
 ``tick`` is called periodically by the master (and by ``mailing_manager_force_check``); it reads
-the time from the injected clock so tests drive it with a fake one. A mailing finishes on its
+the time from the injected clock so tests drive it with a fake one. ``settle`` takes the same
+step at once for the mailings a report gave final statuses to: a mailing is FINISHED as soon as
+its last outcome is recorded. A mailing finishes on its
 counts, which every recipient change moves in the same step (see ``storage.ledger``): the life
 cycle never counts recipients and never writes counts. :meth:`MailingLifecycle.recover` repairs
 what a crash may have left behind, before the master serves anyone.
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 
 PURGE_SECONDS = 3600.0  # how often old status log pages are purged
 ENDED_BEFORE_DELIVERY = {"reply_text": "mailing ended before delivery"}
+
+
+def _done(mailing: Mapping[str, Any]) -> bool:
+    """A running regular mailing with nothing left pending (and recipients, or allowed none)."""
+    if mailing["status"] != RUNNING or mailing.get("type", REGULAR) != REGULAR:
+        return False
+    counts = totals(mailing.get("counts") or {})
+    return not counts["total_pending"] and bool(counts["total_recipient"] or not mailing.get("dont_close_if_empty"))
 
 
 def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
@@ -63,6 +73,13 @@ class MailingLifecycle:
             await self._stores.status_log.purge_before(now - self._retention, referenced)
             self._last_purge = seconds
 
+    async def settle(self, mailing_ids: set[int]) -> None:
+        """After a report: the life cycle's step for these mailings now (FINISHED when nothing is
+        left pending), rather than at the next tick."""
+        now = utc_now(self._clock)
+        for mailing_id in sorted(mailing_ids):
+            await self._finish_if_done(mailing_id, now)
+
     async def _advance(self, mailing: dict[str, Any], now: datetime.datetime) -> None:
         mailing_id = mailing["_id"]
         if mailing["status"] == MAILING_READY and (mailing.get("scheduled_start") or now) <= now:
@@ -78,9 +95,13 @@ class MailingLifecycle:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
         elif mailing["status"] == RUNNING:
-            counts = totals(mailing.get("counts") or {})
-            if not counts["total_pending"] and (counts["total_recipient"] or not mailing.get("dont_close_if_empty")):
-                await self._finish(mailing_id, now)
+            await self._finish_if_done(mailing_id, now)
+
+    async def _finish_if_done(self, mailing_id: int, now: datetime.datetime) -> None:
+        """FINISHED if RUNNING with nothing pending, decided on the counts as read under their
+        lock: recipients this process adds meanwhile are never left in a finished mailing."""
+        if await self._mailings.finish(mailing_id, now, when=_done):
+            log.info("mailing finished", extra={"mailing": mailing_id})
 
     async def _time_out(self, mailing_id: int, now: datetime.datetime) -> None:
         """Every recipient of the mailing not delivered yet becomes TIMEOUT."""

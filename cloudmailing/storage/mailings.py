@@ -13,7 +13,7 @@ The counts move only by increments, in the same step as the recipient changes th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from cloudmailing.common.statuses import FILLING, MAILING_FINISHED, MAILING_READY, PAUSED, RUNNING
 from cloudmailing.storage import counters
@@ -71,14 +71,17 @@ class MailingStore:
         query: dict[str, Any] = {"_id": mailing_id}
         if only_if_status is not None:
             query["status"] = {"$in": list(only_if_status)}
-        content, rest = _split(fields)
         async with self._db.locks.hold(("mailing", mailing_id)):
-            if rest:
-                matched = (await self._db.mailings.update_one(query, {"$set": rest})).matched_count == 1
-            else:
-                matched = await self._db.mailings.find_one(query, {"_id": 1}) is not None
-            if content and matched:
-                await self._db.mailing_content.update_one({"_id": mailing_id}, {"$set": content}, upsert=True)
+            return await self._update(query, fields)
+
+    async def _update(self, query: dict[str, Any], fields: Mapping[str, Any]) -> bool:
+        content, rest = _split(fields)
+        if rest:
+            matched = (await self._db.mailings.update_one(query, {"$set": rest})).matched_count == 1
+        else:
+            matched = await self._db.mailings.find_one(query, {"_id": 1}) is not None
+        if content and matched:
+            await self._db.mailing_content.update_one({"_id": query["_id"]}, {"$set": content}, upsert=True)
         return matched
 
     async def delete(self, mailing_id: int) -> bool:
@@ -129,10 +132,17 @@ class MailingStore:
         if fields:
             await self._db.mailings.update_one({"_id": mailing_id}, {"$set": fields})
 
-    async def finish(self, mailing_id: int, now: Any) -> bool:
-        """FINISHED now, unless it already is; whether this call finished it."""
-        return await self.update(mailing_id, {"status": MAILING_FINISHED, "end_time": now},
-                                 only_if_status=OPEN_STATUSES)
+    async def finish(self, mailing_id: int, now: Any,
+                     when: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+        """FINISHED now, unless it already is (or ``when`` says no of the mailing as read under
+        the counts' lock: counts this process moves meanwhile wait); whether this call finished it."""
+        query = {"_id": mailing_id, "status": {"$in": list(OPEN_STATUSES)}}
+        async with self.counts_lock(mailing_id):
+            if when is not None:
+                mailing = await self._db.mailings.find_one(query)
+                if mailing is None or not when(mailing):
+                    return False
+            return await self._update(query, {"status": MAILING_FINISHED, "end_time": now})
 
 
 def _split(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -201,3 +201,22 @@ async def test_free_blocks_found_by_one_search_serve_the_next_leases(mongo_url, 
     finally:
         await client.drop_database(db_name)
         await client.close()
+
+
+@aio_test
+async def test_a_mailing_is_finished_by_the_report_of_its_last_outcome_not_at_the_next_tick(database, clock):
+    services, mailing_id = await _world(database, clock)
+    ids = await _add(services, mailing_id, 3)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    leased = await services.dispatcher.lease(SATELLITE, 10)
+    assert len(leased) == 3
+    await services.dispatcher.report(SATELLITE, [_outcome(ids[0], "FINISHED"), _outcome(ids[1], "WARNING", 451)])
+    assert (await services.mailings.get(mailing_id))["status"] == "RUNNING"  # one not tried, one to retry
+    await services.dispatcher.report(SATELLITE, [_outcome(ids[2], "ERROR", 550)])
+    assert (await services.mailings.get(mailing_id))["status"] == "RUNNING"  # the soft bounce is pending
+    clock.advance(retry_delay(services.dispatcher.config, 1) + 1)
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 10)] == [ids[1]]
+    await services.dispatcher.report(SATELLITE, [_outcome(ids[1], "FINISHED")])
+    mailing = await services.mailings.get(mailing_id)  # no tick in between
+    assert mailing["status"] == "FINISHED" and mailing["end_time"]

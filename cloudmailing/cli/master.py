@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from cloudmailing.cli.runtime import base_parser, install_reactor, settings_or_exit
+from cloudmailing.common.gc_tuning import settle_after_start
 from cloudmailing.common.logs import setup_logging
 
 log = logging.getLogger("cloudmailing.master")
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = [0]
 
     def started(_: Any) -> None:
+        settle_after_start()
         api = settings.api
         assert master.tls is not None
         host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from cloudmailing.cli.runtime import base_parser, install_reactor, settings_or_exit
+from cloudmailing.common.gc_tuning import settle_after_start
 from cloudmailing.common.logs import setup_logging
 
 log = logging.getLogger("cloudmailing.satellite")
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("satellite stopped: %s", failure.getErrorMessage())
         reactor.stop()
 
+    reactor.callWhenRunning(settle_after_start)
     reactor.callWhenRunning(lambda: as_deferred(daemon.run()).addErrback(failed))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(daemon.stop()))
     reactor.run()

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from cloudmailing.common.gc_tuning import settle_after_start
 from cloudmailing.common.recent import keep_recent
 from cloudmailing.satellite import templates
 from cloudmailing.satellite.composer import PreparedMailing, build_failure, compose, prepare
@@ -103,6 +104,7 @@ def _worker_main(conn: Connection, limits: TemplateLimits, memory_mb: int) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     templates.configure(limits)
     _limit_address_space(memory_mb)
+    settle_after_start()
     compiled: OrderedDict[str, PreparedMailing | Exception] = OrderedDict()
     conn.send(_READY)
     while True:

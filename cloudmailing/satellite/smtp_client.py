@@ -245,7 +245,7 @@ class _SmtpClientProtocol(asyncio.Protocol):
 
 
 class _Transaction:
-    """One message: ``[RSET] MAIL RCPT DATA`` then the body; completes ``future`` with itself.
+    """One message: ``[RSET] MAIL RCPT DATA`` then the body; completes ``future`` when done.
     RSET only after a transaction that did not complete (see ``SmtpConnection._needs_rset``).
 
     Pipelined, the envelope commands go out in one write and their replies are collected;
@@ -263,7 +263,9 @@ class _Transaction:
         self.commands = commands
         self.replies: list[SmtpReply] = []
         self.error: Exception | None = None
-        self.future: asyncio.Future[_Transaction] = protocol.loop.create_future()
+        # Done (with None: its result naming the transaction made each one a reference cycle, left
+        # to the garbage collector) when the transaction ends.
+        self.future: asyncio.Future[None] = protocol.loop.create_future()
         self._protocol = protocol
         self._payload = payload
         self._pipelined = pipelined
@@ -320,7 +322,7 @@ class _Transaction:
 
     def _finish(self) -> None:
         if not self.future.done():
-            self.future.set_result(self)
+            self.future.set_result(None)
 
 
 def dot_stuff(data: bytes) -> bytes:

@@ -355,3 +355,21 @@ async def test_connect_timeout_in_the_same_step_as_the_greeting_timeout_leaves_n
     await asyncio.sleep(0.05)  # the transport's close runs its callbacks
     gc.collect()
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+@aio_test
+async def test_a_sent_message_leaves_no_reference_cycle_behind(serve: Any) -> None:
+    """Each transaction is freed when its send returns, not at the next collection: the processes
+    collect rarely (common.gc_tuning), and a cycle per message would hold their memory until then."""
+    _, port = serve()
+    connection = await connected(port)
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(3):
+            assert (await connection.send("b@x.test", f"r{n}@dest.test", MESSAGE)).status == FINISHED
+        left = [o for o in gc.get_objects() if type(o) is smtp_client._Transaction]
+    finally:
+        gc.enable()
+    await connection.close()
+    assert left == []

@@ -35,6 +35,16 @@ class _Commands(monitoring.CommandListener):
         pass
 
 
+def _answer_lost(write):
+    """``write`` as the database does it when it writes, then the connection resets before the answer."""
+
+    async def written_but_unanswered(*args):
+        await write(*args)
+        raise ConnectionError("connection reset")
+
+    return written_but_unanswered
+
+
 class _Clock:
     def seconds(self) -> float:
         return (NOW - datetime.datetime(1970, 1, 1)).total_seconds()
@@ -168,12 +178,7 @@ async def test_a_state_write_that_failed_unseen_is_settled_by_the_state(database
     stores, ids = await mailing_with(database, 2, block_recipients=2)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
     real_save = stores.blocks.save
-
-    async def written_but_unanswered(block):  # the database wrote it, the answer was lost
-        await real_save(block)
-        raise ConnectionError("connection reset")
-
-    stores.blocks.save = written_but_unanswered
+    stores.blocks.save = _answer_lost(real_save)
     with pytest.raises(ConnectionError):
         await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
     stores.blocks.save = real_save
@@ -194,12 +199,7 @@ async def test_a_log_page_written_but_unanswered_is_never_read_and_is_settled_aw
     stores, ids = await mailing_with(database, 2, block_recipients=2)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
     real_insert = stores.status_log.insert
-
-    async def written_but_unanswered(page):
-        await real_insert(page)
-        raise ConnectionError("connection reset")
-
-    stores.status_log.insert = written_but_unanswered
+    stores.status_log.insert = _answer_lost(real_insert)
     with pytest.raises(ConnectionError):
         await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
     stores.status_log.insert = real_insert

@@ -3,9 +3,9 @@
 ``tick`` is called periodically by the master (and by ``mailing_manager_force_check``); it reads
 the time from the injected clock so tests drive it with a fake one. ``settle`` takes the same
 step at once for the mailings a report gave final statuses to: a mailing is FINISHED as soon as
-its last outcome is recorded. A mailing finishes on its
-counts, which every recipient change moves in the same step (see ``storage.ledger``): the life
-cycle never counts recipients and never writes counts. :meth:`MailingLifecycle.recover` repairs
+its last outcome is recorded. A mailing finishes on its counts, which every recipient change
+moves in the same step (see ``storage.ledger``): the life cycle never counts recipients and never
+writes counts. :meth:`MailingLifecycle.recover` repairs
 what a crash may have left behind, before the master serves anyone.
 """
 
@@ -78,7 +78,7 @@ class MailingLifecycle:
         left pending), rather than at the next tick."""
         now = utc_now(self._clock)
         for mailing_id in sorted(mailing_ids):
-            await self._finish_if_done(mailing_id, now)
+            await self._finish(mailing_id, now, when=_done)
 
     async def _advance(self, mailing: dict[str, Any], now: datetime.datetime) -> None:
         mailing_id = mailing["_id"]
@@ -95,13 +95,7 @@ class MailingLifecycle:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
         elif mailing["status"] == RUNNING:
-            await self._finish_if_done(mailing_id, now)
-
-    async def _finish_if_done(self, mailing_id: int, now: datetime.datetime) -> None:
-        """FINISHED if RUNNING with nothing pending, decided on the counts as read under their
-        lock: recipients this process adds meanwhile are never left in a finished mailing."""
-        if await self._mailings.finish(mailing_id, now, when=_done):
-            log.info("mailing finished", extra={"mailing": mailing_id})
+            await self._finish(mailing_id, now, when=_done)
 
     async def _time_out(self, mailing_id: int, now: datetime.datetime) -> None:
         """Every recipient of the mailing not delivered yet becomes TIMEOUT."""
@@ -115,8 +109,11 @@ class MailingLifecycle:
             if summary.get("open"):
                 await self._stores.ledger.edit(summary["_id"], time_out, now)
 
-    async def _finish(self, mailing_id: int, now: datetime.datetime) -> None:
-        if await self._mailings.finish(mailing_id, now):
+    async def _finish(self, mailing_id: int, now: datetime.datetime,
+                      when: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
+        """FINISHED now; with ``when``, only if it says so of the mailing as read under the counts'
+        lock (``_done``: recipients this process adds meanwhile are never left in a finished mailing)."""
+        if await self._mailings.finish(mailing_id, now, when):
             log.info("mailing finished", extra={"mailing": mailing_id})
 
     async def close_empty_mailings(self) -> int:

@@ -10,9 +10,9 @@ writes, in this order:
 
 A page whose state write never happened (a crash between 1 and 2) is an *orphan*: the state does
 not name it. A failed write leaves the page in flight until :meth:`Ledger.settle_unsure` deletes
-it if it is an orphan; after a crash, :meth:`Ledger.recover` does so before the master serves anyone. So a change is
-in the state and the log exactly once, whatever fails: a satellite's repeated report finds its
-recipients no longer leased and records nothing new.
+it if it is an orphan; after a crash, :meth:`Ledger.recover` does so before the master serves
+anyone. So a change is in the state and the log exactly once, whatever fails: a satellite's
+repeated report finds its recipients no longer leased and records nothing new.
 """
 
 from __future__ import annotations

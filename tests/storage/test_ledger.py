@@ -35,14 +35,21 @@ class _Commands(monitoring.CommandListener):
         pass
 
 
-def _answer_lost(write):
-    """``write`` as the database does it when it writes, then the connection resets before the answer."""
+async def _report_with_answer_lost(stores, block_id, owner, name):
+    """A FINISHED report of slot 0 whose ``owner.name`` write the database does, then the
+    connection resets before the answer: the edit fails with ConnectionError."""
+    write = getattr(owner, name)
 
     async def written_but_unanswered(*args):
         await write(*args)
         raise ConnectionError("connection reset")
 
-    return written_but_unanswered
+    setattr(owner, name, written_but_unanswered)
+    try:
+        with pytest.raises(ConnectionError):
+            await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    finally:
+        setattr(owner, name, write)
 
 
 class _Clock:
@@ -177,11 +184,7 @@ async def test_a_page_whose_state_write_was_cut_is_deleted_at_start_up(database)
 async def test_a_state_write_that_failed_unseen_is_settled_by_the_state(database):
     stores, ids = await mailing_with(database, 2, block_recipients=2)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
-    real_save = stores.blocks.save
-    stores.blocks.save = _answer_lost(real_save)
-    with pytest.raises(ConnectionError):
-        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
-    stores.blocks.save = real_save
+    await _report_with_answer_lost(stores, block_id, stores.blocks, "save")
     assert (await stores.status_log.read_since(0, 0, 10))[0] == []  # in flight: not read yet
     assert (await stores.mailings.get(1))["counts"] == {"READY": 2}  # trails the state
     await stores.ledger.settle_unsure()
@@ -198,11 +201,7 @@ async def test_a_log_page_written_but_unanswered_is_never_read_and_is_settled_aw
     twice in the cursor): the page stays in flight until the state says it is not named."""
     stores, ids = await mailing_with(database, 2, block_recipients=2)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
-    real_insert = stores.status_log.insert
-    stores.status_log.insert = _answer_lost(real_insert)
-    with pytest.raises(ConnectionError):
-        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
-    stores.status_log.insert = real_insert
+    await _report_with_answer_lost(stores, block_id, stores.status_log, "insert")
     # The satellite reports again, before the life-cycle tick: recorded, once.
     await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
     assert [e["r"]["status"] for e in (await stores.status_log.read_since(0, 0, 10))[0]] == []  # one in flight

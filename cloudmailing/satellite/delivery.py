@@ -5,7 +5,10 @@ recipient), resolves the recipient domain's mail hosts, and delivers through
 :class:`~cloudmailing.satellite.smtp_client.SmtpConnection` objects:
 
 * one queue per recipient domain, served by workers; each worker holds one connection and sends
-  queued messages on it one after another (up to ``max_messages_per_connection``), lingering
+  queued messages on it in order (up to ``max_messages_per_connection``), two in flight: the next
+  one starts while the one before waits for its last reply (with PIPELINING, its envelope goes
+  out with that body); a message the server never answered because the connection ended is not
+  reported but queued again, for another connection. It lingers
   ``idle_timeout`` seconds for more before it says QUIT (at once when another destination
   waits for a connection slot);
 * at most ``max_connections_per_host`` connections per MX address and ``max_connections`` in
@@ -39,6 +42,8 @@ from cloudmailing.satellite.outcomes import DeliveryOutcome
 from cloudmailing.satellite.smtp_client import SmtpClientOptions, SmtpConnectError, SmtpConnection
 
 log = logging.getLogger("cloudmailing.satellite.delivery")
+
+_IN_FLIGHT = 2  # messages started on one connection and not ended: one sending, the next riding
 
 
 @dataclass(frozen=True)
@@ -468,16 +473,43 @@ class DeliveryScheduler:
     async def _send_queued(
         self, dest: _Destination, connection: SmtpConnection, target: _Target
     ) -> None:
-        while connection.usable and connection.messages_sent < self.config.max_messages_per_connection:
-            job = await self._next_job(dest, target)
-            if job is None:
+        """Send queued jobs on ``connection``, the next one started while the one before waits
+        for its last reply (with PIPELINING, its envelope rides with that body); outcomes in order."""
+        in_flight: deque[tuple[DeliveryJob, asyncio.Future[DeliveryOutcome | None]]] = deque()
+        not_tried = 0  # jobs put back at the head of the queue, in their order
+        while True:
+            job = self._startable_job(dest, connection, in_flight)
+            if job is None and not in_flight and self._can_start(connection):
+                job = await self._next_job(dest, target)  # linger for one
+                if job is not None and not connection.usable:  # closed by the server while we lingered
+                    dest.jobs.appendleft(job)
+                    job = None
+                if job is None:
+                    return
+            if job is not None:
+                in_flight.append((job, connection.start(job.envelope_from, job.recipient, job.data,
+                                                        job.recipient_id)))
+                continue
+            if not in_flight:
                 return
-            if not connection.usable:  # closed by the server while we lingered
-                dest.jobs.appendleft(job)
-                return
-            outcome = await connection.send(job.envelope_from, job.recipient, job.data, job.recipient_id)
+            sent, started = in_flight.popleft()
+            outcome = await started
+            if outcome is None:  # the connection ended before it was tried: another one takes it
+                dest.jobs.insert(not_tried, sent)
+                not_tried += 1
+                continue
             self._account(target, outcome, connection.saw_421)
-            self._report(job, outcome)
+            self._report(sent, outcome)
+
+    def _can_start(self, connection: SmtpConnection) -> bool:
+        return connection.usable and connection.messages_sent < self.config.max_messages_per_connection
+
+    def _startable_job(self, dest: _Destination, connection: SmtpConnection,
+                       in_flight: deque[Any]) -> DeliveryJob | None:
+        """A queued job to start now: at most two messages in flight on a connection."""
+        if len(in_flight) < _IN_FLIGHT and dest.jobs and self._can_start(connection):
+            return dest.jobs.popleft()
+        return None
 
     async def _next_job(self, dest: _Destination, target: _Target) -> DeliveryJob | None:
         """The next queued job, or one submitted within ``idle_timeout``; None when none comes.

@@ -5,19 +5,24 @@ Wire code only: :class:`SmtpConnection` speaks SMTP and reports what the server 
 decides about retries, back-off or other MX hosts — ``delivery`` does.
 
 Why not ``twisted.mail``'s ESMTPClient: it costs about twice the CPU per message. Here, with
-PIPELINING, each message is exactly two writes (``MAIL RCPT DATA``, then the dot-stuffed
-body with its final ``.``). The connection is an asyncio transport (the daemon's reactor is
-Twisted's asyncio reactor, so both share one loop): it sends a write at once, where Twisted's TCP
-transport registers the socket for writing, sends on the next loop turn and unregisters it, two
-selector changes and a loop turn per write, a sixth of the satellite's main process when
-delivering. asyncio sets TCP_NODELAY (no ~43 ms Nagle stall per message). Message bytes must use
-CRLF line endings (the message builder produces them).
+PIPELINING, a message is two writes (``MAIL RCPT DATA``, then the dot-stuffed body with its
+final ``.``), and one when the next message is started before it ends
+(:meth:`SmtpConnection.start`): the next envelope goes out with this body (RFC 2920), one round
+trip per message instead of two (on a distant MX host, twice the messages per connection).
+
+The connection is an asyncio transport (the daemon's reactor is Twisted's asyncio reactor, so
+both share one loop): it sends a write at once, where Twisted's TCP transport registers the
+socket for writing, sends on the next loop turn and unregisters it, two selector changes and a
+loop turn per write, a sixth of the satellite's main process when delivering. asyncio sets
+TCP_NODELAY (no ~43 ms Nagle stall per message). Message bytes must use CRLF line endings (the
+message builder produces them).
 
 Usage::
 
     conn = SmtpConnection(SmtpClientOptions(helo_hostname="out.example.com"), "mx1", reactor)
     await conn.connect("192.0.2.1", 25)          # raises SmtpConnectError
     outcome = await conn.send("bounce@x", "rcpt@y", message_bytes, recipient_id="r1")
+    first, second = conn.start(...), conn.start(...)  # the second rides with the first's body
     await conn.close()                            # QUIT
 """
 
@@ -245,11 +250,14 @@ class _SmtpClientProtocol(asyncio.Protocol):
 
 
 class _Transaction:
-    """One message: ``[RSET] MAIL RCPT DATA`` then the body; completes ``future`` when done.
+    """One message: ``[RSET] MAIL RCPT DATA`` then the body; calls ``on_end`` once when done.
     RSET only after a transaction that did not complete (see ``SmtpConnection._needs_rset``).
 
     Pipelined, the envelope commands go out in one write and their replies are collected;
-    otherwise each command is sent after the previous one succeeded.
+    otherwise each command is sent after the previous one succeeded. The next message's
+    transaction may ride on this one (:attr:`rider`): its envelope goes out in the same write as
+    this body (RFC 2920 lets a group start with message content), or, when this one ends without
+    sending a body, it starts then, with RSET.
     """
 
     def __init__(
@@ -258,28 +266,42 @@ class _Transaction:
         commands: list[bytes],
         payload: bytes,
         pipelined: bool,
-        has_rset: bool,
+        on_end: Callable[[_Transaction], None],
     ) -> None:
         self.commands = commands
         self.replies: list[SmtpReply] = []
         self.error: Exception | None = None
-        # Done (with None: its result naming the transaction made each one a reference cycle, left
-        # to the garbage collector) when the transaction ends.
-        self.future: asyncio.Future[None] = protocol.loop.create_future()
+        self.has_rset = False
+        self.started = False
+        self.body_written = False
+        self.ended = False
+        self.rider: _Transaction | None = None
         self._protocol = protocol
         self._payload = payload
-        self._pipelined = pipelined
-        self._first_checked = 1 if has_rset else 0  # an RSET reply decides nothing
+        self.pipelined = pipelined
+        self._on_end: Callable[[_Transaction], None] | None = on_end
+        self._first_checked = 0  # an RSET reply decides nothing
         self._data_index = len(commands) - 1
 
-    def start(self) -> None:
-        """Send the envelope (all of it when pipelining)."""
-        if self._pipelined:
+    def start(self, rset: bool) -> None:
+        """Send the envelope (all of it when pipelining), after RSET when ``rset``."""
+        envelope = self.begin(rset)
+        if not self.ended:  # it ends at once when the connection is already gone
+            self._protocol.write(envelope)
+
+    def begin(self, rset: bool) -> bytes:
+        """Wait for the envelope's replies; return what to write now (all of it when pipelining,
+        else the first command, sent at once by :meth:`start`)."""
+        self.started = True
+        if rset:
+            self.commands.insert(0, b"RSET\r\n")
+            self.has_rset, self._first_checked, self._data_index = True, 1, len(self.commands) - 1
+        if self.pipelined:
             for _ in self.commands:
                 self._protocol.expect(self._on_reply, self._on_fail)
-            self._protocol.write(b"".join(self.commands))
-        else:
-            self._send_command(0)
+            return b"".join(self.commands)
+        self._protocol.expect(self._on_reply, self._on_fail)
+        return self.commands[0]
 
     def _send_command(self, index: int) -> None:
         self._protocol.expect(self._on_reply, self._on_fail)
@@ -297,7 +319,7 @@ class _Transaction:
         index = len(self.replies)
         self.replies.append(reply)
         if index < self._data_index:
-            if not self._pipelined:
+            if not self.pipelined:
                 if index < self._first_checked or 200 <= reply.code < 300:
                     self._send_command(index + 1)
                 else:
@@ -313,7 +335,14 @@ class _Transaction:
             return
         self._protocol.expect(self._on_reply, self._on_fail)
         # A 354 after a refused RCPT (lax server): send an empty message to end DATA.
-        self._protocol.write(self._payload if self.envelope_accepted() else b".\r\n")
+        body = self._payload if self.envelope_accepted() else b".\r\n"
+        self.body_written, self._payload = True, b""
+        rider, self.rider = self.rider, None
+        if rider is not None and rider.pipelined:
+            body += rider.begin(rset=False)  # this transaction completes: no RSET needed
+        elif rider is not None:
+            self.rider = rider  # without PIPELINING, it waits for the end of this one
+        self._protocol.write(body)
 
     def _on_fail(self, error: Exception) -> None:
         if self.error is None:
@@ -321,8 +350,15 @@ class _Transaction:
         self._finish()
 
     def _finish(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
+        if self.ended:
+            return
+        self.ended = True
+        rider, self.rider = self.rider, None
+        on_end, self._on_end = self._on_end, None  # no cycle back to the connection
+        if on_end is not None:
+            on_end(self)
+        if rider is not None:  # fails at once if the connection is gone
+            rider.start(rset=not self.completed())
 
 
 def dot_stuff(data: bytes) -> bytes:
@@ -358,7 +394,8 @@ def _opportunistic_tls() -> ssl.SSLContext:
 
 
 class SmtpConnection:
-    """One SMTP connection to one MX host, sending one-recipient messages one after another."""
+    """One SMTP connection to one MX host, sending one-recipient messages in order (the next one
+    may start while the one before waits for its last reply)."""
 
     def __init__(
         self,
@@ -379,6 +416,7 @@ class SmtpConnection:
         self._clock: Clock = clock
         self._protocol: _SmtpClientProtocol | None = None
         self._log_prefix: list[str] = []
+        self._last: _Transaction | None = None  # the latest message started on this connection
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -491,24 +529,54 @@ class SmtpConnection:
         Never raises for SMTP or network trouble: a lost connection or a timeout is a WARNING
         outcome (and :attr:`usable` becomes false).
         """
+        outcome = await self.start(envelope_from, recipient, data, recipient_id)
+        if outcome is None:
+            return outcomes.temporary_failure(recipient_id, "connection closed before this message", (),
+                                              self.mx_host)
+        return outcome
+
+    def start(
+        self, envelope_from: str, recipient: str, data: bytes, recipient_id: str = ""
+    ) -> asyncio.Future[DeliveryOutcome | None]:
+        """Start sending one message; the future gets its outcome, as :meth:`send` says.
+
+        A message started while the one before is still in flight does not wait for it: with
+        PIPELINING, its envelope goes out in the same write as the previous body (one write and
+        one round trip per message, not two). Its future gets None when the connection ended
+        before the server answered any of its commands: it was not tried and can go elsewhere.
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[DeliveryOutcome | None] = loop.create_future()
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
-            return outcomes.temporary_failure(recipient_id, "connection not open", (), self.mx_host)
+            result.set_result(outcomes.temporary_failure(recipient_id, "connection not open", (), self.mx_host))
+            return result
         problem = self._envelope_problem(envelope_from, recipient)
         if problem:
-            return outcomes.permanent_failure(recipient_id, problem, (), self.mx_host)
-        commands = self._envelope_commands(envelope_from, recipient, data)
-        has_rset = self._needs_rset
-        if has_rset:
-            commands.insert(0, b"RSET\r\n")
+            result.set_result(outcomes.permanent_failure(recipient_id, problem, (), self.mx_host))
+            return result
         self.messages_sent += 1
-        transaction = _Transaction(
-            protocol, commands, dot_stuff(data), "PIPELINING" in self.extensions, has_rset
-        )
-        transaction.start()
-        await transaction.future
-        self._needs_rset = not transaction.completed()
-        return self._outcome(transaction, recipient_id, len(data), has_rset)
+        previous = self._last  # still in flight: this message rides on it
+        rides = previous is not None
+
+        def ended(transaction: _Transaction) -> None:
+            self._needs_rset = not transaction.completed()
+            if self._last is transaction:
+                self._last = None
+            not_tried = rides and not transaction.replies
+            if not result.done():  # its awaiting task may have been cancelled
+                result.set_result(None if not_tried else self._outcome(transaction, recipient_id, len(data)))
+
+        transaction = _Transaction(protocol, self._envelope_commands(envelope_from, recipient, data),
+                                   dot_stuff(data), "PIPELINING" in self.extensions, ended)
+        self._last = transaction
+        if previous is None:
+            transaction.start(rset=self._needs_rset)
+        elif previous.body_written and transaction.pipelined:
+            transaction.start(rset=False)  # right behind the previous body, which completes
+        else:
+            previous.rider = transaction
+        return result
 
     def _envelope_problem(self, envelope_from: str, recipient: str) -> str:
         for address in (envelope_from, recipient):
@@ -530,11 +598,9 @@ class SmtpConnection:
             b"DATA\r\n",
         ]
 
-    def _outcome(
-        self, transaction: _Transaction, recipient_id: str, size: int, has_rset: bool
-    ) -> DeliveryOutcome:
+    def _outcome(self, transaction: _Transaction, recipient_id: str, size: int) -> DeliveryOutcome:
         smtp_log = self._transaction_log(transaction, size)
-        decisive = _decisive_reply(transaction, has_rset)
+        decisive = _decisive_reply(transaction)
         if decisive is not None:
             return outcomes.outcome_from_reply(
                 recipient_id, decisive.code, decisive.text, smtp_log, self.mx_host
@@ -576,11 +642,11 @@ class SmtpConnection:
             self._protocol.abort(SmtpConnectionLost("aborted by the client"))
 
 
-def _decisive_reply(transaction: _Transaction, has_rset: bool) -> SmtpReply | None:
+def _decisive_reply(transaction: _Transaction) -> SmtpReply | None:
     """The first negative envelope/DATA reply, else the final reply, else None (no verdict)."""
     replies = transaction.replies
     data_index = len(transaction.commands) - 1
-    for index in range(1 if has_rset else 0, len(replies)):
+    for index in range(1 if transaction.has_rset else 0, len(replies)):
         reply = replies[index]
         positive = reply.code == 354 if index == data_index else 200 <= reply.code < 300
         if not positive:

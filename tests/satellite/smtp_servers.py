@@ -15,6 +15,8 @@ out in one write) whose misbehaviour is chosen with a :class:`Behaviour`::
     Behaviour(starttls=True)             advertise STARTTLS (needs ``tls=make_tls_options()``)
     Behaviour(pipelining=False, esmtp=False, eightbitmime=False, smtputf8=False)  fewer features
     Behaviour(store=False)               count messages and bytes only (benchmarks)
+    Behaviour(close_after_messages=1)    close right after queuing that many messages on a connection,
+                                         ignoring what else came with the last one
 
 Any reply code 421 makes the server close the connection after sending it.
 
@@ -24,8 +26,9 @@ API::
     port = server.listen("127.0.0.2", 0)        # 0: any free port; returns the port
     server.messages      -> list[ReceivedMessage] (mail_from, rcpt_to, data un-dot-stuffed, ...)
     server.message_count, server.byte_count, server.connections_total, server.max_concurrent
-    server.batches       -> per connection, the commands grouped by received segment:
-                            [["EHLO"], ["MAIL", "RCPT", "DATA"], ...] (shows pipelining)
+    server.batches       -> per connection, the commands grouped by received segment, "." for the
+                            end of a message's data: [["EHLO"], ["MAIL", "RCPT", "DATA"], ["."], ...]
+                            (shows pipelining)
     await server.wait_for_connection()          # a connection was accepted
     await server.stop()                         # stop listening, drop connections
 
@@ -68,6 +71,7 @@ class Behaviour:
     tempfail_first: bool = False
     store: bool = True
     hostname: str = "mx.test"
+    close_after_messages: int = 0  # 0: never
 
 
 @dataclass
@@ -104,6 +108,7 @@ class _ServerProtocol(Protocol):
         self.closing = False
         self.hanging = False
         self.batches: list[list[str]] = []
+        self.queued = 0
         self.tcp: Any = None
 
     def connectionMade(self) -> None:
@@ -159,7 +164,11 @@ class _ServerProtocol(Protocol):
         self.in_data, self.scanned = False, 0
         self.server._message_received(self, _unstuff(body))
         self.mail_from, self.rcpt_to = None, []
+        self.batches[-1].append(".")
         self._reply(b"250 2.0.0 Ok: queued\r\n")
+        self.queued += 1
+        if self.queued == self.behaviour.close_after_messages:
+            self.closing = True
         return True
 
     # -- commands ------------------------------------------------------------------------------

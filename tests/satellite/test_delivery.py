@@ -188,6 +188,33 @@ async def test_messages_per_connection_limit(world: Any) -> None:
 
 
 @aio_test
+async def test_queued_jobs_ride_on_one_connection_two_in_flight(world: Any) -> None:
+    """Each next envelope goes out with the body before it: one segment per message."""
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, max_connections_per_host=1)
+    await deliver(scheduler, jobs("a.test", 6))
+
+    assert w.statuses() == {f"a.test-{i}": FINISHED for i in range(6)}
+    assert [o.recipient for o, _ in w.outcomes] == [f"user{i}@a.test" for i in range(6)]  # in order
+    segments = [s for s in w.servers["127.0.0.2"].batches[0] if s]
+    assert segments[1:7] == [["MAIL", "RCPT", "DATA"]] + [[".", "MAIL", "RCPT", "DATA"]] * 5
+
+
+@aio_test
+async def test_a_job_whose_connection_closed_before_it_was_tried_goes_to_another(world: Any) -> None:
+    """The server hangs up after each message, unasked: the job riding on it was not tried and
+    is sent on the next connection, reported once, not failed."""
+    w = world({"127.0.0.2": Behaviour(close_after_messages=1)})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, max_connections_per_host=1)
+    await deliver(scheduler, jobs("a.test", 4))
+
+    assert w.statuses() == {f"a.test-{i}": FINISHED for i in range(4)} and len(w.outcomes) == 4
+    server = w.servers["127.0.0.2"]
+    assert [m.rcpt_to for m in server.messages] == [[f"user{i}@a.test"] for i in range(4)]
+    assert server.connections_total == 4
+
+
+@aio_test
 async def test_lingering_connection_takes_later_jobs(world: Any) -> None:
     w = world({"127.0.0.2": Behaviour()})
     scheduler = w.start({"a.test": [mx("127.0.0.2")]}, idle_timeout=5.0)

@@ -113,8 +113,69 @@ async def test_pipelining_sends_the_envelope_in_one_segment(serve: Any) -> None:
     await connection.close()
 
     segments = [s for s in server.batches[0] if s]
-    assert segments[1] == ["MAIL", "RCPT", "DATA"]
-    assert segments[2:4] == [["MAIL", "RCPT", "DATA"]] * 2
+    assert segments[1:] == [["MAIL", "RCPT", "DATA"], ["."]] * 3 + [["QUIT"]]
+
+
+@aio_test
+async def test_the_next_envelope_rides_with_the_previous_body(serve: Any) -> None:
+    """Messages started before the previous one ended: one write and one round trip each."""
+    server, port = serve()
+    connection = await connected(port)
+    results = await asyncio.gather(*(connection.send("b@x.test", f"r{i}@dest.test", MESSAGE, f"id{i}")
+                                     for i in range(3)))
+    await connection.close()
+
+    assert [(r.status, r.recipient_id) for r in results] == [(FINISHED, f"id{i}") for i in range(3)]
+    assert [m.rcpt_to for m in server.messages] == [[f"r{i}@dest.test"] for i in range(3)]
+    segments = [s for s in server.batches[0] if s]
+    assert segments[1:] == [["MAIL", "RCPT", "DATA"], [".", "MAIL", "RCPT", "DATA"],
+                            [".", "MAIL", "RCPT", "DATA"], ["."], ["QUIT"]]
+    assert "> RCPT TO:<r1@dest.test>" in results[1].smtp_log and "< 250 2.0.0 Ok: queued" in results[1].smtp_log
+
+
+@aio_test
+async def test_a_rider_after_a_refused_recipient_starts_with_rset(serve: Any) -> None:
+    """No body was sent (DATA refused): the waiting message starts on its own, after RSET."""
+    server, port = serve(Behaviour(rcpt_codes={"refused@dest.test": 550}))
+    connection = await connected(port)
+    refused, accepted = await asyncio.gather(connection.send("b@x.test", "refused@dest.test", MESSAGE),
+                                             connection.send("b@x.test", "r@dest.test", MESSAGE))
+    await connection.close()
+
+    assert (refused.status, refused.reply_code, accepted.status) == (ERROR, 550, FINISHED)
+    assert [m.rcpt_to for m in server.messages] == [["r@dest.test"]]
+    segments = [s for s in server.batches[0] if s]
+    assert segments[1:] == [["MAIL", "RCPT", "DATA"], ["RSET", "MAIL", "RCPT", "DATA"], ["."], ["QUIT"]]
+
+
+@aio_test
+async def test_without_pipelining_the_next_message_waits_for_the_previous_one(serve: Any) -> None:
+    server, port = serve(Behaviour(pipelining=False))
+    connection = await connected(port)
+    results = await asyncio.gather(*(connection.send("b@x.test", f"r{i}@dest.test", MESSAGE) for i in range(2)))
+    await connection.close()
+
+    assert [r.status for r in results] == [FINISHED, FINISHED]
+    segments = [s for s in server.batches[0] if s]
+    assert segments[1:] == [["MAIL"], ["RCPT"], ["DATA"], ["."]] * 2 + [["QUIT"]]
+
+
+@aio_test
+async def test_a_rider_the_server_never_answered_was_not_tried(serve: Any) -> None:
+    """The server closed after the first message: the second one's envelope went out with that
+    body but got no reply. ``start`` says None (it may go elsewhere); ``send`` a temporary failure."""
+    _, port = serve(Behaviour(close_after_messages=1))
+    connection = await connected(port)
+    first = connection.start("b@x.test", "r0@dest.test", MESSAGE)
+    second = connection.start("b@x.test", "r1@dest.test", MESSAGE)
+    assert ((await first).status, await second) == (FINISHED, None)
+    assert not connection.usable
+
+    connection = await connected(port)
+    sent, riding = await asyncio.gather(connection.send("b@x.test", "r2@dest.test", MESSAGE),
+                                        connection.send("b@x.test", "r3@dest.test", MESSAGE, "id3"))
+    assert (sent.status, riding.status, riding.recipient_id) == (FINISHED, WARNING, "id3")
+    assert riding.reply_text == "connection closed before this message"
 
 
 @aio_test

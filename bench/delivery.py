@@ -246,7 +246,7 @@ def prepared_mailing(filler_lines: int, privkey: str) -> tuple[Any, list[dict[st
     return prepared, leased
 
 
-def compose_cpu_per_message(filler_lines: int, privkey: str, rounds: int = 9) -> float:
+def compose_cpu_per_message(filler_lines: int, privkey: str, rounds: int = 25) -> float:
     """CPU seconds to personalize and sign one message, with the satellite's own code, the other
     core idle: the median of ``rounds`` rounds of a hundred (this machine's speed moves from
     second to second)."""
@@ -276,7 +276,7 @@ def compose_cpu_in_window(filler_lines: int, privkey: str, start: float, end: fl
     return statistics.median(per_message)
 
 
-def compose_cpu_both_cores(filler_lines: int, privkey: str, seconds: float = 2.0) -> float:
+def compose_cpu_both_cores(filler_lines: int, privkey: str, seconds: float = 3.0) -> float:
     """CPU seconds per message when both cores compose at once, each in its own process: the
     mean of their medians. Two busy cores of this machine each do less than one core alone (they
     share the host's core, caches and memory), which the one-core figure cannot show."""

@@ -82,31 +82,40 @@ transactions = st.lists(st.one_of(replies(), replies(), replies(), st.binary(max
 scripts = chunks | st.tuples(handshakes, transactions).map(lambda parts: parts[0] + parts[1])
 
 
-async def _deliver(port: int, clock: Clock) -> DeliveryOutcome:
-    """One message through a new connection; a failed connect reported as the scheduler does."""
+async def _deliver(port: int, clock: Clock, messages: int) -> list[DeliveryOutcome | None]:
+    """``messages`` messages through a new connection, started at once (the next rides on the one
+    before); a failed connect reported as the scheduler does."""
     connection = SmtpConnection(OPTIONS, "mx.fuzz.test", clock)
     try:
         await connection.connect(HOST, port)
     except SmtpConnectError as error:
-        return outcomes.temporary_failure("r1", f"mx.fuzz.test [{HOST}]: {error.reason}", error.smtp_log,
-                                          "mx.fuzz.test", error.reply_code)
-    outcome = await connection.send("bounce@example.test", "rcpt@fuzz.test", MESSAGE, "r1")
+        return [outcomes.temporary_failure("r1", f"mx.fuzz.test [{HOST}]: {error.reason}", error.smtp_log,
+                                           "mx.fuzz.test", error.reply_code)]
+    started = [connection.start("bounce@example.test", f"rcpt{n}@fuzz.test", MESSAGE, f"r{n + 1}")
+               for n in range(messages)]
+    ended = [await outcome for outcome in started]
     await connection.close()
-    return outcome
+    return ended
 
 
-async def _outcome_of(script: list[bytes]) -> DeliveryOutcome:
+async def _outcomes_of(script: list[bytes], messages: int) -> list[DeliveryOutcome | None]:
     clock = Clock()
     factory = Factory.forProtocol(lambda: ScriptedServer(script))
     port = reactor.listenTCP(0, factory, interface=HOST)
     try:
-        task = asyncio.ensure_future(_deliver(port.getHost().port, clock))
+        task = asyncio.ensure_future(_deliver(port.getHost().port, clock, messages))
         while not task.done():  # the client awaits a reply the script never completes: time it out
             await asyncio.wait({task}, timeout=0.05)
             clock.advance(OPTIONS.reply_timeout)
         return task.result()
     finally:
         await wait_deferred(port.stopListening())
+
+
+async def _outcome_of(script: list[bytes]) -> DeliveryOutcome:
+    [outcome] = await _outcomes_of(script, 1)
+    assert outcome is not None  # only a message riding on another one can be "not tried"
+    return outcome
 
 
 def _check(outcome: DeliveryOutcome) -> None:
@@ -141,6 +150,32 @@ async def test_any_server_replies_give_a_bounded_outcome_and_well_formed_answers
         outcome = on_loop(loop, _outcome_of(script))
         event(f"{outcome.status}, {'a reply' if outcome.reply_code is not None else 'no reply'}")
         _check(outcome)
+        assert [r for r in caplog.records if r.exc_info or r.levelno > logging.WARNING] == []
+
+    await run_property(check)
+
+
+@aio_test
+async def test_any_server_replies_to_messages_riding_on_each_other(caplog):
+    """Three messages started at once on one connection: each gets exactly one outcome, bounded;
+    only those after the first may be "not tried" (None), and then every one after it too."""
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.INFO)
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(scripts)
+    def check(script: list[bytes]) -> None:
+        caplog.clear()
+        ended = on_loop(loop, _outcomes_of(script, 3))
+        assert len(ended) in (1, 3) and ended[0] is not None
+        tried = [outcome for outcome in ended if outcome is not None]
+        assert ended == tried + [None] * (len(ended) - len(tried))
+        assert [outcome.recipient_id for outcome in tried] == [f"r{n + 1}" for n in range(len(tried))]
+        event(f"{len(tried)} of {len(ended)} tried")
+        for outcome in tried:
+            _check(outcome)
         assert [r for r in caplog.records if r.exc_info or r.levelno > logging.WARNING] == []
 
     await run_property(check)

@@ -127,11 +127,15 @@ class MailingLifecycle:
 
     async def recover(self) -> None:
         """At start-up: undo batches a crash cut, delete log pages whose state was never written,
-        rewrite the block summaries that trail their state, and recount every unfinished mailing."""
+        repair the summaries the dispatcher searches (done ones leave), rewrite the block summaries
+        that trail their state, and recount every unfinished mailing."""
         await self._stores.writer.roll_back_cut_batches()
         orphans = await self._stores.ledger.recover()
         if orphans:
             log.warning("%d log pages of writes a crash cut were deleted", orphans)
+        moved = await self._stores.blocks.repair_searched()
+        if moved:
+            log.info("%d summaries of done blocks moved out of those the dispatcher searches", moved)
         mailing_ids = [mailing["_id"] async for mailing in self._mailings.unfinished()]
         for mailing_id in mailing_ids:
             async for summary in self._stores.blocks.of_mailing(mailing_id):

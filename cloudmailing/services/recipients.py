@@ -86,6 +86,8 @@ class RecipientService:
             by_block.setdefault(recipient.block.id, set()).add(recipient.slot)
         for block_id, slots in by_block.items():
             await self._stores.ledger.edit(block_id, functools.partial(_reset, slots=slots), now)
+        if by_block:
+            self._work_available()  # those of running mailings are due now, not at the next search
         reopened = []
         for mailing_id in {recipient.block.mailing_id for recipient in found.values()}:
             if await self._stores.mailings.update(mailing_id, {"status": MAILING_READY, "end_time": None},

@@ -9,12 +9,16 @@ A mailing's recipients are kept in blocks of up to :data:`MAX_RECIPIENTS` (and a
   flag, tries, times, where its last change is logged), the block's lease, and a ``version``
   that every write checks and increments (optimistic concurrency: a write that finds another
   version re-reads and tries again);
-- its *summary* (``blocks``): a few numbers derived from the state (how many are ready, when
-  the next retry is due, who holds the lease until when, counts per status). This small
-  document is all the dispatcher searches, so finding work never reads recipients.
+- its *summary*: a few numbers derived from the state (how many are ready, when the next retry
+  is due, who holds the lease until when, counts per status). This small document is all the
+  dispatcher searches, so finding work never reads recipients. It lives in ``blocks`` while the
+  block has recipients to deliver or a lease, in ``blocks_done`` once it has neither: what the
+  dispatcher searches stays the size of the work in flight, not of every mailing ever sent (on
+  FerretDB v1, which reads a whole collection for any search, that is what a search costs).
 
 The state is the truth; the summary is rewritten after it, and rebuilt from it at start-up
-when a crash came between the two (:meth:`BlockStore.repair_summaries`).
+when a crash came between the two (:meth:`BlockStore.repair_summary`). A crash while a summary
+moves between the two collections may leave it in both: readers keep the newer (``sv``).
 """
 
 from __future__ import annotations
@@ -85,6 +89,12 @@ class Block:
         cols, due = self.columns, to_millis(now)
         return [slot for slot in range(len(cols)) if not cols.leased[slot]
                 and (cols.status_of(slot) == READY or (cols.status_of(slot) == WARNING and cols.next_try[slot] <= due))]
+
+    def is_done(self, counts: Mapping[str, int] | None = None) -> bool:
+        """Nothing left to deliver and no lease: its summary is with the done ones. ``counts``:
+        its columns' counts, when the caller has them."""
+        counts = self.columns.counts() if counts is None else counts
+        return self.lease is None and not any(counts.get(status) for status in PENDING_STATUSES)
 
     def summary(self) -> dict[str, Any]:
         cols = self.columns
@@ -184,7 +194,8 @@ class BlockStore:
         doc = {"_id": block.id, **_state_fields(block)}
         await collection.insert_one(doc)
         self._remember_state(doc)
-        await self._db.blocks.insert_one(block.summary())
+        summary = block.summary()
+        await self._summaries(_is_done(summary))[0].insert_one(summary)
 
     async def save(self, block: Block) -> bool:
         """Write ``block``'s state over the version it was read at; False if another write came
@@ -200,14 +211,26 @@ class BlockStore:
         self._remember_state({"_id": block.id, **fields})
         return True
 
-    async def write_summary(self, block: Block) -> None:
-        await self._db.blocks.replace_one({"_id": block.id}, block.summary(), upsert=True)
+    async def write_summary(self, block: Block, was_done: bool | None = None) -> None:
+        """Write the block's summary where it belongs; ``was_done``: where it was before (None:
+        not known, so it is also deleted from the other collection)."""
+        summary = block.summary()
+        done = _is_done(summary)
+        where, other = self._summaries(done)
+        await where.replace_one({"_id": block.id}, summary, upsert=True)
+        if was_done is None or was_done != done:
+            await other.delete_one({"_id": block.id})  # after the write: a crash leaves two, never none
+
+    def _summaries(self, done: bool) -> tuple[Any, Any]:
+        """The collection of summaries done or not, and the other one."""
+        return (self._db.blocks_done, self._db.blocks) if done else (self._db.blocks, self._db.blocks_done)
 
     async def delete(self, block_id: int) -> None:
         for kind in ("block_content", "block_state", "kept_messages"):
             collection = await self._db.bucket(kind, bucket_of(block_id))
             await collection.delete_many({"_id": block_id} if kind != "kept_messages" else {"b": block_id})
         await self._db.blocks.delete_one({"_id": block_id})
+        await self._db.blocks_done.delete_one({"_id": block_id})
         self._addresses.pop(block_id, None)
         self._states.pop(block_id, None)
 
@@ -249,23 +272,37 @@ class BlockStore:
     async def lease_expired(self, now: datetime.datetime) -> list[dict[str, Any]]:
         return [doc async for doc in self._db.blocks.find({"held": True}) if doc["until"] < now]
 
-    def of_mailing(self, mailing_id: int) -> AsyncIterator[dict[str, Any]]:
-        return self._db.blocks.find({"m": mailing_id}).sort("_id", 1)
+    async def of_mailing(self, mailing_id: int) -> AsyncIterator[dict[str, Any]]:
+        """The summaries of the mailing's blocks, done or not, in block order."""
+        for summary in await self._both({"m": mailing_id}):
+            yield summary
 
     async def tail(self, mailing_id: int, test: bool) -> dict[str, Any] | None:
         """The summary of the mailing's newest block of this kind."""
-        found = await self._db.blocks.find({"m": mailing_id, "test": test}).sort("_id", -1).limit(1).to_list()
-        return found[0] if found else None
+        newest = [doc for collection in (self._db.blocks, self._db.blocks_done)
+                  for doc in await collection.find({"m": mailing_id, "test": test}).sort("_id", -1).limit(1).to_list()]
+        return max(newest, key=lambda doc: (doc["_id"], doc.get("sv", 0)), default=None)
 
     async def counts(self, mailing_ids: Sequence[int] | None = None) -> dict[int, dict[str, int]]:
         """Per-status recipient counts of each mailing, summed over its blocks' summaries."""
         query = {} if mailing_ids is None else {"m": {"$in": list(mailing_ids)}}
         totals: dict[int, dict[str, int]] = {}
-        async for doc in self._db.blocks.find(query, {"m": 1, "counts": 1}):
+        for doc in await self._both(query, {"m": 1, "counts": 1, "sv": 1}):
             mailing = totals.setdefault(doc["m"], {})
             for status, count in (doc.get("counts") or {}).items():
                 mailing[status] = mailing.get(status, 0) + count
         return totals
+
+    async def _both(self, query: dict[str, Any], fields: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """Summaries matching ``query`` in both collections, by block id; of a block found in
+        both (a crash while it moved), the newer."""
+        found: dict[int, dict[str, Any]] = {}
+        for collection in (self._db.blocks, self._db.blocks_done):
+            async for doc in collection.find(query, fields):
+                kept = found.get(doc["_id"])
+                if kept is None or doc.get("sv", 0) > kept.get("sv", 0):
+                    found[doc["_id"]] = doc
+        return [found[block_id] for block_id in sorted(found)]
 
     async def leased_count(self, owner: str) -> int:
         return sum(doc.get("leased", 0) for doc in await self.held_by(owner))
@@ -278,13 +315,26 @@ class BlockStore:
                 yield _block(doc)
 
     async def repair_summary(self, block_id: int) -> Block | None:
-        """Rewrite the block's summary if it trails its state; the state."""
+        """Rewrite the block's summary if it trails its state, and drop a copy left in the other
+        collection; the state."""
         block = await self.load(block_id)
         if block is not None:
-            summary = await self._db.blocks.find_one({"_id": block_id}, {"sv": 1})
+            where, other = self._summaries(block.is_done())
+            summary = await where.find_one({"_id": block_id}, {"sv": 1})
             if summary is None or summary.get("sv") != block.version:
-                await self.write_summary(block)
+                await where.replace_one({"_id": block_id}, block.summary(), upsert=True)
+            await other.delete_one({"_id": block_id})
         return block
+
+    async def repair_searched(self) -> int:
+        """Repair every summary among the searched ones (the work in flight: start-up's cost stays
+        that small): done ones written before there were two collections, or left there by a crash
+        while they moved, go to the done ones. How many went."""
+        moved = 0
+        for block_id in [doc["_id"] async for doc in self._db.blocks.find({}, {"_id": 1})]:
+            block = await self.repair_summary(block_id)
+            moved += block is not None and block.is_done()
+        return moved
 
     async def logged_floor(self) -> int:
         return await counters.current(self._db, LOGGED_FLOOR_COUNTER)
@@ -310,6 +360,10 @@ class _FreeBlocks:
 
     def used_up(self) -> bool:
         return self.found_any and not self.ids
+
+
+def _is_done(summary: Mapping[str, Any]) -> bool:
+    return not summary["open"] and not summary["held"]
 
 
 def _state_fields(block: Block) -> dict[str, Any]:

@@ -31,6 +31,7 @@ _INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "blocks": [[("m", ASCENDING)], [("free", ASCENDING), ("test", ASCENDING), ("m", ASCENDING), ("_id", ASCENDING)],
                [("retry", ASCENDING), ("test", ASCENDING), ("m", ASCENDING), ("_id", ASCENDING)],
                [("owner", ASCENDING)], [("held", ASCENDING)]],
+    "blocks_done": [[("m", ASCENDING)]],
     "recipient_ids": [[("m", ASCENDING)], [("batch", ASCENDING)]],
     "api_keys": [[("name", ASCENDING)]],
     "satellites": [[("serial", ASCENDING)]],

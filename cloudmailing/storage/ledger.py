@@ -71,13 +71,14 @@ class Ledger:
                 if block is None:
                     return None
                 before = block.columns.counts()
+                was_done = block.is_done(before)
                 changes = edit(block)
                 if changes is None:
                     return None
-                if await self._write(block, list(changes), before, now):
+                if await self._write(block, list(changes), before, was_done, now):
                     return block, list(changes)
 
-    async def _write(self, block: Block, changes: list[Change], before: dict[str, int],
+    async def _write(self, block: Block, changes: list[Change], before: dict[str, int], was_done: bool,
                      now: datetime.datetime) -> bool:
         page = await self._apply(block, changes, now) if changes else None
         try:
@@ -93,7 +94,7 @@ class Ledger:
             if page is not None:
                 await self._keep_messages(block, changes)
         finally:
-            await self.publish(block, _deltas(before, block.columns.counts()))
+            await self.publish(block, _deltas(before, block.columns.counts()), was_done)
         return True
 
     async def _log_then_save(self, page: LogPage, block: Block) -> bool:
@@ -111,11 +112,12 @@ class Ledger:
         allocator.release(page.first)
         return saved
 
-    async def publish(self, block: Block, deltas: Mapping[str, int]) -> None:
-        """After a state write: the block's summary and its mailing's counts, together."""
+    async def publish(self, block: Block, deltas: Mapping[str, int], was_done: bool | None = None) -> None:
+        """After a state write: the block's summary and its mailing's counts, together
+        (``was_done``: whether the block was done before the write, None if not known)."""
         async with self._mailings.counts_lock(block.mailing_id):
             try:
-                await self.blocks.write_summary(block)
+                await self.blocks.write_summary(block, was_done)
                 await self._mailings.add_counts(block.mailing_id, deltas)
             except BaseException:
                 self._stale[block.id] = block.mailing_id  # repaired by repair_stale

@@ -82,7 +82,7 @@ async def _drop_new_collections(database: Database) -> None:
     for kind in _NEW_KINDS:
         for number in await database.bucket_numbers(kind):
             await database.db.drop_collection(f"{kind}_{number}")
-    for name in ("blocks", "recipient_ids"):
+    for name in ("blocks", "blocks_done", "recipient_ids"):
         await database.db.drop_collection(name)
     await database.counters.delete_many({"_id": {"$in": ["block_id", "logged_floor"]}})
 

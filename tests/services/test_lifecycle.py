@@ -129,7 +129,7 @@ async def test_a_failed_summary_write_is_repaired_by_the_next_tick(database, clo
     await services.lifecycle.tick()
     real_write = stores.blocks.write_summary
 
-    async def database_away(block):
+    async def database_away(block, was_done=None):
         raise ConnectionError("database away")
 
     monkeypatch.setattr(stores.blocks, "write_summary", database_away)

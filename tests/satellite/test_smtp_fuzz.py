@@ -136,15 +136,20 @@ def _check(outcome: DeliveryOutcome) -> None:
     assert parsed[0]["status"] == outcome.status and isinstance(parsed[0]["smtp_log"], str)
 
 
+def _scripted(max_examples: int) -> Any:
+    """A property over generated server scripts, run on the test's loop (see run_property)."""
+    shared = settings(max_examples=max_examples, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                             HealthCheck.data_too_large])
+    return lambda test: shared(given(scripts)(test))
+
+
 @aio_test
 async def test_any_server_replies_give_a_bounded_outcome_and_well_formed_answers(caplog):
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.INFO)
 
-    @settings(max_examples=120, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
-    @given(scripts)
+    @_scripted(max_examples=120)
     def check(script: list[bytes]) -> None:
         caplog.clear()
         outcome = on_loop(loop, _outcome_of(script))
@@ -162,10 +167,7 @@ async def test_any_server_replies_to_messages_riding_on_each_other(caplog):
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.INFO)
 
-    @settings(max_examples=80, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
-    @given(scripts)
+    @_scripted(max_examples=80)
     def check(script: list[bytes]) -> None:
         caplog.clear()
         ended = on_loop(loop, _outcomes_of(script, 3))

@@ -8,7 +8,8 @@ recipient), resolves the recipient domain's mail hosts, and delivers through
   queued messages on it in order (up to ``max_messages_per_connection``), two in flight: the next
   one starts while the one before waits for its last reply (with PIPELINING, its envelope goes
   out with that body); a message the server never answered because the connection ended is not
-  reported but queued again, for another connection. It lingers
+  reported but queued again, for another connection. A job submitted while a lingering worker
+  was just given one waits for that worker, to ride, rather than waking another. It lingers
   ``idle_timeout`` seconds for more before it says QUIT (at once when another destination
   waits for a connection slot);
 * at most ``max_connections_per_host`` connections per MX address and ``max_connections`` in
@@ -166,6 +167,7 @@ class _Destination:
     connecting: int = 0
     connected: int = 0
     waking: bool = False  # an idle worker elsewhere was asked to free a slot for us
+    woken: int = 0  # lingering workers given a job, not running yet: each takes the next one queued
     idle: deque[asyncio.Future[DeliveryJob | None]] = field(default_factory=deque)
     wake_timer: DelayedCall | None = None
 
@@ -209,10 +211,14 @@ class DeliveryScheduler:
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(key[0], job.testing)
+        if len(dest.jobs) < dest.woken:  # a connection woken for a job takes this one with it
+            dest.jobs.append(job)
+            return
         while dest.idle:
             waiter = dest.idle.popleft()
             if not waiter.done():
                 waiter.set_result(job)  # a lingering connection takes it at once
+                dest.woken += 1
                 return
         dest.jobs.append(job)
         self._pump(dest)
@@ -531,6 +537,8 @@ class DeliveryScheduler:
         finally:
             del self._idle_workers[waiter]
             del self._linger_ends[waiter]
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                dest.woken -= 1
 
     def _end_lingers(self) -> None:
         """Give None to the lingering workers whose ``idle_timeout`` is over; wait for the next."""

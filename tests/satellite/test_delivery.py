@@ -201,6 +201,30 @@ async def test_queued_jobs_ride_on_one_connection_two_in_flight(world: Any) -> N
 
 
 @aio_test
+async def test_jobs_arriving_together_ride_on_the_connection_woken_for_the_first(world: Any) -> None:
+    """Two lingering connections; two jobs at once: the second goes with the first, riding,
+    rather than waking the other connection."""
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, max_connections_per_host=2, idle_timeout=5.0)
+    server = w.servers["127.0.0.2"]
+
+    def sent_per_connection() -> list[int]:
+        return [sum(segment.count(".") for segment in batches) for batches in server.batches]
+
+    await deliver(scheduler, jobs("a.test", 2, "first"))  # opens two connections
+    assert server.connections_total == 2
+    before = sent_per_connection()
+    await deliver(scheduler, jobs("a.test", 2, "second"))
+
+    assert w.statuses() == {"first-0": FINISHED, "first-1": FINISHED, "second-0": FINISHED, "second-1": FINISHED}
+    assert server.connections_total == 2
+    added = [after - earlier for after, earlier in zip(sent_per_connection(), before, strict=True)]
+    assert sorted(added) == [0, 2]  # one connection sent both
+    both = [segment for segment in server.batches[added.index(2)] if segment]
+    assert both[-3:] == [["MAIL", "RCPT", "DATA"], [".", "MAIL", "RCPT", "DATA"], ["."]]  # the second rode
+
+
+@aio_test
 async def test_a_job_whose_connection_closed_before_it_was_tried_goes_to_another(world: Any) -> None:
     """The server hangs up after each message, unasked: the job riding on it was not tried and
     is sent on the next connection, reported once, not failed."""

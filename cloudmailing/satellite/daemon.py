@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import logging
 import random
 import secrets
@@ -263,20 +264,45 @@ class SatelliteDaemon:
     async def _report(self, link: LinkProtocol) -> None:
         """Report what the outbox holds every REPORT_INTERVAL, or at once when a full batch waits or
         everything leased is delivered (the last outcomes of a mailing do not wait): each report is a
-        write per block on the master, so a few large ones beat many small ones."""
-        while True:
-            batch = self._outbox.batch(REPORT_BATCH)
-            if len(batch) < REPORT_BATCH:
-                await _set_or_after(self._drained, REPORT_INTERVAL)
-                self._drained.clear()
-                batch = self._outbox.batch(REPORT_BATCH)
-            if not batch:
-                continue
-            self._outbox.sync()
+        write per block on the master, so a few large ones beat many small ones. One report at a
+        time, except that the last outcomes do not wait for the one in flight either: they go
+        beside it (its answer takes the master a few tenths of a second)."""
+        reporting: set[str] = set()  # recipient ids of the reports in flight
+        sending: set[asyncio.Future[None]] = set()
+        try:
+            while True:
+                batch = self._outbox.batch(REPORT_BATCH, skip=reporting)
+                if len(batch) < REPORT_BATCH:
+                    await _set_or_after(self._drained, REPORT_INTERVAL)
+                    self._drained.clear()
+                    batch = self._outbox.batch(REPORT_BATCH, skip=reporting)
+                if not batch:
+                    continue
+                self._outbox.sync()
+                report = asyncio.ensure_future(self._send_report(link, batch, reporting))
+                sending.add(report)
+                report.add_done_callback(functools.partial(_ended, sending))
+                drained = asyncio.ensure_future(self._drained.wait())
+                try:  # the next report waits for this one, unless everything leased is delivered
+                    await asyncio.wait({report, drained}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    drained.cancel()
+                if report.done():
+                    report.result()  # the link's end ends the session
+        finally:
+            for unanswered in sending:
+                unanswered.cancel()
+
+    async def _send_report(self, link: LinkProtocol, batch: list[Outcome], reporting: set[str]) -> None:
+        ids = [outcome.recipient_id for outcome in batch]
+        reporting.update(ids)
+        try:
             answer = await self._ask(link, "report", Report(batch).to_wire(), ReportAnswer.from_wire)
-            if answer:
-                self._outbox.acknowledge(answer.acknowledged)
-                self._forget_leases(batch, set(answer.acknowledged))
+        finally:
+            reporting.difference_update(ids)
+        if answer:
+            self._outbox.acknowledge(answer.acknowledged)
+            self._forget_leases(batch, set(answer.acknowledged))
 
     def _forget_leases(self, reported: list[Outcome], acknowledged: set[str]) -> None:
         """Forget the lease of each acknowledged recipient, unless it was leased again since (the
@@ -306,6 +332,14 @@ class SatelliteDaemon:
         self._composer.close()  # first: a worker may be busy on a template that takes its full limit
         await self._scheduler.close()
         self._outbox.close()
+
+
+def _ended(sending: set[asyncio.Future[None]], report: asyncio.Future[None]) -> None:
+    """A report ended: its failure is seen here too (one that ended beside the next one is not
+    awaited; the link's end, its only failure, ends the session anyway)."""
+    sending.discard(report)
+    if not report.cancelled():
+        report.exception()
 
 
 async def _set_or_after(event: asyncio.Event, seconds: float) -> None:

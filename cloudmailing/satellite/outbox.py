@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 from cloudmailing.common.link_protocol import FrameError, Outcome
 from cloudmailing.common.private_files import make_private_dir, open_private
@@ -67,12 +67,15 @@ class Outbox:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def batch(self, limit: int, max_bytes: int = REPORT_BYTES) -> list[Outcome]:
+    def batch(self, limit: int, max_bytes: int = REPORT_BYTES, skip: Collection[str] = ()) -> list[Outcome]:
         """Up to ``limit`` outcomes to report, fewer when their kept messages pass ``max_bytes``
-        (each report is one link frame; at least one outcome is always in the batch)."""
+        (each report is one link frame; at least one outcome is always in the batch); none of the
+        recipients in ``skip`` (those of reports in flight)."""
         batch: list[Outcome] = []
         size = 0
         for outcome in self._pending.values():
+            if outcome.recipient_id in skip:
+                continue
             size += 1024 + len(outcome.customized_content or "")
             if len(batch) == limit or (batch and size > max_bytes):
                 break

@@ -137,3 +137,52 @@ async def test_a_cancelled_daemon_leaves_no_loop_running(running_master, tmp_pat
     await satellite.stop()
     _, still_running = await asyncio.wait(session_loops, timeout=5)
     assert not still_running
+
+
+@aio_test
+async def test_the_last_outcomes_do_not_wait_for_the_report_in_flight(tmp_path):
+    """Everything leased is delivered while a report is in flight: the rest goes at once, beside
+    it; until then, reports go one at a time."""
+    from twisted.internet import reactor
+
+    settings = SatelliteConfig(master_port=9, serial="sat-r", secret="pw", dns_servers="127.0.0.1:9")
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+
+    class Master:
+        def __init__(self) -> None:
+            self.reports: list[list[str]] = []
+            self.first_answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def call(self, method: str, **params: Any) -> Any:
+            ids = [outcome["recipient_id"] for outcome in params["outcomes"]]
+            self.reports.append(ids)
+            if len(self.reports) == 1:
+                await self.first_answer  # a slow master
+            return {"acknowledged": ids}
+
+    master = Master()
+    satellite._outbox.add(Outcome("r1", "FINISHED", 250, "", ""))
+    satellite._drained.set()
+    reporting = asyncio.ensure_future(satellite._report(master))  # type: ignore[arg-type]
+    try:
+        await _until(lambda: master.reports)
+        satellite._outbox.add(Outcome("r2", "FINISHED", 250, "", ""))
+        await asyncio.sleep(0.7)  # longer than REPORT_INTERVAL: still one report at a time
+        assert master.reports == [["r1"]]
+        satellite._outbox.add(Outcome("r3", "FINISHED", 250, "", ""))
+        satellite._drained.set()  # the last outcome of the work
+        await _until(lambda: len(master.reports) == 2)
+        assert master.reports == [["r1"], ["r2", "r3"]] and not master.first_answer.done()
+        master.first_answer.set_result(None)
+        await _until(lambda: not len(satellite._outbox))
+    finally:
+        reporting.cancel()
+        await satellite.stop()
+
+
+async def _until(condition: Any, seconds: float = 5.0) -> None:
+    """Wait until ``condition()`` holds; fail after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

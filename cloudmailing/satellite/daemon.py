@@ -61,6 +61,7 @@ IDLE_POLL = 1.0  # an idle satellite asks again after this, or at once when the 
 MAILING_CACHE_SECONDS = 60.0
 RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
+_REPORTS_AT_ONCE = 2  # reports in flight: the last outcomes do not wait for the one before
 UNREPORTED_LEASES = 5  # no new lease while this many leases' worth of outcomes await the master
 Answer = TypeVar("Answer")
 
@@ -130,7 +131,7 @@ class SatelliteDaemon:
         self._outbox.add(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code,
                                  outcome.reply_enhanced_code, outcome.reply_text, outcome.smtp_log, outcome.mx_host,
                                  self._leases.get(outcome.recipient_id), content))
-        if not self._scheduler.pending and not self.ahead.pending:
+        if self._all_delivered():
             self._drained.set()
 
     def _keep(self, outcome: Outcome) -> None:
@@ -272,16 +273,20 @@ class SatelliteDaemon:
         try:
             while True:
                 batch = self._outbox.batch(REPORT_BATCH, skip=reporting)
-                if len(batch) < REPORT_BATCH:
+                if not batch or (len(batch) < REPORT_BATCH and not self._all_delivered()):
                     await _set_or_after(self._drained, REPORT_INTERVAL)
                     self._drained.clear()
                     batch = self._outbox.batch(REPORT_BATCH, skip=reporting)
-                if not batch:
-                    continue
+                    if not batch:
+                        continue
                 self._outbox.sync()
+                reporting.update(outcome.recipient_id for outcome in batch)
                 report = asyncio.ensure_future(self._send_report(link, batch, reporting))
                 sending.add(report)
                 report.add_done_callback(functools.partial(_ended, sending))
+                if self._all_delivered() and len(sending) < _REPORTS_AT_ONCE and \
+                        self._outbox.batch(1, skip=reporting):
+                    continue  # the rest goes now, beside this one
                 drained = asyncio.ensure_future(self._drained.wait())
                 try:  # the next report waits for this one, unless everything leased is delivered
                     await asyncio.wait({report, drained}, return_when=asyncio.FIRST_COMPLETED)
@@ -293,13 +298,16 @@ class SatelliteDaemon:
             for unanswered in sending:
                 unanswered.cancel()
 
+    def _all_delivered(self) -> bool:
+        """Whether everything leased has its outcome (none waits for composing or sending)."""
+        return not self._scheduler.pending and not self.ahead.pending
+
     async def _send_report(self, link: LinkProtocol, batch: list[Outcome], reporting: set[str]) -> None:
-        ids = [outcome.recipient_id for outcome in batch]
-        reporting.update(ids)
+        """Report ``batch``, whose recipients are in ``reporting`` until the master answers."""
         try:
             answer = await self._ask(link, "report", Report(batch).to_wire(), ReportAnswer.from_wire)
         finally:
-            reporting.difference_update(ids)
+            reporting.difference_update(outcome.recipient_id for outcome in batch)
         if answer:
             self._outbox.acknowledge(answer.acknowledged)
             self._forget_leases(batch, set(answer.acknowledged))

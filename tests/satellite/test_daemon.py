@@ -161,6 +161,8 @@ async def test_the_last_outcomes_do_not_wait_for_the_report_in_flight(tmp_path):
             return {"acknowledged": ids}
 
     master = Master()
+    delivered = [False]  # as if messages were still being composed and sent
+    satellite._all_delivered = lambda: delivered[0]  # type: ignore[method-assign]
     satellite._outbox.add(Outcome("r1", "FINISHED", 250, "", ""))
     satellite._drained.set()
     reporting = asyncio.ensure_future(satellite._report(master))  # type: ignore[arg-type]
@@ -170,6 +172,7 @@ async def test_the_last_outcomes_do_not_wait_for_the_report_in_flight(tmp_path):
         await asyncio.sleep(0.7)  # longer than REPORT_INTERVAL: still one report at a time
         assert master.reports == [["r1"]]
         satellite._outbox.add(Outcome("r3", "FINISHED", 250, "", ""))
+        delivered[0] = True
         satellite._drained.set()  # the last outcome of the work
         await _until(lambda: len(master.reports) == 2)
         assert master.reports == [["r1"], ["r2", "r3"]] and not master.first_answer.done()
@@ -186,3 +189,38 @@ async def _until(condition: Any, seconds: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+@aio_test
+async def test_outcomes_past_one_report_after_the_last_delivery_do_not_wait(tmp_path, monkeypatch):
+    """The last delivery woke the reporter, whose report took only part of what waits: the rest
+    goes at once too, not after REPORT_INTERVAL."""
+    from twisted.internet import reactor
+
+    from cloudmailing.satellite import daemon
+
+    monkeypatch.setattr(daemon, "REPORT_BATCH", 2)
+    settings = SatelliteConfig(master_port=9, serial="sat-r2", secret="pw", dns_servers="127.0.0.1:9")
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+    reports: list[list[str]] = []
+
+    class Master:
+        async def call(self, method: str, **params: Any) -> Any:
+            reports.append([outcome["recipient_id"] for outcome in params["outcomes"]])
+            return {"acknowledged": reports[-1]}
+
+    delivered = [False]
+    satellite._all_delivered = lambda: delivered[0]  # type: ignore[method-assign]
+    satellite._outbox.add(Outcome("r1", "FINISHED", 250, "", ""))
+    reporting = asyncio.ensure_future(satellite._report(Master()))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.05)  # the reporter waits for more
+        for rid in ("r2", "r3"):
+            satellite._outbox.add(Outcome(rid, "FINISHED", 250, "", ""))
+        delivered[0] = True
+        satellite._drained.set()
+        await _until(lambda: len(reports) == 2, seconds=daemon.REPORT_INTERVAL * 0.6)
+        assert reports == [["r1", "r2"], ["r3"]]
+    finally:
+        reporting.cancel()
+        await satellite.stop()

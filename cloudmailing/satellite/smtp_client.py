@@ -272,7 +272,6 @@ class _Transaction:
         self.replies: list[SmtpReply] = []
         self.error: Exception | None = None
         self.has_rset = False
-        self.started = False
         self.body_written = False
         self.ended = False
         self.rider: _Transaction | None = None
@@ -292,7 +291,6 @@ class _Transaction:
     def begin(self, rset: bool) -> bytes:
         """Wait for the envelope's replies; return what to write now (all of it when pipelining,
         else the first command, sent at once by :meth:`start`)."""
-        self.started = True
         if rset:
             self.commands.insert(0, b"RSET\r\n")
             self.has_rset, self._first_checked, self._data_index = True, 1, len(self.commands) - 1

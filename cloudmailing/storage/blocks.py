@@ -195,7 +195,7 @@ class BlockStore:
         await collection.insert_one(doc)
         self._remember_state(doc)
         summary = block.summary()
-        await self._summaries(_is_done(summary))[0].insert_one(summary)
+        await self._summaries(block.is_done(summary["counts"]))[0].insert_one(summary)
 
     async def save(self, block: Block) -> bool:
         """Write ``block``'s state over the version it was read at; False if another write came
@@ -215,7 +215,7 @@ class BlockStore:
         """Write the block's summary where it belongs; ``was_done``: where it was before (None:
         not known, so it is also deleted from the other collection)."""
         summary = block.summary()
-        done = _is_done(summary)
+        done = block.is_done(summary["counts"])
         where, other = self._summaries(done)
         await where.replace_one({"_id": block.id}, summary, upsert=True)
         if was_done is None or was_done != done:
@@ -360,10 +360,6 @@ class _FreeBlocks:
 
     def used_up(self) -> bool:
         return self.found_any and not self.ids
-
-
-def _is_done(summary: Mapping[str, Any]) -> bool:
-    return not summary["open"] and not summary["held"]
 
 
 def _state_fields(block: Block) -> dict[str, Any]:

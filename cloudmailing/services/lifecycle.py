@@ -133,13 +133,16 @@ class MailingLifecycle:
         orphans = await self._stores.ledger.recover()
         if orphans:
             log.warning("%d log pages of writes a crash cut were deleted", orphans)
-        moved = await self._stores.blocks.repair_searched()
+        repaired = await self._stores.blocks.repair_searched()
+        moved = sum(1 for block in repaired if block.is_done())
         if moved:
             log.info("%d summaries of done blocks moved out of those the dispatcher searches", moved)
+        repaired_ids = {block.id for block in repaired}
         mailing_ids = [mailing["_id"] async for mailing in self._mailings.unfinished()]
         for mailing_id in mailing_ids:
             async for summary in self._stores.blocks.of_mailing(mailing_id):
-                await self._stores.blocks.repair_summary(summary["_id"])
+                if summary["_id"] not in repaired_ids:  # repaired just above
+                    await self._stores.blocks.repair_summary(summary["_id"])
         await self.recount(mailing_ids)
 
     async def recount(self, mailing_ids: list[int]) -> None:

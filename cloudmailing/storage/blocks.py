@@ -326,15 +326,12 @@ class BlockStore:
             await other.delete_one({"_id": block_id})
         return block
 
-    async def repair_searched(self) -> int:
+    async def repair_searched(self) -> list[Block]:
         """Repair every summary among the searched ones (the work in flight: start-up's cost stays
         that small): done ones written before there were two collections, or left there by a crash
-        while they moved, go to the done ones. How many went."""
-        moved = 0
-        for block_id in [doc["_id"] async for doc in self._db.blocks.find({}, {"_id": 1})]:
-            block = await self.repair_summary(block_id)
-            moved += block is not None and block.is_done()
-        return moved
+        while they moved, go to the done ones. The blocks repaired."""
+        ids = [doc["_id"] async for doc in self._db.blocks.find({}, {"_id": 1})]
+        return [block for block in [await self.repair_summary(block_id) for block_id in ids] if block is not None]
 
     async def logged_floor(self) -> int:
         return await counters.current(self._db, LOGGED_FLOOR_COUNTER)

@@ -343,8 +343,9 @@ class SatelliteDaemon:
 
 
 def _ended(sending: set[asyncio.Future[None]], report: asyncio.Future[None]) -> None:
-    """A report ended: its failure is seen here too (one that ended beside the next one is not
-    awaited; the link's end, its only failure, ends the session anyway)."""
+    """A report ended: its failure is marked as seen here (one that ended beside the next one is
+    not awaited). ``_ask`` raises only for the link itself (closed, or this satellite refused),
+    which the session's next call meets again."""
     sending.discard(report)
     if not report.cancelled():
         report.exception()

@@ -63,7 +63,7 @@ import uuid
 import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -251,30 +251,36 @@ def compose_cpu_per_message(filler_lines: int, privkey: str, rounds: int = 25) -
     """CPU seconds to personalize and sign one message, with the satellite's own code, the other
     core idle: the median of ``rounds`` rounds of a hundred (this machine's speed moves from
     second to second)."""
-    prepared, leased = prepared_mailing(filler_lines, privkey)
-    compose(prepared, leased[0])  # the first message fills caches
-    per_message = []
-    for _ in range(rounds):
-        started = time.process_time()
-        for recipient in leased:
-            compose(prepared, recipient)
-        per_message.append((time.process_time() - started) / len(leased))
-    return statistics.median(per_message)
+    compose_round = warmed_composer(filler_lines, privkey)
+    return statistics.median(compose_round() for _ in range(rounds))
 
 
 def compose_cpu_in_window(filler_lines: int, privkey: str, start: float, end: float) -> float:
     """As :func:`compose_cpu_per_message`, for rounds run between the wall-clock times ``start``
     and ``end`` only: two processes running this at once measure the cost with both cores busy."""
-    prepared, leased = prepared_mailing(filler_lines, privkey)
-    compose(prepared, leased[0])
+    compose_round = warmed_composer(filler_lines, privkey)
     per_message = []
     while time.time() < end:
-        begun, started = time.time(), time.process_time()
+        begun = time.time()
+        cpu = compose_round()
+        if begun >= start and time.time() <= end:
+            per_message.append(cpu)
+    return statistics.median(per_message)
+
+
+def warmed_composer(filler_lines: int, privkey: str) -> Callable[[], float]:
+    """A round of composing the bench's hundred recipients, returning its CPU seconds per message
+    (the first message, which fills caches, already composed)."""
+    prepared, leased = prepared_mailing(filler_lines, privkey)
+    compose(prepared, leased[0])
+
+    def compose_round() -> float:
+        started = time.process_time()
         for recipient in leased:
             compose(prepared, recipient)
-        if begun >= start and time.time() <= end:
-            per_message.append((time.process_time() - started) / len(leased))
-    return statistics.median(per_message)
+        return (time.process_time() - started) / len(leased)
+
+    return compose_round
 
 
 def compose_cpu_both_cores(filler_lines: int, privkey: str, seconds: float = 3.0) -> float:

@@ -17,8 +17,10 @@ A mailing's recipients are kept in blocks of up to :data:`MAX_RECIPIENTS` (and a
   FerretDB v1, which reads a whole collection for any search, that is what a search costs).
 
 The state is the truth; the summary is rewritten after it, and rebuilt from it at start-up
-when a crash came between the two (:meth:`BlockStore.repair_summary`). A crash while a summary
-moves between the two collections may leave it in both: readers keep the newer (``sv``).
+when a crash came between the two (:meth:`BlockStore.repair_summary`). A summary carries the
+version of the state it was made from (``sv``) and no write replaces or deletes a newer one, so
+another master's late write cannot put an older summary back. A crash while a summary moves
+between the two collections may leave it in both: readers keep the newer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import bson
+from pymongo.errors import DuplicateKeyError
 
 from cloudmailing.common.recent import keep_recent
 from cloudmailing.common.statuses import PENDING_STATUSES, READY, WARNING
@@ -213,13 +216,22 @@ class BlockStore:
 
     async def write_summary(self, block: Block, was_done: bool | None = None) -> None:
         """Write the block's summary where it belongs; ``was_done``: where it was before (None:
-        not known, so it is also deleted from the other collection)."""
+        not known, so it is also deleted from the other collection). Each write is guarded by the
+        summary's version (``sv``, the state's): a late writer (another master that saved an
+        older state) never puts back an older summary, nor deletes a newer one."""
         summary = block.summary()
         done = block.is_done(summary["counts"])
         where, other = self._summaries(done)
-        await where.replace_one({"_id": block.id}, summary, upsert=True)
-        if was_done is None or was_done != done:
-            await other.delete_one({"_id": block.id})  # after the write: a crash leaves two, never none
+        try:
+            result = await where.replace_one(_older_than(block), summary, upsert=True)
+        except DuplicateKeyError:
+            return  # a summary of this version or a newer one is already there
+        if was_done is None or was_done != done:  # after the write: a crash leaves two, never none
+            if (await other.delete_one(_misplaced_or_older(block))).deleted_count:
+                return  # the old copy moved here
+        if result.upserted_id is not None and await other.find_one(_newer_than(block), {"_id": 1}):
+            # Another master moved the summary there since: the one just written is a stale copy.
+            await where.delete_one({"_id": block.id, "sv": block.version})
 
     def _summaries(self, done: bool) -> tuple[Any, Any]:
         """The collection of summaries done or not, and the other one."""
@@ -322,8 +334,9 @@ class BlockStore:
             where, other = self._summaries(block.is_done())
             summary = await where.find_one({"_id": block_id}, {"sv": 1})
             if summary is None or summary.get("sv") != block.version:
-                await where.replace_one({"_id": block_id}, block.summary(), upsert=True)
-            await other.delete_one({"_id": block_id})
+                await self.write_summary(block)
+            else:
+                await other.delete_one(_misplaced_or_older(block))
         return block
 
     async def repair_searched(self) -> list[Block]:
@@ -357,6 +370,21 @@ class _FreeBlocks:
 
     def used_up(self) -> bool:
         return self.found_any and not self.ids
+
+
+def _older_than(block: Block) -> dict[str, Any]:
+    """The block's summary if it is older than ``block``'s state."""
+    return {"_id": block.id, "sv": {"$lt": block.version}}
+
+
+def _newer_than(block: Block) -> dict[str, Any]:
+    return {"_id": block.id, "sv": {"$gt": block.version}}
+
+
+def _misplaced_or_older(block: Block) -> dict[str, Any]:
+    """A copy of the summary in the other collection that ``block``'s overrides: older, or of
+    the same version (its place is decided by the state, so that copy is in the wrong one)."""
+    return {"_id": block.id, "sv": {"$lte": block.version}}
 
 
 def _state_fields(block: Block) -> dict[str, Any]:

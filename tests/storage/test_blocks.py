@@ -83,3 +83,51 @@ async def test_done_summaries_written_before_the_split_are_moved_at_start_up(dat
     await services.lifecycle.recover()
     assert await _ids(database.blocks_done) == [done] and done not in await _ids(database.blocks)
     assert (await stores.blocks.counts([1]))[1] == {"READY": 2, "FINISHED": 2}
+
+
+async def _summary_versions(database, block_id: int) -> tuple[list[int], list[int]]:
+    """The versions of the block's summary in the searched and in the done collection."""
+    searched = [doc["sv"] async for doc in database.blocks.find({"_id": block_id})]
+    done = [doc["sv"] async for doc in database.blocks_done.find({"_id": block_id})]
+    return searched, done
+
+
+@aio_test
+async def test_a_late_summary_from_another_master_never_replaces_a_newer_one(database):
+    """Two masters save a block one after the other; the first one's summary write comes last."""
+    stores, _ = await mailing_with(database, 4, block_recipients=4)
+    [block_id] = await _ids(database.blocks)
+    late = await stores.blocks.load(block_id)
+    late.columns.set_status(0, "FINISHED")  # this master's edit: saved, its summary delayed
+    assert await stores.blocks.save(late)
+    newer = await stores.blocks.load(block_id)
+    newer.columns.set_status(1, "ERROR")  # the other master's edit, on top
+    assert await stores.blocks.save(newer)
+    await stores.blocks.write_summary(newer, was_done=False)
+
+    await stores.blocks.write_summary(late, was_done=False)
+    assert await _summary_versions(database, block_id) == ([newer.version], [])
+    assert (await stores.blocks.counts([1]))[1] == {"READY": 2, "FINISHED": 1, "ERROR": 1}
+
+
+@aio_test
+async def test_a_late_summary_neither_lingers_beside_a_moved_newer_one_nor_deletes_it(database):
+    stores, _ = await mailing_with(database, 2, block_recipients=2)
+    [block_id] = await _ids(database.blocks)
+    late = await stores.blocks.load(block_id)
+    late.columns.set_status(0, "FINISHED")  # one recipient left to deliver: still searched
+    assert await stores.blocks.save(late)
+    done = await stores.blocks.load(block_id)
+    done.columns.set_status(1, "FINISHED")  # the other master ends the block: it moves
+    assert await stores.blocks.save(done)
+    await stores.blocks.write_summary(done, was_done=False)
+
+    await stores.blocks.write_summary(late, was_done=False)  # would land in the searched ones
+    assert await _summary_versions(database, block_id) == ([], [done.version])
+
+    reopened = await stores.blocks.load(block_id)
+    reopened.columns.set_status(1, "READY")  # a reset moves it back...
+    assert await stores.blocks.save(reopened)
+    await stores.blocks.write_summary(reopened, was_done=True)
+    await stores.blocks.write_summary(done, was_done=False)  # ... and a late "done" must not delete it
+    assert await _summary_versions(database, block_id) == ([reopened.version], [])

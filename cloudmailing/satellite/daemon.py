@@ -311,6 +311,9 @@ class SatelliteDaemon:
         if answer:
             self._outbox.acknowledge(answer.acknowledged)
             self._forget_leases(batch, set(answer.acknowledged))
+            # What the master took no longer counts against this satellite's lease allowance: a
+            # lease it refused for that may be granted now, not after IDLE_POLL.
+            self._work.set()
 
     def _forget_leases(self, reported: list[Outcome], acknowledged: set[str]) -> None:
         """Forget the lease of each acknowledged recipient, unless it was leased again since (the

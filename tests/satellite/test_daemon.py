@@ -224,3 +224,53 @@ async def test_outcomes_past_one_report_after_the_last_delivery_do_not_wait(tmp_
     finally:
         reporting.cancel()
         await satellite.stop()
+
+
+@aio_test
+async def test_a_lease_refused_while_the_allowance_is_held_is_asked_again_when_a_report_frees_it(tmp_path):
+    """The master refuses a lease while the satellite holds its whole allowance. The report that
+    frees it wakes the feeder at once, rather than after IDLE_POLL (a second of a new satellite's
+    first mailing lost, measured)."""
+    from twisted.internet import reactor
+
+    from cloudmailing.satellite import daemon
+
+    settings = SatelliteConfig(master_port=9, serial="sat-b", secret="pw", dns_servers="127.0.0.1:9", lease_size=4)
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+    loop = asyncio.get_running_loop()
+
+    class Master:
+        def __init__(self) -> None:
+            self.held: list[str] = []
+            self.granted: list[float] = []  # when each lease with recipients was answered
+            self.reported: list[float] = []
+
+        async def call(self, method: str, **params: Any) -> Any:
+            if method == "report":
+                ids = [outcome["recipient_id"] for outcome in params["outcomes"]]
+                self.held = [rid for rid in self.held if rid not in ids]
+                self.reported.append(loop.time())
+                return {"acknowledged": ids}
+            if self.held or len(self.granted) == 2:  # the allowance is held (or the test is over)
+                return {"recipients": [], "lease_seconds": 60}
+            self.held = [f"r{len(self.granted)}-{i}" for i in range(2)]
+            self.granted.append(loop.time())
+            return {"recipients": [{"id": rid, "mailing_id": 1, "email": "a@b.test", "domain": "b.test",
+                                    "contact": {}, "test": False, "lease": "L"} for rid in self.held],
+                    "lease_seconds": 60}
+
+    async def delivered_at_once(link: Any, mailing_id: int, leased: list[LeasedRecipient]) -> None:
+        for recipient in leased:
+            satellite._outbox.add(Outcome(recipient.id, "FINISHED", 250, "", "", lease=recipient.lease))
+        satellite._drained.set()
+
+    master = Master()
+    satellite._submit = delivered_at_once  # type: ignore[method-assign]
+    loops = [asyncio.ensure_future(satellite._feed(master)), asyncio.ensure_future(satellite._report(master))]  # type: ignore[arg-type]
+    try:
+        await _until(lambda: len(master.granted) == 2, seconds=3 * daemon.IDLE_POLL)
+        assert master.granted[1] - master.reported[0] < daemon.IDLE_POLL / 4, (master.granted, master.reported)
+    finally:
+        for task in loops:
+            task.cancel()
+        await satellite.stop()

@@ -87,6 +87,7 @@ _MESG = re.compile(rb"mesg=(\d+)")
 # -- the sinks ------------------------------------------------------------------------------
 
 
+FINAL_STRETCH = 1000  # recipients pending from which the end of a mailing is polled closely
 COUNTER_READ_PAUSE = 0.05  # seconds between two reads of a sink's counter
 
 
@@ -535,7 +536,9 @@ def follow_mailing(url: str, proxy: Any, mailing_id: int, sinks: list[Sink], tim
                   f"pending {mailing['total_pending']}, at the sinks {at_sinks}, resident memory: "
                   f"master {resident[-1][1]:.0f} MiB, satellite {resident[-1][2]:.0f} MiB", flush=True)
             next_progress = now + 10
-        time.sleep(0.25)
+        # A poll costs the master little; near the end, poll often: the run's end is seen within
+        # 20 ms of the master's FINISHED, not up to 250 ms later (2% of a 20,000-message run).
+        time.sleep(0.02 if 0 <= mailing["total_pending"] <= FINAL_STRETCH else 0.25)
     cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in watched.items()}
     if postmaster:
         cpu["postgresql"] = postgres_cpu_seconds(postmaster) - pg_before

@@ -135,3 +135,36 @@ async def test_closing_the_pool_kills_a_worker_busy_on_a_template():
     pool.close()
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
     await asyncio.wait_for(composing, 5)  # the caller is not left waiting either
+
+
+def _blocked_in(pid: int) -> str:
+    """The system call a sleeping process waits in ('read', 'write'), or '' while it runs."""
+    with open(f"/proc/{pid}/stat") as stat:
+        if stat.read().rsplit(")", 1)[1].split()[0] != "S":
+            return ""
+    with open(f"/proc/{pid}/syscall") as syscall:
+        return {"0": "read", "1": "write"}.get(syscall.read().split()[0], "")
+
+
+@aio_test
+async def test_a_worker_goes_on_composing_while_the_daemon_does_not_read_its_results():
+    """Its finished batches wait in its socket (more than the default buffer of ~208 KB): the
+    worker ends the chunk and waits for the next, rather than block in a write."""
+    from cloudmailing.satellite import compose_pool
+
+    worker = compose_pool._Worker(TemplateLimits(), 512)
+    try:
+        await worker.started()
+        big = MailingSource.from_content(dict(CONTENT, html="<p>Dear {{ name }}</p>" + "<p>filler</p>\n" * 1500))
+        worker.send(big, RECIPIENTS[:30], one_by_one=False)  # ~30 × 22 KB of results, none read
+        deadline = asyncio.get_running_loop().time() + 30
+        while (waits := _blocked_in(worker.process.pid)) != "read":
+            assert waits != "write", "the worker is blocked writing its results"
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        batches = [await worker.receive(5.0)]
+        while sum(len(batch) for batch in batches) < 30:
+            batches.append(await worker.receive(5.0))
+        assert sum(len(result.data) for batch in batches for result, _ in batch) > 3 * 212992 // 2
+    finally:
+        worker.kill()

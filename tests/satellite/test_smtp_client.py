@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -216,6 +218,14 @@ async def test_dot_stuffing_round_trip(serve: Any) -> None:
 def test_dot_stuff() -> None:
     assert dot_stuff(b".a\r\n.b\r\nc\r\n") == b"..a\r\n..b\r\nc\r\n.\r\n"
     assert dot_stuff(b"abc") == b"abc\r\n.\r\n"
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"a", b"n", b"\r\n", b"\n", b"\r"]), max_size=40).map(b"".join))
+def test_dot_stuffing_is_its_definition_whatever_the_bytes(data: bytes) -> None:
+    """The quick scan before the copy never lets a line starting with a dot through."""
+    expected = (b"." + data if data.startswith(b".") else data).replace(b"\r\n.", b"\r\n..")
+    expected += b"" if expected.endswith(b"\r\n") else b"\r\n"
+    assert dot_stuff(data) == expected + b".\r\n"
 
 
 # -- extensions -----------------------------------------------------------------------------------

@@ -223,13 +223,13 @@ class BlockStore:
         done = block.is_done(summary["counts"])
         where, other = self._summaries(done)
         try:
-            result = await where.replace_one(_older_than(block), summary, upsert=True)
+            inserted = (await where.replace_one(_older_than(block), summary, upsert=True)).upserted_id is not None
         except DuplicateKeyError:
-            return  # a summary of this version or a newer one is already there
+            inserted = False  # a summary of this version or a newer one is already there
         if was_done is None or was_done != done:  # after the write: a crash leaves two, never none
             if (await other.delete_one(_misplaced_or_older(block))).deleted_count:
                 return  # the old copy moved here
-        if result.upserted_id is not None and await other.find_one(_newer_than(block), {"_id": 1}):
+        if inserted and await other.find_one(_newer_than(block), {"_id": 1}):
             # Another master moved the summary there since: the one just written is a stale copy.
             await where.delete_one({"_id": block.id, "sv": block.version})
 
@@ -331,12 +331,7 @@ class BlockStore:
         collection; the state."""
         block = await self.load(block_id)
         if block is not None:
-            where, other = self._summaries(block.is_done())
-            summary = await where.find_one({"_id": block_id}, {"sv": 1})
-            if summary is None or summary.get("sv") != block.version:
-                await self.write_summary(block)
-            else:
-                await other.delete_one(_misplaced_or_older(block))
+            await self.write_summary(block)  # a current summary stays; the other copy goes
         return block
 
     async def repair_searched(self) -> list[Block]:

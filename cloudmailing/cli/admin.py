@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from typing import Any
 
 from cloudmailing.cli.runtime import base_parser, run_once, settings_or_exit
+from cloudmailing.common.clock import WallClock
 from cloudmailing.config.settings import Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.services.errors import ServiceError
+from cloudmailing.services.writer_claim import ClaimHeld, WriterClaim
 from cloudmailing.storage.database import Database, LayoutError, check_layout_version, open_database
 from cloudmailing.storage.migration import migrate
 from cloudmailing.storage.stores import open_stores
-
-
-class _WallClock:
-    def seconds(self) -> float:
-        return time.time()
+from cloudmailing.storage.writer_claims import WriterClaimStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _api_key(args: argparse.Namespace, database: Database) -> int:
-    service = ApiKeyService(database, _WallClock())
+    service = ApiKeyService(database, WallClock())
     if args.action == "create":
         try:
             print(await service.create(args.name))
@@ -71,7 +68,7 @@ async def _api_key(args: argparse.Namespace, database: Database) -> int:
 async def _satellite(args: argparse.Namespace, database: Database) -> int:
     from cloudmailing.services.satellites import SatelliteService
 
-    service = SatelliteService(await open_stores(database), _WallClock())
+    service = SatelliteService(await open_stores(database), WallClock())
     try:
         if args.action == "add":
             print(await service.add(args.serial, {"group": args.group}))
@@ -90,6 +87,20 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
 
 
 async def _storage(args: argparse.Namespace, database: Database) -> int:
+    claim = WriterClaim(WriterClaimStore(database), WallClock(), f"cm-admin storage {args.action}")
+    if database.is_ferretdb:  # no master may write meanwhile: it could not guard against this one
+        try:
+            await claim.take()
+        except ClaimHeld as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    try:
+        return await _storage_action(args, database)
+    finally:
+        await claim.release()
+
+
+async def _storage_action(args: argparse.Namespace, database: Database) -> int:
     if args.action == "migrate":
         if await migrate(database) is None:
             print("nothing to migrate: the database already has the current layout, or is empty")
@@ -99,7 +110,7 @@ async def _storage(args: argparse.Namespace, database: Database) -> int:
 
     stores = await open_stores(database)
     mailing_ids = args.mailing_id or [doc["_id"] async for doc in stores.mailings.unfinished()]
-    await MailingLifecycle(stores, _WallClock()).recount(mailing_ids)
+    await MailingLifecycle(stores, WallClock()).recount(mailing_ids)
     print(f"recounted {len(mailing_ids)} mailings")
     return 0
 

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         exit_code[0] = 1
         reactor.stop()
 
+    def claim_lost() -> None:
+        print("master stopped: another process has taken the database's writer's claim", file=sys.stderr, flush=True)
+        exit_code[0] = 3
+        reactor.stop()
+
+    master.on_claim_lost = claim_lost
     reactor.callWhenRunning(lambda: as_deferred(master.start()).addCallbacks(started, failed))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(master.stop()))
     reactor.run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import ssl
 from twisted.internet.task import LoopingCall
@@ -27,8 +27,10 @@ from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
+from cloudmailing.services.writer_claim import RENEW_SECONDS, WriterClaim
 from cloudmailing.storage.database import Database, open_database
 from cloudmailing.storage.stores import Stores, open_stores
+from cloudmailing.storage.writer_claims import WriterClaimStore
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,20 @@ class Master:
     _loop: LoopingCall | None = None
     link_factory: SatelliteLinkFactory | None = None
     api_site: server.Site | None = None
+    on_claim_lost: Callable[[], None] = lambda: None  # the writer's claim was taken: the master has stopped
+    _claim: WriterClaim | None = None
+    _claim_loop: LoopingCall | None = None
+    _stopped: bool = False
 
     async def start(self) -> None:
         settings = self.settings
         self.database = await open_database(settings.mongodb_url, settings.database.name)
+        try:
+            await self._take_claim()
+        except BaseException:  # refused: nothing else was opened
+            await self.database.close()
+            self.database = None
+            raise
         self.stores = await open_stores(self.database, settings.database.block_recipients)
         self.services = build_services(self.stores, self.reactor, settings.reports.status_log_retention_days,
                                        settings.dispatch, settings.satellite_link.max_awaiting_approval)
@@ -62,6 +74,30 @@ class Master:
         self._loop = LoopingCall(lambda: as_deferred(self._tick()))
         self._loop.clock = self.reactor
         self._loop.start(LIFECYCLE_INTERVAL, now=False)
+
+    async def _take_claim(self) -> None:
+        """On a database that cannot guard two writers (FerretDB v1), be its only writer."""
+        assert self.database is not None
+        if not self.database.is_ferretdb:
+            return
+        self._claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master")
+        await self._claim.take()
+        self._claim_loop = LoopingCall(lambda: as_deferred(self._renew_claim()))
+        self._claim_loop.clock = self.reactor
+        self._claim_loop.start(RENEW_SECONDS, now=False)
+
+    async def _renew_claim(self) -> None:
+        assert self._claim is not None
+        try:
+            held = await self._claim.renew()
+        except Exception:  # the database may be away for a while: try again next time
+            log.exception("could not renew the writer's claim")
+            return
+        if not held:
+            log.critical("another process has taken this database's writer's claim: the master stops")
+            self._claim = None
+            await self.stop()
+            self.on_claim_lost()
 
     async def _tick(self) -> None:
         assert self.services is not None
@@ -115,12 +151,21 @@ class Master:
         return int(self._ports[1].getHost().port)
 
     async def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._stopped:
+            return
+        self._stopped = True
+        for loop in (self._loop, self._claim_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self.link_factory is not None:
             self.link_factory.stop()
         for port in self._ports:
             await wait_deferred(port.stopListening())
+        if self._claim is not None:
+            try:
+                await self._claim.release()
+            except Exception:  # it expires by itself
+                log.exception("could not release the writer's claim")
         if self.database is not None:
             await self.database.close()
 

@@ -1,0 +1,85 @@
+"""One writer at a time on a database that cannot guard concurrent writers (FerretDB v1).
+
+FerretDB v1 applies an update as a read followed by a write, without a lock: two masters
+updating one block at once could both pass its version check and one update would be lost. On
+such a database the master (and ``cm-admin storage``) first takes the *writer's claim*, renews
+it while it runs and gives it back when it stops; a second one is refused with the holder's
+name. A claim not renewed for :data:`CLAIM_SECONDS` is free, and at once when its holder ran on
+this host and is gone (``kill -9``): a restart does not wait. A holder that finds its claim taken
+(it was frozen longer than that) must stop writing. On MongoDB, where every block write is a
+compare-and-set, no claim is taken and masters may share a database.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from cloudmailing.common.process_identity import ProcessIdentity, is_running, this_process
+from cloudmailing.services.clock import SecondsClock, utc_now
+from cloudmailing.storage.writer_claims import WriterClaimStore
+
+log = logging.getLogger(__name__)
+
+CLAIM_SECONDS = 30.0  # a claim not renewed for this long is free
+RENEW_SECONDS = 5.0  # how often a holder renews: several renewals fit in one claim's life
+_TAKE_TRIES = 5
+
+
+class ClaimHeld(RuntimeError):
+    """Another process holds the writer's claim; the message names it."""
+
+
+class WriterClaim:
+    """This process's claim on the database (take, renew, release)."""
+
+    def __init__(self, store: WriterClaimStore, clock: SecondsClock, role: str,
+                 me: ProcessIdentity | None = None) -> None:
+        self._store, self._clock, self._role = store, clock, role
+        self._me = me or this_process()
+        self.generation: int | None = None
+
+    async def take(self) -> None:
+        """Take the claim, or raise :class:`ClaimHeld` if a live process holds it."""
+        for _ in range(_TAKE_TRIES):
+            latest = await self._store.latest()
+            if latest is not None and self._held(latest):
+                raise ClaimHeld(self._refusal(latest))
+            generation = (latest["_id"] if latest else 0) + 1
+            if await self._store.insert(generation, {"role": self._role, **self._me.as_dict()}, self._until()):
+                self.generation = generation
+                if latest is not None and latest["until"] > utc_now(self._clock):
+                    log.warning("writer's claim taken over from %s (%s), which no longer runs",
+                                ProcessIdentity.from_dict(latest).describe(), latest.get("role"))
+                return
+        raise ClaimHeld("the writer's claim changed hands while it was being taken: try again")
+
+    async def renew(self) -> bool:
+        """Renew the claim; False if another process has taken it since (stop writing at once)."""
+        assert self.generation is not None, "take() first"
+        if await self._store.superseded(self.generation):
+            return False
+        await self._store.renew(self.generation, self._until())
+        return True
+
+    async def release(self) -> None:
+        """Give the claim back: the next process may take it at once."""
+        if self.generation is not None and not await self._store.superseded(self.generation):
+            await self._store.renew(self.generation, datetime.datetime(1970, 1, 1))
+        self.generation = None
+
+    def _held(self, claim: dict) -> bool:
+        if claim["until"] <= utc_now(self._clock):
+            return False
+        # A live claim of a process of this host that no longer runs (killed) is free now.
+        return is_running(ProcessIdentity.from_dict(claim), self._me) is not False
+
+    def _refusal(self, claim: dict) -> str:
+        holder = ProcessIdentity.from_dict(claim)
+        return (f"this database is in use by {claim.get('role', 'another process')} ({holder.describe()}), "
+                f"its claim renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: the embedded database "
+                f"(FerretDB v1) cannot guard two writers, so only one master runs on it at a time "
+                f"(use MongoDB for several)")
+
+    def _until(self) -> datetime.datetime:
+        return utc_now(self._clock) + datetime.timedelta(seconds=CLAIM_SECONDS)

@@ -1,0 +1,47 @@
+"""The ``writer_claims`` collection: which process may write a database that cannot guard
+concurrent writers (FerretDB v1, which applies an update as a read then a write).
+
+Each claim is a document numbered by its generation. Taking the claim is inserting the next
+generation: ``_id`` is unique, so of two processes inserting the same number one fails, and that
+holds on FerretDB too (PostgreSQL's unique index decides). Only the holder rewrites its own
+document (to renew it), so no two processes ever update the same one. The collection keeps a
+few documents: what it costs to read it whole stays nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from pymongo.errors import DuplicateKeyError
+
+from cloudmailing.storage.database import Database
+
+KEPT_GENERATIONS = 4  # older claims are deleted: only the latest one counts
+
+
+class WriterClaimStore:
+    def __init__(self, database: Database) -> None:
+        self._claims = database.writer_claims
+
+    async def latest(self) -> dict[str, Any] | None:
+        """The claim of the highest generation, None when there never was one."""
+        claims = await self._claims.find({}).to_list()
+        return max(claims, key=lambda claim: claim["_id"], default=None)
+
+    async def insert(self, generation: int, holder: dict[str, Any], until: datetime.datetime) -> bool:
+        """Take generation ``generation``; False if another process took it first."""
+        try:
+            await self._claims.insert_one({"_id": generation, **holder, "until": until})
+        except DuplicateKeyError:
+            return False
+        for old in await self._claims.find({"_id": {"$lte": generation - KEPT_GENERATIONS}}, {"_id": 1}).to_list():
+            await self._claims.delete_one({"_id": old["_id"]})
+        return True
+
+    async def superseded(self, generation: int) -> bool:
+        """Whether a later generation was taken."""
+        return await self._claims.find_one({"_id": {"$gt": generation}}, {"_id": 1}) is not None
+
+    async def renew(self, generation: int, until: datetime.datetime) -> None:
+        await self._claims.update_one({"_id": generation}, {"$set": {"until": until}})

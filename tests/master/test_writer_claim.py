@@ -1,0 +1,70 @@
+"""A master on the embedded database (FerretDB v1) is its only writer: a second master, and
+``cm-admin storage``, are refused while it runs; one whose claim was taken over stops. On
+MongoDB, which guards every block write itself, masters share a database."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from twisted.internet import task
+
+from cloudmailing.common.process_identity import ProcessIdentity
+from cloudmailing.master.app import Master
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, WriterClaim
+from cloudmailing.storage.writer_claims import WriterClaimStore
+from tests.cli.test_storage_migrate import _config, _run
+from tests.conftest import _reactor, free_port
+from tests.helpers import aio_test
+
+
+@aio_test
+async def test_a_second_master_is_refused_on_ferretdb_and_shares_the_database_on_mongodb(running_master, settings,
+                                                                                      database):
+    second = Master(dataclasses.replace(settings), _reactor())
+    if database.is_ferretdb:
+        with pytest.raises(ClaimHeld, match=r"in use by a master \(pid \d+ on .*only one master runs on it"):
+            await second.start()
+        assert second.database is None  # nothing left open
+        return
+    await second.start()
+    try:
+        assert second.api_port != running_master.master.api_port
+    finally:
+        await second.stop()
+
+
+@aio_test
+async def test_cm_admin_storage_waits_for_the_master_to_stop_on_ferretdb(running_master, settings, tmp_path,
+                                                                          database, mongo_url, db_name):
+    config = _config(tmp_path, mongo_url, db_name, free_port())
+    refused = await asyncio.to_thread(_run, config, "admin", "storage", "recount")
+    if database.is_ferretdb:
+        assert refused.returncode == 1 and "in use by a master" in refused.stderr, refused
+        await running_master.master.stop()
+    done = await asyncio.to_thread(_run, config, "admin", "storage", "recount")
+    assert done.returncode == 0 and "recounted 0 mailings" in done.stdout, done.stderr
+
+
+@aio_test
+async def test_a_master_whose_claim_was_taken_over_stops(settings, database):
+    if not database.is_ferretdb:  # no claim on MongoDB: nothing to take over
+        master = Master(settings, _reactor())
+        await master.start()
+        assert master._claim is None
+        await master.stop()
+        return
+    master = Master(settings, _reactor())
+    stopped = []
+    master.on_claim_lost = lambda: stopped.append(True)
+    await master.start()
+    port = master.api_port
+    later = task.Clock()  # the master has been frozen for longer than its claim lives
+    later.advance(_reactor().seconds() + CLAIM_SECONDS + 5)
+    intruder = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=1, started=1)
+    await WriterClaim(WriterClaimStore(database), later, "a master", intruder).take()
+    await master._renew_claim()  # what its renewal loop runs every few seconds
+    assert stopped == [True]
+    with pytest.raises(ConnectionRefusedError):  # it no longer listens
+        await asyncio.open_connection("127.0.0.1", port)

@@ -1,0 +1,101 @@
+"""The writer's claim on a database that cannot guard two writers: one holder at a time, taken
+over when it expires or its holder (on this host) is gone, lost by a holder frozen too long."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from twisted.internet import task
+
+from cloudmailing.common.process_identity import ProcessIdentity, this_process
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, WriterClaim
+from cloudmailing.storage.writer_claims import WriterClaimStore
+from tests.helpers import aio_test
+
+START = 1_800_000_000.0
+
+
+def _elsewhere(name: str) -> ProcessIdentity:
+    """A process of another host: whether it still runs cannot be told from here."""
+    return ProcessIdentity(host=name, boot="another-boot", pid_namespace="pid:[1]", pid=4242, started=99)
+
+
+def _claim(database, clock, holder: ProcessIdentity, role: str = "a master") -> WriterClaim:
+    return WriterClaim(WriterClaimStore(database), clock, role, holder)
+
+
+def _clock() -> task.Clock:
+    clock = task.Clock()
+    clock.advance(START)
+    return clock
+
+
+@aio_test
+async def test_a_second_writer_is_refused_with_the_holder_named_while_the_claim_is_renewed(database):
+    clock = _clock()
+    first = _claim(database, clock, _elsewhere("alpha"))
+    await first.take()
+    for _ in range(4):  # 4 × 20 s: longer than a claim lives, renewed all along
+        clock.advance(CLAIM_SECONDS * 2 / 3)
+        assert await first.renew()
+        with pytest.raises(ClaimHeld, match="in use by a master \\(pid 4242 on alpha\\)"):
+            await _claim(database, clock, _elsewhere("beta")).take()
+
+
+@aio_test
+async def test_a_claim_left_unrenewed_is_taken_over_and_its_holder_told_to_stop(database):
+    clock = _clock()
+    frozen = _claim(database, clock, _elsewhere("alpha"))
+    await frozen.take()
+    clock.advance(CLAIM_SECONDS + 1)
+    successor = _claim(database, clock, _elsewhere("beta"))
+    await successor.take()
+    assert successor.generation == frozen.generation + 1
+    assert not await frozen.renew()  # it wakes up: the claim is no longer its own
+    assert await successor.renew()
+    await frozen.release()  # gives nothing back: the successor keeps it
+    with pytest.raises(ClaimHeld, match="on beta"):
+        await _claim(database, clock, _elsewhere("gamma")).take()
+
+
+@aio_test
+async def test_a_claim_of_a_killed_process_of_this_host_is_free_at_once(database):
+    clock = _clock()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    me = this_process()
+    dead = dataclasses.replace(me, pid=child.pid, started=_started(child.pid))
+    await _claim(database, clock, dead).take()
+    with pytest.raises(ClaimHeld):  # it still runs
+        await _claim(database, clock, me).take()
+    child.kill()
+    child.wait()
+    await _claim(database, clock, me).take()  # no waiting for the claim to expire
+
+
+@aio_test
+async def test_a_released_claim_is_free_at_once_and_old_generations_are_dropped(database):
+    clock = _clock()
+    for name in ("a", "b", "c", "d", "e", "f"):
+        claim = _claim(database, clock, _elsewhere(name))
+        await claim.take()
+        await claim.release()
+    generations = sorted(doc["_id"] for doc in await database.writer_claims.find({}).to_list())
+    assert generations == [3, 4, 5, 6]
+
+
+@aio_test
+async def test_of_two_processes_taking_the_claim_at_once_one_wins(database):
+    clock = _clock()
+    racers = [_claim(database, clock, _elsewhere(name)) for name in ("alpha", "beta", "gamma")]
+    results = await asyncio.gather(*(racer.take() for racer in racers), return_exceptions=True)
+    assert sum(result is None for result in results) == 1, results
+    assert all(isinstance(result, ClaimHeld) for result in results if result is not None)
+
+
+def _started(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[19])

@@ -93,11 +93,12 @@ class ReportService:
         return None if scope is None else frozenset(scope)
 
     async def count(self, filters: Any) -> int:
-        """Recipients in the given statuses, summed from the blocks' counts (no recipient read)."""
+        """Recipients in the given statuses, summed from the mailings' counts (kept up to date by
+        every change: no recipient, no block read)."""
         wanted = await self.recipient_filter(filters)
         mailing_ids = None if wanted.mailing_ids is None else sorted(wanted.mailing_ids)
         total = 0
-        for counts in (await self._stores.blocks.counts(mailing_ids)).values():
+        for counts in (await self._stores.mailings.counts(mailing_ids)).values():
             total += sum(n for status, n in counts.items() if wanted.statuses is None or status in wanted.statuses)
         return total
 

@@ -295,9 +295,10 @@ class BlockStore:
                   for doc in await collection.find({"m": mailing_id, "test": test}).sort("_id", -1).limit(1).to_list()]
         return max(newest, key=lambda doc: (doc["_id"], doc.get("sv", 0)), default=None)
 
-    async def counts(self, mailing_ids: Sequence[int] | None = None) -> dict[int, dict[str, int]]:
-        """Per-status recipient counts of each mailing, summed over its blocks' summaries."""
-        query = {} if mailing_ids is None else {"m": {"$in": list(mailing_ids)}}
+    async def counts(self, mailing_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """Per-status recipient counts of each mailing, summed over its blocks' summaries (the
+        repair's recount: the mailing documents keep them up to date)."""
+        query = {"m": {"$in": list(mailing_ids)}}
         totals: dict[int, dict[str, int]] = {}
         for doc in await self._both(query, {"m": 1, "counts": 1, "sv": 1}):
             mailing = totals.setdefault(doc["m"], {})

@@ -106,6 +106,12 @@ class MailingStore:
     async def running_for_groups(self, groups: Sequence[str]) -> list[int]:
         return await self.ids(MailingFilter(statuses=[RUNNING], groups=groups))
 
+    async def counts(self, mailing_ids: Sequence[int] | None = None) -> dict[int, dict[str, int]]:
+        """Per-status recipient counts of each mailing (None: every mailing), from the mailing
+        documents alone: no block is read."""
+        found = self._db.mailings.find(MailingFilter(ids=mailing_ids).query(), {"counts": 1})
+        return {doc["_id"]: dict(doc.get("counts") or {}) async for doc in found}
+
     async def count(self, which: MailingFilter) -> int:
         return await self._db.mailings.count_documents(which.query())
 

@@ -8,6 +8,7 @@ import functools
 from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import pytest_twisted
+from pymongo import monitoring
 from twisted.internet.defer import Deferred
 
 T = TypeVar("T")
@@ -87,3 +88,13 @@ async def satellite_running(master: Any, data_dir: Any, serial: str, dns: Any, s
     finally:
         await satellite.stop()
         running.cancel()
+
+
+class CommandWatcher(monitoring.CommandListener):
+    """A command listener that looks only at commands started: subclasses define ``started``."""
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass

@@ -15,7 +15,7 @@ from cloudmailing.services.dispatcher import retry_delay
 from cloudmailing.storage.blocks import BlockStore
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.stores import open_stores
-from tests.helpers import aio_test
+from tests.helpers import CommandWatcher, aio_test
 
 SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
 
@@ -161,7 +161,7 @@ async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database
     assert await BlockStore(database).leased_count("sat-a") == 6
 
 
-class _Finds(monitoring.CommandListener):
+class _Finds(CommandWatcher):
     """The searches for free blocks the database is asked."""
 
     def __init__(self) -> None:
@@ -171,12 +171,6 @@ class _Finds(monitoring.CommandListener):
         query = event.command.get("filter") or {} if event.command_name == "find" else {}
         if "free" in query and "m" in query:  # of the mailing (not of test recipients)
             self.free_searches += 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 @aio_test

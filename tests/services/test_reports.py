@@ -7,10 +7,10 @@ from pymongo import AsyncMongoClient, monitoring
 from cloudmailing.master.app import build_services
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.stores import open_stores
-from tests.helpers import aio_test
+from tests.helpers import CommandWatcher, aio_test
 
 
-class _Collections(monitoring.CommandListener):
+class _Collections(CommandWatcher):
     """The collections the database is asked about, from the moment ``on`` is set."""
 
     def __init__(self) -> None:
@@ -19,12 +19,6 @@ class _Collections(monitoring.CommandListener):
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self.on:
             self.seen.append(event.command.get(event.command_name))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 @aio_test

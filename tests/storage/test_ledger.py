@@ -14,25 +14,19 @@ from cloudmailing.master.app import build_services
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.stores import open_stores
-from tests.helpers import aio_test
+from tests.helpers import CommandWatcher, aio_test
 from tests.storage.world import NOW, mailing_with
 
 SATELLITE = {"serial": "sat-a", "group": "", "domain_affinity": []}
 
 
-class _Commands(monitoring.CommandListener):
+class _Commands(CommandWatcher):
     def __init__(self) -> None:
         self.names: list[str] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in ("endSessions", "ismaster", "hello"):
             self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 async def _report_with_answer_lost(stores, block_id, owner, name):

@@ -54,12 +54,16 @@ def is_running(other: ProcessIdentity, me: ProcessIdentity | None = None) -> boo
 
 
 def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started; None if there is none, or only its corpse (a zombie: killed,
+    not yet reaped by its parent)."""
     stat = _read(_PROC / str(pid) / "stat")
     if not stat:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: count after its end.
     fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[19]) if len(fields) > 19 else None
+    if len(fields) <= 19 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def _read(path: Path) -> str:

@@ -35,3 +35,15 @@ def test_a_command_name_with_spaces_and_parentheses_does_not_shift_the_start_tim
     stat = "77 (a) b (c) d) S 1 77 77 0 -1 4194560 10 0 0 0 0 0 0 0 20 0 1 0 123456 1000 10"
     monkeypatch.setattr(process_identity, "_read", lambda path: stat)
     assert process_identity._start_time(77) == 123456
+
+
+def test_a_killed_process_not_yet_reaped_is_not_running():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    me = this_process()
+    named = dataclasses.replace(me, pid=child.pid, started=process_identity._start_time(child.pid) or 1)
+    assert is_running(named, me) is True
+    child.kill()
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # dying: a zombie until this test (its parent) reaps it
+    assert is_running(named, me) is False
+    child.wait()

@@ -44,6 +44,7 @@ class ComposeAhead:
         self._composing = 0  # recipients being composed
         self._tasks: set[asyncio.Future[None]] = set()
         self._wake = asyncio.Event()
+        self._short_of_room = False  # the last dispatch left recipients waiting for room
 
     @property
     def pending(self) -> int:
@@ -61,9 +62,12 @@ class ComposeAhead:
         self._wake.set()
 
     def sent(self, job: DeliveryJob) -> None:
-        """The delivery of ``job`` ended: its bytes make room."""
+        """The delivery of ``job`` ended: its bytes make room (the dispatch is woken only when
+        room was what held it: once a message, that wake-up would cost the daemon more than the
+        rest of this bookkeeping)."""
         self.composed_bytes -= len(job.data)
-        self._wake.set()
+        if self._short_of_room:
+            self._wake.set()
 
     async def run(self) -> None:
         """Compose waiting recipients as room allows, until cancelled."""
@@ -77,10 +81,12 @@ class ComposeAhead:
                 task.cancel()
 
     def _dispatch(self) -> None:
+        self._short_of_room = False
         while self._waiting and len(self._tasks) < 2 * self._pool.workers:
             mailing = self._waiting[0][0]
             count, reserve = self._room_for(mailing)
             if not count:
+                self._short_of_room = True
                 return
             chunk = [self._waiting.popleft()[1] for _ in range(count)]
             self._reserved += reserve

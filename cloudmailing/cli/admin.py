@@ -12,11 +12,11 @@ from cloudmailing.common.clock import WallClock
 from cloudmailing.config.settings import Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.services.errors import ServiceError
-from cloudmailing.services.writer_claim import ClaimHeld, WriterClaim
+from cloudmailing.services.writer_claim import ClaimHeld, WriterClaim, running_masters
 from cloudmailing.storage.database import Database, LayoutError, check_layout_version, open_database
 from cloudmailing.storage.migration import migrate
 from cloudmailing.storage.stores import open_stores
-from cloudmailing.storage.writer_claims import WriterClaimStore
+from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,15 +87,19 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
 
 
 async def _storage(args: argparse.Namespace, database: Database) -> int:
+    # No master may write meanwhile: take the claim (a master starting now refuses), then check
+    # that none runs (a master that started before has its entry in by then).
     claim = WriterClaim(WriterClaimStore(database), WallClock(), f"cm-admin storage {args.action}")
-    if database.is_ferretdb:  # no master may write meanwhile: it could not guard against this one
-        try:
-            await claim.take()
-        except ClaimHeld as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
     try:
+        await claim.take()
+        running = await running_masters(MasterRegistry(database), WallClock())
+        if running:
+            raise ClaimHeld(f"a master runs on this database ({', '.join(m.describe() for m in running)}): "
+                            f"stop it first")
         return await _storage_action(args, database)
+    except ClaimHeld as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         await claim.release()
 

@@ -27,10 +27,10 @@ from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
-from cloudmailing.services.writer_claim import RENEW_SECONDS, WriterClaim
+from cloudmailing.services.writer_claim import RENEW_SECONDS, MasterPresence, WriterClaim
 from cloudmailing.storage.database import Database, open_database
 from cloudmailing.storage.stores import Stores, open_stores
-from cloudmailing.storage.writer_claims import WriterClaimStore
+from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Master:
     api_site: server.Site | None = None
     on_claim_lost: Callable[[], None] = lambda: None  # the writer's claim was taken: the master has stopped
     _claim: WriterClaim | None = None
+    _presence: MasterPresence | None = None
     _claim_loop: LoopingCall | None = None
     _stopped: bool = False
 
@@ -76,20 +77,31 @@ class Master:
         self._loop.start(LIFECYCLE_INTERVAL, now=False)
 
     async def _take_claim(self) -> None:
-        """On a database that cannot guard two writers (FerretDB v1), be its only writer."""
+        """Say this master runs; on a database that cannot guard two writers (FerretDB v1), be
+        its only writer; on any, refuse to run during ``cm-admin storage``."""
         assert self.database is not None
-        if not self.database.is_ferretdb:
-            return
-        self._claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master")
-        await self._claim.take()
+        self._presence = MasterPresence(MasterRegistry(self.database), self.reactor)
+        await self._presence.register()
+        claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master")
+        try:
+            if self.database.is_ferretdb:
+                await claim.take()
+                self._claim = claim
+            else:
+                await claim.check_free()
+        except BaseException:
+            await self._presence.remove()
+            self._presence = None
+            raise
         self._claim_loop = LoopingCall(lambda: as_deferred(self._renew_claim()))
         self._claim_loop.clock = self.reactor
         self._claim_loop.start(RENEW_SECONDS, now=False)
 
     async def _renew_claim(self) -> None:
-        assert self._claim is not None
+        assert self._presence is not None
         try:
-            held = await self._claim.renew()
+            await self._presence.renew()
+            held = self._claim is None or await self._claim.renew()
         except Exception:  # the database may be away for a while: try again next time
             log.exception("could not renew the writer's claim")
             return
@@ -161,11 +173,13 @@ class Master:
             self.link_factory.stop()
         for port in self._ports:
             await wait_deferred(port.stopListening())
-        if self._claim is not None:
-            try:
+        try:
+            if self._presence is not None:
+                await self._presence.remove()
+            if self._claim is not None:
                 await self._claim.release()
-            except Exception:  # it expires by itself
-                log.exception("could not release the writer's claim")
+        except Exception:  # they expire by themselves
+            log.exception("could not withdraw this master's entry or writer's claim")
         if self.database is not None:
             await self.database.close()
 

@@ -7,7 +7,12 @@ it while it runs and gives it back when it stops; a second one is refused with t
 name. A claim not renewed for :data:`CLAIM_SECONDS` is free, and at once when its holder ran on
 this host and is gone (``kill -9``): a restart does not wait. A holder that finds its claim taken
 (it was frozen longer than that) must stop writing. On MongoDB, where every block write is a
-compare-and-set, no claim is taken and masters may share a database.
+compare-and-set, masters do not take the claim and may share a database.
+
+``cm-admin storage`` (migrate, recount) must run with no master at all, on any database: it takes
+the claim, then checks that no master is running (each master keeps an entry in ``masters``,
+renewed the same way); a master checks the claim after writing its entry. So of a master and
+a storage command that start at once, at least one sees the other and refuses.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 
 from cloudmailing.common.process_identity import ProcessIdentity, is_running, this_process
 from cloudmailing.services.clock import SecondsClock, utc_now
-from cloudmailing.storage.writer_claims import WriterClaimStore
+from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,12 @@ class WriterClaim:
         self._store, self._clock, self._role = store, clock, role
         self._me = me or this_process()
         self.generation: int | None = None
+
+    async def check_free(self) -> None:
+        """Raise :class:`ClaimHeld` if a live process holds the claim (without taking it)."""
+        latest = await self._store.latest()
+        if latest is not None and self._held(latest):
+            raise ClaimHeld(self._refusal(latest))
 
     async def take(self) -> None:
         """Take the claim, or raise :class:`ClaimHeld` if a live process holds it."""
@@ -69,17 +80,52 @@ class WriterClaim:
         self.generation = None
 
     def _held(self, claim: dict) -> bool:
-        if claim["until"] <= utc_now(self._clock):
-            return False
-        # A live claim of a process of this host that no longer runs (killed) is free now.
-        return is_running(ProcessIdentity.from_dict(claim), self._me) is not False
+        return _live(claim, self._clock, self._me)
 
     def _refusal(self, claim: dict) -> str:
         holder = ProcessIdentity.from_dict(claim)
         return (f"this database is in use by {claim.get('role', 'another process')} ({holder.describe()}), "
                 f"its claim renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: the embedded database "
                 f"(FerretDB v1) cannot guard two writers, so only one master runs on it at a time "
-                f"(use MongoDB for several)")
+                f"(use MongoDB for several), and no master runs during `cm-admin storage`")
 
     def _until(self) -> datetime.datetime:
-        return utc_now(self._clock) + datetime.timedelta(seconds=CLAIM_SECONDS)
+        return _until(self._clock)
+
+
+class MasterPresence:
+    """This master's entry among the running ones (on every database), renewed like the claim."""
+
+    def __init__(self, registry: MasterRegistry, clock: SecondsClock, me: ProcessIdentity | None = None) -> None:
+        self._registry, self._clock = registry, clock
+        self._me = me or this_process()
+        self._key = f"{self._me.host}/{self._me.boot}/{self._me.pid}/{self._me.started}"
+
+    async def register(self) -> None:
+        await self._registry.register(self._key, self._me.as_dict(), _until(self._clock))
+
+    async def renew(self) -> None:
+        await self._registry.renew(self._key, _until(self._clock))
+
+    async def remove(self) -> None:
+        await self._registry.remove(self._key)
+
+
+async def running_masters(registry: MasterRegistry, clock: SecondsClock,
+                          me: ProcessIdentity | None = None) -> list[ProcessIdentity]:
+    """The masters that run on this database, as far as can be told (their entries are renewed,
+    and those of this host still run)."""
+    me = me or this_process()
+    return [ProcessIdentity.from_dict(entry) for entry in await registry.all() if _live(entry, clock, me)]
+
+
+def _live(entry: dict, clock: SecondsClock, me: ProcessIdentity) -> bool:
+    """Whether a claim or master entry stands: renewed lately, and its process, if of this host,
+    still runs (one killed frees it at once)."""
+    if entry["until"] <= utc_now(clock):
+        return False
+    return is_running(ProcessIdentity.from_dict(entry), me) is not False
+
+
+def _until(clock: SecondsClock) -> datetime.datetime:
+    return utc_now(clock) + datetime.timedelta(seconds=CLAIM_SECONDS)

@@ -45,3 +45,24 @@ class WriterClaimStore:
 
     async def renew(self, generation: int, until: datetime.datetime) -> None:
         await self._claims.update_one({"_id": generation}, {"$set": {"until": until}})
+
+
+class MasterRegistry:
+    """The ``masters`` collection: a document per running master (its identity and how long it
+    counts as running), so that ``cm-admin storage`` can tell none runs. Each master writes only
+    its own document."""
+
+    def __init__(self, database: Database) -> None:
+        self._masters = database.masters
+
+    async def register(self, key: str, holder: dict[str, Any], until: datetime.datetime) -> None:
+        await self._masters.replace_one({"_id": key}, {**holder, "until": until}, upsert=True)
+
+    async def renew(self, key: str, until: datetime.datetime) -> None:
+        await self._masters.update_one({"_id": key}, {"$set": {"until": until}})
+
+    async def remove(self, key: str) -> None:
+        await self._masters.delete_one({"_id": key})
+
+    async def all(self) -> list[dict[str, Any]]:
+        return await self._masters.find({}).to_list()

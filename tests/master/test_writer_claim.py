@@ -1,19 +1,20 @@
-"""A master on the embedded database (FerretDB v1) is its only writer: a second master, and
-``cm-admin storage``, are refused while it runs; one whose claim was taken over stops. On
-MongoDB, which guards every block write itself, masters share a database."""
+"""A master on the embedded database (FerretDB v1) is its only writer: a second master is refused
+while it runs; one whose claim was taken over stops. On MongoDB, which guards every block write
+itself, masters share a database. On both, ``cm-admin storage`` and a master never run at once."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import pytest
 from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity
 from cloudmailing.master.app import Master
-from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, WriterClaim
-from cloudmailing.storage.writer_claims import WriterClaimStore
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, WriterClaim, running_masters
+from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 from tests.cli.test_storage_migrate import _config, _run
 from tests.conftest import _reactor, free_port
 from tests.helpers import aio_test
@@ -36,15 +37,32 @@ async def test_a_second_master_is_refused_on_ferretdb_and_shares_the_database_on
 
 
 @aio_test
-async def test_cm_admin_storage_waits_for_the_master_to_stop_on_ferretdb(running_master, settings, tmp_path,
-                                                                          database, mongo_url, db_name):
+async def test_cm_admin_storage_waits_for_the_master_to_stop(running_master, settings, tmp_path, database,
+                                                             mongo_url, db_name):
     config = _config(tmp_path, mongo_url, db_name, free_port())
     refused = await asyncio.to_thread(_run, config, "admin", "storage", "recount")
-    if database.is_ferretdb:
-        assert refused.returncode == 1 and "in use by a master" in refused.stderr, refused
-        await running_master.master.stop()
+    assert refused.returncode == 1, refused
+    expected = "in use by a master" if database.is_ferretdb else r"a master runs on this database \(pid \d+ on"
+    assert re.search(expected, refused.stderr), refused.stderr
+    assert await running_masters(MasterRegistry(database), _reactor())  # its entry is in
+    await running_master.master.stop()
+    assert not await running_masters(MasterRegistry(database), _reactor())  # and out
     done = await asyncio.to_thread(_run, config, "admin", "storage", "recount")
     assert done.returncode == 0 and "recounted 0 mailings" in done.stdout, done.stderr
+
+
+@aio_test
+async def test_a_master_does_not_start_while_cm_admin_storage_runs(settings, database):
+    storage = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=77, started=1)
+    claim = WriterClaim(WriterClaimStore(database), _reactor(), "cm-admin storage migrate", storage)
+    await claim.take()
+    master = Master(settings, _reactor())
+    with pytest.raises(ClaimHeld, match=r"in use by cm-admin storage migrate \(pid 77 on elsewhere\)"):
+        await master.start()
+    assert not await running_masters(MasterRegistry(database), _reactor())  # it took its entry back
+    await claim.release()
+    await master.start()
+    await master.stop()
 
 
 @aio_test

@@ -12,8 +12,8 @@ import pytest
 from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity, this_process
-from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, WriterClaim
-from cloudmailing.storage.writer_claims import WriterClaimStore
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, MasterPresence, WriterClaim, running_masters
+from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 from tests.helpers import aio_test
 
 START = 1_800_000_000.0
@@ -99,3 +99,40 @@ async def test_of_two_processes_taking_the_claim_at_once_one_wins(database):
 def _started(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[19])
+
+
+@aio_test
+async def test_running_masters_are_those_renewed_lately_and_not_killed_here(database):
+    clock = _clock()
+    registry = MasterRegistry(database)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    here = dataclasses.replace(this_process(), pid=child.pid, started=_started(child.pid))
+    away = _elsewhere("alpha")
+    for identity in (here, away):
+        await MasterPresence(registry, clock, identity).register()
+    assert sorted(m.host for m in await running_masters(registry, clock)) == sorted([here.host, "alpha"])
+    child.kill()
+    child.wait()
+    assert [m.host for m in await running_masters(registry, clock)] == ["alpha"]  # killed: gone at once
+    clock.advance(CLAIM_SECONDS * 2 / 3)
+    await MasterPresence(registry, clock, away).renew()
+    clock.advance(CLAIM_SECONDS * 2 / 3)
+    assert [m.host for m in await running_masters(registry, clock)] == ["alpha"]  # renewed: still there
+    clock.advance(CLAIM_SECONDS)
+    assert await running_masters(registry, clock) == []  # not renewed for a claim's life
+    await MasterPresence(registry, clock, away).remove()
+    assert [entry["pid"] for entry in await registry.all()] == [child.pid]  # the killed one's stays, dead
+
+
+@aio_test
+async def test_checking_the_claim_is_free_takes_nothing(database):
+    clock = _clock()
+    holder = _claim(database, clock, _elsewhere("alpha"), role="cm-admin storage recount")
+    checker = _claim(database, clock, _elsewhere("beta"))
+    await checker.check_free()
+    assert await database.writer_claims.count_documents({}) == 0
+    await holder.take()
+    with pytest.raises(ClaimHeld, match="in use by cm-admin storage recount"):
+        await checker.check_free()
+    await holder.release()
+    await checker.check_free()

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CLAIM_SECONDS = 30.0  # a claim not renewed for this long is free
 RENEW_SECONDS = 5.0  # how often a holder renews: several renewals fit in one claim's life
 _TAKE_TRIES = 5
+STALE_ENTRY = datetime.timedelta(days=1)  # a master's entry not renewed for this long is dropped
 
 
 class ClaimHeld(RuntimeError):
@@ -102,10 +103,13 @@ class MasterPresence:
         self._key = f"{self._me.host}/{self._me.boot}/{self._me.pid}/{self._me.started}"
 
     async def register(self) -> None:
-        await self._registry.register(self._key, self._me.as_dict(), _until(self._clock))
+        """Enter this master, and drop the entries of masters that stopped renewing a day ago."""
+        await self._registry.drop_stale(utc_now(self._clock) - STALE_ENTRY)
+        await self.renew()
 
     async def renew(self) -> None:
-        await self._registry.renew(self._key, _until(self._clock))
+        """The whole entry each time: one frozen for a day and dropped meanwhile is back."""
+        await self._registry.register(self._key, self._me.as_dict(), _until(self._clock))
 
     async def remove(self) -> None:
         await self._registry.remove(self._key)

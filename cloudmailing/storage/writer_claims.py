@@ -56,10 +56,12 @@ class MasterRegistry:
         self._masters = database.masters
 
     async def register(self, key: str, holder: dict[str, Any], until: datetime.datetime) -> None:
+        """Write (or write again: another process may have dropped it as stale) this entry."""
         await self._masters.replace_one({"_id": key}, {**holder, "until": until}, upsert=True)
 
-    async def renew(self, key: str, until: datetime.datetime) -> None:
-        await self._masters.update_one({"_id": key}, {"$set": {"until": until}})
+    async def drop_stale(self, before: datetime.datetime) -> None:
+        """Drop the entries of masters gone without a word (killed, their host lost) before ``before``."""
+        await self._masters.delete_many({"until": {"$lt": before}})
 
     async def remove(self, key: str) -> None:
         await self._masters.delete_one({"_id": key})

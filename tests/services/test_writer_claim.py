@@ -12,7 +12,14 @@ import pytest
 from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity, this_process
-from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimHeld, MasterPresence, WriterClaim, running_masters
+from cloudmailing.services.writer_claim import (
+    CLAIM_SECONDS,
+    STALE_ENTRY,
+    ClaimHeld,
+    MasterPresence,
+    WriterClaim,
+    running_masters,
+)
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 from tests.helpers import aio_test
 
@@ -122,6 +129,15 @@ async def test_running_masters_are_those_renewed_lately_and_not_killed_here(data
     assert await running_masters(registry, clock) == []  # not renewed for a claim's life
     await MasterPresence(registry, clock, away).remove()
     assert [entry["pid"] for entry in await registry.all()] == [child.pid]  # the killed one's stays, dead
+    clock.advance(STALE_ENTRY.total_seconds())
+    frozen = MasterPresence(registry, clock, _elsewhere("beta"))
+    await frozen.register()  # a day later, the next master to start drops it
+    assert [entry["host"] for entry in await registry.all()] == ["beta"]
+    clock.advance(STALE_ENTRY.total_seconds() + CLAIM_SECONDS + 1)
+    await MasterPresence(registry, clock, _elsewhere("gamma")).register()  # drops beta's, frozen for a day
+    assert [entry["host"] for entry in await registry.all()] == ["gamma"]
+    await frozen.renew()  # beta wakes up: its entry is back
+    assert sorted(m.host for m in await running_masters(registry, clock)) == ["beta", "gamma"]
 
 
 @aio_test

@@ -84,11 +84,12 @@ class WriterClaim:
         return _live(claim, self._clock, self._me)
 
     def _refusal(self, claim: dict) -> str:
-        holder = ProcessIdentity.from_dict(claim)
-        return (f"this database is in use by {claim.get('role', 'another process')} ({holder.describe()}), "
-                f"its claim renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: the embedded database "
-                f"(FerretDB v1) cannot guard two writers, so only one master runs on it at a time "
-                f"(use MongoDB for several), and no master runs during `cm-admin storage`")
+        role = str(claim.get("role", "another process"))
+        why = ("no master runs while `cm-admin storage` does: wait for it to end" if role.startswith("cm-admin")
+               else "the embedded database (FerretDB v1) cannot guard two writers, so only one master runs "
+                    "on it at a time (use MongoDB for several)")
+        return (f"this database is in use by {role} ({ProcessIdentity.from_dict(claim).describe()}), its claim "
+                f"renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: {why}")
 
     def _until(self) -> datetime.datetime:
         return _until(self._clock)

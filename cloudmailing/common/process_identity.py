@@ -50,20 +50,38 @@ def is_running(other: ProcessIdentity, me: ProcessIdentity | None = None) -> boo
     if not (me.boot and me.pid_namespace and other.started) or \
             (other.host, other.boot, other.pid_namespace) != (me.host, me.boot, me.pid_namespace):
         return None
-    return _start_time(other.pid) == other.started
+    stat = _stat_fields(other.pid)
+    if stat is None:  # no such process, or one this user may not see (/proc mounted with hidepid)
+        return False if _no_such_process(other.pid) else None
+    if stat[0] in ("Z", "X"):  # only its corpse: killed, not yet reaped by its parent
+        return False
+    return int(stat[19]) == other.started
 
 
 def _start_time(pid: int) -> int | None:
-    """When process ``pid`` started; None if there is none, or only its corpse (a zombie: killed,
-    not yet reaped by its parent)."""
+    """When process ``pid`` started (clock ticks after boot); None when it cannot be read."""
+    stat = _stat_fields(pid)
+    return int(stat[19]) if stat is not None else None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` from the third (the state) on; None if unreadable."""
     stat = _read(_PROC / str(pid) / "stat")
-    if not stat:
-        return None
     # The command name (field 2) is in parentheses and may hold spaces: count after its end.
-    fields = stat[stat.rfind(")") + 2:].split()
-    if len(fields) <= 19 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    fields = stat[stat.rfind(")") + 2:].split() if stat else []
+    return fields if len(fields) > 19 else None
+
+
+def _no_such_process(pid: int) -> bool:
+    """Whether no process has this pid (a hidden one still answers the null signal, if only
+    with a refusal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, but belongs to another user
+        return False
+    return False
 
 
 def _read(path: Path) -> str:

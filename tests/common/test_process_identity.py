@@ -47,3 +47,18 @@ def test_a_killed_process_not_yet_reaped_is_not_running():
         pass  # dying: a zombie until this test (its parent) reaps it
     assert is_running(named, me) is False
     child.wait()
+
+
+def test_a_process_hidden_from_this_user_is_not_taken_for_gone(monkeypatch):
+    """With /proc mounted hidepid=2, another user's processes have no readable stat: one that
+    still answers the null signal may run (None: wait for its claim to expire); no answer, gone."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    me = this_process()
+    named = dataclasses.replace(me, pid=child.pid, started=process_identity._start_time(child.pid) or 1)
+    monkeypatch.setattr(process_identity, "_read", lambda path: "")  # no /proc file readable, as under hidepid
+    try:
+        assert is_running(named, me) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert is_running(named, me) is False  # reaped: no process answers to its pid

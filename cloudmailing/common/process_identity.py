@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 _PROC = Path("/proc")
+_STARTED = 19  # the start time's place among the fields of /proc/<pid>/stat from the state on
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,13 @@ def is_running(other: ProcessIdentity, me: ProcessIdentity | None = None) -> boo
         return False if _no_such_process(other.pid) else None
     if stat[0] in ("Z", "X"):  # only its corpse: killed, not yet reaped by its parent
         return False
-    return int(stat[19]) == other.started
+    return int(stat[_STARTED]) == other.started
 
 
 def _start_time(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks after boot); None when it cannot be read."""
     stat = _stat_fields(pid)
-    return int(stat[19]) if stat is not None else None
+    return int(stat[_STARTED]) if stat is not None else None
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -69,7 +70,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     stat = _read(_PROC / str(pid) / "stat")
     # The command name (field 2) is in parentheses and may hold spaces: count after its end.
     fields = stat[stat.rfind(")") + 2:].split() if stat else []
-    return fields if len(fields) > 19 else None
+    return fields if len(fields) > _STARTED else None
 
 
 def _no_such_process(pid: int) -> bool:

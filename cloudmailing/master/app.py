@@ -18,6 +18,7 @@ from cloudmailing.api.xmlrpc_writer import written_ahead
 from cloudmailing.common.aio import as_deferred, wait_deferred
 from cloudmailing.common.connection_limit import LimitPerSource
 from cloudmailing.common.link import LinkLimits
+from cloudmailing.common.process_identity import this_process
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
 from cloudmailing.master.link_server import SatelliteLinkFactory
@@ -80,9 +81,10 @@ class Master:
         """Say this master runs; on a database that cannot guard two writers (FerretDB v1), be
         its only writer; on any, refuse to run during ``cm-admin storage``."""
         assert self.database is not None
-        self._presence = MasterPresence(MasterRegistry(self.database), self.reactor)
+        me = this_process()
+        self._presence = MasterPresence(MasterRegistry(self.database), self.reactor, me)
         await self._presence.register()
-        claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master")
+        claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master", me)
         try:
             if self.database.is_ferretdb:
                 await claim.take()
@@ -103,7 +105,7 @@ class Master:
             await self._presence.renew()
             held = self._claim is None or await self._claim.renew()
         except Exception:  # the database may be away for a while: try again next time
-            log.exception("could not renew the writer's claim")
+            log.exception("could not renew this master's entry or writer's claim")
             return
         if not held:
             log.critical("another process has taken this database's writer's claim: the master stops")

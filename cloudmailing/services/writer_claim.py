@@ -45,20 +45,20 @@ class WriterClaim:
         self._me = me or this_process()
         self.generation: int | None = None
 
-    async def check_free(self) -> None:
-        """Raise :class:`ClaimHeld` if a live process holds the claim (without taking it)."""
+    async def check_free(self) -> dict | None:
+        """Raise :class:`ClaimHeld` if a live process holds the claim (without taking it); the
+        latest claim, expired or given back, if any."""
         latest = await self._store.latest()
-        if latest is not None and self._held(latest):
+        if latest is not None and _live(latest, self._clock, self._me):
             raise ClaimHeld(self._refusal(latest))
+        return latest
 
     async def take(self) -> None:
         """Take the claim, or raise :class:`ClaimHeld` if a live process holds it."""
         for _ in range(_TAKE_TRIES):
-            latest = await self._store.latest()
-            if latest is not None and self._held(latest):
-                raise ClaimHeld(self._refusal(latest))
+            latest = await self.check_free()
             generation = (latest["_id"] if latest else 0) + 1
-            if await self._store.insert(generation, {"role": self._role, **self._me.as_dict()}, self._until()):
+            if await self._store.insert(generation, {"role": self._role, **self._me.as_dict()}, _until(self._clock)):
                 self.generation = generation
                 if latest is not None and latest["until"] > utc_now(self._clock):
                     log.warning("writer's claim taken over from %s (%s), which no longer runs",
@@ -71,7 +71,7 @@ class WriterClaim:
         assert self.generation is not None, "take() first"
         if await self._store.superseded(self.generation):
             return False
-        await self._store.renew(self.generation, self._until())
+        await self._store.renew(self.generation, _until(self._clock))
         return True
 
     async def release(self) -> None:
@@ -80,9 +80,6 @@ class WriterClaim:
             await self._store.renew(self.generation, datetime.datetime(1970, 1, 1))
         self.generation = None
 
-    def _held(self, claim: dict) -> bool:
-        return _live(claim, self._clock, self._me)
-
     def _refusal(self, claim: dict) -> str:
         role = str(claim.get("role", "another process"))
         why = ("no master runs while `cm-admin storage` does: wait for it to end" if role.startswith("cm-admin")
@@ -90,9 +87,6 @@ class WriterClaim:
                     "on it at a time (use MongoDB for several)")
         return (f"this database is in use by {role} ({ProcessIdentity.from_dict(claim).describe()}), its claim "
                 f"renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: {why}")
-
-    def _until(self) -> datetime.datetime:
-        return _until(self._clock)
 
 
 class MasterPresence:

@@ -35,8 +35,7 @@ class WriterClaimStore:
             await self._claims.insert_one({"_id": generation, **holder, "until": until})
         except DuplicateKeyError:
             return False
-        for old in await self._claims.find({"_id": {"$lte": generation - KEPT_GENERATIONS}}, {"_id": 1}).to_list():
-            await self._claims.delete_one({"_id": old["_id"]})
+        await self._claims.delete_many({"_id": {"$lte": generation - KEPT_GENERATIONS}})
         return True
 
     async def superseded(self, generation: int) -> bool:

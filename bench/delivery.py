@@ -549,7 +549,18 @@ def follow_mailing(url: str, proxy: Any, mailing_id: int, sinks: list[Sink], tim
 def _parts_cpu(satellite: int, sinks: list[Sink]) -> dict[str, float]:
     return {"the satellite's own process": cpu_seconds(satellite),
             "the 10 smtp-sinks": sum(cpu_seconds(sink.process.pid) for sink in sinks),
-            "this benchmark (DNS server, sink counters)": cpu_seconds(os.getpid())}
+            "this benchmark (DNS server, sink counters)": cpu_seconds(os.getpid()),
+            **machine_cpu_seconds()}
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """All cores' time so far, from /proc/stat: busy, idle, and stolen by the hypervisor (time
+    this virtual machine wanted a core and its host gave it to someone else)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return {"machine busy": (user + nice + system + irq + softirq) / CLOCK_TICKS,
+            "machine idle": (idle + iowait) / CLOCK_TICKS, "machine stolen": steal / CLOCK_TICKS}
 
 
 def run_mailing(args: argparse.Namespace, tmp: Path, sink_port: int, dns: DnsTestServer, sinks: list[Sink],
@@ -685,6 +696,11 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
           f"{result.parts['the 10 smtp-sinks'] / max(at_sinks, 1) * 1000:.3f} ms per message")
     print(f"this benchmark's own process (DNS server, sink counters): "
           f"{result.parts['this benchmark (DNS server, sink counters)'] / max(at_sinks, 1) * 1000:.3f} ms per message")
+    machine = {name: result.parts[f"machine {name}"] for name in ("busy", "idle", "stolen")}
+    total = max(sum(machine.values()), 1e-9)
+    print(f"the machine's cores during the mailing: busy {machine['busy'] / total:.0%}, idle "
+          f"{machine['idle'] / total:.0%}, stolen by the hypervisor {machine['stolen'] / total:.1%}; busy "
+          f"{machine['busy'] / max(at_sinks, 1) * 1000:.3f} ms per message")
 
 
 def main() -> None:
@@ -721,8 +737,11 @@ def main() -> None:
         try:
             print(f"smtp-source: {args.messages} messages of {args.size} bytes to 10 smtp-sinks on port {sink_port}",
                   flush=True)
+            sinks_before = sum(cpu_seconds(sink.process.pid) for sink in sinks)
             source_rate = args.messages / smtp_source_run(source_binary, sink_port, args.messages, args.size,
                                                           args.sessions)
+            time.sleep(0.2)  # the sinks' last replies
+            sinks_for_source = (sum(cpu_seconds(sink.process.pid) for sink in sinks) - sinks_before) / args.messages
             key = private_key(args.ed25519)
             work_before = work_per_message(filler_for(args.size, key), key, args.size)
             time.sleep(0.5)  # let the sinks' last counters arrive
@@ -747,6 +766,7 @@ def main() -> None:
             for sink in sinks:
                 stop(sink.process)
     report(args, backend, source_rate, result, pipeline_rate, at_sinks, work_before, work_after)
+    print(f"the 10 smtp-sinks per message under smtp-source (before the mailing): {sinks_for_source * 1000:.3f} ms")
     if at_sinks:
         print(f"edges: start -> first message at a sink {first_at_sink - result.started:.2f} s, last message at a "
               f"sink -> FINISHED seen {result.ended - last_at_sink:.2f} s")

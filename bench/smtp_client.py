@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from twisted.internet import asyncioreactor
-
-asyncioreactor.install()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from cloudmailing.cli.runtime import install_reactor  # noqa: E402
+
+install_reactor()  # the satellite's own reactor and event loop: the reference runs the same code
 
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import uvloop
 from twisted.internet import task
 
 from cloudmailing.config.settings import ApiConfig, DatabaseConfig, PathsConfig, SatelliteLinkConfig, Settings
@@ -24,6 +25,10 @@ from tests.embedded_db import EmbeddedDatabase
 from tests.helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The programs run Twisted's asyncio reactor on a uvloop loop (cli/runtime.py): so do the tests.
+# Set before pytest-twisted installs the reactor (this conftest is loaded before pytest_configure).
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _reactor() -> Any:

@@ -264,22 +264,30 @@ class _Worker:
     async def receive(self, wall_seconds: float) -> Any:
         """The next batch of messages or failures; :class:`_WorkerLost` if none comes in
         ``wall_seconds`` (a batch takes ~20 ms more than its last message)."""
-        if not self.conn.poll():
-            loop = asyncio.get_running_loop()
-            ready = loop.create_future()
-            fd = self.conn.fileno()
-            loop.add_reader(fd, _settle, ready)
-            try:
-                await asyncio.wait_for(ready, wall_seconds)
-            except TimeoutError:
-                self.kill()
-                raise _WorkerLost(f"{LIMIT_PREFIX}: composing took over {wall_seconds:g} s", True) from None
-            finally:
-                loop.remove_reader(fd)
+        if not self.conn.poll() and not await self._readable(wall_seconds):
+            self.kill()
+            raise _WorkerLost(f"{LIMIT_PREFIX}: composing took over {wall_seconds:g} s", True)
         try:
             return self.conn.recv()
         except (EOFError, OSError):
             raise self._lost() from None
+
+    async def _readable(self, wall_seconds: float) -> bool:
+        """Wait until the pipe has something to read: False after ``wall_seconds``."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self.conn.fileno()
+        loop.add_reader(fd, _settle, ready)
+        try:
+            await asyncio.wait_for(ready, wall_seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+            # uvloop leaves a descriptor it watched non-blocking, and Connection.recv needs it
+            # blocking: it reads a whole batch, which may not have arrived whole yet.
+            os.set_blocking(fd, True)
 
     def _lost(self) -> _WorkerLost:
         self.process.join(5.0)

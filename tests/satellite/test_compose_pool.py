@@ -168,3 +168,22 @@ async def test_a_worker_goes_on_composing_while_the_daemon_does_not_read_its_res
         assert sum(len(result.data) for batch in batches for result, _ in batch) > 3 * 212992 // 2
     finally:
         worker.kill()
+
+
+@aio_test
+async def test_a_message_larger_than_the_pipe_holds_arrives_whole(pool):
+    """The daemon wakes at the first bytes of a batch and reads it whole, though the rest is still
+    on its way (uvloop leaves a descriptor it watched non-blocking: the read must not stop short)."""
+    huge = MailingSource.from_content(dict(CONTENT, html="<p>Dear {{ name }}</p>" + "<p>filler</p>\n" * 130_000))
+    composed = await _compose_all_of(pool, huge, RECIPIENTS[:2])
+    assert composed.failures == [], composed.failures[0]["reply_text"]
+    assert sorted(job.recipient_id for job in composed.jobs) == ["r0", "r1"]
+    assert all(len(job.data) > 1_500_000 for job in composed.jobs)
+
+
+async def _compose_all_of(pool: ComposePool, mailing: MailingSource, recipients: list[dict]) -> Composed:
+    everything = Composed()
+    async for composed in pool.compose(mailing, recipients):
+        everything.jobs += composed.jobs
+        everything.failures += composed.failures
+    return everything

@@ -87,3 +87,47 @@ async def test_a_master_whose_claim_was_taken_over_stops(settings, database):
     assert stopped == [True]
     with pytest.raises(ConnectionRefusedError):  # it no longer listens
         await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.fixture
+def as_on_mongodb(monkeypatch):
+    """The master takes its MongoDB branch on this test's database, whatever the server: it checks
+    the claim and takes none (CI runs FerretDB, where that branch would otherwise never run)."""
+    from cloudmailing.master import app
+
+    opened_for_real = app.open_database
+
+    async def opened(*args, **kwargs):
+        database = await opened_for_real(*args, **kwargs)
+        database.is_ferretdb = False
+        return database
+
+    monkeypatch.setattr(app, "open_database", opened)
+
+
+@aio_test
+async def test_on_mongodb_masters_share_the_database_take_no_claim_and_wait_for_cm_admin_storage(
+        as_on_mongodb, settings, database):
+    first, second = Master(settings, _reactor()), Master(dataclasses.replace(settings), _reactor())
+    await first.start()
+    try:
+        await second.start()  # no claim between masters here
+        assert first._claim is None and second._claim is None
+        assert await WriterClaimStore(database).latest() is None  # nothing was taken
+        assert await running_masters(MasterRegistry(database), _reactor())  # (one process here: one entry)
+        assert await WriterClaim(WriterClaimStore(database), _reactor(), "a master").check_free() is None
+        await second.stop()
+    finally:
+        await first.stop()
+    assert not await running_masters(MasterRegistry(database), _reactor())
+    storage = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=78, started=1)
+    claim = WriterClaim(WriterClaimStore(database), _reactor(), "cm-admin storage recount", storage)
+    await claim.take()
+    third = Master(settings, _reactor())
+    with pytest.raises(ClaimHeld, match=r"in use by cm-admin storage recount \(pid 78 on elsewhere\).*wait for it"):
+        await third.start()
+    assert third.database is None
+    await claim.release()
+    await third.start()
+    assert third._claim is None
+    await third.stop()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
+import pytest
 import pytest_twisted
 from pymongo import monitoring
 from twisted.internet.defer import Deferred
@@ -98,3 +99,14 @@ class CommandWatcher(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
+
+
+async def renewed(latest: Callable[[], Awaitable[dict[str, Any] | None]], ends: Any) -> None:
+    """Wait until the latest writer's claim ends later than ``ends``: a renewal's database
+    round trip (at most 5 s)."""
+    for _ in range(500):
+        claim = await latest()
+        if claim is not None and claim["until"] != ends:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the claim was not renewed")

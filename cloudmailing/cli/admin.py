@@ -7,13 +7,15 @@ import dataclasses
 import sys
 from typing import Any
 
-from cloudmailing.cli.runtime import base_parser, run_once, settings_or_exit
+from twisted.internet.interfaces import IReactorTime
+
+from cloudmailing.cli.runtime import base_parser, install_reactor, run_once, settings_or_exit
 from cloudmailing.common.clock import WallClock
 from cloudmailing.config.settings import Settings
 from cloudmailing.services.api_keys import ApiKeyService
 from cloudmailing.services.errors import ServiceError
-from cloudmailing.services.writer_claim import ClaimHeld, WriterClaim, running_masters
-from cloudmailing.storage.database import Database, LayoutError, check_layout_version, open_database
+from cloudmailing.services.writer_claim import ClaimHeld, ClaimRenewal, WriterClaim, running_masters
+from cloudmailing.storage.database import Database, LayoutError, WriteRefused, check_layout_version, open_database
 from cloudmailing.storage.migration import migrate
 from cloudmailing.storage.stores import open_stores
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
@@ -86,21 +88,29 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
     return 0
 
 
-async def _storage(args: argparse.Namespace, database: Database) -> int:
+async def _storage(args: argparse.Namespace, database: Database, clock: IReactorTime | None = None) -> int:
     # No master may write meanwhile: take the claim (a master starting now refuses), then check
-    # that none runs (a master that started before has its entry in by then).
-    claim = WriterClaim(WriterClaimStore(database), WallClock(), f"cm-admin storage {args.action}")
+    # that none runs (a master that started before has its entry in by then). The claim is
+    # renewed while the command runs (a migration may outlast a claim's life), and every write
+    # is refused once it may have lapsed.
+    clock = clock or install_reactor()
+    claim = WriterClaim(WriterClaimStore(database), clock, f"cm-admin storage {args.action}")
+    renewal = ClaimRenewal(claim, clock)
     try:
         await claim.take()
-        running = await running_masters(MasterRegistry(database), WallClock())
+        renewal.start()
+        database.write_guard = claim.lapsed
+        running = await running_masters(MasterRegistry(database), clock)
         if running:
             raise ClaimHeld(f"a master runs on this database ({', '.join(m.describe() for m in running)}): "
                             f"stop it first")
         return await _storage_action(args, database)
-    except ClaimHeld as error:
+    except (ClaimHeld, WriteRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
+        renewal.stop()
+        database.write_guard = None
         await claim.release()
 
 

@@ -89,6 +89,7 @@ class Master:
             if self.database.is_ferretdb:
                 await claim.take()
                 self._claim = claim
+                self.database.write_guard = claim.lapsed  # no write once it may have lapsed
             else:
                 await claim.check_free()
         except BaseException:

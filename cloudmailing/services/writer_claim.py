@@ -20,6 +20,10 @@ from __future__ import annotations
 import datetime
 import logging
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+from cloudmailing.common.aio import as_deferred
 from cloudmailing.common.process_identity import ProcessIdentity, is_running, this_process
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
@@ -30,6 +34,9 @@ CLAIM_SECONDS = 30.0  # a claim not renewed for this long is free
 RENEW_SECONDS = 5.0  # how often a holder renews: several renewals fit in one claim's life
 _TAKE_TRIES = 5
 STALE_ENTRY = datetime.timedelta(days=1)  # a master's entry not renewed for this long is dropped
+# A holder stops writing this long before its claim ends: room for a clock a little ahead on
+# another host, and for a write sent just before the end.
+_MARGIN = datetime.timedelta(seconds=RENEW_SECONDS)
 
 
 class ClaimHeld(RuntimeError):
@@ -44,6 +51,7 @@ class WriterClaim:
         self._store, self._clock, self._role = store, clock, role
         self._me = me or this_process()
         self.generation: int | None = None
+        self._held_until: datetime.datetime | None = None  # the claim's end as last written by us
 
     async def check_free(self) -> dict | None:
         """Raise :class:`ClaimHeld` if a live process holds the claim (without taking it); the
@@ -58,8 +66,9 @@ class WriterClaim:
         for _ in range(_TAKE_TRIES):
             latest = await self.check_free()
             generation = (latest["_id"] if latest else 0) + 1
-            if await self._store.insert(generation, {"role": self._role, **self._me.as_dict()}, _until(self._clock)):
-                self.generation = generation
+            until = _until(self._clock)
+            if await self._store.insert(generation, {"role": self._role, **self._me.as_dict()}, until):
+                self.generation, self._held_until = generation, until
                 if latest is not None and latest["until"] > utc_now(self._clock):
                     log.warning("writer's claim taken over from %s (%s), which no longer runs",
                                 ProcessIdentity.from_dict(latest).describe(), latest.get("role"))
@@ -69,13 +78,27 @@ class WriterClaim:
     async def renew(self) -> bool:
         """Renew the claim; False if another process has taken it since (stop writing at once)."""
         assert self.generation is not None, "take() first"
+        until = _until(self._clock)  # before asking: the claim may have been taken meanwhile
         if await self._store.superseded(self.generation):
+            self._held_until = None
             return False
-        await self._store.renew(self.generation, _until(self._clock))
+        await self._store.renew(self.generation, until)
+        self._held_until = until
         return True
+
+    def lapsed(self) -> str | None:
+        """Why this process may not write, if its claim may have lapsed: its end, as we last
+        wrote it, is less than :data:`RENEW_SECONDS` away. The database's write guard: a
+        process frozen past its claim's life (``SIGSTOP``, a paused machine) writes nothing once
+        it wakes, until a renewal has found the claim still its own."""
+        if self._held_until is not None and utc_now(self._clock) < self._held_until - _MARGIN:
+            return None
+        last = "not held" if self._held_until is None else f"renewed until {self._held_until:%H:%M:%S} UTC"
+        return f"the writer's claim of {self._role} may have lapsed ({last}): no write until it is renewed"
 
     async def release(self) -> None:
         """Give the claim back: the next process may take it at once."""
+        self._held_until = None
         if self.generation is not None and not await self._store.superseded(self.generation):
             await self._store.renew(self.generation, datetime.datetime(1970, 1, 1))
         self.generation = None
@@ -87,6 +110,34 @@ class WriterClaim:
                     "on it at a time (use MongoDB for several)")
         return (f"this database is in use by {role} ({ProcessIdentity.from_dict(claim).describe()}), its claim "
                 f"renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: {why}")
+
+
+class ClaimRenewal:
+    """Renews a taken claim every :data:`RENEW_SECONDS` until stopped: ``cm-admin storage`` may
+    run longer than a claim lives. A renewal that finds the claim taken stops renewing (and the
+    claim's :meth:`~WriterClaim.lapsed` then refuses every write)."""
+
+    def __init__(self, claim: WriterClaim, clock: IReactorTime) -> None:
+        self._claim = claim
+        self._loop = LoopingCall(lambda: as_deferred(self._renew()))
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._loop.start(RENEW_SECONDS, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    async def _renew(self) -> None:
+        try:
+            held = await self._claim.renew()
+        except Exception:  # the database may be away for a while: try again next time
+            log.exception("could not renew the writer's claim")
+            return
+        if not held:
+            log.critical("another process has taken the writer's claim: no more writes from this one")
+            self.stop()
 
 
 class MasterPresence:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 LAYOUT_VERSION = 3  # 2: mailing bodies inside the mailing documents; 1: a document per recipient
 MIGRATE_COMMAND = "cm-admin storage migrate"
@@ -41,6 +43,40 @@ _BUCKET_INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "status_log": [[("m", ASCENDING)], [("at", ASCENDING)]],
     "kept_messages": [[("m", ASCENDING)]],
 }
+
+
+# Writes a write guard may refuse; the claim's own collections are never refused (their
+# renewals are what lets a guard allow writes again).
+_WRITES = ("insert_one", "insert_many", "update_one", "update_many", "replace_one", "delete_one", "delete_many",
+           "find_one_and_update", "find_one_and_replace", "find_one_and_delete", "bulk_write", "drop")
+_UNGUARDED = frozenset(("writer_claims", "masters"))
+
+
+class WriteRefused(PyMongoError):
+    """The write guard refused a write: this process may no longer be the database's writer. A
+    database error like any other to its callers (the API answers "database unavailable, please
+    retry"; a satellite's report is refused and sent again)."""
+
+
+class GuardedCollection(AsyncCollection):
+    """A collection whose every write first asks ``guard`` why not (None: go ahead)."""
+
+    guard: Callable[[], str | None]
+
+
+def _guarded_write(name: str) -> Callable[..., Any]:
+    async def write(self: GuardedCollection, *args: Any, **kwargs: Any) -> Any:
+        refusal = self.guard()
+        if refusal is not None:
+            raise WriteRefused(refusal)
+        return await getattr(super(GuardedCollection, self), name)(*args, **kwargs)
+
+    write.__name__ = write.__qualname__ = name
+    return write
+
+
+for _name in _WRITES:
+    setattr(GuardedCollection, _name, _guarded_write(_name))
 
 
 class LayoutError(RuntimeError):
@@ -79,13 +115,29 @@ class Database:
     db: AsyncDatabase
     is_ferretdb: bool = False
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Asked before every write (but to the writer's claim's own collections): why not, or None.
+    # Set while this process holds the writer's claim: no write once it may have lapsed.
+    write_guard: Callable[[], str | None] | None = None
     _indexed_buckets: set[str] = field(default_factory=set)
 
     def __getattr__(self, name: str) -> AsyncCollection:
         """``database.mailings`` and the like: the collection of that name."""
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.db[name]
+        return self._collection(name)
+
+    def _collection(self, name: str) -> AsyncCollection:
+        if self.write_guard is None or name in _UNGUARDED:
+            return self.db[name]
+        guarded = GuardedCollection(self.db, name)
+        guarded.guard = self.write_guard
+        return guarded
+
+    async def drop_collection(self, name: str) -> None:
+        refusal = self.write_guard() if self.write_guard is not None else None
+        if refusal is not None:
+            raise WriteRefused(refusal)
+        await self.db.drop_collection(name)
 
     async def bucket(self, kind: str, number: int) -> AsyncCollection:
         """Bucket collection ``number`` of ``kind`` (``block_content``, ``status_log``...), indexed."""
@@ -94,7 +146,7 @@ class Database:
             for keys in _BUCKET_INDEXES[kind]:
                 await self.db[name].create_index(keys)
         self._indexed_buckets.add(name)
-        return self.db[name]
+        return self._collection(name)
 
     async def bucket_numbers(self, kind: str) -> list[int]:
         """The numbers of the existing bucket collections of ``kind``, ascending."""

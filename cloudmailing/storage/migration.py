@@ -56,7 +56,7 @@ async def migrate(database: Database, say: Callable[[str], None] = print) -> Mig
     # Every converted page is final (no state names them as recent writes).
     await stores.blocks.set_logged_floor(await counters.current(database, "status_seq"))
     for name in ("recipients", "status_log", "ingest_batches"):
-        await database.db.drop_collection(name)
+        await database.drop_collection(name)
     await _move_mailing_bodies(database, say)
     await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
     say(f"storage layout {LAYOUT_VERSION}: done")
@@ -81,9 +81,9 @@ async def _move_mailing_bodies(database: Database, say: Callable[[str], None]) -
 async def _drop_new_collections(database: Database) -> None:
     for kind in _NEW_KINDS:
         for number in await database.bucket_numbers(kind):
-            await database.db.drop_collection(f"{kind}_{number}")
+            await database.drop_collection(f"{kind}_{number}")
     for name in ("blocks", "blocks_done", "recipient_ids"):
-        await database.db.drop_collection(name)
+        await database.drop_collection(name)
     await database.counters.delete_many({"_id": {"$in": ["block_id", "logged_floor"]}})
 
 

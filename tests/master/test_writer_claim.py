@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import re
+import xmlrpc.client
 
 import pytest
 from twisted.internet import task
@@ -131,3 +133,21 @@ async def test_on_mongodb_masters_share_the_database_take_no_claim_and_wait_for_
     await third.start()
     assert third._claim is None
     await third.stop()
+
+
+@aio_test
+async def test_a_master_frozen_past_its_claim_writes_nothing_until_a_renewal_finds_the_claim_its_own(
+        running_master, database):
+    master, api = running_master.master, running_master.proxy()
+    mailing = ("news@sender.test", "News", "Hello", "<p>Hi</p>", "Hi", "utf-8")
+    if not database.is_ferretdb:  # no claim on MongoDB, where every block write is a compare-and-set
+        assert master.database.write_guard is None
+        assert await api.create_mailing(*mailing)
+        return
+    master._claim._held_until -= datetime.timedelta(seconds=CLAIM_SECONDS)  # as after a long SIGSTOP
+    with pytest.raises(xmlrpc.client.Fault, match="database unavailable, please retry"):
+        await api.create_mailing(*mailing)
+    assert await database.mailings.count_documents({}) == 0
+    await master._renew_claim()  # its renewal loop's next turn: nobody took the claim meanwhile
+    assert await api.create_mailing(*mailing)
+    assert await database.mailings.count_documents({}) == 1

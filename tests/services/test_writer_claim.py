@@ -14,14 +14,16 @@ from twisted.internet import task
 from cloudmailing.common.process_identity import ProcessIdentity, this_process
 from cloudmailing.services.writer_claim import (
     CLAIM_SECONDS,
+    RENEW_SECONDS,
     STALE_ENTRY,
     ClaimHeld,
+    ClaimRenewal,
     MasterPresence,
     WriterClaim,
     running_masters,
 )
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
-from tests.helpers import aio_test
+from tests.helpers import aio_test, renewed
 
 START = 1_800_000_000.0
 
@@ -152,3 +154,45 @@ async def test_checking_the_claim_is_free_takes_nothing(database):
         await checker.check_free()
     await holder.release()
     await checker.check_free()
+
+
+@aio_test
+async def test_a_holder_may_write_only_while_its_claim_surely_stands(database):
+    clock = _clock()
+    claim = _claim(database, clock, _elsewhere("one"))
+    assert "not held" in claim.lapsed()
+    await claim.take()
+    assert claim.lapsed() is None
+    clock.advance(CLAIM_SECONDS - RENEW_SECONDS - 1)
+    assert claim.lapsed() is None
+    clock.advance(1)  # frozen, say: its claim ends within the margin
+    assert "the writer's claim of a master may have lapsed (renewed until" in claim.lapsed()
+    assert await claim.renew()  # nobody took it meanwhile: writes again
+    assert claim.lapsed() is None
+    clock.advance(CLAIM_SECONDS)
+    await _claim(database, clock, _elsewhere("two")).take()  # taken over
+    assert not await claim.renew()
+    assert "not held" in claim.lapsed()
+
+
+@aio_test
+async def test_a_claim_renewed_while_its_holder_runs_outlives_a_claims_life(database):
+    clock = _clock()
+    claim = _claim(database, clock, _elsewhere("one"), "cm-admin storage migrate")
+    await claim.take()
+    renewal = ClaimRenewal(claim, clock)
+    renewal.start()
+    try:
+        store = WriterClaimStore(database)
+        for _ in range(int(3 * CLAIM_SECONDS / RENEW_SECONDS)):
+            ends = (await store.latest())["until"]
+            clock.advance(RENEW_SECONDS)
+            await renewed(store.latest, ends)
+        assert claim.lapsed() is None
+        with pytest.raises(ClaimHeld, match="in use by cm-admin storage migrate"):
+            await _claim(database, clock, _elsewhere("two")).take()
+    finally:
+        renewal.stop()
+    clock.advance(CLAIM_SECONDS)  # not renewed any more: free, and its holder may not write
+    await _claim(database, clock, _elsewhere("two")).take()
+    assert claim.lapsed() is not None

@@ -33,9 +33,9 @@ def _mailing() -> MailingSource:
     return MailingSource.from_content(dict(CONTENT, subject="Hi {{ name }} {{ 1 // (n % 60) }}"))
 
 
-async def _compose_all(pool: ComposePool, mailing: MailingSource) -> Composed:
+async def _compose_all(pool: ComposePool, mailing: MailingSource, recipients: list[dict] = RECIPIENTS) -> Composed:
     everything = Composed()
-    async for composed in pool.compose(mailing, RECIPIENTS):
+    async for composed in pool.compose(mailing, recipients):
         everything.jobs += composed.jobs
         everything.failures += composed.failures
     return everything
@@ -175,15 +175,7 @@ async def test_a_message_larger_than_the_pipe_holds_arrives_whole(pool):
     """The daemon wakes at the first bytes of a batch and reads it whole, though the rest is still
     on its way (uvloop leaves a descriptor it watched non-blocking: the read must not stop short)."""
     huge = MailingSource.from_content(dict(CONTENT, html="<p>Dear {{ name }}</p>" + "<p>filler</p>\n" * 130_000))
-    composed = await _compose_all_of(pool, huge, RECIPIENTS[:2])
+    composed = await _compose_all(pool, huge, RECIPIENTS[:2])
     assert composed.failures == [], composed.failures[0]["reply_text"]
     assert sorted(job.recipient_id for job in composed.jobs) == ["r0", "r1"]
     assert all(len(job.data) > 1_500_000 for job in composed.jobs)
-
-
-async def _compose_all_of(pool: ComposePool, mailing: MailingSource, recipients: list[dict]) -> Composed:
-    everything = Composed()
-    async for composed in pool.compose(mailing, recipients):
-        everything.jobs += composed.jobs
-        everything.failures += composed.failures
-    return everything

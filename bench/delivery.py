@@ -666,12 +666,13 @@ def report(args: argparse.Namespace, backend: str, source_rate: float, result: M
           f"send, per message, measured in this run)): {work_limit:,.0f} messages/s")
     print(f"  measured before the mailing: {work_before.compose * 1000:.3f} + {work_before.send * 1000:.3f} ms; "
           f"after it: {work_after.compose * 1000:.3f} + {work_after.send * 1000:.3f} ms (the faster is used)")
-    print(f"end to end / work limit: {e2e_rate / work_limit:.2f}   (target >= 0.5)")
+    ratio = e2e_rate / work_limit
+    print(f"end to end / work limit: {ratio:.3f}   (target >= 0.5: {'met' if ratio >= 0.5 else 'MISSED'})")
     both_limit = 2 / (work.compose_both_cores + work.send)
     print(f"  composing on both cores at once costs {work.compose_both_cores * 1000:.3f} ms a message "
           f"({work.compose_both_cores / work.compose - 1:+.0%}; before {work_before.compose_both_cores * 1000:.3f}, "
           f"after {work_after.compose_both_cores * 1000:.3f}): with that cost the work limit is {both_limit:,.0f} "
-          f"messages/s, end to end / that limit {e2e_rate / both_limit:.2f}")
+          f"messages/s, end to end / that limit {e2e_rate / both_limit:.3f}")
     print("peak memory (VmHWM): " + ", ".join(f"{name} {mb:,.0f} MiB" for name, mb in result.memory.items()))
     if len(result.resident) >= 2:  # flat memory: the last sample close to the first
         (first_sent, master_first, satellite_first), (last_sent, master_last, satellite_last) = (

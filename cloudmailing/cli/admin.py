@@ -109,7 +109,7 @@ async def _storage(args: argparse.Namespace, database: Database, clock: IReactor
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        renewal.stop()
+        await renewal.stop()
         database.write_guard = None
         await claim.release()
 

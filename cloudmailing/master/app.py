@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
@@ -56,6 +57,8 @@ class Master:
     _claim: WriterClaim | None = None
     _presence: MasterPresence | None = None
     _claim_loop: LoopingCall | None = None
+    _claim_loop_ended: Deferred[LoopingCall] | None = None  # fires once no renewal is under way
+    _stopped_by_renewal: bool = False
     _stopped: bool = False
 
     async def start(self) -> None:
@@ -98,7 +101,7 @@ class Master:
             raise
         self._claim_loop = LoopingCall(lambda: as_deferred(self._renew_claim()))
         self._claim_loop.clock = self.reactor
-        self._claim_loop.start(RENEW_SECONDS, now=False)
+        self._claim_loop_ended = self._claim_loop.start(RENEW_SECONDS, now=False)
 
     async def _renew_claim(self) -> None:
         assert self._presence is not None
@@ -111,6 +114,7 @@ class Master:
         if not held:
             log.critical("another process has taken this database's writer's claim: the master stops")
             self._claim = None
+            self._stopped_by_renewal = True  # stop() must not wait for this renewal to end
             await self.stop()
             self.on_claim_lost()
 
@@ -176,6 +180,13 @@ class Master:
             self.link_factory.stop()
         for port in self._ports:
             await wait_deferred(port.stopListening())
+        if self._claim_loop_ended is not None and not self._stopped_by_renewal:
+            # A renewal under way ends first: finishing after them, it would bring back the entry
+            # and the claim withdrawn below, for a claim's life.
+            try:
+                await wait_deferred(self._claim_loop_ended)
+            except Exception:  # the loop failed earlier (logged then): nothing under way
+                pass
         try:
             if self._presence is not None:
                 await self._presence.remove()

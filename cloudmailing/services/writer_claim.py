@@ -20,10 +20,11 @@ from __future__ import annotations
 import datetime
 import logging
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from cloudmailing.common.aio import as_deferred
+from cloudmailing.common.aio import as_deferred, wait_deferred
 from cloudmailing.common.process_identity import ProcessIdentity, is_running, this_process
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
@@ -121,13 +122,18 @@ class ClaimRenewal:
         self._claim = claim
         self._loop = LoopingCall(lambda: as_deferred(self._renew()))
         self._loop.clock = clock
+        self._ended: Deferred[LoopingCall] | None = None
 
     def start(self) -> None:
-        self._loop.start(RENEW_SECONDS, now=False)
+        self._ended = self._loop.start(RENEW_SECONDS, now=False)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop renewing, once a renewal under way has ended: finishing after the claim was
+        given back, it would hold it again for a claim's life."""
         if self._loop.running:
             self._loop.stop()
+        if self._ended is not None:
+            await wait_deferred(self._ended)
 
     async def _renew(self) -> None:
         try:
@@ -137,7 +143,8 @@ class ClaimRenewal:
             return
         if not held:
             log.critical("another process has taken the writer's claim: no more writes from this one")
-            self.stop()
+            if self._loop.running:
+                self._loop.stop()  # the loop ends with this very call
 
 
 class MasterPresence:

@@ -151,3 +151,28 @@ async def test_a_master_frozen_past_its_claim_writes_nothing_until_a_renewal_fin
     await master._renew_claim()  # its renewal loop's next turn: nobody took the claim meanwhile
     assert await api.create_mailing(*mailing)
     assert await database.mailings.count_documents({}) == 1
+
+
+@aio_test
+async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawing_its_entry_and_claim(
+        settings, database):
+    master = Master(settings, _reactor())
+    await master.start()
+    gate = asyncio.Event()
+    renew_entry = master._presence.renew
+
+    async def held_at_the_gate() -> None:
+        await gate.wait()
+        await renew_entry()
+
+    master._presence.renew = held_at_the_gate
+    master._claim_loop.call.reset(0)  # its next renewal now
+    await asyncio.sleep(0.2)
+    stopping = asyncio.ensure_future(master.stop())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()  # it waits for the renewal under way
+    gate.set()
+    await stopping
+    assert not await running_masters(MasterRegistry(database), _reactor())  # the entry stays withdrawn
+    latest = await WriterClaimStore(database).latest()
+    assert latest is None or latest["until"] < datetime.datetime(1971, 1, 1)  # and the claim given back

@@ -192,7 +192,38 @@ async def test_a_claim_renewed_while_its_holder_runs_outlives_a_claims_life(data
         with pytest.raises(ClaimHeld, match="in use by cm-admin storage migrate"):
             await _claim(database, clock, _elsewhere("two")).take()
     finally:
-        renewal.stop()
+        await renewal.stop()
     clock.advance(CLAIM_SECONDS)  # not renewed any more: free, and its holder may not write
     await _claim(database, clock, _elsewhere("two")).take()
     assert claim.lapsed() is not None
+
+
+class _GatedStore(WriterClaimStore):
+    """Its renewals wait at a gate: a renewal under way, for as long as a test needs."""
+
+    def __init__(self, database) -> None:
+        super().__init__(database)
+        self.gate = asyncio.Event()
+
+    async def renew(self, generation, until) -> None:
+        if until.year > 1970:  # a renewal, not the release
+            await self.gate.wait()
+        await super().renew(generation, until)
+
+
+@aio_test
+async def test_stopping_the_renewal_waits_for_one_under_way_so_a_released_claim_stays_free(database):
+    clock = _clock()
+    store = _GatedStore(database)
+    claim = WriterClaim(store, clock, "cm-admin storage recount", _elsewhere("one"))
+    await claim.take()
+    renewal = ClaimRenewal(claim, clock)
+    renewal.start()
+    clock.advance(RENEW_SECONDS)  # a renewal starts, and waits at the gate
+    stopping = asyncio.ensure_future(renewal.stop())
+    await asyncio.sleep(0.2)
+    assert not stopping.done()
+    store.gate.set()
+    await stopping
+    await claim.release()
+    await _claim(database, clock, _elsewhere("two")).take()  # free at once

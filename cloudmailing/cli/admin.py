@@ -95,7 +95,7 @@ async def _storage(args: argparse.Namespace, database: Database, clock: IReactor
     # is refused once it may have lapsed.
     clock = clock or install_reactor()
     claim = WriterClaim(WriterClaimStore(database), clock, f"cm-admin storage {args.action}")
-    renewal = ClaimRenewal(claim, clock)
+    renewal = ClaimRenewal(claim.renew, clock, "the writer's claim")
     try:
         await claim.take()
         renewal.start()

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
@@ -29,7 +28,7 @@ from cloudmailing.services.mailings import MailingService
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
-from cloudmailing.services.writer_claim import RENEW_SECONDS, MasterPresence, WriterClaim
+from cloudmailing.services.writer_claim import ClaimRenewal, MasterPresence, WriterClaim
 from cloudmailing.storage.database import Database, open_database
 from cloudmailing.storage.stores import Stores, open_stores
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
@@ -56,9 +55,7 @@ class Master:
     on_claim_lost: Callable[[], None] = lambda: None  # the writer's claim was taken: the master has stopped
     _claim: WriterClaim | None = None
     _presence: MasterPresence | None = None
-    _claim_loop: LoopingCall | None = None
-    _claim_loop_ended: Deferred[LoopingCall] | None = None  # fires once no renewal is under way
-    _stopped_by_renewal: bool = False
+    _renewal: ClaimRenewal | None = None
     _stopped: bool = False
 
     async def start(self) -> None:
@@ -99,24 +96,20 @@ class Master:
             await self._presence.remove()
             self._presence = None
             raise
-        self._claim_loop = LoopingCall(lambda: as_deferred(self._renew_claim()))
-        self._claim_loop.clock = self.reactor
-        self._claim_loop_ended = self._claim_loop.start(RENEW_SECONDS, now=False)
+        self._renewal = ClaimRenewal(self._renew_claim, self.reactor, "this master's entry and writer's claim")
+        self._renewal.start()
 
-    async def _renew_claim(self) -> None:
+    async def _renew_claim(self) -> bool:
+        """Renew this master's entry and claim; False (the master has stopped) if the claim was taken."""
         assert self._presence is not None
-        try:
-            await self._presence.renew()
-            held = self._claim is None or await self._claim.renew()
-        except Exception:  # the database may be away for a while: try again next time
-            log.exception("could not renew this master's entry or writer's claim")
-            return
-        if not held:
-            log.critical("another process has taken this database's writer's claim: the master stops")
-            self._claim = None
-            self._stopped_by_renewal = True  # stop() must not wait for this renewal to end
-            await self.stop()
-            self.on_claim_lost()
+        await self._presence.renew()
+        if self._claim is None or await self._claim.renew():
+            return True
+        log.critical("another process has taken this database's writer's claim: the master stops")
+        self._claim = None
+        await self.stop()
+        self.on_claim_lost()
+        return False
 
     async def _tick(self) -> None:
         assert self.services is not None
@@ -173,20 +166,14 @@ class Master:
         if self._stopped:
             return
         self._stopped = True
-        for loop in (self._loop, self._claim_loop):
-            if loop is not None and loop.running:
-                loop.stop()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
         if self.link_factory is not None:
             self.link_factory.stop()
         for port in self._ports:
             await wait_deferred(port.stopListening())
-        if self._claim_loop_ended is not None and not self._stopped_by_renewal:
-            # A renewal under way ends first: finishing after them, it would bring back the entry
-            # and the claim withdrawn below, for a claim's life.
-            try:
-                await wait_deferred(self._claim_loop_ended)
-            except Exception:  # the loop failed earlier (logged then): nothing under way
-                pass
+        if self._renewal is not None:  # a renewal under way ends before the entry and claim go
+            await self._renewal.stop()
         try:
             if self._presence is not None:
                 await self._presence.remove()

@@ -17,8 +17,11 @@ a storage command that start at once, at least one sees the other and refuses.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -114,35 +117,39 @@ class WriterClaim:
 
 
 class ClaimRenewal:
-    """Renews a taken claim every :data:`RENEW_SECONDS` until stopped: ``cm-admin storage`` may
-    run longer than a claim lives. A renewal that finds the claim taken stops renewing (and the
-    claim's :meth:`~WriterClaim.lapsed` then refuses every write)."""
+    """Calls ``renew`` every :data:`RENEW_SECONDS` until stopped, or until it answers False (the
+    claim was taken: its :meth:`~WriterClaim.lapsed` then refuses every write). The master
+    renews its entry and claim with it; ``cm-admin storage`` its claim, as a migration may run
+    longer than a claim lives."""
 
-    def __init__(self, claim: WriterClaim, clock: IReactorTime) -> None:
-        self._claim = claim
-        self._loop = LoopingCall(lambda: as_deferred(self._renew()))
+    def __init__(self, renew: Callable[[], Awaitable[bool]], clock: IReactorTime, what: str) -> None:
+        self._renew, self._what = renew, what
+        self._loop = LoopingCall(lambda: as_deferred(self._once()))
         self._loop.clock = clock
         self._ended: Deferred[LoopingCall] | None = None
+        self._renewing: asyncio.Task[Any] | None = None  # the task of the latest renewal
 
     def start(self) -> None:
         self._ended = self._loop.start(RENEW_SECONDS, now=False)
 
     async def stop(self) -> None:
         """Stop renewing, once a renewal under way has ended: finishing after the claim was
-        given back, it would hold it again for a claim's life."""
+        given back, it would hold it again for a claim's life. (Called by that renewal itself,
+        it cannot wait for its own end.)"""
         if self._loop.running:
             self._loop.stop()
-        if self._ended is not None:
+        if self._ended is not None and asyncio.current_task() is not self._renewing:
             await wait_deferred(self._ended)
 
-    async def _renew(self) -> None:
+    async def _once(self) -> None:
+        self._renewing = asyncio.current_task()
         try:
-            held = await self._claim.renew()
+            held = await self._renew()
         except Exception:  # the database may be away for a while: try again next time
-            log.exception("could not renew the writer's claim")
+            log.exception("could not renew %s", self._what)
             return
         if not held:
-            log.critical("another process has taken the writer's claim: no more writes from this one")
+            log.critical("%s taken by another process: no longer renewed", self._what)
             if self._loop.running:
                 self._loop.stop()  # the loop ends with this very call
 

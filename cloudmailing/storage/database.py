@@ -64,11 +64,15 @@ class GuardedCollection(AsyncCollection):
     guard: Callable[[], str | None]
 
 
+def _refuse_unless_allowed(guard: Callable[[], str | None] | None) -> None:
+    refusal = guard() if guard is not None else None
+    if refusal is not None:
+        raise WriteRefused(refusal)
+
+
 def _guarded_write(name: str) -> Callable[..., Any]:
     async def write(self: GuardedCollection, *args: Any, **kwargs: Any) -> Any:
-        refusal = self.guard()
-        if refusal is not None:
-            raise WriteRefused(refusal)
+        _refuse_unless_allowed(self.guard)
         return await getattr(super(GuardedCollection, self), name)(*args, **kwargs)
 
     write.__name__ = write.__qualname__ = name
@@ -134,9 +138,7 @@ class Database:
         return guarded
 
     async def drop_collection(self, name: str) -> None:
-        refusal = self.write_guard() if self.write_guard is not None else None
-        if refusal is not None:
-            raise WriteRefused(refusal)
+        _refuse_unless_allowed(self.write_guard)
         await self.db.drop_collection(name)
 
     async def bucket(self, kind: str, number: int) -> AsyncCollection:

@@ -85,7 +85,11 @@ async def test_a_master_whose_claim_was_taken_over_stops(settings, database):
     later.advance(_reactor().seconds() + CLAIM_SECONDS + 5)
     intruder = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=1, started=1)
     await WriterClaim(WriterClaimStore(database), later, "a master", intruder).take()
-    await master._renew_claim()  # what its renewal loop runs every few seconds
+    master._renewal._loop.call.reset(0)  # its renewal loop's next turn, now: it stops the master
+    for _ in range(500):
+        if stopped:
+            break
+        await asyncio.sleep(0.01)
     assert stopped == [True]
     with pytest.raises(ConnectionRefusedError):  # it no longer listens
         await asyncio.open_connection("127.0.0.1", port)
@@ -166,7 +170,7 @@ async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawin
         await renew_entry()
 
     master._presence.renew = held_at_the_gate
-    master._claim_loop.call.reset(0)  # its next renewal now
+    master._renewal._loop.call.reset(0)  # its next renewal now
     await asyncio.sleep(0.2)
     stopping = asyncio.ensure_future(master.stop())
     await asyncio.sleep(0.2)

@@ -180,7 +180,7 @@ async def test_a_claim_renewed_while_its_holder_runs_outlives_a_claims_life(data
     clock = _clock()
     claim = _claim(database, clock, _elsewhere("one"), "cm-admin storage migrate")
     await claim.take()
-    renewal = ClaimRenewal(claim, clock)
+    renewal = ClaimRenewal(claim.renew, clock, "the writer's claim")
     renewal.start()
     try:
         store = WriterClaimStore(database)
@@ -217,7 +217,7 @@ async def test_stopping_the_renewal_waits_for_one_under_way_so_a_released_claim_
     store = _GatedStore(database)
     claim = WriterClaim(store, clock, "cm-admin storage recount", _elsewhere("one"))
     await claim.take()
-    renewal = ClaimRenewal(claim, clock)
+    renewal = ClaimRenewal(claim.renew, clock, "the writer's claim")
     renewal.start()
     clock.advance(RENEW_SECONDS)  # a renewal starts, and waits at the gate
     stopping = asyncio.ensure_future(renewal.stop())

@@ -143,9 +143,20 @@ class Ledger:
 
     async def _apply(self, block: Block, changes: list[Change], now: datetime.datetime) -> LogPage:
         """Change the columns, and build the log page of the changes (the state names it)."""
-        first = await self.status_log.allocator.allocate(len(changes))
+        # Read first: a number allocated stays in flight (holding every cursor back) until the
+        # page's fate is known, so nothing may fail between its allocation and the page's write.
         addresses = await self.blocks.addresses(block.id)
         previous = await self._previous_details(block, [c.slot for c in changes if not _says_all(c.details)])
+        first = await self.status_log.allocator.allocate(len(changes))
+        try:
+            return self._log_page(block, changes, first, addresses, previous, now)
+        except BaseException:
+            self.status_log.allocator.release(first)  # nothing was written under it
+            raise
+
+    @staticmethod
+    def _log_page(block: Block, changes: list[Change], first: int, addresses: list[tuple[str, str]],
+                  previous: Mapping[int, Mapping[str, Any]], now: datetime.datetime) -> LogPage:
         cols, modified = block.columns, to_millis(now)
         entries = []
         for seq, change in enumerate(changes, start=first):

@@ -204,3 +204,26 @@ async def test_a_log_page_written_but_unanswered_is_never_read_and_is_settled_aw
     entries, _, _ = await stores.status_log.read_since(0, 0, 10)
     assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED")]
     assert await (await open_stores(database)).ledger.recover() == 0  # no orphan left for a restart
+
+
+@aio_test
+async def test_a_read_failing_before_the_page_is_built_holds_no_cursor_back(database):
+    """The block's addresses could not be read (a connection reset): no change number may stay
+    in flight, or every cursor would stop there until the master restarts."""
+    stores, ids = await mailing_with(database, 2, block_recipients=2)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    stores.blocks._addresses.clear()
+    read = stores.blocks.addresses
+    failures = [ConnectionError("connection reset")]
+
+    async def addresses_once_failing(block_id: int) -> list[tuple[str, str]]:
+        if failures:
+            raise failures.pop()
+        return await read(block_id)
+
+    stores.blocks.addresses = addresses_once_failing  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1), Change(1, "ERROR", 1)], NOW)
+    entries, _, _ = await stores.status_log.read_since(0, 0, 10)
+    assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED"), (ids[1], "ERROR")]

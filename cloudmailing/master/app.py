@@ -78,20 +78,17 @@ class Master:
         self._loop.start(LIFECYCLE_INTERVAL, now=False)
 
     async def _take_claim(self) -> None:
-        """Say this master runs; on a database that cannot guard two writers (FerretDB v1), be
-        its only writer; on any, refuse to run during ``cm-admin storage``."""
+        """Say this master runs and be the database's only writer (refused while another master
+        or ``cm-admin storage`` holds the writer's claim)."""
         assert self.database is not None
         me = this_process()
         self._presence = MasterPresence(MasterRegistry(self.database), self.reactor, me)
         await self._presence.register()
         claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master", me)
         try:
-            if self.database.is_ferretdb:
-                await claim.take()
-                self._claim = claim
-                self.database.write_guard = claim.lapsed  # no write once it may have lapsed
-            else:
-                await claim.check_free()
+            await claim.take()
+            self._claim = claim
+            self.database.write_guard = claim.lapsed  # no write once it may have lapsed
         except BaseException:
             await self._presence.remove()
             self._presence = None

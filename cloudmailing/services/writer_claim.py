@@ -1,18 +1,22 @@
-"""One writer at a time on a database that cannot guard concurrent writers (FerretDB v1).
+"""One master per database: the *writer's claim*.
 
-FerretDB v1 applies an update as a read followed by a write, without a lock: two masters
-updating one block at once could both pass its version check and one update would be lost. On
-such a database the master (and ``cm-admin storage``) first takes the *writer's claim*, renews
-it while it runs and gives it back when it stops; a second one is refused with the holder's
-name. A claim not renewed for :data:`CLAIM_SECONDS` is free, and at once when its holder ran on
-this host and is gone (``kill -9``): a restart does not wait. A holder that finds its claim taken
-(it was frozen longer than that) must stop writing. On MongoDB, where every block write is a
-compare-and-set, masters do not take the claim and may share a database.
+A master (and ``cm-admin storage``) first takes the writer's claim, renews it while it runs and
+gives it back when it stops; a second one is refused with the holder's name. A claim not renewed
+for :data:`CLAIM_SECONDS` is free, and at once when its holder ran on this host and is gone
+(``kill -9``): a restart does not wait. A holder that finds its claim taken (it was frozen longer
+than that) must stop writing.
 
-``cm-admin storage`` (migrate, recount) must run with no master at all, on any database: it takes
-the claim, then checks that no master is running (each master keeps an entry in ``masters``,
-renewed the same way); a master checks the claim after writing its entry. So of a master and
-a storage command that start at once, at least one sees the other and refuses.
+Why one writer, on every server: FerretDB v1 applies an update as a read followed by a write,
+without a lock, so two masters updating one block at once could both pass its version check;
+and on any server, the change log's horizon (what cursors may read up to) and the start-up
+repairs (orphan log pages, cut ingest batches, recounts) are each one process's own view, so a
+second master's cursor could skip a change the first one was still writing, and its start-up
+could undo the first one's writes in flight.
+
+``cm-admin storage`` (migrate, recount) must run with no master at all: it takes the claim, then
+checks that no master is running (each master keeps an entry in ``masters``, renewed the same
+way); a master checks the claim after writing its entry. So of a master and a storage command
+that start at once, at least one sees the other and refuses.
 """
 
 from __future__ import annotations
@@ -110,8 +114,8 @@ class WriterClaim:
     def _refusal(self, claim: dict) -> str:
         role = str(claim.get("role", "another process"))
         why = ("no master runs while `cm-admin storage` does: wait for it to end" if role.startswith("cm-admin")
-               else "the embedded database (FerretDB v1) cannot guard two writers, so only one master runs "
-                    "on it at a time (use MongoDB for several)")
+               else "one master at a time runs on a database: stop that one first (a standby master "
+                    "can wait for the claim: it frees within 30 s of its holder's end)")
         return (f"this database is in use by {role} ({ProcessIdentity.from_dict(claim).describe()}), its claim "
                 f"renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: {why}")
 

@@ -1,5 +1,5 @@
-"""The ``writer_claims`` collection: which process may write a database that cannot guard
-concurrent writers (FerretDB v1, which applies an update as a read then a write).
+"""The ``writer_claims`` collection: which process may write the database (one master, or one
+``cm-admin storage`` command, at a time: see ``services/writer_claim.py``).
 
 Each claim is a document numbered by its generation. Taking the claim is inserting the next
 generation: ``_id`` is unique, so of two processes inserting the same number one fails, and that

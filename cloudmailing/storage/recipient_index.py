@@ -1,6 +1,10 @@
 """Where each recipient is: its block and slot, from its id.
 
-Ids the master generates say it themselves (``b<block>s<slot>-<random>``), so they need no index.
+Ids the master generates say it themselves, so they need no index: a UUID (RFC 9562, version 8,
+canonical lowercase text) that carries the block and slot (see :func:`generated_id`); databases
+written by earlier versions also hold ids of the old form ``b<block>s<slot>-<6 random hex digits>``.
+Both forms are the master's own: a client's ``tracking_id`` of either form is refused (the API
+asks :func:`is_generated`), so an id of these forms is never looked up in the index.
 A client's own ids (``tracking_id``) get a document in ``recipient_ids`` (``_id`` = the id), whose
 unique ``_id`` is also what refuses a second recipient with the same id, atomically.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +22,19 @@ from pymongo.errors import BulkWriteError
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
-_GENERATED = re.compile(r"b(\d{1,15})s(\d{1,6})-[0-9a-f]{6}")
+# Ids of earlier versions (ASCII digits only: ``\d`` would take other scripts' digits too).
+_OLD_GENERATED = re.compile(r"b([0-9]{1,15})s([0-9]{1,6})-[0-9a-f]{6}")
+# A version 8 UUID (variant bits 10) in canonical text: 8-4-4-4-12 lowercase hex digits.
+_UUID_V8 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# The 122 custom bits of a generated id, from the most significant: RANDOM_BITS random bits (all
+# of custom_a), then the block id and the slot (custom_b and custom_c). 48 random bits: an id
+# cannot be guessed from another's block and slot (the old form had 24).
+RANDOM_BITS = 48
+# Block ids come from an int64 counter (counters.increment): 63 bits hold every one it can give.
+BLOCK_BITS = 63
+# A block holds at most [database] block_recipients (at most 1000) or blocks.MAX_RECIPIENTS.
+SLOT_BITS = 11
+assert RANDOM_BITS + BLOCK_BITS + SLOT_BITS == 122
 # With more ids than this, one $in query beats one equality query per id on FerretDB.
 _EQUALITY_QUERIES = 4
 
@@ -29,11 +46,33 @@ class Place:
 
 
 def generated_id(block_id: int, slot: int) -> str:
-    return f"b{block_id}s{slot}-{secrets.token_hex(3)}"
+    """A new id for the recipient at ``slot`` of block ``block_id``: a version 8 UUID."""
+    if not 0 <= block_id < 1 << BLOCK_BITS:
+        raise ValueError(f"block id {block_id} does not fit in a recipient id ({BLOCK_BITS} bits)")
+    if not 0 <= slot < 1 << SLOT_BITS:
+        raise ValueError(f"slot {slot} does not fit in a recipient id ({SLOT_BITS} bits)")
+    custom = (secrets.randbits(RANDOM_BITS) << (BLOCK_BITS + SLOT_BITS)) | (block_id << SLOT_BITS) | slot
+    # custom_a (48 bits), version 8, custom_b (12 bits), variant 10, custom_c (62 bits)
+    value = ((custom >> 74) << 80) | (8 << 76) | (((custom >> 62) & 0xFFF) << 64) | (0b10 << 62) \
+        | (custom & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def place_of(recipient_id: str) -> Place | None:
+    """The block and slot a generated id (of either form) names; None for any other id."""
+    match = _OLD_GENERATED.fullmatch(recipient_id)
+    if match:
+        return Place(int(match.group(1)), int(match.group(2)))
+    if _UUID_V8.fullmatch(recipient_id) is None:
+        return None
+    value = int(recipient_id.replace("-", ""), 16)
+    custom_bc = (((value >> 64) & 0xFFF) << 62) | (value & ((1 << 62) - 1))  # block and slot
+    return Place(custom_bc >> SLOT_BITS, custom_bc & ((1 << SLOT_BITS) - 1))
 
 
 def is_generated(recipient_id: str) -> bool:
-    return _GENERATED.fullmatch(recipient_id) is not None
+    """Whether ``recipient_id`` has a form the master generates (a client may not use it)."""
+    return place_of(recipient_id) is not None
 
 
 class RecipientIndex:
@@ -58,9 +97,9 @@ class RecipientIndex:
         places: dict[str, Place] = {}
         indexed: list[str] = []
         for rid in dict.fromkeys(recipient_ids):
-            match = _GENERATED.fullmatch(rid)
-            if match:
-                places[rid] = Place(int(match.group(1)), int(match.group(2)))
+            place = place_of(rid)
+            if place is not None:
+                places[rid] = place
             else:
                 indexed.append(rid)
         if len(indexed) <= _EQUALITY_QUERIES:

@@ -94,6 +94,7 @@ class MailingLifecycle:
         if end is not None and end <= now:
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
+            await self._time_out(mailing_id, now)  # recipients added in between (none after FINISHED)
         elif mailing["status"] == RUNNING:
             await self._finish(mailing_id, now, when=_done)
 

@@ -16,7 +16,7 @@ from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest, InvalidValue
 from cloudmailing.services.mailings import MailingService
 from cloudmailing.storage.blocks import Block
-from cloudmailing.storage.ingest import NewRecipient
+from cloudmailing.storage.ingest import MailingFinished, NewRecipient
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.recipient_index import is_generated
 from cloudmailing.storage.status_log import DETAIL_DEFAULTS
@@ -64,7 +64,10 @@ class RecipientService:
             positions.append(len(answers))
             accepted.append(recipient)
             answers.append({"email": entry["email"]})
-        ids = await self._stores.writer.append(mailing["_id"], test, accepted, utc_now(self._clock))
+        try:
+            ids = await self._stores.writer.append(mailing["_id"], test, accepted, utc_now(self._clock))
+        except MailingFinished:  # it finished while this batch waited its turn: nothing stored
+            raise BadRequest(f"mailing {mailing['_id']} is finished") from None
         for position, recipient_id in zip(positions, ids, strict=True):
             if recipient_id is None:
                 answers[position]["error"] = "a recipient with this id (tracking_id) already exists"

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import bson
 
-from cloudmailing.common.statuses import READY
+from cloudmailing.common.statuses import MAILING_FINISHED, READY
 from cloudmailing.storage.block_codec import VOID, StateColumns
 from cloudmailing.storage.blocks import MAX_BYTES, MAX_RECIPIENTS, Block, BlockStore
 from cloudmailing.storage.database import Database
@@ -26,6 +26,10 @@ from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipient_index import Place, RecipientIndex, generated_id
 
 log = logging.getLogger(__name__)
+
+
+class MailingFinished(Exception):
+    """The mailing became FINISHED before the batch could be stored: nothing was written."""
 
 
 @dataclass
@@ -71,7 +75,15 @@ class RecipientWriter:
             # Lock order: a block, then its mailing's counts (as the ledger takes them).
             tail = self._blocks.lock(fills[0].block_id) if fills[0].before else contextlib.nullcontext()
             async with tail, self._mailings.counts_lock(mailing_id):
+                # Under the lock that finishing a mailing takes too: a mailing finished since the
+                # caller looked gets nothing (its READY recipients would never be sent).
+                if not test and await self._finished(mailing_id):
+                    raise MailingFinished(mailing_id)
                 return await self._store(mailing_id, test, recipients, fills, now)
+
+    async def _finished(self, mailing_id: int) -> bool:
+        mailing = await self._mailings.get(mailing_id)
+        return mailing is None or mailing["status"] == MAILING_FINISHED
 
     async def _store(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient], fills: list[_Fill],
                      now: datetime.datetime) -> list[str | None]:

@@ -176,3 +176,58 @@ async def _pages(stores) -> int:
     database = stores.database
     return sum([await (await database.bucket("status_log", n)).count_documents({})
                 for n in await database.bucket_numbers("status_log")])
+
+
+@aio_test
+async def test_a_batch_that_waited_while_the_last_report_finished_the_mailing_is_refused(database, clock):
+    """add_recipients saw the mailing RUNNING, then waited its turn while the last report made it
+    FINISHED: storing its recipients then would leave READY ones that are never sent."""
+    from cloudmailing.common.link_protocol import Outcome
+    from cloudmailing.services.errors import BadRequest
+
+    services, stores = await _services(database, clock, block_recipients=2)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    satellite = {"serial": "sat-a", "group": ""}
+    leased = await services.dispatcher.lease(satellite, 10)
+    gate, waiting = asyncio.Event(), asyncio.Event()
+    append = stores.writer.append
+
+    async def append_after_the_report(*args):
+        waiting.set()
+        await gate.wait()
+        return await append(*args)
+
+    stores.writer.append = append_after_the_report
+    adding = asyncio.ensure_future(services.recipients.add(mailing_id, [{"email": "late@example.org"}]))
+    await waiting.wait()
+    await services.dispatcher.report(satellite, [Outcome(leased[0]["id"], "FINISHED", 250, "", "ok")])
+    assert (await _status(services, mailing_id))["status"] == "FINISHED"
+    gate.set()
+    with pytest.raises(BadRequest, match="is finished"):
+        await adding
+    mailing = await _status(services, mailing_id)
+    assert (mailing["status"], mailing["total_recipient"], mailing["total_pending"]) == ("FINISHED", 1, 0)
+
+
+@aio_test
+async def test_recipients_added_while_a_deadline_ends_the_mailing_time_out_too(database, clock):
+    services, stores = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.mailings.set_properties(mailing_id, {"scheduled_duration": 60})
+    await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    finish = services.lifecycle._finish
+
+    async def a_batch_comes_first(*args, **kwargs):  # between the time-out and FINISHED
+        await services.recipients.add(mailing_id, [{"email": "late@example.org"}])
+        await finish(*args, **kwargs)
+
+    services.lifecycle._finish = a_batch_comes_first
+    clock.advance(61 * 60)
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert (mailing["status"], mailing["total_recipient"], mailing["total_pending"]) == ("FINISHED", 2, 0)

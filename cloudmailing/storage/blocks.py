@@ -297,8 +297,8 @@ class BlockStore:
 
     async def counts(self, mailing_ids: Sequence[int]) -> dict[int, dict[str, int]]:
         """Per-status recipient counts of each mailing, summed over its blocks' summaries (the
-        repair's recount: the mailing documents keep them up to date)."""
-        query = {"m": {"$in": list(mailing_ids)}}
+        repair's recount: the mailing documents keep them up to date); test blocks left out."""
+        query = {"m": {"$in": list(mailing_ids)}, "test": False}
         totals: dict[int, dict[str, int]] = {}
         for doc in await self._both(query, {"m": 1, "counts": 1, "sv": 1}):
             mailing = totals.setdefault(doc["m"], {})

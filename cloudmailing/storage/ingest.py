@@ -97,7 +97,8 @@ class RecipientWriter:
         duplicates = await self._index.insert(mailing_id, [place for _, place in client], batch)
         void = {client[position][0] for position in duplicates}
         await self._write(mailing_id, test, fills, void, now)
-        await self._mailings.add_counts(mailing_id, {READY: len(recipients) - len(void)})
+        if not test:  # test recipients (send_test) are not in the mailing's totals
+            await self._mailings.add_counts(mailing_id, {READY: len(recipients) - len(void)})
         await self._db.ingest_batches.delete_one({"_id": batch})
         return [None if i in void else rid for i, (rid, _) in enumerate(places)]
 

@@ -118,7 +118,8 @@ class Ledger:
         async with self._mailings.counts_lock(block.mailing_id):
             try:
                 await self.blocks.write_summary(block, was_done)
-                await self._mailings.add_counts(block.mailing_id, deltas)
+                if not block.test:  # test recipients (send_test) are not in the mailing's totals
+                    await self._mailings.add_counts(block.mailing_id, deltas)
             except BaseException:
                 self._stale[block.id] = block.mailing_id  # repaired by repair_stale
                 raise

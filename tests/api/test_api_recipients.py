@@ -57,14 +57,16 @@ async def test_add_recipients_limits_and_unknown_mailing(running_master):
 
 
 @aio_test
-async def test_send_test_recipients_are_counted_and_the_mailing_keeps_its_status(running_master):
+async def test_send_test_recipients_are_not_counted_and_the_mailing_keeps_its_status(running_master):
+    """API.md: test recipients are "not counted in the mailing's totals"."""
     api = running_master.proxy()
     mailing_id = await _mailing(api)
     answer = await api.send_test(mailing_id, [{"email": "qa@example.org"}])
     assert "id" in answer[0]
     mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
-    assert (mailing["total_recipient"], mailing["total_pending"], mailing["status"]) == (1, 1, "FILLING_RECIPIENTS")
-    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 1
+    assert (mailing["total_recipient"], mailing["total_pending"], mailing["status"]) == (0, 0, "FILLING_RECIPIENTS")
+    assert await api.get_recipients_count({"mailings": [mailing_id]}) == 0
+    assert (await api.get_recipients_status([answer[0]["id"]], {}))[0]["status"] == "READY"  # it is there
     await api.mailing_manager_force_check()
     assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FILLING_RECIPIENTS"
 

@@ -147,7 +147,8 @@ async def test_kept_messages_are_the_bytes_the_smtp_server_received(running_mast
 
 
 @aio_test
-async def test_send_test_recipients_are_counted_delivered_and_reported(running_master, dns_server, tmp_path):
+async def test_send_test_recipients_are_delivered_and_reported_but_not_counted(running_master, dns_server,
+                                                                              tmp_path):
     servers, smtp_port = start_servers({MX_ADDRESS: Behaviour()})
     api = running_master.proxy()
     mailing_id = await api.create_mailing("news@sender.test", "News", "Test", "<p>Hi</p>", "", "utf-8")
@@ -159,16 +160,17 @@ async def test_send_test_recipients_are_counted_delivered_and_reported(running_m
         async with satellite_running(running_master.master, tmp_path / "satellite", "sat-test", dns_server,
                                      smtp_port):
             for _ in range(200):
-                mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
-                if mailing["total_sent"] == 2:
+                statuses = await api.get_recipients_status([t["id"] for t in tests], {})
+                if all(s["status"] == "FINISHED" for s in statuses):
                     break
                 await asyncio.sleep(0.1)
             await api.mailing_manager_force_check()
             mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
     finally:
         await servers[MX_ADDRESS].stop()
+    # Not in the totals (API.md); the mailing itself is not started: its recipient waits.
     assert (mailing["status"], mailing["total_recipient"], mailing["total_sent"], mailing["total_pending"]) == \
-        ("FILLING_RECIPIENTS", 3, 2, 1)  # the mailing itself is not started: its recipient waits
+        ("FILLING_RECIPIENTS", 1, 0, 1)
     assert sorted(m.rcpt_to[0] for m in servers[MX_ADDRESS].messages) == ["qa1@ok.test", "qa2@ok.test"]
     page = await api.get_recipients_status_updated_since(cursor, [], 1000)
     assert sorted((r["id"], r["status"]) for r in page["recipients"]) == \

@@ -231,3 +231,21 @@ async def test_recipients_added_while_a_deadline_ends_the_mailing_time_out_too(d
     await services.lifecycle.tick()
     mailing = await _status(services, mailing_id)
     assert (mailing["status"], mailing["total_recipient"], mailing["total_pending"]) == ("FINISHED", 2, 0)
+
+
+@aio_test
+async def test_a_delivered_test_recipient_does_not_close_a_mailing_kept_open_when_empty(database, clock):
+    """send_test before start, on a dont_close_if_empty mailing: once the test is delivered and
+    the mailing started, it stays open for the recipients to come (test recipients are not in
+    the totals a mailing finishes on)."""
+    services, stores = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    await services.mailings.set_properties(mailing_id, {"dont_close_if_empty": True})
+    answer = await services.recipients.add(mailing_id, [{"email": "qa@example.org"}], test=True)
+    await set_statuses(stores, [answer[0]["id"]], "FINISHED", now=utc_now(clock))
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert (mailing["status"], mailing["total_recipient"], mailing["total_sent"]) == ("RUNNING", 0, 0)
+    await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
+    assert (await _status(services, mailing_id))["total_recipient"] == 1

@@ -132,7 +132,8 @@ class CloudMailingApi:
 
         At most 1000 entries per call (else Fault 400). Each struct needs 'email'; 'tracking_id'
         becomes the recipient id (else a UUID); 'attachments' is a list of {filename,
-        content_type, content}; every other key is personalization data."""
+        content_type, content} (or the original's {filename, content-type, charset, data};
+        filename optional); every other key is personalization data."""
         return await self._s.recipients.add(mailing_id, recipients)
 
     async def send_test(self, mailing_id: Any, recipients: Any) -> list[dict[str, Any]]:

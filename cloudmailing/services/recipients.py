@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.message
 import functools
 import logging
 import math
+import mimetypes
+import re
 from typing import Any, Callable
 
 from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY, RUNNING
@@ -28,6 +31,11 @@ MAX_BATCH = 1000
 MAX_TRACKING_ID = 128
 RESERVED_KEYS = {"email", "tracking_id", "attachments"}
 _SCALARS = (str, int, float, bool)
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MAX_CHARSET = 40
+_CHARSET = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~-]+")  # an RFC 2978 charset name: no quote, space nor ';'
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,10}")
+_MIME_TYPES = mimetypes.MimeTypes()  # Python's own table only (no /etc/mime.types): the same names on every host
 
 
 class EntryError(ValueError):
@@ -136,7 +144,8 @@ def _client_id(tracking_id: Any) -> str | None:
     if not recipient_id or len(recipient_id) > MAX_TRACKING_ID:
         raise EntryError(f"tracking_id: 1 to {MAX_TRACKING_ID} characters")
     if is_generated(recipient_id):
-        raise EntryError("tracking_id: ids of the form b<number>s<number>-<6 hex digits> are the master's own")
+        raise EntryError("tracking_id: version 8 UUIDs in lower case and ids of the form "
+                         "b<number>s<number>-<6 hex digits> are the master's own")
     return recipient_id
 
 
@@ -161,29 +170,108 @@ def _check_contact(data: Any, path: str = "") -> None:
 
 
 def _attachments(value: Any) -> list[dict[str, Any]]:
-    """Per-recipient attachments: a list of ``{filename, content_type, content}`` structs."""
+    """Per-recipient attachments: a list of structs, each normalized by :func:`parse_attachment`."""
     if value is None or value == "":
         return []
     if not isinstance(value, list):
         raise EntryError("attachments: expected a list of structs")
     attachments = []
     for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise EntryError(f"attachments[{index}]: expected a struct")
         try:
-            filename = values.text("filename", item.get("filename"), max_length=255, header=True)
-            content_type = values.text("content_type", item.get("content_type", "application/octet-stream"),
-                                       max_length=100, header=True)
-        except InvalidValue as error:
+            attachments.append(parse_attachment(item))
+        except EntryError as error:
             raise EntryError(f"attachments[{index}]: {error}") from None
-        content = item.get("content")
-        content = getattr(content, "data", content)
-        if isinstance(content, str):  # base64 text, as clients without a Binary type send it
-            try:
-                content = base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError):
-                raise EntryError(f"attachments[{index}]: content is not valid base64") from None
-        if not isinstance(content, bytes) or "/" not in content_type or not filename:
-            raise EntryError(f"attachments[{index}]: needs filename, content_type and content")
-        attachments.append({"filename": filename, "content_type": content_type, "content": content})
     return attachments
+
+
+def parse_attachment(item: Any) -> dict[str, Any]:
+    """One attachment as stored: ``{filename, content_type, content}``, ``content`` in bytes.
+
+    Both spellings are accepted: ours (``content_type``, ``content``) and the original CloudMailing's
+    (``content-type``, ``data``); giving both of one field with different values is an error. ``filename``
+    is optional (default ``attachment`` plus an extension guessed from the type). A ``charset`` of a
+    ``text/*`` attachment becomes a ``charset`` parameter of its content type; others ignore it.
+    Raises EntryError (only) for anything unusable."""
+    if not isinstance(item, dict):
+        raise EntryError("expected a struct")
+    content_type = _one_of(item, ("content_type", "content-type"), _content_type) or DEFAULT_CONTENT_TYPE
+    content = _one_of(item, ("content", "data"), _content, absent=())  # "" is an empty file
+    if content is None:
+        raise EntryError("needs content (or data): base64 text or Binary")
+    filename = _one_of(item, ("filename",), _filename) or _default_filename(content_type)
+    charset = item.get("charset")
+    if charset is not None and charset != "" and _is_text(content_type):
+        content_type = _with_charset(content_type, _charset(charset))
+    return {"filename": filename, "content_type": content_type, "content": content}
+
+
+def _one_of(item: dict[str, Any], names: tuple[str, ...], parse: Callable[[str, Any], Any],
+            absent: tuple[str, ...] = ("",)) -> Any:
+    """The value of a field that clients may spell several ways (None: not given)."""
+    found = {name: parse(name, item[name]) for name in names
+             if item.get(name) is not None and not (item[name] == "" and "" in absent)}
+    given = list(found.values())
+    if any(value != given[0] for value in given[1:]):
+        raise EntryError(f"{' and '.join(found)} differ: give one of them")
+    return given[0] if given else None
+
+
+def _filename(name: str, value: Any) -> str:
+    try:
+        return values.text(name, value, max_length=255, header=True)
+    except InvalidValue as error:
+        raise EntryError(str(error)) from None
+
+
+def _content_type(name: str, value: Any) -> str:
+    try:
+        content_type = values.text(name, value, max_length=100, header=True)
+    except InvalidValue as error:
+        raise EntryError(str(error)) from None
+    if "/" not in content_type:
+        raise EntryError(f"{name}: expected a MIME type such as application/pdf")
+    return content_type
+
+
+def _content(name: str, value: Any) -> bytes:
+    value = getattr(value, "data", value)  # xmlrpc.client.Binary
+    if isinstance(value, str):  # base64 text, as clients without a Binary type send it
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise EntryError(f"{name} is not valid base64") from None
+    if not isinstance(value, bytes):
+        raise EntryError(f"{name}: expected base64 text or Binary")
+    return value
+
+
+def _charset(value: Any) -> str:
+    try:
+        charset = values.text("charset", value, max_length=MAX_CHARSET, header=True)
+    except InvalidValue as error:
+        raise EntryError(str(error)) from None
+    if not _CHARSET.fullmatch(charset):
+        raise EntryError("charset: expected a charset name such as utf-8")
+    return charset
+
+
+def _is_text(content_type: str) -> bool:
+    return content_type.partition("/")[0].strip().lower() == "text"
+
+
+def _with_charset(content_type: str, charset: str) -> str:
+    """The content type with this charset parameter (kept as is when it already has the same one)."""
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    given = header.get_param("charset")
+    if given is None:
+        return f"{content_type}; charset={charset}"
+    if not isinstance(given, str) or given.strip().lower() != charset.lower():
+        raise EntryError("charset differs from the charset parameter of the content type")
+    return content_type
+
+
+def _default_filename(content_type: str) -> str:
+    """``attachment`` and an extension for the type (``attachment.bin`` when none is known)."""
+    extension = _MIME_TYPES.guess_extension(content_type.partition(";")[0].strip().lower(), strict=False)
+    return "attachment" + (extension if extension and _EXTENSION.fullmatch(extension) else ".bin")

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
+import uuid
 import xmlrpc.client
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cloudmailing.services.recipients import EntryError, parse_attachment
 from tests.helpers import aio_test, set_statuses
 
 
@@ -41,6 +48,96 @@ async def test_add_recipients_answers_in_order_with_per_entry_errors(running_mas
     status = await api.get_recipients_status([answer[0]["id"], "unknown-id"], {"with_contact_data": True})
     assert len(status) == 1
     assert status[0]["status"] == "READY" and status[0]["contact"] == {"firstname": "John", "lastname": "DOE"}
+
+
+@aio_test
+async def test_add_recipients_accepts_the_original_attachment_spelling(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    latin1 = base64.b64encode("café".encode("latin-1")).decode()
+    answer = await api.add_recipients(mailing_id, [
+        # The original server's struct: content-type, charset, data (base64), no filename.
+        {"email": "a@example.org", "attachments": [{"content-type": "text/plain", "charset": "iso-8859-1",
+                                                     "data": latin1}]},
+        {"email": "b@example.org", "attachments": [{"filename": "a.pdf", "content-type": "application/pdf",
+                                                     "data": xmlrpc.client.Binary(b"%PDF")}]},
+        # Ours, as before.
+        {"email": "c@example.org", "attachments": [{"filename": "a.txt", "content_type": "text/plain",
+                                                     "content": "aGVsbG8="}]},
+        # Both spellings of a field: fine when they agree, an entry error naming the field when not.
+        {"email": "d@example.org", "attachments": [{"content_type": "text/plain", "content-type": "text/plain",
+                                                     "content": "aGVsbG8=", "data": xmlrpc.client.Binary(b"hello")}]},
+        {"email": "e@example.org", "attachments": [{"content_type": "text/plain", "content-type": "text/html",
+                                                     "data": "aGVsbG8="}]},
+        {"email": "f@example.org", "attachments": [{"content": "aGVsbG8=", "data": "aGk="}]},
+        {"email": "g@example.org", "attachments": [{"content-type": "text/plain", "charset": "bad charset",
+                                                     "data": latin1}]},
+        {"email": "h@example.org", "attachments": [{"filename": "a.txt", "content-type": "text/plain"}]},
+    ])
+    assert [("id" in a) for a in answer] == [True, True, True, True, False, False, False, False]
+    errors = [a["error"] for a in answer[4:]]
+    assert errors[0] == "attachments[0]: content_type and content-type differ: give one of them"
+    assert errors[1] == "attachments[0]: content and data differ: give one of them"
+    assert errors[2].startswith("attachments[0]: charset:")
+    assert errors[3] == "attachments[0]: needs content (or data): base64 text or Binary"
+    test = await api.send_test(mailing_id, [{"email": "qa@example.org", "attachments": [{"data": latin1}]}])
+    assert "id" in test[0]
+
+
+def test_attachment_defaults_and_normalized_form():
+    assert parse_attachment({"data": "AAE="}) == {
+        "filename": "attachment.bin", "content_type": "application/octet-stream", "content": b"\0\1"}
+    assert parse_attachment({"content-type": "application/pdf", "data": "", "filename": ""})["filename"] == \
+        "attachment.pdf"
+    assert parse_attachment({"content-type": "application/x-unknown", "data": ""})["filename"] == "attachment.bin"
+    text = parse_attachment({"content-type": "text/html", "charset": "utf-8", "data": "", "filename": "a.htm"})
+    assert text == {"filename": "a.htm", "content_type": "text/html; charset=utf-8", "content": b""}
+    # charset only applies to text/*; repeating the type's own charset parameter is fine.
+    assert parse_attachment({"content-type": "image/png", "charset": "utf-8", "data": ""})["content_type"] == \
+        "image/png"
+    assert parse_attachment({"content-type": "text/plain; charset=UTF-8", "charset": "utf-8",
+                             "data": ""})["content_type"] == "text/plain; charset=UTF-8"
+    with pytest.raises(EntryError, match="charset differs"):
+        parse_attachment({"content-type": "text/plain; charset=utf-8", "charset": "latin-1", "data": ""})
+    for bad in ({"filename": "a\r\nBcc: x", "data": ""}, {"content-type": "nope", "data": ""},
+                {"content-type": "x/" + "y" * 100, "data": ""}, {"filename": "f" * 256, "data": ""},
+                {"data": "not base64!"}, {"data": 12}, "not a struct"):
+        with pytest.raises(EntryError):
+            parse_attachment(bad)
+
+
+_ANY = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=12)
+        | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def _mostly(usable: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Usable values three times in four, anything else the fourth."""
+    return st.sampled_from([usable, usable, usable, _ANY]).flatmap(lambda strategy: strategy)
+
+
+_CONTENTS = _mostly(st.binary(max_size=12).map(lambda b: base64.b64encode(b).decode())
+                    | st.binary(max_size=12).map(xmlrpc.client.Binary))
+_TYPES = _mostly(st.sampled_from(["text/plain", "TEXT/HTML; charset=utf-8", "text/plain; charset*=utf-8''x",
+                                  "image/png", "application/x-unknown", "text/", "/", "", "nope", "x/" + "y" * 99]))
+_STRUCTS = st.fixed_dictionaries({}, optional={
+    "filename": _mostly(st.sampled_from(["a.txt", "", "a\nb"])), "content_type": _TYPES, "content-type": _TYPES,
+    "content": _CONTENTS, "data": _CONTENTS, "content-id": _ANY,
+    "charset": _mostly(st.sampled_from(["utf-8", "ISO-8859-1", "a;b", "", "x" * 41]))})
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_mostly(_STRUCTS))
+def test_attachment_parser_gives_an_attachment_or_an_error(item: Any):
+    try:
+        attachment = parse_attachment(item)
+    except EntryError as error:
+        assert str(error)
+        return
+    assert set(attachment) == {"filename", "content_type", "content"}
+    assert isinstance(attachment["content"], bytes) and "/" in attachment["content_type"]
+    assert isinstance(attachment["filename"], str) and attachment["filename"]
+    if item.get("filename") in (None, ""):
+        assert re.fullmatch(r"attachment\.[A-Za-z0-9]+", attachment["filename"])
 
 
 @aio_test
@@ -163,3 +260,15 @@ async def test_totals_never_lose_an_add_recipients_racing_the_life_cycle_check(r
         mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
         assert mailing["total_recipient"] == 200 == await api.get_recipients_count({"mailings": [mailing_id]})
         assert mailing["status"] == "RUNNING"
+
+
+@aio_test
+async def test_a_tracking_id_of_the_masters_own_forms_is_an_entry_error(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    made = (await api.add_recipients(mailing_id, [{"email": "a@example.org"}]))[0]["id"]
+    assert uuid.UUID(made).version == 8 and str(uuid.UUID(made)) == made
+    answer = await api.add_recipients(mailing_id, [
+        {"email": "b@example.org", "tracking_id": made}, {"email": "c@example.org", "tracking_id": "b1s0-abcdef"},
+        {"email": "d@example.org", "tracking_id": str(uuid.uuid4())}])
+    assert ["master's own" in a.get("error", "") for a in answer] == [True, True, False]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email
+import email.policy
 import json
 
 from pymongo import AsyncMongoClient, monitoring
 
-from cloudmailing.common.link_protocol import LeaseAnswer, Outcome
+from cloudmailing.common.link_protocol import LeaseAnswer, MailingContent, Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
+from cloudmailing.satellite.composer import compose, prepare
 from cloudmailing.services.dispatcher import retry_delay
 from cloudmailing.storage.blocks import BlockStore
 from cloudmailing.storage.database import Database
@@ -159,6 +162,46 @@ async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database
     assert [r.to_wire() for r in answer.recipients] == leases[0]
     assert base64.b64decode(answer.recipients[0].attachments[0].content) == b"%" * 3000
     assert await BlockStore(database).leased_count("sat-a") == 6
+
+
+@aio_test
+async def test_attachments_in_the_original_spelling_reach_the_satellite_message(database, clock):
+    services, mailing_id = await _world(database, clock)
+    original = {"content-type": "text/plain", "charset": "iso-8859-1",  # the original server's struct,
+                "data": base64.b64encode("café".encode("latin-1")).decode()}  # without a filename
+    ours = {"filename": "invoice.pdf", "content_type": "application/pdf", "content": b"%PDF-1.4"}
+    answer = await services.recipients.add(mailing_id, [
+        {"email": "old@example.org", "attachments": [original, {"data": "AAE=", "content-type": "image/png"}]},
+        {"email": "new@example.org", "attachments": [ours]}])
+    assert all("id" in a for a in answer)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    leased = await services.dispatcher.lease(SATELLITE, 10)
+    # Stored and leased in the one shape of today: {filename, content_type, content}, charset as a parameter.
+    by_email = {r["email"]: r["attachments"] for r in leased}
+    assert by_email["old@example.org"] == [
+        {"filename": "attachment.txt", "content_type": "text/plain; charset=iso-8859-1",
+         "content": base64.b64encode("café".encode("latin-1")).decode()},
+        {"filename": "attachment.png", "content_type": "image/png", "content": "AAE="}]
+    # What the satellite gets over the link, and the message it builds from it.
+    content = await services.dispatcher.mailing_content(mailing_id)
+    content["rfc822"] = base64.b64encode(content["rfc822"]).decode("ascii")
+    mailing = prepare(MailingContent.from_wire(content).to_wire())
+    lease = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leased, 60))))
+    parts = {}
+    for recipient in lease.recipients:
+        message = email.message_from_bytes(compose(mailing, recipient.to_wire()).data, policy=email.policy.default)
+        assert message.get_content_type() == "multipart/mixed"
+        parts[recipient.email] = list(message.iter_attachments())
+    text, image = parts["old@example.org"]
+    assert (text.get_content_type(), text.get_content_charset(), text.get_filename()) == (
+        "text/plain", "iso-8859-1", "attachment.txt")
+    assert text.get_content() == "café" and text.get_payload(decode=True) == "café".encode("latin-1")
+    assert (image.get_content_type(), image.get_filename(), image.get_payload(decode=True)) == (
+        "image/png", "attachment.png", b"\0\1")
+    (pdf,) = parts["new@example.org"]
+    assert (pdf.get_content_type(), pdf.get_filename(), pdf.get_content()) == (
+        "application/pdf", "invoice.pdf", b"%PDF-1.4")
 
 
 class _Finds(CommandWatcher):

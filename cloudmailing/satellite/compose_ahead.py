@@ -84,26 +84,28 @@ class ComposeAhead:
         self._short_of_room = False
         while self._waiting and len(self._tasks) < 2 * self._pool.workers:
             mailing = self._waiting[0][0]
-            count, reserve = self._room_for(mailing)
+            count, reserve, probe = self._room_for(mailing)
             if not count:
                 self._short_of_room = True
                 return
             chunk = [self._waiting.popleft()[1] for _ in range(count)]
             self._reserved += reserve
             self._composing += count
-            task = asyncio.ensure_future(self._compose(mailing, chunk, reserve // count))
+            task = asyncio.ensure_future(self._compose(mailing, chunk, reserve // count, probe))
             self._tasks.add(task)
             task.add_done_callback(self._done)
 
-    def _room_for(self, mailing: MailingSource) -> tuple[int, int]:
-        """How many of ``mailing``'s waiting recipients to compose now, and the bytes they reserve."""
+    def _room_for(self, mailing: MailingSource) -> tuple[int, int, bool]:
+        """How many of ``mailing``'s waiting recipients to compose now, the bytes they reserve, and
+        whether they are the probe of a mailing of unknown size (then ``_probing`` is set here, and
+        cleared by that chunk's ``_compose`` whatever the estimates have become meanwhile)."""
         held = self.composed_bytes + self._reserved
         estimate = self._estimates.get(mailing.digest)
         if estimate is None:
             if self._probing or (held and held >= self.max_bytes):
-                return 0, 0
+                return 0, 0, False
             self._probing = True
-            return 1, 0
+            return 1, 0, True
         same = 0
         for waiting, _ in self._waiting:
             if waiting.digest != mailing.digest or same == CHUNK_SIZE:
@@ -112,10 +114,10 @@ class ComposeAhead:
         count = min(same, (self.max_bytes - held) // max(estimate, 1))
         if count <= 0 and not held:
             count = 1  # larger than the whole room: alone, then
-        return max(count, 0), max(count, 0) * estimate
+        return max(count, 0), max(count, 0) * estimate, False
 
-    async def _compose(self, mailing: MailingSource, chunk: list[dict[str, Any]], estimate: int) -> None:
-        probe = mailing.digest not in self._estimates
+    async def _compose(self, mailing: MailingSource, chunk: list[dict[str, Any]], estimate: int,
+                       probe: bool) -> None:
         left = len(chunk)
         try:
             async for composed in self._pool.compose(mailing, chunk):
@@ -137,9 +139,12 @@ class ComposeAhead:
             self._wake.set()
 
     def _note_size(self, digest: str, size: int) -> None:
-        if digest not in self._estimates and len(self._estimates) >= _MAX_ESTIMATES:
+        """Remember ``digest``'s largest message; the mailing used least recently is forgotten
+        first (an updated entry moves to the most recent end)."""
+        known = self._estimates.pop(digest, None)
+        if known is None and len(self._estimates) >= _MAX_ESTIMATES:
             self._estimates.pop(next(iter(self._estimates)))
-        self._estimates[digest] = max(size, self._estimates.get(digest, 0))
+        self._estimates[digest] = max(size, known or 0)
 
     def _done(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)

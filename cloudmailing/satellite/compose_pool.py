@@ -236,11 +236,16 @@ class _Worker:
         # inherits no descriptor but its end of the pipe, so it sees end-of-file if we die.
         context = multiprocessing.get_context("spawn")
         self.conn, child_end = context.Pipe()
-        _room_for_results(child_end)
-        self.process = context.Process(target=_worker_main, args=(child_end, limits, memory_mb),
-                                       name="cm-compose", daemon=True)
-        self.process.start()
-        child_end.close()
+        try:
+            _room_for_results(child_end)
+            self.process = context.Process(target=_worker_main, args=(child_end, limits, memory_mb),
+                                           name="cm-compose", daemon=True)
+            self.process.start()
+        except BaseException:  # not started (fork/exec refused: EAGAIN, ENOMEM): no pipe left open
+            self.conn.close()
+            raise
+        finally:
+            child_end.close()
         self.compiled: OrderedDict[str, None] = OrderedDict()
         self.ready = False  # it said so, once its interpreter and imports were up
 
@@ -324,7 +329,8 @@ class ComposePool:
         self.memory_mb = memory_mb
         self.wall_seconds = wall_seconds or max(10.0, 5 * self.limits.cpu_seconds)
         self._all: list[_Worker] = []
-        self._idle: asyncio.Queue[_Worker] | None = None
+        # A slot holds its worker, or None when none could be started (the next use tries again).
+        self._idle: asyncio.Queue[_Worker | None] | None = None
         self._poisoned: OrderedDict[str, str] = OrderedDict()  # digest → the limit a message went over
         self._tasks: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -334,23 +340,37 @@ class ComposePool:
         first lease need not wait for their interpreters and imports."""
         self._idle_workers()
 
-    def _idle_workers(self) -> asyncio.Queue[_Worker]:
+    def _idle_workers(self) -> asyncio.Queue[_Worker | None]:
         if self._idle is None:  # started on first use, in the running loop
             self._idle = asyncio.Queue()
             for _ in range(self.workers):
-                self._idle.put_nowait(self._start())
+                self._idle.put_nowait(self._try_start())
         return self._idle
 
     def _start(self) -> _Worker:
-        worker = _Worker(self.limits, self.memory_mb)
+        """A new worker process; :class:`_WorkerLost` when the system refuses one."""
+        try:
+            worker = _Worker(self.limits, self.memory_mb)
+        except Exception as error:  # fork/exec refused (EAGAIN, ENOMEM), no descriptor left, ...
+            raise _WorkerLost(f"no compose worker could be started ({error})", False) from error
         self._all.append(worker)
         return worker
 
-    def _replace(self, worker: _Worker) -> _Worker:
-        worker.kill()
-        if worker in self._all:
-            self._all.remove(worker)
-        return worker if self._closed else self._start()
+    def _try_start(self) -> _Worker | None:
+        """A new worker, or None (logged) when it cannot be started now: the next use tries again."""
+        try:
+            return self._start()
+        except _WorkerLost as error:
+            log.error("%s: the next chunk tries again", error.reason)
+            return None
+
+    def _replace(self, worker: _Worker | None) -> _Worker | None:
+        """Kill ``worker`` and start another (never raises: None when none could be started)."""
+        if worker is not None:
+            worker.kill()
+            if worker in self._all:
+                self._all.remove(worker)
+        return None if self._closed else self._try_start()
 
     async def compose(self, mailing: MailingSource, recipients: Sequence[dict[str, Any]]) -> AsyncIterator[Composed]:
         """Yield the recipients' messages as they are made, one :class:`Composed` each."""
@@ -386,19 +406,20 @@ class ComposePool:
             raise
         except Exception:  # a bug here must not leave the chunk's recipients unreported
             log.exception("composing failed", extra={"mailing": mailing.mailing_id})
-            worker = self._replace(worker)
             for recipient in chunk:
                 if recipient["id"] not in reported:
                     report(_failed(recipient["id"], "message build failed: internal error"))
+            worker = self._replace(worker)
         finally:
             if self._closed:
                 results.put_nowait(None)
             else:
                 self._idle_workers().put_nowait(worker)
 
-    async def _compose_on(self, worker: _Worker, mailing: MailingSource, chunk: list[dict[str, Any]],
-                          report: Callable[[Composed], None]) -> _Worker:
-        """Compose ``chunk`` on ``worker`` (replaced when lost); return the worker to put back idle."""
+    async def _compose_on(self, worker: _Worker | None, mailing: MailingSource, chunk: list[dict[str, Any]],
+                          report: Callable[[Composed], None]) -> _Worker | None:
+        """Compose ``chunk`` on ``worker`` (started when None, replaced when lost); return the
+        worker to put back idle (None when none could be started)."""
         remaining, retried, failed_starts = chunk, False, 0
         while remaining and not self._closed:
             poisoned = self._poisoned.get(mailing.digest)
@@ -407,10 +428,12 @@ class ComposePool:
                     report(_failed(recipient["id"], not_composed(poisoned)))
                 break
             try:
+                if worker is None:
+                    worker = self._start()
                 await worker.started()
                 worker.send(mailing, remaining, one_by_one=retried)
             except (OSError, _WorkerLost) as error:  # it died while idle or starting: nothing was lost
-                worker = self._replace(worker)
+                worker = self._replace(worker) if worker is not None else None
                 failed_starts += 1
                 if failed_starts == _STARTS_TRIED:  # workers cannot run here: say so, do not spin
                     for recipient in remaining:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 
+from cloudmailing.satellite import compose_ahead
 from cloudmailing.satellite.compose_ahead import ComposeAhead
-from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
+from cloudmailing.satellite.compose_pool import Composed, ComposePool, MailingSource
 from cloudmailing.satellite.delivery import DeliveryJob
 from tests.helpers import aio_test
 from tests.satellite.test_composer import CONTENT
@@ -68,6 +70,85 @@ async def test_a_message_larger_than_the_bound_is_still_composed_alone():
             assert len(held) == 1  # one at a time
             ahead.sent(held.pop())
             assert ahead.pending == 3 - expected
+    finally:
+        running.cancel()
+        pool.close()
+
+
+class _GatedPool:
+    """Stands in for the worker processes where the order of events must be chosen: each message
+    is made when the test opens its gate (in the order the test picks)."""
+
+    workers = 1
+
+    def __init__(self) -> None:
+        self.gates: list[asyncio.Event] = []
+
+    async def compose(self, mailing: MailingSource, chunk: list[dict]) -> AsyncIterator[Composed]:
+        for recipient in chunk:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            yield Composed(jobs=[DeliveryJob(recipient["id"], "one.test", "f@x.test", "a@one.test", b"x" * 100)])
+
+
+async def _turns() -> None:
+    await asyncio.sleep(0.02)
+
+
+@aio_test
+async def test_a_probe_whose_mailing_size_became_known_meanwhile_still_ends_the_probe(monkeypatch):
+    # A's estimate is evicted while a chunk of A is being composed; A's next recipients are sent as
+    # a probe, and the chunk's message lands (A known again) before the probe starts: the probe
+    # must still end, or no mailing of unknown size is ever composed again.
+    monkeypatch.setattr(compose_ahead, "_MAX_ESTIMATES", 1)
+    pool, submitted = _GatedPool(), []
+    ahead = ComposeAhead(pool, submitted.append, lambda failure, mailing_id: None, 10_000)  # type: ignore[arg-type]
+    running = asyncio.ensure_future(ahead.run())
+    a, b, c = (MailingSource.from_content(dict(CONTENT, subject=s)) for s in ("A", "B", "C"))
+    try:
+        ahead.add(a, [{"id": "a1"}, {"id": "a2"}, {"id": "a3"}])
+        await _turns()
+        pool.gates[-1].set()  # a1, the probe of A: A's size known, a2 and a3 go as a chunk
+        await _turns()
+        a_chunk = pool.gates[-1]
+        ahead.add(b, [{"id": "b1"}])
+        await _turns()
+        pool.gates[-1].set()  # b1 noted: A forgotten
+        await _turns()
+        ahead.add(a, [{"id": "a4"}])  # dispatched as a probe of A ...
+        a_chunk.set()  # ... and a2 arrives before that probe starts
+        for _ in range(3):
+            await _turns()
+            for gate in pool.gates:
+                gate.set()
+        ahead.add(c, [{"id": "c1"}])  # a mailing of unknown size
+        for _ in range(3):
+            await _turns()
+            for gate in pool.gates:
+                gate.set()
+        assert sorted(job.recipient_id for job in submitted) == ["a1", "a2", "a3", "a4", "b1", "c1"]
+        assert ahead.pending == 0
+    finally:
+        running.cancel()
+
+
+@aio_test
+async def test_the_size_forgotten_first_is_that_of_the_mailing_used_least_recently(monkeypatch):
+    monkeypatch.setattr(compose_ahead, "_MAX_ESTIMATES", 2)
+    pool = ComposePool(1)
+    held: list[DeliveryJob] = []
+    ahead = ComposeAhead(pool, held.append, lambda failure, mailing_id: None, BOUND)
+    running = asyncio.ensure_future(ahead.run())
+    a, b, c = (MailingSource.from_content(dict(CONTENT, subject=s + " {{ name }}")) for s in ("A", "B", "C"))
+    try:
+        for mailing, recipients in ((a, RECIPIENTS[:1]), (b, RECIPIENTS[1:2]), (a, RECIPIENTS[2:3]),
+                                    (c, RECIPIENTS[3:4])):
+            ahead.add(mailing, recipients)
+            await _settled(ahead)
+        assert len(held) == 4
+        # A, still in use, is remembered; B, used before A's last message, is the one forgotten.
+        assert set(ahead._estimates) == {a.digest, c.digest}
     finally:
         running.cancel()
         pool.close()

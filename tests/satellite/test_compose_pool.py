@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import errno
+import multiprocessing.context
 import os
 import signal
 
@@ -179,3 +181,68 @@ async def test_a_message_larger_than_the_pipe_holds_arrives_whole(pool):
     assert composed.failures == [], composed.failures[0]["reply_text"]
     assert sorted(job.recipient_id for job in composed.jobs) == ["r0", "r1"]
     assert all(len(job.data) > 1_500_000 for job in composed.jobs)
+
+
+def _refuse_starts(monkeypatch: pytest.MonkeyPatch, times: int | None) -> None:
+    """Starting a worker process fails as fork/exec does on a host out of processes or memory
+    (EAGAIN), ``times`` times (None: always)."""
+    real = multiprocessing.context.SpawnProcess.start
+    left = [times]
+
+    def start(process: multiprocessing.context.SpawnProcess) -> None:
+        if left[0] is None or left[0] > 0:
+            left[0] = None if left[0] is None else left[0] - 1
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        real(process)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+
+
+@aio_test
+async def test_a_dead_worker_whose_replacement_cannot_start_at_once_still_gets_its_chunk_composed(monkeypatch):
+    pool = ComposePool(1)
+    try:
+        mailing = _mailing()
+        await _compose_all(pool, mailing, RECIPIENTS[1:4])  # the worker is up
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        _refuse_starts(monkeypatch, 2)  # the replacement, and the next try, are refused
+        composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
+        assert sorted(job.recipient_id for job in composed.jobs) == ["r1", "r2", "r3"] and not composed.failures
+        assert len(pool.worker_pids()) == 1
+    finally:
+        pool.close()
+
+
+@aio_test
+async def test_when_no_worker_can_start_the_chunk_fails_with_the_reason_and_the_pool_is_used_again(monkeypatch):
+    pool = ComposePool(1)
+    try:
+        mailing = _mailing()
+        await _compose_all(pool, mailing, RECIPIENTS[1:4])
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        _refuse_starts(monkeypatch, None)
+        composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
+        assert not composed.jobs and sorted(f["recipient_id"] for f in composed.failures) == ["r1", "r2", "r3"]
+        assert all(f["status"] == "GENERAL_ERROR" and "no compose worker could be started" in f["reply_text"]
+                   and "Resource temporarily unavailable" in f["reply_text"] for f in composed.failures)
+        assert pool.worker_pids() == []
+        monkeypatch.undo()  # the host has processes to spare again: the next chunk starts a worker
+        composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
+        assert sorted(job.recipient_id for job in composed.jobs) == ["r1", "r2", "r3"] and not composed.failures
+        assert len(pool.worker_pids()) == 1
+    finally:
+        pool.close()
+
+
+@aio_test
+async def test_a_pool_started_when_no_worker_can_start_composes_once_one_can(monkeypatch):
+    pool = ComposePool(2)
+    try:
+        _refuse_starts(monkeypatch, None)
+        pool.start()  # no exception: each slot tries again at its next use
+        assert pool.worker_pids() == []
+        monkeypatch.undo()
+        _check(await asyncio.wait_for(_compose_all(pool, _mailing()), 60))
+        assert len(pool.worker_pids()) == 2
+    finally:
+        pool.close()

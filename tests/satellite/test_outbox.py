@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
+
+import pytest
 
 from cloudmailing.common.link_protocol import Outcome
+from cloudmailing.satellite import outbox as outbox_module
 from cloudmailing.satellite.outbox import Outbox
 
 
@@ -48,3 +54,103 @@ def test_malformed_outcomes_read_back_are_dropped_with_one_log_line(tmp_path, ca
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "3 malformed outcomes in the outbox dropped"]
     outbox.close()
+
+
+def _kept(recipient_id: str) -> Outcome:
+    return _outcome(recipient_id, "eHh4" * 500)  # a kept message of 2 KB
+
+
+def _busy_rounds(outbox: Outbox, rounds: int, first: int = 0) -> tuple[int, list[int], set[str]]:
+    """Sustained delivery: outcomes keep arriving while each report is in flight, so something is
+    always pending when the master's acknowledgement comes. Returns the next id, the file's size
+    after each round, and the ids acknowledged."""
+    n, sizes, acknowledged = first, [], set()
+    for _ in range(rounds):
+        for _ in range(50):
+            outbox.add(_kept(f"r{n}"))
+            n += 1
+        batch = [o.recipient_id for o in outbox.batch(1000)]
+        for _ in range(10):  # delivered while the report was in flight
+            outbox.add(_kept(f"r{n}"))
+            n += 1
+        outbox.sync()
+        outbox.acknowledge(batch)
+        acknowledged.update(batch)
+        sizes.append(outbox._path.stat().st_size)
+    return n, sizes, acknowledged
+
+
+def test_under_sustained_load_the_file_is_compacted_to_what_is_pending(tmp_path, monkeypatch):
+    monkeypatch.setattr(outbox_module, "COMPACT_BYTES", 1_000_000, raising=False)
+    path = tmp_path / "outbox.jsonl"
+    outbox = Outbox(path)
+    n, sizes, acknowledged = _busy_rounds(outbox, 100)  # 12 MB written, never empty at an answer
+    assert len(outbox) == 10 and max(sizes) < 1_300_000  # not the 12 MB of every outcome ever added
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pending = {o.recipient_id: o for o in outbox.batch(1000)}
+    outbox.close()
+    assert os.listdir(tmp_path) == ["outbox.jsonl"]
+    again = Outbox(path)  # what a restart replays: exactly what was pending, whole
+    assert {o.recipient_id: o for o in again.batch(1000)} == pending
+    assert set(pending) == {f"r{i}" for i in range(n)} - acknowledged
+    again.close()
+
+
+class _Crash(BaseException):
+    """The process dying at this point (nothing below catches it)."""
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["before-the-rename", "after-the-rename"])
+def test_a_crash_while_the_file_is_rewritten_loses_no_pending_outcome(tmp_path, monkeypatch, renamed):
+    monkeypatch.setattr(outbox_module, "COMPACT_BYTES", 1_000_000, raising=False)
+    real_replace = os.replace
+
+    def crash(source, destination):
+        assert os.path.getsize(source) > 0  # the temporary file was written whole
+        if renamed:
+            real_replace(source, destination)
+        raise _Crash()
+
+    path = tmp_path / "outbox.jsonl"
+    outbox = Outbox(path)
+    added: set[str] = set()
+    acknowledged: set[str] = set()
+    monkeypatch.setattr(outbox_module.os, "replace", crash)
+    with pytest.raises(_Crash):
+        for round_ in range(100):
+            batch = []
+            for i in range(60):
+                outbox.add(_kept(f"r{round_}-{i}"))
+                added.add(f"r{round_}-{i}")
+                if i < 50:
+                    batch.append(f"r{round_}-{i}")
+            outbox.sync()
+            outbox.acknowledge(batch)  # the acknowledgement that crashes is in both files
+            acknowledged.update(batch)
+    monkeypatch.setattr(outbox_module.os, "replace", real_replace)
+    # The crashed outbox is abandoned as it is (the process is gone): a new one reads the file.
+    again = Outbox(path)
+    assert {o.recipient_id for o in again.batch(10_000)} == added - acknowledged - set(batch)
+    assert len(again) == 10 * (round_ + 1)
+    assert os.listdir(tmp_path) == ["outbox.jsonl"]  # an interrupted rewrite's temporary removed
+    assert all(o.customized_content == "eHh4" * 500 for o in again.batch(10_000))
+    again.close()
+
+
+def test_a_rewrite_refused_by_a_full_disk_leaves_the_file_in_use(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(outbox_module, "COMPACT_BYTES", 1_000_000, raising=False)
+
+    def full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outbox_module.os, "replace", full)
+    path = tmp_path / "outbox.jsonl"
+    outbox = Outbox(path)
+    n, _, acknowledged = _busy_rounds(outbox, 30)  # no exception: appending goes on
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING][:1] == [
+        "the outbox could not be rewritten ([Errno 28] No space left on device): tried again once it doubled"]
+    outbox.close()
+    assert os.listdir(tmp_path) == ["outbox.jsonl"]
+    again = Outbox(path)
+    assert {o.recipient_id for o in again.batch(10_000)} == {f"r{i}" for i in range(n)} - acknowledged
+    again.close()

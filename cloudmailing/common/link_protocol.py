@@ -167,7 +167,8 @@ def _check_base64(text: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class Hello:
-    """Who the satellite is; ``leases``: those it still holds recipients of (None: not said)."""
+    """Who the satellite is; ``leases``: those it still holds recipients of (None: not said; this
+    version's satellites name them after the hello, with ``held``)."""
 
     serial: str
     secret: str
@@ -201,6 +202,33 @@ class HelloAnswer:
 
     def to_wire(self) -> dict[str, Any]:
         return _shallow(self)
+
+
+@dataclass(frozen=True)
+class Held:
+    """Some of the lease ids a satellite still holds recipients of, named after ``hello`` (a hello
+    naming them all could pass the pre-authentication frame limit): at most HELD_PER_CALL a call;
+    ``more``: further ``held`` calls follow. At the last one the master frees this satellite's
+    other leases (but those it granted on this link)."""
+
+    leases: list[str]
+    more: bool = False
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Held:
+        fields = _Fields(value, "held", strict=True)
+        leases = fields.items("leases", _string_item)
+        if len(leases) > HELD_PER_CALL:
+            raise FrameError(f"held.leases: more than {HELD_PER_CALL}")
+        held = cls(leases, fields.flag("more", required=False))
+        fields.done()
+        return held
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"leases": list(self.leases), "more": self.more}
+
+
+HELD_PER_CALL = 1000  # lease ids in one ``held`` call (about 35 KiB)
 
 
 # -- lease --------------------------------------------------------------------------------------
@@ -481,7 +509,7 @@ class ReportAnswer:
 
 
 REQUESTS: dict[str, Callable[[Any], Any]] = {
-    "hello": Hello.from_wire, "lease": LeaseRequest.from_wire, "mailing": MailingRequest.from_wire,
-    "report": Report.from_wire,
+    "hello": Hello.from_wire, "held": Held.from_wire, "lease": LeaseRequest.from_wire,
+    "mailing": MailingRequest.from_wire, "report": Report.from_wire,
 }
 """The decoder of each method's parameters (the master's end)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import Any
+from typing import Any, Container
 
 from pymongo.errors import PyMongoError
 from twisted.internet.protocol import Factory, connectionDone
@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.common.link import LinkError, LinkLimits, LinkProtocol, Method
 from cloudmailing.common.link_protocol import (
+    Held,
     Hello,
     HelloAnswer,
     LeaseAnswer,
@@ -37,13 +38,16 @@ from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 
 log = logging.getLogger(__name__)
 
+MAX_NAMED_LEASES = 100_000  # lease ids one ``held`` sequence may name; past it, none is freed
+
 
 class SatelliteSession(LinkProtocol):
     """One connected satellite."""
 
     def __init__(self, factory: SatelliteLinkFactory, source: str = "") -> None:
         super().__init__(factory.clock, {
-            "hello": Method(Hello.from_wire, self.hello), "lease": Method(LeaseRequest.from_wire, self.lease),
+            "hello": Method(Hello.from_wire, self.hello), "held": Method(Held.from_wire, self.held),
+            "lease": Method(LeaseRequest.from_wire, self.lease),
             "mailing": Method(MailingRequest.from_wire, self.mailing), "report": Method(Report.from_wire, self.report),
         }, factory.limits)
         self._factory = factory
@@ -51,6 +55,8 @@ class SatelliteSession(LinkProtocol):
         self.satellite: dict[str, Any] | None = None
         self._budget = factory.dispatcher.new_lease_budget()
         self.wakes = True  # False for a satellite of an earlier version, which has no ``wake``
+        self._named: set[str] | None = set()  # the ``held`` leases so far (None: too many, free none)
+        self._granted: set[str] = set()  # the leases granted on this link: never freed by ``held``
 
     async def hello(self, hello: Hello) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
@@ -64,6 +70,23 @@ class SatelliteSession(LinkProtocol):
         if hello.leases is not None:
             await self._factory.release_leases(satellite["serial"], keep=set(hello.leases))
         return HelloAnswer(satellite["_id"], satellite.get("group") or "").to_wire()
+
+    async def held(self, held: Held) -> dict[str, Any]:
+        """The leases the satellite still holds recipients of, a few at a time after ``hello``;
+        at the last call (``more`` false) the master frees its others at once. Nothing is freed
+        before: the release after a disconnect's grace was cancelled by ``hello``."""
+        serial = self._authenticated()["serial"]
+        if self._named is not None:
+            self._named.update(held.leases)
+            if len(self._named) > MAX_NAMED_LEASES:  # bounded memory: its leases then expire on their own
+                log.warning("more than %d leases named: none freed at once", MAX_NAMED_LEASES,
+                            extra={"satellite": serial})
+                self._named = None
+        if not held.more:
+            named, self._named = self._named, set()
+            if named is not None:
+                await self._factory.release_leases(serial, keep=named | self._granted)
+        return {}
 
     def wake(self) -> None:
         """Tell the satellite there is work, without waiting for its answer."""
@@ -85,6 +108,7 @@ class SatelliteSession(LinkProtocol):
         satellite = await self._factory.refresh(self._authenticated())
         recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(request.max_recipients))
         self._budget.leased(r["id"] for r in recipients)
+        self._granted.update(r["lease"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
             await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
         return LeaseAnswer.wire_of(recipients, self._factory.dispatcher.config.lease_seconds)
@@ -149,7 +173,9 @@ class SatelliteLinkFactory(Factory):
 
     async def _release_after_grace(self, serial: str) -> None:
         self._releases.pop(serial, None)
-        await self.release_leases(serial)
+        # Block by block, each stopping once the satellite is back: what it still holds, it
+        # names after its hello (a release under way when it returns must not free those).
+        await self.release_leases(serial, keep=_WhileConnected(self.sessions, serial))
 
     def stop(self) -> None:
         """No release after the master stops (a restarted master frees them at hello)."""
@@ -161,7 +187,7 @@ class SatelliteLinkFactory(Factory):
         if pending is not None and pending.active():
             pending.cancel()
 
-    async def release_leases(self, serial: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    async def release_leases(self, serial: str, keep: Container[str] = frozenset()) -> None:
         try:
             await self.dispatcher.release_satellite(serial, keep)
         except Exception as error:  # the database may be away: the leases then expire on their own
@@ -207,3 +233,14 @@ class SatelliteLinkFactory(Factory):
             return await self._satellites.refresh(satellite["_id"])
         except SatelliteRefused as refused:
             raise LinkError(refused.code, str(refused)) from None
+
+
+class _WhileConnected:
+    """Every lease id while ``serial`` has a session (a ``keep`` that freezes a release under way)."""
+
+    def __init__(self, sessions: dict[str, SatelliteSession], serial: str) -> None:
+        self._sessions = sessions
+        self._serial = serial
+
+    def __contains__(self, lease_id: object) -> bool:
+        return self._serial in self._sessions

@@ -20,6 +20,7 @@ import logging
 import random
 import secrets
 import socket
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -29,7 +30,9 @@ from cloudmailing import __version__
 from cloudmailing.common.aio import wait_deferred
 from cloudmailing.common.link import LinkError, LinkProtocol, Method
 from cloudmailing.common.link_protocol import (
+    HELD_PER_CALL,
     FrameError,
+    Held,
     Hello,
     HelloAnswer,
     LeaseAnswer,
@@ -43,6 +46,7 @@ from cloudmailing.common.link_protocol import (
     Wake,
 )
 from cloudmailing.common.private_files import write_private
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.compose_ahead import ComposeAhead
 from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
@@ -59,6 +63,7 @@ REPORT_BATCH = 1000
 REPORT_INTERVAL = 0.5  # outcomes wait up to this long before they are reported
 IDLE_POLL = 1.0  # an idle satellite asks again after this, or at once when the master wakes it
 MAILING_CACHE_SECONDS = 60.0
+MAILING_CACHE_SIZE = 4  # mailings whose content is kept (each up to ~16 MiB)
 RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
 _REPORTS_AT_ONCE = 2  # reports in flight: the last outcomes do not wait for the one before
@@ -114,9 +119,9 @@ class SatelliteDaemon:
         self._composer = ComposePool(config.compose_workers, template_limits(config), config.compose_memory_mb)
         self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
                                   config.max_composed_bytes)
-        self._mailings: dict[int, tuple[float, MailingSource]] = {}
-        # The lease of every recipient held (leased, not yet acknowledged): a reconnecting
-        # satellite names them, and the master frees its other leases at once.
+        self._mailings: OrderedDict[int, tuple[float, MailingSource]] = OrderedDict()  # id -> (fetched, content)
+        # The lease of every recipient held (handed to composing, not yet acknowledged): a
+        # reconnecting satellite names them, and the master frees its other leases at once.
         self._leases: dict[str, str] = {}
         self._work = asyncio.Event()  # the master said it has work (``wake``) since the last lease
         self._drained = asyncio.Event()  # everything leased is delivered: report without waiting
@@ -177,8 +182,7 @@ class SatelliteDaemon:
 
     async def _session(self, link: LinkProtocol) -> None:
         try:
-            hello = Hello(self.serial, self._secret, __version__, self.held_leases())
-            HelloAnswer.from_wire(await link.call("hello", **hello.to_wire()))
+            await self._hello(link)
         except LinkError as error:
             log.error("the master refused this satellite: %s", error, extra={"satellite": self.serial})
             link.close()
@@ -198,6 +202,22 @@ class SatelliteDaemon:
             link.close()
         log.warning("link to the master lost", extra={"satellite": self.serial})
 
+    async def _hello(self, link: LinkProtocol) -> None:
+        """Say hello, then name the leases held, HELD_PER_CALL at a time: the hello itself stays
+        under the master's small pre-authentication frame limit however many they are."""
+        HelloAnswer.from_wire(await link.call("hello", **Hello(self.serial, self._secret, __version__).to_wire()))
+        leases = self.held_leases()
+        for start in range(0, max(len(leases), 1), HELD_PER_CALL):
+            held = Held(leases[start:start + HELD_PER_CALL], more=start + HELD_PER_CALL < len(leases))
+            try:
+                await link.call("held", **held.to_wire())
+            except LinkError as error:
+                if error.code != "unknown_method":
+                    raise
+                # An older master: it freed nothing at hello either; those leases expire instead.
+                log.info("the master cannot be told the leases held", extra={"satellite": self.serial})
+                return
+
     # -- leasing and composing --------------------------------------------------------------
 
     async def _feed(self, link: LinkProtocol) -> None:
@@ -206,6 +226,7 @@ class SatelliteDaemon:
         # master is slow to take them, leasing more would only grow that backlog.
         max_unreported = UNREPORTED_LEASES * self.config.lease_size
         while True:
+            self._forget_old_mailings()
             held = self._scheduler.pending + self.ahead.pending
             if held >= low_water or len(self._outbox) >= max_unreported:
                 await asyncio.sleep(0.05)
@@ -214,12 +235,7 @@ class SatelliteDaemon:
             answer = await self._ask(link, "lease", LeaseRequest(self.config.lease_size - held).to_wire(),
                                      LeaseAnswer.from_wire)
             recipients = answer.recipients if answer else []
-            self._leases.update((r.id, r.lease) for r in recipients)
-            by_mailing: dict[int, list[LeasedRecipient]] = {}
-            for recipient in recipients:
-                by_mailing.setdefault(recipient.mailing_id, []).append(recipient)
-            for mailing_id, leased in by_mailing.items():
-                await self._submit(link, mailing_id, leased)
+            await self._submit(link, recipients)
             if not recipients:
                 await _set_or_after(self._work, IDLE_POLL)  # the master may wake us sooner
 
@@ -227,19 +243,28 @@ class SatelliteDaemon:
         self._work.set()
         return {}
 
-    async def _submit(self, link: LinkProtocol, mailing_id: int, recipients: list[LeasedRecipient]) -> None:
-        try:
-            mailing = await self._mailing(link, mailing_id)
-        except LinkError as error:
-            if error.code != "not_found":
-                raise
-            # Deleted since the lease, with its recipients: nothing to send, nothing to report.
-            log.warning("mailing gone; %d leased recipients dropped", len(recipients),
-                        extra={"mailing": mailing_id, "satellite": self.serial})
-            for recipient in recipients:
-                self._leases.pop(recipient.id, None)
-            return
-        self.ahead.add(mailing, [recipient.to_wire() for recipient in recipients])  # the compose workers take dicts
+    async def _submit(self, link: LinkProtocol, recipients: list[LeasedRecipient]) -> None:
+        """Hand a lease's recipients to composing. Every mailing's content comes first: only then
+        are the recipients held (in ``_leases``), all at once. A fetch that fails (link lost,
+        feeder cancelled) leaves none of them held: not named at the next hello, they are freed
+        at once (a lease may span mailings: one held recipient would keep them all)."""
+        by_mailing: dict[int, list[LeasedRecipient]] = {}
+        for recipient in recipients:
+            by_mailing.setdefault(recipient.mailing_id, []).append(recipient)
+        mailings: dict[int, MailingSource] = {}
+        for mailing_id, leased in by_mailing.items():
+            try:
+                mailings[mailing_id] = await self._mailing(link, mailing_id)
+            except LinkError as error:
+                if error.code != "not_found":
+                    raise
+                # Deleted since the lease, with its recipients: nothing to send, nothing to report.
+                log.warning("mailing gone; %d leased recipients dropped", len(leased),
+                            extra={"mailing": mailing_id, "satellite": self.serial})
+        for mailing_id, mailing in mailings.items():  # no await from here: all held, or none
+            leased = by_mailing[mailing_id]
+            self._leases.update((r.id, r.lease) for r in leased)
+            self.ahead.add(mailing, [recipient.to_wire() for recipient in leased])  # the compose workers take dicts
 
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
         log.warning("cannot build the message: %s", failure["reply_text"],
@@ -249,16 +274,24 @@ class SatelliteDaemon:
         self._keep(Outcome(failure["recipient_id"], failure["status"], None, "", reason))
 
     async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
-        now = self._reactor.seconds()
+        now = self._forget_old_mailings()
         cached = self._mailings.get(mailing_id)
-        if cached and now - cached[0] < MAILING_CACHE_SECONDS:
+        if cached:
             return cached[1]
         content = None
         while content is None:  # its recipients are leased to us: wait out the master's troubles
             content = await self._ask(link, "mailing", MailingRequest(mailing_id).to_wire(), MailingContent.from_wire)
         source = MailingSource.from_content(content.to_wire())
-        self._mailings[mailing_id] = (now, source)
+        keep_recent(self._mailings, mailing_id, (now, source), MAILING_CACHE_SIZE)
         return source
+
+    def _forget_old_mailings(self) -> float:
+        """Drop the contents fetched MAILING_CACHE_SECONDS ago or more; the time now."""
+        now: float = self._reactor.seconds()
+        for mailing_id, (fetched, _) in list(self._mailings.items()):
+            if now - fetched >= MAILING_CACHE_SECONDS:
+                del self._mailings[mailing_id]
+        return now
 
     # -- reporting --------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Container, Mapping, Sequence
 
 from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATUSES, TIMEOUT, WARNING
@@ -257,8 +257,9 @@ class Dispatcher:
             log.warning("%d expired leases returned to the queue", released)
         return released
 
-    async def release_satellite(self, serial: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
-        """Return what ``serial`` holds to the queue (it went away), but for the leases in ``keep``."""
+    async def release_satellite(self, serial: str, keep: Container[str] = frozenset()) -> int:
+        """Return what ``serial`` holds to the queue (it went away), but for the leases in ``keep``
+        (asked of each block as it comes: a ``keep`` may change while the release goes on)."""
         released = 0
         for summary in await self._blocks.held_by(serial):
             released += await self._end_block_lease(summary["_id"],

@@ -12,9 +12,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cloudmailing.common.link_protocol import (
+    HELD_PER_CALL,
     REQUESTS,
     Attachment,
     FrameError,
+    Held,
     Hello,
     HelloAnswer,
     LeaseAnswer,
@@ -41,6 +43,8 @@ OUTCOME = {"recipient_id": "r1", "status": "FINISHED", "reply_code": 250, "reply
 def test_frames_decode_into_their_fields():
     assert Hello.from_wire({"serial": "s", "secret": "x"}) == Hello("s", "x", "", None)
     assert Hello.from_wire({"serial": "s", "secret": "x", "leases": ["L1"]}).leases == ["L1"]
+    assert Held.from_wire({"leases": ["L1"], "more": True}) == Held(["L1"], True)
+    assert Held.from_wire({"leases": ["L1"] * HELD_PER_CALL}) == Held(["L1"] * HELD_PER_CALL, False)
     recipient = LeasedRecipient.from_wire(RECIPIENT)
     assert recipient.attachments == [Attachment("f.txt", "text/plain", "aGk=")] and recipient.lease == "L1"
     assert Outcome.from_wire(OUTCOME).reply_code == 250
@@ -54,6 +58,10 @@ def test_frames_decode_into_their_fields():
     (Hello.from_wire, {"serial": "s", "secret": "x", "leases": [1]}, "hello.leases[0]: expected a string"),
     (Hello.from_wire, {"serial": "s", "secret": "x", "extra": 1}, "hello: unknown field 'extra'"),
     (Hello.from_wire, {"serial": "\ud800", "secret": "x"}, "hello.serial: not valid Unicode"),
+    (Held.from_wire, {"leases": ["L1"] * (HELD_PER_CALL + 1)}, f"held.leases: more than {HELD_PER_CALL}"),
+    (Held.from_wire, {"leases": ["L1"], "more": 1}, "held.more: expected true or false"),
+    (Held.from_wire, {"more": False}, "held.leases: missing"),
+    (Held.from_wire, {"leases": [], "serial": "s"}, "held: unknown field 'serial'"),
     (LeaseRequest.from_wire, {"max_recipients": True}, "lease.max_recipients: expected an integer, got bool"),
     (LeaseRequest.from_wire, {"max_recipients": -1}, "lease.max_recipients: -1 is not from 0"),
     (MailingRequest.from_wire, {"mailing_id": "3"}, "mailing.mailing_id: expected an integer, got str"),
@@ -102,6 +110,7 @@ recipients = st.builds(LeasedRecipient, texts, st.integers(0, 2**40), texts, tex
 frames = st.one_of(
     st.builds(Hello, texts, texts, texts, st.none() | st.lists(texts, max_size=3)),
     st.builds(HelloAnswer, st.integers(0, 2**40), texts),
+    st.builds(Held, st.lists(texts, max_size=3), st.booleans()),
     st.builds(LeaseRequest, st.integers(0, 2**31)),
     st.builds(LeaseAnswer, st.lists(recipients, max_size=3), st.integers(0, 10**6)),
     st.builds(MailingRequest, st.integers(0, 2**40)),
@@ -121,7 +130,8 @@ def test_a_frame_encoded_then_decoded_is_the_same_frame(frame: Any) -> None:
 decoders = st.sampled_from([*REQUESTS.values(), HelloAnswer.from_wire, LeaseAnswer.from_wire,
                             MailingContent.from_wire, ReportAnswer.from_wire])
 mutated = st.fixed_dictionaries({}, optional={
-    "serial": json_values, "secret": json_values, "leases": json_values, "max_recipients": json_values,
+    "serial": json_values, "secret": json_values, "leases": json_values, "more": json_values,
+    "max_recipients": json_values,
     "mailing_id": json_values, "outcomes": st.lists(st.fixed_dictionaries(
         {"recipient_id": json_values, "status": st.sampled_from(REPORTED_STATUSES) | json_values},
         optional={k: json_values for k in OUTCOME if k not in ("recipient_id", "status")}), max_size=3) | json_values,

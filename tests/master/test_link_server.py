@@ -172,3 +172,49 @@ async def test_a_satellite_without_wake_is_woken_once_then_left_to_poll(running_
     assert session.wakes is False and link._bad_frames == 1 and not link.closed_future.done()
     assert (await link.call("lease", max_recipients=100))["recipients"]  # still served
     link.close()
+
+
+@aio_test
+async def test_leases_named_after_hello_are_kept_and_the_others_freed_at_the_last_call(running_master):
+    """``held`` names the leases a satellite still holds, in as many calls as it needs (a hello
+    naming them all could pass the pre-authentication frame limit)."""
+    api = running_master.proxy()
+    await running_mailing(api, 3)
+    link = await _registered_link(running_master, "sat-n")
+    stranger = await _connect(running_master.master)
+    assert await _refused(stranger, "held", leases=[]) == "unauthorized"  # hello first
+    stranger.close()
+    leased = (await link.call("lease", max_recipients=10))["recipients"]
+    link.close()
+    await link.closed_future
+    again = await _connect(running_master.master)
+    await again.call("hello", serial="sat-n", secret="pw")  # names none: frees none, ends the grace
+    await asyncio.sleep(GRACE + 0.3)
+    assert await _in_flight(api) == 3  # the release after the grace did not run
+    await again.call("held", leases=["another"], more=True)
+    assert await _in_flight(api) == 3  # more to come: nothing freed yet
+    await again.call("held", leases=[leased[0]["lease"]], more=False)
+    assert await _in_flight(api) == 3  # named in the second call: kept
+    await again.call("held", leases=[], more=False)
+    assert await _in_flight(api) == 0  # named no more: freed at once
+    assert len((await again.call("lease", max_recipients=10))["recipients"]) == 3
+    await again.call("held", leases=[], more=False)
+    assert await _in_flight(api) == 3  # granted on this link: never freed by held
+    again.close()
+
+
+@aio_test
+async def test_a_release_after_the_grace_frees_nothing_once_the_satellite_is_back(running_master):
+    """The grace ran out just as the satellite came back: the release under way stops, and the
+    leases the satellite is about to name are its own still."""
+    api = running_master.proxy()
+    await running_mailing(api, 3)
+    link = await _registered_link(running_master, "sat-g")
+    assert len((await link.call("lease", max_recipients=10))["recipients"]) == 3
+    factory = running_master.master.link_factory
+    await factory._release_after_grace("sat-g")  # what the grace's timer runs, with the satellite back
+    assert await _in_flight(api) == 3
+    link.close()
+    await link.closed_future
+    await factory._release_after_grace("sat-g")  # away: freed
+    assert await _in_flight(api) == 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from cloudmailing import __version__
-from cloudmailing.common.link import LinkProtocol
+from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.common.link_protocol import LeasedRecipient, Outcome
 from cloudmailing.config.settings import SatelliteConfig
-from cloudmailing.satellite.daemon import UNREPORTED_LEASES, SatelliteDaemon
+from cloudmailing.satellite.daemon import MAILING_CACHE_SIZE, UNREPORTED_LEASES, SatelliteDaemon
 from tests.helpers import aio_test, running_mailing
 
 
@@ -43,7 +44,7 @@ async def test_recipients_of_a_mailing_deleted_since_their_lease_are_dropped(run
         assert len(leased) == 3
         await api.delete_mailing(mailing_id)
         # Neither waits forever nor fails the link:
-        await satellite._submit(link, mailing_id, [LeasedRecipient.from_wire(r) for r in leased])
+        await satellite._submit(link, [LeasedRecipient.from_wire(r) for r in leased])
         assert satellite._scheduler.pending == 0 and not satellite._outbox.batch(10)
         assert not link.closed_future.done()
 
@@ -259,7 +260,7 @@ async def test_a_lease_refused_while_the_allowance_is_held_is_asked_again_when_a
                                     "contact": {}, "test": False, "lease": "L"} for rid in self.held],
                     "lease_seconds": 60}
 
-    async def delivered_at_once(link: Any, mailing_id: int, leased: list[LeasedRecipient]) -> None:
+    async def delivered_at_once(link: Any, leased: list[LeasedRecipient]) -> None:
         for recipient in leased:
             satellite._outbox.add(Outcome(recipient.id, "FINISHED", 250, "", "", lease=recipient.lease))
         satellite._drained.set()
@@ -274,3 +275,103 @@ async def test_a_lease_refused_while_the_allowance_is_held_is_asked_again_when_a
         for task in loops:
             task.cancel()
         await satellite.stop()
+
+
+async def _in_flight(api: Any) -> int:
+    return int((await api.cloud_list_satellites())[0]["in_flight"])
+
+
+@aio_test
+async def test_a_satellite_holding_more_leases_than_a_hello_frame_names_reconnects_and_keeps_them(
+        running_master, tmp_path, monkeypatch):
+    """Outcomes of 150 leases wait in the outbox: a hello naming them all would pass the master's
+    4 KiB pre-authentication limit. The leases are named after it, in chunks, and kept."""
+    from twisted.internet import reactor
+
+    from cloudmailing.satellite import daemon
+
+    api = running_master.proxy()
+    await running_mailing(api, 3, "one.test")
+    async with _satellite(running_master, tmp_path, "sat-many") as (first, link):
+        leased = (await link.call("lease", max_recipients=10))["recipients"]
+        # The previous run delivered one of them; its outbox also holds outcomes of 150 other leases.
+        first._outbox.add(Outcome(leased[0]["id"], "FINISHED", 250, "", "ok", lease=leased[0]["lease"]))
+        for i in range(150):
+            first._outbox.add(Outcome(f"gone-{i}", "FINISHED", 250, "", "ok", lease=uuid.uuid4().hex))
+        first._outbox.sync()
+    monkeypatch.setattr(daemon, "HELD_PER_CALL", 40)  # named in four calls
+    satellite = SatelliteDaemon(first.config, tmp_path / "sat", reactor, random.Random(0))  # restarted
+    assert len(satellite.held_leases()) == 151
+    running = asyncio.ensure_future(satellite.run())
+    try:
+        await _until(lambda: satellite.sessions > 0)
+        await _until(lambda: not len(satellite._outbox))  # reported
+        statuses = await api.get_recipients_status([r["id"] for r in leased], {})
+        assert [s["status"] for s in statuses] == ["FINISHED", "IN PROGRESS", "IN PROGRESS"]
+        assert await _in_flight(api) == 2  # the other two are still its own: not handed out again
+    finally:
+        running.cancel()
+        await satellite.stop()
+
+
+@aio_test
+async def test_recipients_whose_mailing_could_not_be_fetched_are_not_held(running_master, tmp_path):
+    """The link drops (or the feeder is cancelled) while a leased mailing's content is fetched:
+    those recipients were never handed to composing, so they are not named at the next hello
+    and the master frees them at once (not after lease_seconds)."""
+    api = running_master.proxy()
+    await running_mailing(api, 3, "one.test")
+    async with _satellite(running_master, tmp_path, "sat-drop") as (satellite, link):
+        class DropsOnMailing:
+            async def call(self, method: str, **params: Any) -> Any:
+                if method == "mailing":
+                    link.close()
+                    await link.closed_future
+                return await link.call(method, **params)
+
+        try:
+            await satellite._feed(DropsOnMailing())  # type: ignore[arg-type]
+        except LinkError as error:
+            assert error.code == "disconnected"
+        assert satellite._leases == {} and satellite.held_leases() == [] and satellite.ahead.pending == 0
+        assert await _in_flight(api) == 3
+        again = await satellite._connect()
+        try:
+            await satellite._hello(again)
+            assert await _in_flight(api) == 0  # at once
+
+            class HangsOnMailing:
+                asked = False
+
+                async def call(self, method: str, **params: Any) -> Any:
+                    if method == "mailing":
+                        self.asked = True
+                        await asyncio.Future()  # never answered
+                    return await again.call(method, **params)
+
+            hangs = HangsOnMailing()
+            feeding = asyncio.ensure_future(satellite._feed(hangs))  # type: ignore[arg-type]
+            await _until(lambda: hangs.asked)
+            assert await _in_flight(api) == 3
+            feeding.cancel()
+            await asyncio.wait([feeding])
+            assert satellite._leases == {} and satellite.held_leases() == []
+        finally:
+            again.close()
+
+
+@aio_test
+async def test_mailing_contents_are_kept_a_short_while_and_only_a_few(running_master, tmp_path, monkeypatch):
+    from cloudmailing.satellite import daemon
+
+    api = running_master.proxy()
+    mailing_ids = [await running_mailing(api, 1, f"m{i}.test") for i in range(MAILING_CACHE_SIZE + 1)]
+    async with _satellite(running_master, tmp_path, "sat-cache") as (satellite, link):
+        assert len((await link.call("lease", max_recipients=100))["recipients"]) == len(mailing_ids)
+        for mailing_id in mailing_ids:
+            await satellite._mailing(link, mailing_id)
+        assert list(satellite._mailings) == mailing_ids[1:]  # the least recent dropped
+        monkeypatch.setattr(daemon, "MAILING_CACHE_SECONDS", 0.2)
+        await asyncio.sleep(0.3)
+        await satellite._mailing(link, mailing_ids[0])
+        assert list(satellite._mailings) == mailing_ids[:1]  # the others were fetched too long ago

@@ -198,17 +198,28 @@ def _refuse_starts(monkeypatch: pytest.MonkeyPatch, times: int | None) -> None:
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
 
 
+async def _worker_killed(pool: ComposePool, monkeypatch, refusals: int | None) -> MailingSource:
+    """Compose once (the worker is up), kill the worker, and refuse the next ``refusals`` process
+    starts (None: all of them); the mailing composed."""
+    mailing = _mailing()
+    await _compose_all(pool, mailing, RECIPIENTS[1:4])
+    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    _refuse_starts(monkeypatch, refusals)
+    return mailing
+
+
+async def _all_three_composed_by_one_worker(pool: ComposePool, mailing: MailingSource) -> None:
+    composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
+    assert sorted(job.recipient_id for job in composed.jobs) == ["r1", "r2", "r3"] and not composed.failures
+    assert len(pool.worker_pids()) == 1
+
+
 @aio_test
 async def test_a_dead_worker_whose_replacement_cannot_start_at_once_still_gets_its_chunk_composed(monkeypatch):
     pool = ComposePool(1)
     try:
-        mailing = _mailing()
-        await _compose_all(pool, mailing, RECIPIENTS[1:4])  # the worker is up
-        os.kill(pool.worker_pids()[0], signal.SIGKILL)
-        _refuse_starts(monkeypatch, 2)  # the replacement, and the next try, are refused
-        composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
-        assert sorted(job.recipient_id for job in composed.jobs) == ["r1", "r2", "r3"] and not composed.failures
-        assert len(pool.worker_pids()) == 1
+        mailing = await _worker_killed(pool, monkeypatch, 2)  # the replacement, and the next try, refused
+        await _all_three_composed_by_one_worker(pool, mailing)
     finally:
         pool.close()
 
@@ -217,19 +228,14 @@ async def test_a_dead_worker_whose_replacement_cannot_start_at_once_still_gets_i
 async def test_when_no_worker_can_start_the_chunk_fails_with_the_reason_and_the_pool_is_used_again(monkeypatch):
     pool = ComposePool(1)
     try:
-        mailing = _mailing()
-        await _compose_all(pool, mailing, RECIPIENTS[1:4])
-        os.kill(pool.worker_pids()[0], signal.SIGKILL)
-        _refuse_starts(monkeypatch, None)
+        mailing = await _worker_killed(pool, monkeypatch, None)
         composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
         assert not composed.jobs and sorted(f["recipient_id"] for f in composed.failures) == ["r1", "r2", "r3"]
         assert all(f["status"] == "GENERAL_ERROR" and "no compose worker could be started" in f["reply_text"]
                    and "Resource temporarily unavailable" in f["reply_text"] for f in composed.failures)
         assert pool.worker_pids() == []
         monkeypatch.undo()  # the host has processes to spare again: the next chunk starts a worker
-        composed = await asyncio.wait_for(_compose_all(pool, mailing, RECIPIENTS[1:4]), 60)
-        assert sorted(job.recipient_id for job in composed.jobs) == ["r1", "r2", "r3"] and not composed.failures
-        assert len(pool.worker_pids()) == 1
+        await _all_three_composed_by_one_worker(pool, mailing)
     finally:
         pool.close()
 

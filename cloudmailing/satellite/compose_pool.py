@@ -319,6 +319,13 @@ def _room_for_results(conn: Connection) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _RESULTS_BUFFER)
 
 
+@dataclass
+class _Slot:
+    """The worker a chunk is being composed on, kept current as it is replaced."""
+
+    worker: _Worker | None
+
+
 class ComposePool:
     """``workers`` processes composing messages under `limits` (at least one worker)."""
 
@@ -391,7 +398,7 @@ class ComposePool:
 
     async def _compose_chunk(self, mailing: MailingSource, chunk: list[dict[str, Any]],
                              results: asyncio.Queue[Composed | None]) -> None:
-        worker = await self._idle_workers().get()
+        slot = _Slot(await self._idle_workers().get())
         reported: set[str] = set()
 
         def report(composed: Composed) -> None:
@@ -400,26 +407,26 @@ class ComposePool:
             results.put_nowait(composed)
 
         try:
-            worker = await self._compose_on(worker, mailing, chunk, report)
+            await self._compose_on(slot, mailing, chunk, report)
         except asyncio.CancelledError:
-            worker = self._replace(worker)  # it may still be sending what nobody will read
+            slot.worker = self._replace(slot.worker)  # it may still be sending what nobody will read
             raise
         except Exception:  # a bug here must not leave the chunk's recipients unreported
             log.exception("composing failed", extra={"mailing": mailing.mailing_id})
             for recipient in chunk:
                 if recipient["id"] not in reported:
                     report(_failed(recipient["id"], "message build failed: internal error"))
-            worker = self._replace(worker)
+            slot.worker = self._replace(slot.worker)
         finally:
             if self._closed:
                 results.put_nowait(None)
             else:
-                self._idle_workers().put_nowait(worker)
+                self._idle_workers().put_nowait(slot.worker)
 
-    async def _compose_on(self, worker: _Worker | None, mailing: MailingSource, chunk: list[dict[str, Any]],
-                          report: Callable[[Composed], None]) -> _Worker | None:
-        """Compose ``chunk`` on ``worker`` (started when None, replaced when lost); return the
-        worker to put back idle (None when none could be started)."""
+    async def _compose_on(self, slot: _Slot, mailing: MailingSource, chunk: list[dict[str, Any]],
+                          report: Callable[[Composed], None]) -> None:
+        """Compose ``chunk`` on ``slot``'s worker (started when None, replaced when lost: ``slot``
+        always holds the current one, to put back idle or to kill if the chunk is cancelled)."""
         remaining, retried, failed_starts = chunk, False, 0
         while remaining and not self._closed:
             poisoned = self._poisoned.get(mailing.digest)
@@ -428,12 +435,12 @@ class ComposePool:
                     report(_failed(recipient["id"], not_composed(poisoned)))
                 break
             try:
-                if worker is None:
-                    worker = self._start()
-                await worker.started()
-                worker.send(mailing, remaining, one_by_one=retried)
+                if slot.worker is None:
+                    slot.worker = self._start()
+                await slot.worker.started()
+                slot.worker.send(mailing, remaining, one_by_one=retried)
             except (OSError, _WorkerLost) as error:  # it died while idle or starting: nothing was lost
-                worker = self._replace(worker) if worker is not None else None
+                slot.worker = self._replace(slot.worker) if slot.worker is not None else None
                 failed_starts += 1
                 if failed_starts == _STARTS_TRIED:  # workers cannot run here: say so, do not spin
                     for recipient in remaining:
@@ -443,7 +450,7 @@ class ComposePool:
             done = 0
             try:
                 while done < len(remaining):
-                    for result, over_limit in await worker.receive(self.wall_seconds):
+                    for result, over_limit in await slot.worker.receive(self.wall_seconds):
                         if over_limit:
                             self._poison(mailing, result["reply_text"])
                         report(_as_composed(result))
@@ -451,14 +458,13 @@ class ComposePool:
                         retried = False
                 break
             except _WorkerLost as lost:
-                worker = self._replace(worker)
+                slot.worker = self._replace(slot.worker)
                 remaining = remaining[done:]
                 if lost.over_limit or retried:  # a worker lost twice on one message: that message did it
                     self._poison(mailing, lost.reason)
                     report(_failed(remaining[0]["id"], lost.reason))
                     remaining = remaining[1:]
                 retried = not lost.over_limit and not retried
-        return worker
 
     def _poison(self, mailing: MailingSource, reason: str) -> None:
         log.error("mailing over the template limits: %s", reason, extra={"mailing": mailing.mailing_id})

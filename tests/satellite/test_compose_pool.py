@@ -252,3 +252,24 @@ async def test_a_pool_started_when_no_worker_can_start_composes_once_one_can(mon
         assert len(pool.worker_pids()) == 2
     finally:
         pool.close()
+
+
+@aio_test
+async def test_a_chunk_cancelled_on_the_worker_that_replaced_a_lost_one_leaves_no_stray_worker():
+    pool = ComposePool(1)
+    try:
+        mailing = _mailing()
+        await _compose_all(pool, mailing, RECIPIENTS[1:4])  # the worker is up
+        first = pool.worker_pids()[0]
+        messages = pool.compose(mailing, RECIPIENTS[1:CHUNK_SIZE + 1])  # one chunk
+        await messages.__anext__()
+        os.kill(first, signal.SIGKILL)  # the rest of the chunk goes to a replacement
+        while first in pool.worker_pids() or not pool.worker_pids():
+            await asyncio.sleep(0.01)
+        await messages.__anext__()  # composed by the replacement
+        await messages.aclose()  # the chunk is cancelled while the replacement composes it
+        await asyncio.sleep(0.1)
+        assert len(pool.worker_pids()) == 1  # the replacement was replaced, not the dead one again
+        await _all_three_composed_by_one_worker(pool, mailing)
+    finally:
+        pool.close()

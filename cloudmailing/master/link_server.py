@@ -114,7 +114,9 @@ class SatelliteSession(LinkProtocol):
         return LeaseAnswer.wire_of(recipients, self._factory.dispatcher.config.lease_seconds)
 
     async def mailing(self, request: MailingRequest) -> dict[str, Any]:
-        satellite = self._authenticated()
+        # As registered now: a satellite disabled or deleted since its hello gets no content
+        # (DKIM keys included); it may still report what it delivered.
+        satellite = await self._factory.refresh(self._authenticated())
         content = await self._factory.dispatcher.mailing_content(request.mailing_id, satellite)
         if content is None:
             raise LinkError("not_found",
@@ -222,8 +224,9 @@ class SatelliteLinkFactory(Factory):
                     attempt.failed()
                     log.warning("satellite authentication failed (%d in a row)", self.throttle.failures(source),
                                 extra={"client": source, "satellite": serial[:100]})
-                else:  # not yet paired: the secret was right, or the serial new; no guess
+                elif refused.verified:  # not yet paired, but the secret was right
                     attempt.succeeded()
+                # else a serial new or refused unrecorded: no secret was checked, nothing to count
                 raise LinkError(refused.code, str(refused)) from None
             attempt.succeeded()
             return satellite

@@ -35,11 +35,13 @@ def _properties(given: Any) -> dict[str, Any]:
 
 
 class SatelliteRefused(Exception):
-    """The master will not serve this satellite; ``code`` says why (unauthorized, not_paired)."""
+    """The master will not serve this satellite; ``code`` says why (unauthorized, not_paired);
+    ``verified``: its secret was checked against a stored one (and was right)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, verified: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.verified = verified
 
 
 LAST_SEEN_SECONDS = 10.0  # a satellite's last_seen is written at most this often (leases come more often)
@@ -84,19 +86,21 @@ class SatelliteService:
         a registered satellite without a secret yet keeps the first one it presents (as a scrypt hash)."""
         if not serial or not secret:
             raise SatelliteRefused("unauthorized", "serial and secret are required")
-        now = utc_now(self._clock)
-        satellite = await self._store.get_by_serial(serial)
-        if satellite is None:
-            await self._record_unknown(serial, secret, version, now)
-        if not satellite.get("secret"):
-            # scrypt takes tens of milliseconds: off the reactor thread.
-            satellite["secret"] = await asyncio.to_thread(hash_secret, secret)  # first contact keeps it
-        elif not await asyncio.to_thread(verify_secret, secret, satellite["secret"]):
-            raise SatelliteRefused("unauthorized", "wrong secret")
-        await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
-                                                    "last_seen": now})
+        async with self._store.serial_lock(serial):  # read, check, write: one hello of a serial at a time
+            now = utc_now(self._clock)
+            satellite = await self._store.get_by_serial(serial)
+            if satellite is None:
+                await self._record_unknown(serial, secret, version, now)
+            verified = bool(satellite.get("secret"))
+            if not verified:
+                # scrypt takes tens of milliseconds: off the reactor thread.
+                satellite["secret"] = await asyncio.to_thread(hash_secret, secret)  # first contact keeps it
+            elif not await asyncio.to_thread(verify_secret, secret, satellite["secret"]):
+                raise SatelliteRefused("unauthorized", "wrong secret")
+            await self._store.update(satellite["_id"], {"secret": satellite["secret"], "version": version,
+                                                        "last_seen": now})
         if not (satellite.get("enabled") and satellite.get("paired")):
-            raise SatelliteRefused("not_paired", "this satellite is not enabled and paired")
+            raise SatelliteRefused("not_paired", "this satellite is not enabled and paired", verified)
         return satellite
 
     async def _record_unknown(self, serial: str, secret: str, version: str, now: Any) -> NoReturn:

@@ -35,6 +35,11 @@ class SatelliteStore:
     async def get(self, satellite_id: int) -> dict[str, Any] | None:
         return await self._db.satellites.find_one({"_id": satellite_id})
 
+    def serial_lock(self, serial: str) -> Any:
+        """Held while this process checks or records a serial's hello (one master per database:
+        two hellos of one serial at once cannot both keep a first secret, nor record it twice)."""
+        return self._db.locks.hold(("satellite", serial))
+
     async def get_by_serial(self, serial: str) -> dict[str, Any] | None:
         return await self._db.satellites.find_one({"serial": serial})
 

@@ -218,3 +218,21 @@ async def test_a_release_after_the_grace_frees_nothing_once_the_satellite_is_bac
     await link.closed_future
     await factory._release_after_grace("sat-g")  # away: freed
     assert await _in_flight(api) == 0
+
+
+@aio_test
+async def test_a_satellite_disabled_after_its_hello_gets_no_mailing_content_but_may_report(running_master):
+    """The mailing content carries the DKIM private key: only a satellite enabled and paired now
+    gets it; what a disabled one delivered is still recorded."""
+    api = running_master.proxy()
+    mailing_id = await running_mailing(api, 2)
+    link = await _registered_link(running_master, "sat-d")
+    leased = (await link.call("lease", max_recipients=10))["recipients"]
+    satellite_id = next(s["id"] for s in await api.cloud_list_satellites() if s["serial"] == "sat-d")
+    await api.cloud_set_satellite_properties(satellite_id, {"enabled": False})
+    assert await _refused(link, "mailing", mailing_id=mailing_id) == "not_paired"
+    assert await _refused(link, "lease", max_recipients=10) == "not_paired"
+    report = [{"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250, "lease": r["lease"]} for r in leased]
+    await link.call("report", outcomes=report)
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["total_sent"] == 2
+    link.close()

@@ -110,3 +110,23 @@ async def test_150_parallel_strangers_record_exactly_max_awaiting_approval(runni
     assert len(listed) == 100 and not any(satellite["paired"] for satellite in listed)
     for link in links:
         link.close()
+
+
+@aio_test
+async def test_a_hello_that_checks_no_secret_does_not_reset_the_count_of_wrong_ones(running_master,
+                                                                                     clock: task.Clock) -> None:
+    """An unknown serial (recorded or not) checks no secret: it must not wipe the wrong secrets
+    before it, or one address could guess at full speed by slipping one in every few tries."""
+    master = running_master.master
+    master.link_factory.throttle = SourceThrottle(clock, free_failures=5, max_delay=30.0)
+    await running_master.proxy().cloud_add_satellite("sat-r", {})
+    link = await connect(master.satellite_port)
+    assert await hello_code(link, "sat-r", "right") == "ok"
+    for _ in range(4):
+        assert await hello_code(link, "sat-r", "guess") == "unauthorized"
+    assert await hello_code(link, "u" * 101, "x") == "not_paired"  # refused unrecorded
+    assert await hello_code(link, "brand-new", "x") == "not_paired"  # recorded, awaiting approval
+    assert master.link_factory.throttle.failures("127.0.0.1") == 4
+    assert await hello_code(link, "sat-r", "right") == "ok"  # a secret checked and right resets it
+    assert master.link_factory.throttle.failures("127.0.0.1") == 0
+    link.close()

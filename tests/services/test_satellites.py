@@ -63,3 +63,24 @@ async def test_places_of_deleted_and_never_recorded_strangers_are_freed(database
     assert "not registered" in await _refusal(service, "third")
     clock.advance(ORPHAN_PLACE_SECONDS + 1)
     assert "waiting for an administrator" in await _refusal(service, "third")
+
+
+@aio_test
+async def test_two_first_hellos_of_one_serial_at_once_keep_one_secret(database, clock):
+    """A satellite registered without a secret keeps the first one it presents: of two hellos at
+    once with different secrets, one is served and the other refused, whatever their order."""
+    service = SatelliteService(await open_stores(database), clock)
+    await service.add("fresh", {})
+    first, second = await asyncio.gather(service.authenticate("fresh", "one", "1.0"),
+                                         service.authenticate("fresh", "two", "1.0"), return_exceptions=True)
+    assert isinstance(first, dict) and isinstance(second, SatelliteRefused) and second.code == "unauthorized"
+    assert (await service.authenticate("fresh", "one", "1.0"))["serial"] == "fresh"
+
+
+@aio_test
+async def test_two_strangers_with_one_serial_at_once_make_one_record(database, clock):
+    service = SatelliteService(await open_stores(database), clock)
+    refusals = await asyncio.gather(*(service.authenticate("newbox", secret, "1.0") for secret in ("a", "b")),
+                                    return_exceptions=True)
+    assert all(isinstance(r, SatelliteRefused) and r.code in ("not_paired", "unauthorized") for r in refusals)
+    assert [s["serial"] for s in await service.list()] == ["newbox"]

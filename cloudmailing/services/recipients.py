@@ -95,17 +95,24 @@ class RecipientService:
         by_block: dict[int, set[int]] = {}
         for recipient in found.values():
             by_block.setdefault(recipient.block.id, set()).add(recipient.slot)
+        mailing_ids = sorted({recipient.block.mailing_id for recipient in found.values()})
+        # Reopened first: a crash during the edits leaves an unfinished mailing, which the
+        # master's start-up repairs and recounts (a finished one's blocks it does not look at);
+        # and again after, in case a life-cycle tick finished it before the edits were in.
+        reopened = await self._reopen(mailing_ids)
         for block_id, slots in by_block.items():
             await self._stores.ledger.edit(block_id, functools.partial(_reset, slots=slots), now)
+        reopened |= await self._reopen(mailing_ids)
         if by_block:
             self._work_available()  # those of running mailings are due now, not at the next search
-        reopened = []
-        for mailing_id in {recipient.block.mailing_id for recipient in found.values()}:
-            if await self._stores.mailings.update(mailing_id, {"status": MAILING_READY, "end_time": None},
-                                                  only_if_status=[MAILING_FINISHED]):
-                reopened.append(mailing_id)
         if reopened:
-            log.info("finished mailings %s reopened by a status reset", reopened)
+            log.info("finished mailings %s reopened by a status reset", sorted(reopened))
+
+    async def _reopen(self, mailing_ids: list[int]) -> set[int]:
+        """READY again, those of ``mailing_ids`` that are FINISHED; their ids."""
+        return {mailing_id for mailing_id in mailing_ids
+                if await self._stores.mailings.update(mailing_id, {"status": MAILING_READY, "end_time": None},
+                                                      only_if_status=[MAILING_FINISHED])}
 
 
 def _reset(block: Block, slots: set[int]) -> list[Change]:

@@ -35,10 +35,15 @@ class Stores:
 
     async def delete_mailing(self, mailing_id: int) -> None:
         """The mailing with its recipients, their log and kept messages. Recipients first, the
-        mailing last: an interrupted delete can be done again."""
-        block_ids = [summary["_id"] async for summary in self.blocks.of_mailing(mailing_id)]
-        for block_id in block_ids:
-            await self.blocks.delete(block_id)
+        mailing last: an interrupted delete can be done again. No batch of recipients is added
+        meanwhile, and each block goes under the locks its writers take (a lease or report under
+        way would write its summary back after the delete, pointing at nothing)."""
+        async with self.database.locks.hold(("ingest", mailing_id, False)), \
+                self.database.locks.hold(("ingest", mailing_id, True)):
+            block_ids = [summary["_id"] async for summary in self.blocks.of_mailing(mailing_id)]
+            for block_id in block_ids:
+                async with self.blocks.lock(block_id), self.mailings.counts_lock(mailing_id):
+                    await self.blocks.delete(block_id)
         await self.index.delete_mailing(mailing_id)
         await self.status_log.delete_mailing(mailing_id)
         await self.kept.delete_mailing(mailing_id)

@@ -249,3 +249,32 @@ async def test_a_delivered_test_recipient_does_not_close_a_mailing_kept_open_whe
     assert (mailing["status"], mailing["total_recipient"], mailing["total_sent"]) == ("RUNNING", 0, 0)
     await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
     assert (await _status(services, mailing_id))["total_recipient"] == 1
+
+
+@aio_test
+async def test_a_reset_of_a_finished_mailing_cut_by_a_crash_is_repaired_at_start(database, clock):
+    """The reset's state was written, then the master died before the block's summary and the
+    counts: at start-up the mailing is unfinished (reopened before the edits), so it is repaired
+    and its reset recipient delivered, not left READY in a FINISHED mailing."""
+    services, stores = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    answer = await services.recipients.add(mailing_id, [{"email": f"u{i}@example.org"} for i in range(2)])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    await set_statuses(stores, [a["id"] for a in answer], "FINISHED", now=utc_now(clock))
+    await services.lifecycle.tick()
+    assert (await _status(services, mailing_id))["status"] == "FINISHED"
+
+    async def killed(*args, **kwargs):
+        raise ConnectionError("the master was killed")
+
+    stores.blocks.write_summary = killed  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await services.recipients.reset([answer[0]["id"]])
+    services, stores = await _services(database, clock)  # a new master
+    await services.lifecycle.recover()
+    await services.lifecycle.tick()
+    mailing = await _status(services, mailing_id)
+    assert (mailing["status"], mailing["total_sent"], mailing["total_pending"]) == ("RUNNING", 1, 1)
+    leased = await services.dispatcher.lease({"serial": "sat-a", "group": ""}, 10)
+    assert [r["id"] for r in leased] == [answer[0]["id"]]

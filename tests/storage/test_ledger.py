@@ -227,3 +227,37 @@ async def test_a_read_failing_before_the_page_is_built_holds_no_cursor_back(data
     await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1), Change(1, "ERROR", 1)], NOW)
     entries, _, _ = await stores.status_log.read_since(0, 0, 10)
     assert [(e["id"], e["r"]["status"]) for e in entries] == [(ids[0], "FINISHED"), (ids[1], "ERROR")]
+
+
+@aio_test
+async def test_a_mailing_deleted_while_a_lease_is_written_leaves_no_summary_behind(database):
+    """The delete waits for the lease under way: its summary is not written back afterwards,
+    pointing at nothing, held by a satellite for ever."""
+    from cloudmailing.storage.blocks import Lease
+
+    stores, ids = await mailing_with(database, 3)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    save, saved, go_on = stores.blocks.save, asyncio.Event(), asyncio.Event()
+
+    async def save_then_wait(block):
+        written = await save(block)
+        saved.set()
+        await go_on.wait()  # the delete starts here
+        return written
+
+    stores.blocks.save = save_then_wait  # type: ignore[method-assign]
+
+    def take(block):
+        block.lease = Lease("L1", "sat-a", NOW + datetime.timedelta(minutes=5))
+        block.columns.leased[0] = 1
+        return []
+
+    lease = asyncio.ensure_future(stores.ledger.edit(block_id, take, NOW))
+    await saved.wait()
+    delete = asyncio.ensure_future(stores.delete_mailing(1))
+    await asyncio.sleep(0.2)
+    go_on.set()
+    await asyncio.gather(lease, delete)
+    assert await database.blocks.find_one({"_id": block_id}) is None
+    assert await database.blocks_done.find_one({"_id": block_id}) is None
+    assert await stores.blocks.held_by("sat-a") == []

@@ -183,6 +183,10 @@ class _SmtpClientProtocol(asyncio.Protocol):
         else:
             log.debug("unsolicited reply %s", reply.log_line())
 
+    def has_unread(self) -> bool:
+        """Whether bytes came that no reply was made of yet (a line begun, lines of a reply)."""
+        return bool(self._buffer or self._lines)
+
     def expect(self, on_reply: _OnReply, on_fail: _OnFail) -> None:
         """Queue a waiter for the next reply not yet claimed."""
         if self.lost is not None:
@@ -498,6 +502,8 @@ class SmtpConnection:
         if self.options.starttls and "STARTTLS" in self.extensions:
             reply = await self._command(protocol, b"STARTTLS\r\n")
             if reply.code == 220:
+                if protocol.has_unread():  # sent before the TLS session: nothing in it may trust it
+                    raise SmtpConnectionLost("data after the STARTTLS reply, before TLS")
                 loop = asyncio.get_running_loop()
                 try:
                     protocol.tcp = await loop.start_tls(protocol.tcp, protocol, _opportunistic_tls(),
@@ -606,11 +612,16 @@ class SmtpConnection:
     def _outcome(self, transaction: _Transaction, recipient_id: str, size: int) -> DeliveryOutcome:
         smtp_log = self._transaction_log(transaction, size)
         decisive = _decisive_reply(transaction)
-        if decisive is not None:
+        # Only the reply to the end of the data delivers: a 2xx or 3xx that ended the transaction
+        # earlier (a 250 to DATA) is a server out of step, tried again later, never "delivered".
+        if decisive is not None and (transaction.completed() or decisive.code >= 400):
             return outcomes.outcome_from_reply(
                 recipient_id, decisive.code, decisive.text, smtp_log, self.mx_host
             )
-        reason = str(transaction.error or "no reply")
+        if decisive is not None:
+            reason = f"unexpected reply before the end of the data: {decisive.log_line()[2:]}"
+        else:
+            reason = str(transaction.error or "no reply")
         return outcomes.temporary_failure(recipient_id, reason, smtp_log, self.mx_host)
 
     def _transaction_log(self, transaction: _Transaction, size: int) -> list[str]:

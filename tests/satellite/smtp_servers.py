@@ -13,6 +13,9 @@ out in one write) whose misbehaviour is chosen with a :class:`Behaviour`::
     Behaviour(drop_at="mail")            close when MAIL FROM arrives, without replying
     Behaviour(greeting_code=421)         "421 busy" on connect, then close
     Behaviour(starttls=True)             advertise STARTTLS (needs ``tls=make_tls_options()``)
+    Behaviour(starttls=True, after_starttls=b"2")  those plaintext bytes right behind the STARTTLS
+                                         220, before TLS (a reply injected on the path)
+    Behaviour(data_code=250)             answer DATA with that code instead of 354 (out of step)
     Behaviour(pipelining=False, esmtp=False, eightbitmime=False, smtputf8=False)  fewer features
     Behaviour(store=False)               count messages and bytes only (benchmarks)
     Behaviour(close_after_messages=1)    close right after queuing that many messages on a connection,
@@ -72,6 +75,8 @@ class Behaviour:
     store: bool = True
     hostname: str = "mx.test"
     close_after_messages: int = 0  # 0: never
+    after_starttls: bytes = b""
+    data_code: int = 354
 
 
 @dataclass
@@ -205,7 +210,7 @@ class _ServerProtocol(Protocol):
         self._reply(b"250 %s\r\n" % self.behaviour.hostname.encode())
 
     def _do_STARTTLS(self, arg: str) -> None:
-        self._reply(b"220 2.0.0 ready to start TLS\r\n")
+        self._reply(b"220 2.0.0 ready to start TLS\r\n" + self.behaviour.after_starttls)
         self._flush()
         self.tcp.startTLS(self.server.tls)
         self.tls, self.helo = True, ""
@@ -245,6 +250,9 @@ class _ServerProtocol(Protocol):
     def _do_DATA(self, arg: str) -> None:
         if not self.rcpt_to:
             self._reply(b"554 5.5.1 no valid recipients\r\n")
+            return
+        if self.behaviour.data_code != 354:
+            self._reply(b"%d 2.0.0 Ok\r\n" % self.behaviour.data_code)
             return
         self.in_data = True
         self._reply(b"354 End data with <CR><LF>.<CR><LF>\r\n")

@@ -244,6 +244,28 @@ async def test_starttls_is_negotiated_when_offered(serve: Any) -> None:
 
 
 @aio_test
+async def test_plaintext_behind_the_starttls_reply_ends_the_connection(serve: Any) -> None:
+    """Bytes sent in clear with the 220, before TLS (injected on the path), would be read as the
+    start of the first reply inside TLS and shift every reply after it."""
+    server, port = serve(Behaviour(starttls=True, after_starttls=b"2"), tls=make_tls_options())
+    with pytest.raises(SmtpConnectError, match="data after the STARTTLS reply"):
+        await connected(port)
+    assert not server.messages
+
+
+@aio_test
+async def test_a_2xx_to_data_is_no_delivery(serve: Any) -> None:
+    """The body was never sent, nor its end acknowledged: tried again later, never FINISHED."""
+    server, port = serve(Behaviour(data_code=250))
+    connection = await connected(port)
+    outcome = await connection.send("b@x.test", "r@dest.test", MESSAGE, "r1")
+    await connection.close()
+    assert (outcome.status, outcome.retryable) == (WARNING, True)
+    assert "unexpected reply before the end of the data: 250" in outcome.reply_text
+    assert not server.messages
+
+
+@aio_test
 async def test_starttls_not_used_when_not_offered_or_disabled(serve: Any) -> None:
     plain, plain_port = serve()
     offered, offered_port = serve(Behaviour(starttls=True), tls=make_tls_options())

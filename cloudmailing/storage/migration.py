@@ -2,10 +2,22 @@
 the block layout, and from layout 2 (bodies inside the mailing documents) to layout 3 (bodies in
 ``mailing_content``, see ``storage.mailings``).
 
-Run with the master stopped. It can be run again after an interruption: it first drops what an
-earlier run wrote, and drops the old collections only once everything is written. Change numbers
-are kept, so cursors handed out before the migration stay valid; leases are not (recipients in
-progress go back to the queue, as after a master restart).
+Run with the master stopped. A run can be killed at any point and run again, as often as needed,
+and ends as an uninterrupted run would. Layout 1 goes in three steps:
+
+1. write the whole new layout (blocks, index, log pages, kept messages, counts, and the bodies
+   moved to ``mailing_content``), reading the old collections without changing them: a rerun
+   drops what an earlier run wrote of the new layout and writes it again from them;
+2. record that the new layout is complete, with the old collections still to drop (the
+   ``migration`` document of ``meta``): from then on a rerun never rebuilds, it only drops;
+3. drop the old collections, one at a time (each struck from the list once dropped), then stamp
+   the layout marker and forget the ``migration`` document.
+
+The layout marker stays absent until the old collections are gone: the master refuses the
+database (naming this command) while the old recipients or their log hold a document, and both are
+dropped last. Change numbers are kept, so cursors handed out before
+the migration stay valid; leases are not (recipients in progress go back to the queue, as after a
+master restart).
 """
 
 from __future__ import annotations
@@ -26,6 +38,11 @@ from cloudmailing.storage.stores import Stores, open_stores
 
 PAGE_ENTRIES = 500
 _NEW_KINDS = ("block_content", "block_state", "status_log", "kept_messages")
+# Layout 1's collections, dropped once the new layout is complete: the journal first (the master
+# writes one of the same name), the recipients and their log last (while either holds a document,
+# the master refuses the database).
+_OLD_COLLECTIONS = ("ingest_batches", "status_log", "recipients")
+MIGRATION_MARKER = "migration"  # in meta, from the new layout's completion until the old collections are dropped
 
 
 @dataclass
@@ -38,34 +55,60 @@ class MigrationReport:
 
 async def migrate(database: Database, say: Callable[[str], None] = print) -> MigrationReport | None:
     """Convert ``database`` to the current layout; None if it needs no migration."""
+    pending = await database.meta.find_one({"_id": MIGRATION_MARKER})
+    if pending is not None:  # the new layout is complete: only the old collections are left to drop
+        await _finish(database, list(pending.get("drop") or []), say)
+        return MigrationReport()
     marker = await database.meta.find_one({"_id": "layout"})
     if marker is not None and marker.get("version") == 2:
-        return await _move_mailing_bodies(database, say)
+        report = await _move_mailing_bodies(database, say)
+        await _stamp_layout(database)
+        say(f"storage layout {LAYOUT_VERSION}: done")
+        return report
     if marker is not None or not await has_old_layout(database):
         return None
+    # Step 1: the new layout, from the old collections (left as they are). What an earlier,
+    # interrupted run wrote of it is dropped first; the bodies' move can simply be done again.
     await _drop_new_collections(database)
     stores = await open_stores(database)
     report = MigrationReport()
-    await _roll_back_old_batches(database)
-    places = await _place_recipients(database, stores, report)
+    cut = await _cut_old_batches(database)
+    places = await _place_recipients(database, stores, report, cut)
     say(f"placed {report.recipients} recipients in {report.blocks} blocks")
     latest = await _convert_log(database, stores, places, report)
     say(f"converted {report.changes} status changes")
-    await _write_blocks(database, stores, places, latest)
+    await _write_blocks(database, stores, places, latest, cut)
     await stores.ledger.recount(sorted(report.mailings))
     # Every converted page is final (no state names them as recent writes).
     await stores.blocks.set_logged_floor(await counters.current(database, "status_seq"))
-    for name in ("recipients", "status_log", "ingest_batches"):
-        await database.drop_collection(name)
     await _move_mailing_bodies(database, say)
-    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
-    say(f"storage layout {LAYOUT_VERSION}: done")
+    # Step 2: the new layout is complete; from here on a rerun only drops what is left.
+    await database.meta.replace_one({"_id": MIGRATION_MARKER}, {"drop": list(_OLD_COLLECTIONS)}, upsert=True)
+    # Step 3.
+    await _finish(database, list(_OLD_COLLECTIONS), say)
     return report
+
+
+async def _finish(database: Database, to_drop: list[str], say: Callable[[str], None]) -> None:
+    """Drop the old collections left, then stamp the layout marker and forget the migration's."""
+    for done, name in enumerate(to_drop, 1):
+        await database.drop_collection(name)
+        await database.meta.update_one({"_id": MIGRATION_MARKER}, {"$set": {"drop": to_drop[done:]}})
+    if to_drop:
+        say(f"dropped the collections of the old layout: {', '.join(to_drop)}")
+    await _stamp_layout(database)
+    await database.meta.delete_one({"_id": MIGRATION_MARKER})
+    say(f"storage layout {LAYOUT_VERSION}: done")
+
+
+async def _stamp_layout(database: Database) -> None:
+    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
 
 
 async def _move_mailing_bodies(database: Database, say: Callable[[str], None]) -> MigrationReport:
     """Layouts 1 and 2 kept each mailing's bodies in its document: move them to mailing_content
-    (content first, so an interrupted run loses nothing and can be run again)."""
+    (content first, then taken out of the document: an interrupted run loses nothing and can be
+    run again). The caller stamps the layout once everything else is done."""
     report = MigrationReport()
     async for mailing in database.mailings.find({}, {name: 1 for name in CONTENT_FIELDS}):
         bodies = {name: mailing[name] for name in CONTENT_FIELDS if name in mailing}
@@ -73,7 +116,6 @@ async def _move_mailing_bodies(database: Database, say: Callable[[str], None]) -
             await database.mailing_content.update_one({"_id": mailing["_id"]}, {"$set": bodies}, upsert=True)
             await database.mailings.update_one({"_id": mailing["_id"]}, {"$unset": dict.fromkeys(bodies, "")})
             report.mailings.add(mailing["_id"])
-    await database.meta.update_one({"_id": "layout"}, {"$set": {"version": LAYOUT_VERSION}}, upsert=True)
     say(f"moved the bodies of {len(report.mailings)} mailings to mailing_content")
     return report
 
@@ -87,11 +129,14 @@ async def _drop_new_collections(database: Database) -> None:
     await database.counters.delete_many({"_id": {"$in": ["block_id", "logged_floor"]}})
 
 
-async def _roll_back_old_batches(database: Database) -> None:
-    """Layout 1's journal: recipients of a batch a crash cut were never acknowledged."""
-    async for batch in database.ingest_batches.find({}):
-        if "mailing_id" in batch:
-            await database.recipients.delete_many({"ingest_batch": batch["_id"]})
+async def _cut_old_batches(database: Database) -> list[Any]:
+    """Layout 1's journal: the batches a crash cut, whose recipients were never acknowledged (left
+    out of the new layout; the old collections are not changed before it is complete)."""
+    return [batch["_id"] async for batch in database.ingest_batches.find({}) if "mailing_id" in batch]
+
+
+def _kept(cut: list[Any]) -> dict[str, Any]:
+    return {"ingest_batch": {"$nin": cut}} if cut else {}
 
 
 @dataclass
@@ -101,11 +146,12 @@ class _Placed:
     test: bool
 
 
-async def _place_recipients(database: Database, stores: Stores, report: MigrationReport) -> dict[str, _Placed]:
+async def _place_recipients(database: Database, stores: Stores, report: MigrationReport,
+                            cut: list[Any]) -> dict[str, _Placed]:
     """Choose every recipient's block and slot, keeping the old order; write content and index."""
     places: dict[str, _Placed] = {}
     groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
-    async for doc in database.recipients.find({}, {"log_group": 0}).sort([("block", 1), ("_id", 1)]):
+    async for doc in database.recipients.find(_kept(cut), {"log_group": 0}).sort([("block", 1), ("_id", 1)]):
         groups.setdefault((doc["mailing_id"], bool(doc.get("test"))), []).append(doc)
     for (mailing_id, test), docs in groups.items():
         report.mailings.add(mailing_id)
@@ -162,10 +208,10 @@ async def _convert_log(database: Database, stores: Stores, places: dict[str, _Pl
 
 
 async def _write_blocks(database: Database, stores: Stores, places: dict[str, _Placed],
-                        latest: dict[str, tuple[int, int]]) -> None:
+                        latest: dict[str, tuple[int, int]], cut: list[Any]) -> None:
     """Each block's state from its recipients' old documents."""
     blocks: dict[int, tuple[_Placed, StateColumns]] = {}
-    async for doc in database.recipients.find({}, {"contact": 0, "attachments": 0, "email": 0}):
+    async for doc in database.recipients.find(_kept(cut), {"contact": 0, "attachments": 0, "email": 0}):
         placed = places[doc["_id"]]
         block_id = placed.place.block_id
         if block_id not in blocks:

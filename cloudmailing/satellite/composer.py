@@ -61,9 +61,15 @@ def compose(mailing: PreparedMailing, recipient: dict[str, Any]) -> DeliveryJob:
                        testing=mailing.testing, keep_content=mailing.keep_content)
 
 
+# Headers read back are written out as they were built: refolding them would drop the quotes
+# around a long display name (a From naming another address, signed as it is) and fail on a
+# long SMTPUTF8 address.
+_AS_BUILT = email.policy.SMTP.clone(refold_source="none")
+
+
 def with_attachments(data: bytes, attachments: list[dict[str, Any]]) -> bytes:
     """The message with this recipient's own attachments added (a slower path, for them only)."""
-    message = email.message_from_bytes(data, policy=email.policy.SMTP)
+    message = email.message_from_bytes(data, policy=_AS_BUILT)
     assert isinstance(message, EmailMessage)
     if message.get_content_type() != "multipart/mixed":
         message.make_mixed()

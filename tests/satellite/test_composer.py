@@ -60,3 +60,26 @@ def test_a_template_failure_fails_that_recipient_alone():
     assert outcome["status"] == "GENERAL_ERROR" and "division" in outcome["reply_text"].lower()
     ok = compose(mailing, {"id": "r4", "email": "d@one.test", "domain": "one.test", "contact": {"n": 2}})
     assert ok.recipient == "d@one.test"
+
+
+def _with_an_attachment(sender_name: str, address: str) -> bytes:
+    attachment = {"filename": "a.pdf", "content_type": "application/pdf", "content": base64.b64encode(b"x").decode()}
+    job = compose(prepare(dict(CONTENT, sender_name=sender_name)),
+                  {"id": "r1", "email": address, "domain": address.rpartition("@")[2], "contact": {"name": "A"},
+                   "attachments": [attachment]})
+    return job.data
+
+
+def test_a_long_sender_name_stays_one_display_name_when_attachments_are_added():
+    """Adding a recipient's attachments re-reads the message: refolding its headers dropped the
+    quotes of a long display name, so that From named another address (and was then signed)."""
+    name = "Ann <ann@evil.test> via the weekly newsletter of Example Co and all its friends, partners"
+    message = email.message_from_bytes(_with_an_attachment(name, "ann@example.org"), policy=email.policy.default)
+    sender = message["From"].addresses
+    assert [(a.display_name, a.addr_spec) for a in sender] == [(name, "news@sender.test")]
+
+
+def test_a_long_utf8_address_with_attachments_is_built():
+    address = "jürgen." + "a" * 70 + "@example.org"
+    headers = _with_an_attachment("News", address).partition(b"\r\n\r\n")[0]
+    assert b"\r\nTo: <" + address.encode() + b">\r\n" in headers  # as built: SMTPUTF8, unfolded

@@ -6,23 +6,31 @@ import logging
 import sys
 from typing import Any
 
-from cloudmailing.cli.runtime import base_parser, install_reactor, settings_or_exit
+from cloudmailing.cli.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    base_parser,
+    install_reactor,
+    logging_or_exit,
+    settings_or_exit,
+)
 from cloudmailing.common.gc_tuning import settle_after_start
-from cloudmailing.common.logs import setup_logging
 
 log = logging.getLogger("cloudmailing.master")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 once stopped (SIGTERM), 1 when it fails to start, 2 on a usage or
+    configuration error (runtime.py), 3 when another process took the database's writer's claim."""
     args = base_parser("CloudMailing master: the XML-RPC API and the recipients' queue.").parse_args(argv)
     settings = settings_or_exit(args.config)
-    setup_logging(settings.logging.level, settings.logging.file)
+    logging_or_exit(settings)
     reactor = install_reactor()
     from cloudmailing.common.aio import as_deferred
     from cloudmailing.master.app import Master
 
     master = Master(settings, reactor)
-    exit_code = [0]
+    exit_code = [EXIT_OK]
 
     def started(_: Any) -> None:
         settle_after_start()
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     def failed(failure: Any) -> None:
         log.error("master failed to start: %s", failure.getErrorMessage())
         print(f"master failed to start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
-        exit_code[0] = 1
+        exit_code[0] = EXIT_FAILURE
         reactor.stop()
 
     def claim_lost() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, NoReturn
 
 import uvloop
 
@@ -35,11 +35,34 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses of every program (the systemd units' restart policy relies on them):
+EXIT_OK = 0
+EXIT_FAILURE = 1       # stopped on an error: restarting may help (database or master away, disk...)
+EXIT_CONFIG_ERROR = 2  # bad usage or configuration (as argparse's usage errors): restarting will not help
+# cm-master also exits 3 when another process took the database's writer's claim (master.py).
+
+
+def config_error_exit(message: str) -> NoReturn:
+    print(f"configuration error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
 def settings_or_exit(path: str | None) -> Settings:
+    """The validated settings, or exit with :data:`EXIT_CONFIG_ERROR` naming what is wrong."""
     try:
         return load_settings(path)
     except (ConfigError, OSError) as error:
-        sys.exit(f"configuration error: {error}")
+        config_error_exit(str(error))
+
+
+def logging_or_exit(settings: Settings) -> None:
+    """Set up logging as configured, or exit with :data:`EXIT_CONFIG_ERROR` (a log file that cannot be opened)."""
+    from cloudmailing.common.logs import setup_logging
+
+    try:
+        setup_logging(settings.logging.level, settings.logging.file)
+    except OSError as error:
+        config_error_exit(f"[logging] file: cannot open {settings.logging.file!r}: {error.strerror or error}")
 
 
 def run_once(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -6,35 +6,52 @@ import logging
 import sys
 from typing import Any
 
-from cloudmailing.cli.runtime import base_parser, install_reactor, settings_or_exit
+from cloudmailing.cli.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    base_parser,
+    install_reactor,
+    logging_or_exit,
+    settings_or_exit,
+)
 from cloudmailing.common.gc_tuning import settle_after_start
-from cloudmailing.common.logs import setup_logging
 
 log = logging.getLogger("cloudmailing.satellite")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 once stopped (SIGTERM), 1 when the daemon fails to start or stops on an
+    error, 2 on a usage or configuration error (runtime.py)."""
     args = base_parser("CloudMailing satellite: delivers the master's mailings.").parse_args(argv)
     settings = settings_or_exit(args.config)
-    setup_logging(settings.logging.level, settings.logging.file)
+    logging_or_exit(settings)
     reactor = install_reactor()
     from cloudmailing.common.aio import as_deferred
     from cloudmailing.satellite.daemon import SatelliteDaemon
 
-    daemon = SatelliteDaemon(settings.satellite, settings.paths.data_path / "satellite", reactor)
+    try:  # its data directory (secret, outbox) may not be writable
+        daemon = SatelliteDaemon(settings.satellite, settings.paths.data_path / "satellite", reactor)
+    except OSError as error:
+        log.error("satellite failed to start: %s", error)
+        print(f"satellite failed to start: {error}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    exit_code = [EXIT_OK]
     config = settings.satellite
     print(f"CloudMailing satellite {daemon.serial}: master {config.master_host}:{config.master_port}; "
           f"approve it on the master with cloud_set_satellite_properties or cm-admin if asked", flush=True)
 
     def failed(failure: Any) -> None:
         log.error("satellite stopped: %s", failure.getErrorMessage())
-        reactor.stop()
+        print(f"satellite stopped: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        exit_code[0] = EXIT_FAILURE  # systemd's Restart=on-failure restarts it
+        if reactor.running:
+            reactor.stop()
 
     reactor.callWhenRunning(settle_after_start)
     reactor.callWhenRunning(lambda: as_deferred(daemon.run()).addErrback(failed))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(daemon.stop()))
     reactor.run()
-    return 0
+    return exit_code[0]
 
 
 if __name__ == "__main__":

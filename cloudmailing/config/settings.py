@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
-    """A setting is missing, unknown or of the wrong type."""
+    """A setting is unknown, of the wrong type or out of its range: the message names the section,
+    the key, what is expected and the value given."""
 
 
 @dataclass(frozen=True)
@@ -180,43 +182,225 @@ def _build_section(name: str, values: Mapping[str, str]) -> Any:
 
 
 def _validate(name: str, section: Any) -> None:
-    for attr in ("port",):
-        port = getattr(section, attr, None)
-        if port is not None and not 0 <= port <= 65535:
-            raise ConfigError(f"[{name}] {attr}: {port} is not a TCP port")
-    if isinstance(section, ApiConfig) and section.max_request_bytes < 1024:
-        raise ConfigError("[api] max_request_bytes: must be at least 1024")
-    if isinstance(section, (ApiConfig, SatelliteLinkConfig)) and section.max_connections_per_source < 1:
-        raise ConfigError(f"[{name}] max_connections_per_source: must be at least 1")
-    if isinstance(section, DatabaseConfig) and not 1 <= section.block_recipients <= 1000:
-        raise ConfigError("[database] block_recipients: from 1 to 1000")
-    if isinstance(section, SatelliteLinkConfig):
-        if not 256 <= section.max_hello_frame_bytes <= section.max_frame_bytes:
-            raise ConfigError("[satellite_link] max_hello_frame_bytes: 256 to max_frame_bytes")
-        if section.hello_timeout_seconds <= 0 or section.idle_timeout_seconds <= 0:
-            raise ConfigError("[satellite_link] hello_timeout_seconds, idle_timeout_seconds: must be positive")
-        if section.reconnect_grace_seconds < 0:
-            raise ConfigError("[satellite_link] reconnect_grace_seconds: must not be negative")
-    if isinstance(section, SatelliteConfig):
-        _validate_satellite(section)
+    """Every field by its rule in :data:`_RULES`, then the rules that tie fields together."""
+    for attr in dataclasses.fields(section):
+        value = getattr(section, attr.name)
+        expected = _RULES[name][attr.name](value)
+        if expected is not None:
+            raise ConfigError(f"[{name}] {attr.name}: {expected}, not {value!r}")
+    for fields, check, expected in _CROSS_RULES.get(name, ()):
+        if not check(section):
+            shown = ", ".join(f"{key} = {getattr(section, key)!r}" for key in fields)
+            raise ConfigError(f"[{name}] {fields[0]}: {expected} ({shown})")
 
 
-def _validate_satellite(section: SatelliteConfig) -> None:
-    for attr in _POSITIVE_SATELLITE_SETTINGS:
-        if getattr(section, attr) <= 0:
-            raise ConfigError(f"[satellite] {attr}: must be more than 0")
-    for attr in ("connection_idle_timeout", "max_backoff_wait"):
-        if getattr(section, attr) < 0:
-            raise ConfigError(f"[satellite] {attr}: must not be negative")
-    if section.backoff_factor < 1:
-        raise ConfigError("[satellite] backoff_factor: must be at least 1")
-    if section.backoff_maximum < section.backoff_initial:
-        raise ConfigError("[satellite] backoff_maximum: must be at least backoff_initial")
+# -- the rules ------------------------------------------------------------------------------
+# A rule takes a field's converted value and returns None when it is valid, else what is
+# expected ("must be ..."), which the error shows after the section, the key, before the value.
+
+_Rule = Callable[[Any], str | None]
 
 
-_POSITIVE_SATELLITE_SETTINGS = ("compose_workers", "compose_memory_mb", "max_composed_bytes", "template_cpu_seconds",
-                                "template_max_output_chars", "template_max_value_chars",
-                                "max_messages_per_connection", "backoff_initial", "backoff_burst")
+def _number(minimum: float | None = None, maximum: float | None = None, above: float | None = None) -> _Rule:
+    """A finite number (NaN and infinities are refused): ``minimum`` <= it <= ``maximum``, or > ``above``."""
+    if above is not None:
+        expected = f"must be more than {above:g}" + ("" if maximum is None else f" and at most {maximum:g}")
+    elif minimum == 0 and maximum is None:
+        expected = "must not be negative"
+    elif maximum is None:
+        expected = f"must be at least {minimum:g}"
+    else:
+        expected = f"must be from {minimum:g} to {maximum:g}"
+
+    def check(value: Any) -> str | None:
+        if not math.isfinite(value):
+            return f"{expected} (a finite number)"
+        if above is not None and not value > above:
+            return expected
+        if minimum is not None and value < minimum:
+            return expected
+        if maximum is not None and value > maximum:
+            return expected
+        return None
+    return check
+
+
+_POSITIVE = _number(above=0)         # sizes, counts, limits, durations: zero would break them
+_NOT_NEGATIVE = _number(minimum=0)   # only where the code gives zero a meaning (see the field)
+_FACTOR = _number(minimum=1)  # multiplies a delay: below 1 the delay would shrink
+_PORT = _number(minimum=1, maximum=65535)
+_LISTEN_PORT = _number(minimum=0, maximum=65535)  # 0: any free port (the master prints the one taken)
+
+
+def _any(value: Any) -> str | None:
+    """Free text (paths, secrets), or a bool (checked when read)."""
+    return None
+
+
+_TEXT = _BOOL = _any
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MAX_SERIAL_CHARS = 100  # the master refuses a longer serial (services/satellites.py)
+
+
+def _no_space(empty_allowed: bool) -> _Rule:
+    def check(value: str) -> str | None:
+        if (not value and not empty_allowed) or any(c.isspace() for c in value):
+            return "must be a name without spaces" + ("" if empty_allowed else ", not empty")
+        return None
+    return check
+
+
+def _mongodb_url(empty_allowed: bool) -> _Rule:
+    def check(value: str) -> str | None:
+        if value == "" and empty_allowed:
+            return None
+        if not value.startswith(("mongodb://", "mongodb+srv://")) or any(c.isspace() for c in value):
+            return "must be a URL starting with mongodb:// or mongodb+srv://" + (" (or empty)" if empty_allowed else "")
+        return None
+    return check
+
+
+def _database_name(value: str) -> str | None:
+    if not value or len(value) > 63 or any(c.isspace() or c in '/\\."$' for c in value):
+        return 'must be a MongoDB database name: 1 to 63 characters, no spaces nor /\\."$'
+    return None
+
+
+def _host_port(text: str) -> bool:
+    """What ``satellite.daemon.host_port`` reads: "host" or "host:port", port 1 to 65535."""
+    host, colon, port = text.strip().rpartition(":")
+    if not colon:
+        return bool(port) and not any(c.isspace() for c in port)
+    return bool(host) and not any(c.isspace() for c in host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def _host_port_list(value: str) -> str | None:
+    if not all(_host_port(item) for item in value.split(",") if item.strip()):
+        return 'must be "host" or "host:port" items (port 1 to 65535), comma-separated, or empty'
+    return None
+
+
+def _host_port_or_empty(value: str) -> str | None:
+    return None if value == "" or _host_port(value) else 'must be "host" or "host:port" (port 1 to 65535), or empty'
+
+
+def _fingerprint(value: str) -> str | None:
+    digest = value.replace(":", "").strip()
+    if value and not (len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)):
+        return "must be a SHA-256 fingerprint (64 hex digits, colons allowed, as cm-master prints it), or empty"
+    return None
+
+
+def _serial(value: str) -> str | None:
+    if len(value) > _MAX_SERIAL_CHARS or any(c.isspace() for c in value):
+        return f"must be at most {_MAX_SERIAL_CHARS} characters without spaces (empty: the host name)"
+    return None
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in _LOG_LEVELS else f"must be one of {', '.join(_LOG_LEVELS)}"
+
+
+_RULES: dict[str, dict[str, _Rule]] = {
+    "database": {
+        "url": _mongodb_url(empty_allowed=True),
+        "name": _database_name,
+        "embedded_url": _mongodb_url(empty_allowed=False),
+        "block_recipients": _number(minimum=1, maximum=1000),
+    },
+    "api": {
+        "host": _no_space(empty_allowed=True),  # empty: every address
+        "port": _LISTEN_PORT,
+        "tls_cert": _TEXT,
+        "tls_key": _TEXT,
+        "max_request_bytes": _number(minimum=1024),
+        "max_xml_depth": _POSITIVE,
+        # 0: no cache (a revoked key stops at once; every call costs a scrypt check). Bounded:
+        # a revoked key keeps working this long (docs/api.md, "Authentication").
+        "key_cache_seconds": _number(minimum=0, maximum=3600),
+        "auth_failures_before_delay": _NOT_NEGATIVE,  # 0: the first failure already delays
+        "auth_max_delay_seconds": _POSITIVE,
+        "max_connections_per_source": _number(minimum=1),
+    },
+    "satellite_link": {
+        "host": _no_space(empty_allowed=True),
+        "port": _LISTEN_PORT,
+        "max_awaiting_approval": _NOT_NEGATIVE,  # 0: unknown serials refused unrecorded (cm-admin satellite add)
+        "max_connections_per_source": _number(minimum=1),
+        "reconnect_grace_seconds": _NOT_NEGATIVE,  # 0: a satellite's leases are freed as soon as it leaves
+        "max_frame_bytes": _POSITIVE,
+        "max_hello_frame_bytes": _number(minimum=256),
+        "hello_timeout_seconds": _POSITIVE,
+        "idle_timeout_seconds": _POSITIVE,
+    },
+    "dispatch": {
+        # Bounded above so that now + the duration stays a date (datetime arithmetic).
+        "lease_seconds": _number(minimum=1, maximum=7 * 86400),
+        "max_lease_size": _POSITIVE,
+        "initial_lease_size": _POSITIVE,
+        "max_lease_bytes": _POSITIVE,
+        "retry_initial_seconds": _number(minimum=1, maximum=365 * 86400),
+        "retry_factor": _FACTOR,
+        "retry_max_seconds": _number(minimum=1, maximum=365 * 86400),
+        "retry_max_age_hours": _number(above=0, maximum=100 * 365 * 24),
+    },
+    "satellite": {
+        "master_host": _no_space(empty_allowed=False),
+        "master_port": _PORT,
+        "master_fingerprint": _fingerprint,
+        "serial": _serial,
+        "secret": _TEXT,
+        "helo_hostname": _no_space(empty_allowed=True),  # sent in EHLO: no spaces nor line breaks
+        "dns_servers": _host_port_list,
+        "smtp_port": _PORT,
+        "test_target": _host_port_or_empty,
+        "lease_size": _POSITIVE,
+        "compose_workers": _POSITIVE,
+        "compose_memory_mb": _POSITIVE,
+        "max_composed_bytes": _POSITIVE,
+        "template_cpu_seconds": _POSITIVE,
+        "template_max_output_chars": _POSITIVE,
+        "template_max_value_chars": _POSITIVE,
+        "max_connections": _POSITIVE,
+        "max_connections_per_host": _POSITIVE,
+        "connect_timeout": _POSITIVE,
+        "reply_timeout": _POSITIVE,
+        "max_messages_per_connection": _POSITIVE,
+        "connection_idle_timeout": _NOT_NEGATIVE,  # 0: QUIT as soon as nothing is queued
+        "starttls": _BOOL,
+        "backoff_initial": _POSITIVE,
+        "backoff_factor": _FACTOR,
+        "backoff_maximum": _POSITIVE,
+        "backoff_burst": _POSITIVE,
+        "max_backoff_wait": _NOT_NEGATIVE,  # 0: a domain whose every MX host is paused is reported at once
+    },
+    "reports": {
+        "status_log_retention_days": _number(minimum=1, maximum=36500),
+    },
+    "paths": {
+        "data_dir": _not_empty,
+    },
+    "logging": {
+        "level": _log_level,
+        "file": _TEXT,  # empty: standard error
+    },
+}
+
+# (fields, check, expected): the first field named is the one reported.
+_CROSS_RULES: dict[str, tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...]] = {
+    "api": ((("tls_cert", "tls_key"), lambda s: bool(s.tls_cert) == bool(s.tls_key),
+             "tls_cert and tls_key must be set together, or neither"),),
+    "satellite_link": ((("max_hello_frame_bytes", "max_frame_bytes"),
+                        lambda s: s.max_hello_frame_bytes <= s.max_frame_bytes, "must be at most max_frame_bytes"),),
+    "dispatch": ((("retry_max_seconds", "retry_initial_seconds"),
+                  lambda s: s.retry_max_seconds >= s.retry_initial_seconds, "must be at least retry_initial_seconds"),),
+    "satellite": ((("backoff_maximum", "backoff_initial"),
+                   lambda s: s.backoff_maximum >= s.backoff_initial, "must be at least backoff_initial"),),
+}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,

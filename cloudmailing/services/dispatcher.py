@@ -37,7 +37,10 @@ _CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "char
 
 def retry_delay(config: DispatchConfig, try_count: int) -> float:
     """Seconds before the next try after ``try_count`` tries: initial × factor^(n-1), capped."""
-    delay = config.retry_initial_seconds * config.retry_factor ** max(try_count - 1, 0)
+    try:
+        delay = config.retry_initial_seconds * config.retry_factor ** max(try_count - 1, 0)
+    except OverflowError:  # past the float range (a thousand tries and more): the cap, surely
+        return float(config.retry_max_seconds)
     return float(min(delay, config.retry_max_seconds))
 
 

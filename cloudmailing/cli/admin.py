@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sats.add_parser("list", help="registered satellites")
     for action in ("enable", "disable", "delete"):
         sats.add_parser(action, help=f"{action} a satellite").add_argument("id", type=int)
+    sats.add_parser("approve", help="pair (and enable) a satellite that asked to join").add_argument("id", type=int)
     config = groups.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
     config.add_parser("show", help="print the settings in force")
     storage = groups.add_parser("storage", help="the database's storage (run with the master stopped)")
@@ -80,6 +81,8 @@ async def _satellite(args: argparse.Namespace, database: Database) -> int:
                       f"\tgroup={sat['group']}")
         elif args.action in ("enable", "disable"):
             await service.set_properties(args.id, {"enabled": args.action == "enable"})
+        elif args.action == "approve":
+            await service.set_properties(args.id, {"paired": True, "enabled": True})
         elif args.action == "delete":
             await service.delete(args.id)
     except ServiceError as error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import urllib.parse
 from pathlib import Path
 from types import TracebackType
 
@@ -17,11 +18,14 @@ class EmbeddedDatabase:
 
     As root the cluster runs as the user postgres, who must traverse ``data_dir``'s parents: give
     ``searchable_from``, the highest of them, and those up to it are made searchable (not
-    readable) by others, as pytest's and tempfile's 0700 directories need."""
+    readable) by others, as pytest's and tempfile's 0700 directories need.
+
+    ``url`` is FerretDB's unix socket (no TCP port), the same at every start in ``data_dir``;
+    ``port`` is accepted for older callers and ignored."""
 
     def __init__(self, data_dir: Path, port: int | None = None, searchable_from: Path | None = None) -> None:
         self.data_dir = data_dir
-        command = [str(ROOT / "bin" / "embedded-db"), "start", str(data_dir)] + (["--port", str(port)] if port else [])
+        command = [str(ROOT / "bin" / "embedded-db"), "start", str(data_dir)]
         for _ in range(3):
             if searchable_from is not None and os.geteuid() == 0:
                 _searchable(data_dir.parent, searchable_from)
@@ -35,6 +39,11 @@ class EmbeddedDatabase:
             if "cannot reach" not in errors and "Permission denied" not in errors:
                 break
         raise RuntimeError(f"the embedded database did not start: {errors.strip()}")
+
+    @property
+    def socket_path(self) -> Path:
+        """FerretDB's unix socket, from the URL (mongodb:// and the percent-encoded path)."""
+        return Path(urllib.parse.unquote(self.url.removeprefix("mongodb://").rstrip("/")))
 
     @property
     def postgres_pid(self) -> int:

@@ -7,9 +7,11 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,21 +174,83 @@ def test_everything_in_the_data_dir_is_private_from_the_start(data_dir, start):
             assert path.stat().st_mode & 0o077 == 0, path
 
 
-def test_a_given_port_is_used(data_dir, start):
+def test_ferretdb_answers_only_on_a_socket_other_users_cannot_reach(data_dir, start):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with start(port=port) as database:
-        assert database.url == f"mongodb://127.0.0.1:{port}/"
+    with start(port=port) as database:  # where it used to listen; given by an older caller, now ignored
+        path = database.socket_path
+        assert database.url == "mongodb://" + urllib.parse.quote(str(path), safe="") + "/"
+        assert path == data_dir / "socket" / "ferretdb.sock"
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert path.parent.stat().st_uid == os.geteuid()
+        assert path.parent.stat().st_mode & 0o777 == 0o700  # only its owner enters: no password is asked
         assert _client(database.url).admin.command("ping")["ok"] == 1
+        _client(database.url).shop.orders.insert_one({"n": 1})
+        assert _client(database.url).shop.orders.count_documents({}) == 1
+
+        ferretdb = database.ferretdb_pid
+        assert not _tcp_listeners(ferretdb)  # nothing on 127.0.0.1, where it used to listen
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if os.geteuid() == 0:  # another user is refused at the socket's directory
+            assert _connect_as("nobody", path) == "PermissionError"
+    with start() as again:
+        assert again.url == database.url  # the same at every start: a client's URL stays good
+        assert _client(again.url).shop.orders.count_documents({}) == 1
 
 
-def test_a_busy_port_and_a_second_start_get_clear_errors(data_dir, start):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{busy.getsockname()[1]} is not free"):
-            start(port=busy.getsockname()[1])
+def _connect_as(user: str, path: Path) -> str:
+    """Connects to the unix socket ``path`` as ``user`` (from a forked child): "connected" or the error."""
+    account = pwd.getpwnam(user)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        outcome = "connected"
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+        except OSError as error:
+            outcome = type(error).__name__
+        os.write(writer, outcome.encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as said:
+        outcome = said.read()
+    os.waitpid(child, 0)
+    return outcome
+
+
+def _tcp_listeners(pid: int) -> list[str]:
+    """The TCP sockets ``pid`` listens on (state 0A in /proc/net/tcp*), by inode."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                found.append(fields[1])
+    return found
+
+
+def test_a_socket_directory_of_another_user_is_refused(data_dir, start):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory to another user")
+    (data_dir / "socket").mkdir(parents=True)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(data_dir / "socket", nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(RuntimeError, match="is not a directory of this user's"):
+        start()
+
+
+def test_a_second_start_gets_a_clear_error(data_dir, start):
     with start():
         with pytest.raises(RuntimeError, match=f"already running on {data_dir}"):
             start()

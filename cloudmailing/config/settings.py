@@ -10,6 +10,7 @@ import configparser
 import dataclasses
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
 class DatabaseConfig:
     url: str = ""  # empty: the embedded FerretDB started by bin/ scripts (see README)
     name: str = "cloudmailing"
-    embedded_url: str = "mongodb://127.0.0.1:27117/"
+    embedded_url: str = ""  # empty: the embedded database's socket in <data_dir>/db (bin/quickstart's)
     block_recipients: int = 500  # most recipients stored (and leased) together as one block
 
 
@@ -134,8 +135,13 @@ class Settings:
 
     @property
     def mongodb_url(self) -> str:
-        """The database URL in force: the configured one, else the embedded server's."""
-        return self.database.url or self.database.embedded_url
+        """The database URL in force: the configured one, else the embedded server's: FerretDB's
+        unix socket in ``<data_dir>/db``, where bin/quickstart starts it (``bin/embedded-db url``
+        prints it; quickstart also hands it to every program in ``CM_MONGODB_URL``)."""
+        if self.database.url or self.database.embedded_url:
+            return self.database.url or self.database.embedded_url
+        socket = (self.paths.data_path / "db" / "socket" / "ferretdb.sock").absolute()
+        return "mongodb://" + urllib.parse.quote(str(socket), safe="") + "/"
 
 
 _SECTIONS: dict[str, type] = {
@@ -309,7 +315,7 @@ _RULES: dict[str, dict[str, _Rule]] = {
     "database": {
         "url": _mongodb_url(empty_allowed=True),
         "name": _database_name,
-        "embedded_url": _mongodb_url(empty_allowed=False),
+        "embedded_url": _mongodb_url(empty_allowed=True),
         "block_recipients": _number(minimum=1, maximum=1000),
     },
     "api": {

@@ -80,7 +80,6 @@ INVALID = [
     ("database", "name", ""),
     ("database", "name", "a.b"),
     ("database", "url", "localhost:27017"),
-    ("database", "embedded_url", ""),
     ("reports", "status_log_retention_days", "-1"),
     ("reports", "status_log_retention_days", "0"),
     ("reports", "status_log_retention_days", "99999999"),

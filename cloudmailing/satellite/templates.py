@@ -31,7 +31,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -41,6 +41,7 @@ from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, nodes, pas
 from jinja2.exceptions import SecurityError
 from jinja2.filters import do_center, do_format, do_indent, do_join, do_replace, make_attrgetter
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
 log = logging.getLogger("cloudmailing.satellite.templates")
@@ -257,7 +258,11 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def _finalize(self, value: Any) -> Any:
         _tick()
-        return "" if value is None else self._sized(value, "value")
+        if value is None:
+            return ""
+        if isinstance(value, _CONTAINERS):  # its text is made next: refused before, when too large
+            self._check_length(_text_size(value, self.max_chars), "value")
+        return self._sized(value, "value")
 
     def _counted(self, function: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -361,6 +366,40 @@ def _join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> Any:
     if attribute is not None:
         value = map(make_attrgetter(environment, attribute), value)
     return do_join(eval_ctx, environment._joinable(value, d), d)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset, Namespace, KeysView, ValuesView, ItemsView)
+
+
+def _text_size(value: Any, limit: int) -> int:
+    """At least the length of ``str(value)`` for a container: its items' sizes summed (with two
+    characters each for separators), nested containers included; counting stops past ``limit``.
+
+    A list's length is bounded by the value limit, not the strings it refers to: ``['x' * 10**6] *
+    10**6`` is a small list whose text would be 10**12 characters. Without calling ``repr``,
+    which would make that text: an item neither string, integer nor container counts one.
+    """
+    total = 2
+    pending = [value]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, Namespace):  # its repr is that of its attributes
+            current = current._Namespace__attrs  # type: ignore[attr-defined]
+        items = current.items() if isinstance(current, Mapping) else current
+        for item in items:
+            total += 2
+            if isinstance(item, (str, bytes)):
+                total += len(item)
+            elif isinstance(item, int):
+                total += item.bit_length() // 3 + 1  # at least its decimal digits
+            elif isinstance(item, _CONTAINERS):
+                total += 2
+                pending.append(item)
+            else:
+                total += 1
+            if total > limit:
+                return total
+    return total
 
 
 def _both_ints(left: Any, right: Any) -> bool:

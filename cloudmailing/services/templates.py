@@ -7,16 +7,27 @@ defaults of the satellites' ``template_*`` settings). Refused (Fault 406): a syn
 what that render shows every recipient would meet: a limit gone over (CPU time, output or value
 size, integer size) or an operation the sandbox forbids. Other errors of that render (a division
 by an undefined field...) may not happen with real data: they are left to each recipient.
+
+The render runs in a long-lived child process under hard limits, as the satellites' compose
+workers do (:mod:`cloudmailing.services.limited_process`): one operation the sandbox cannot
+interrupt, or memory it does not count, must not stall or exhaust the master. Over the child's
+memory (``CHECK_MEMORY_MB``), its ``RLIMIT_CPU`` or the wall-clock time, the template is refused
+too (``template over its limits: ...``). The event loop only awaits the answer.
 """
 
 from __future__ import annotations
 
-import asyncio
-
+from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.templates import DEFAULT_LIMITS, TemplateLimits, TemplateRenderError, compile_template
 from cloudmailing.services.errors import InvalidValue
+from cloudmailing.services.limited_process import LimitedProcesses, OverLimits
 
 _REFUSED = ("template over its limits", "template not allowed")
+_NO_DATA = " (rendered with no recipient data)"
+CHECK_MEMORY_MB = SatelliteConfig.compose_memory_mb  # as a compose worker's default
+CHECK_PROCESSES = 2  # checks at once (the others wait their turn)
+
+_checkers = LimitedProcesses(CHECK_PROCESSES, CHECK_MEMORY_MB, preload=(__name__,))
 
 
 async def check_template(name: str, source: str, *, html: bool = False,
@@ -24,8 +35,13 @@ async def check_template(name: str, source: str, *, html: bool = False,
     """Raise :class:`InvalidValue` (Fault 406) when ``source`` cannot render for any recipient."""
     if "{" not in source:
         return
-    # In a thread: the render may take its whole CPU time limit, the API goes on meanwhile.
-    reason = await asyncio.to_thread(_refusal, source, html, limits)
+    # In a child process, awaited: the render may take its whole CPU time limit or more memory
+    # than the master should give; the API goes on meanwhile.
+    try:
+        reason = await _checkers.call(_refusal, source, html, limits, cpu_seconds=limits.cpu_seconds,
+                                      wall_seconds=max(10.0, 5 * limits.cpu_seconds))
+    except OverLimits as over:
+        reason = over.reason + _NO_DATA
     if reason:
         raise InvalidValue(f"{name}: {reason}")
 
@@ -38,5 +54,5 @@ def _refusal(source: str, html: bool, limits: TemplateLimits) -> str | None:
         template.render({})
     except TemplateRenderError as error:
         if error.reason.startswith(_REFUSED):
-            return f"{error.reason} (rendered with no recipient data)"
+            return error.reason + _NO_DATA
     return None

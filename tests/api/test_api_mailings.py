@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
+import resource
+import time
 import xmlrpc.client
 
 import pytest
@@ -180,3 +183,50 @@ async def test_force_purge_closes_started_empty_mailings(running_master):
     assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "RUNNING"
     await api.force_purge_empty_mailings()
     assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
+
+
+# One operation the sandbox does not count ('in' over a huge list compares each item in C, holding
+# the GIL): ~13 s of CPU time in one render. The check runs in a child process under RLIMIT_CPU.
+_GIL_HOG = ("{% set a = 'x'*1000000 %}{% set b = 'x'*999999 ~ 'y' %}"
+            + "{{ b in [a]*150000 }}" * 4)
+
+
+@aio_test
+async def test_a_template_over_the_cpu_limit_is_refused_while_the_master_goes_on(running_master):
+    api = running_master.proxy()
+    await _new(api)  # the checking process is started
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.ensure_future(heartbeat())
+    started = time.monotonic()
+    checking = asyncio.ensure_future(_fault(api.create_mailing, *_create_args(html=_GIL_HOG).values()))
+    await asyncio.sleep(1.0)
+    assert not checking.done()
+    assert await running_master.proxy().get_mailings_count() == 1  # another API call answers meanwhile
+    fault = await checking
+    elapsed = time.monotonic() - started
+    beating.cancel()
+    assert fault.faultCode == 406, fault.faultString
+    assert fault.faultString.startswith("html: template over its limits: CPU time over the limit"), fault.faultString
+    assert elapsed < 10.0
+    assert max(gaps) < 0.5, max(gaps)  # the event loop was never frozen
+
+
+@pytest.mark.parametrize("count", [600, 1_000_000])
+@aio_test
+async def test_a_template_whose_text_is_huge_is_refused_without_master_memory(running_master, count):
+    # A list of `count` references to one 1 MB string: its length is within the value limit, its text is not.
+    api = running_master.proxy()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fault = await _fault(api.create_mailing, *_create_args(plain="{{ ['x'*1000000]*" + str(count) + " }}").values())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024  # KiB
+    assert fault.faultCode == 406, fault.faultString
+    assert fault.faultString.startswith("plain: template over its limits: value larger than 1000000"), fault.faultString

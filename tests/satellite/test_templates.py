@@ -200,3 +200,24 @@ def test_any_template_ends_within_its_limits(source: str) -> None:
     else:
         assert len(output) <= _FAST.max_output_chars
     assert time.thread_time() - started < 1.0, source
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ['x' * 1000000] * 600 }}",
+    "{{ ['x' * 1000000] * 1000000 }}",
+    "{{ [[''] * 1000000] * 1000000 }}",
+    "{{ {'a': 'x' * 600000, 'b': 'y' * 600000} }}",
+    "{{ ('x' * 600000, ['y' * 600000]) }}",
+    "{% set ns = namespace(x=['x' * 1000000] * 1000) %}{{ ns }}",
+])
+def test_a_value_whose_text_would_be_too_large_is_refused_before_it_is_made(source: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(TemplateRenderError) as info:
+        render(source)
+    assert info.value.reason == "template over its limits: value larger than 1000000 characters or items"
+    assert time.monotonic() - started < 2
+
+
+def test_small_lists_and_dicts_still_render() -> None:
+    assert render("{{ [1, 'a', None] }} {{ {'k': (2, 3)} }}") == "[1, 'a', None] {'k': (2, 3)}"
+    assert render("{{ ['x' * 400000] * 2 }}") == str(["x" * 400000] * 2)

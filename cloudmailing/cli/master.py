@@ -6,14 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from cloudmailing.cli.runtime import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    base_parser,
-    install_reactor,
-    logging_or_exit,
-    settings_or_exit,
-)
+from cloudmailing.cli.runtime import EXIT_FAILURE, EXIT_OK, start_daemon
 from cloudmailing.common.gc_tuning import settle_after_start
 
 log = logging.getLogger("cloudmailing.master")
@@ -22,10 +15,7 @@ log = logging.getLogger("cloudmailing.master")
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 once stopped (SIGTERM), 1 when it fails to start, 2 on a usage or
     configuration error (runtime.py), 3 when another process took the database's writer's claim."""
-    args = base_parser("CloudMailing master: the XML-RPC API and the recipients' queue.").parse_args(argv)
-    settings = settings_or_exit(args.config)
-    logging_or_exit(settings)
-    reactor = install_reactor()
+    args, settings, reactor = start_daemon("CloudMailing master: the XML-RPC API and the recipients' queue.", argv)
     from cloudmailing.common.aio import as_deferred
     from cloudmailing.master.app import Master
 

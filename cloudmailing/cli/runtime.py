@@ -65,6 +65,15 @@ def logging_or_exit(settings: Settings) -> None:
         config_error_exit(f"[logging] file: cannot open {settings.logging.file!r}: {error.strerror or error}")
 
 
+def start_daemon(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Any]:
+    """A long-running program's start: its command line, its checked settings, logging as they
+    say, and the reactor (exits with :data:`EXIT_CONFIG_ERROR` on a usage or configuration error)."""
+    args = base_parser(description).parse_args(argv)
+    settings = settings_or_exit(args.config)
+    logging_or_exit(settings)
+    return args, settings, install_reactor()
+
+
 def run_once(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run one coroutine to completion on the reactor and return its exit code."""
     reactor = install_reactor()

@@ -6,14 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from cloudmailing.cli.runtime import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    base_parser,
-    install_reactor,
-    logging_or_exit,
-    settings_or_exit,
-)
+from cloudmailing.cli.runtime import EXIT_FAILURE, EXIT_OK, start_daemon
 from cloudmailing.common.gc_tuning import settle_after_start
 
 log = logging.getLogger("cloudmailing.satellite")
@@ -22,10 +15,7 @@ log = logging.getLogger("cloudmailing.satellite")
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 once stopped (SIGTERM), 1 when the daemon fails to start or stops on an
     error, 2 on a usage or configuration error (runtime.py)."""
-    args = base_parser("CloudMailing satellite: delivers the master's mailings.").parse_args(argv)
-    settings = settings_or_exit(args.config)
-    logging_or_exit(settings)
-    reactor = install_reactor()
+    args, settings, reactor = start_daemon("CloudMailing satellite: delivers the master's mailings.", argv)
     from cloudmailing.common.aio import as_deferred
     from cloudmailing.satellite.daemon import SatelliteDaemon
 

@@ -30,11 +30,12 @@ ENDED_BEFORE_DELIVERY = {"reply_text": "mailing ended before delivery"}
 
 
 def _done(mailing: Mapping[str, Any]) -> bool:
-    """A running regular mailing with nothing left pending (and recipients, or allowed none)."""
-    if mailing["status"] != RUNNING or mailing.get("type", REGULAR) != REGULAR:
+    """A running regular mailing with nothing left pending; never one with dont_close_if_empty,
+    which a client fills in batches while it sends (as the original server: only its deadline, a
+    delete or the client closes it)."""
+    if mailing["status"] != RUNNING or mailing.get("type", REGULAR) != REGULAR or mailing.get("dont_close_if_empty"):
         return False
-    counts = totals(mailing.get("counts") or {})
-    return not counts["total_pending"] and bool(counts["total_recipient"] or not mailing.get("dont_close_if_empty"))
+    return not totals(mailing.get("counts") or {})["total_pending"]
 
 
 def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
@@ -118,9 +119,12 @@ class MailingLifecycle:
             log.info("mailing finished", extra={"mailing": mailing_id})
 
     async def close_empty_mailings(self) -> int:
-        """Finish started mailings that have no recipient at all, even with dont_close_if_empty."""
+        """Finish started regular mailings that have no recipient at all; not an OPENED one (a
+        transactional stream between two messages) nor one with dont_close_if_empty."""
         now, closed = utc_now(self._clock), 0
         async for mailing in self._mailings.open_mailings():
+            if mailing.get("type", REGULAR) != REGULAR or mailing.get("dont_close_if_empty"):
+                continue
             if totals(mailing.get("counts") or {})["total_recipient"] == 0:
                 await self._finish(mailing["_id"], now)
                 closed += 1

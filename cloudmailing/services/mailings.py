@@ -197,6 +197,11 @@ class MailingService:
         status = mailing["status"]
         if status == FINISHED:
             raise BadRequest(f"mailing {mailing['_id']} is finished")
+        if status == PAUSED and mailing.get("start_time"):  # it ran before: resumed at once
+            if await self._store.update(mailing["_id"], {"status": RUNNING}, only_if_status=[PAUSED]):
+                log.info("mailing resumed", extra={"mailing": mailing["_id"]})
+                return RUNNING
+            return str((await self.get(mailing_id))["status"])  # changed meanwhile
         if status in (FILLING, PAUSED):
             status = READY
             await self._store.update(mailing["_id"], {"status": status})

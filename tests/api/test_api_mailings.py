@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.helpers import aio_test
+from tests.helpers import aio_test, set_statuses
 
 
 async def _fault(call, *args) -> xmlrpc.client.Fault:
@@ -174,15 +174,45 @@ async def test_introspection_and_legacy_methods(running_master):
 
 
 @aio_test
-async def test_force_purge_closes_started_empty_mailings(running_master):
+async def test_force_purge_closes_started_empty_regular_mailings_only(running_master):
+    """As the original server: not a mailing kept open on purpose, nor a transactional stream."""
+    api = running_master.proxy()
+    regular, kept_open, stream = await _new(api), await _new(api), await _new(api)
+    await api.set_mailing_properties(kept_open, {"dont_close_if_empty": True})
+    await api.set_mailing_properties(stream, {"type": "OPENED"})
+    for mailing_id in (regular, kept_open, stream):
+        await api.start_mailing(mailing_id)
+    await api.pause_mailing(regular)  # not finished by count while paused
+    await api.mailing_manager_force_check()
+    await api.force_purge_empty_mailings()
+    statuses = {m["id"]: m["status"] for m in await api.list_mailings({"id": [regular, kept_open, stream]})}
+    assert statuses == {regular: "FINISHED", kept_open: "RUNNING", stream: "RUNNING"}
+
+
+@aio_test
+async def test_dont_close_if_empty_keeps_a_mailing_open_between_batches(running_master):
+    """A client feeding recipients in batches: the first batch delivered must not close it."""
     api = running_master.proxy()
     mailing_id = await _new(api)
-    await api.set_mailing_properties(mailing_id, {"dont_close_if_empty": True})
+    await api.set_mailing_properties(mailing_id, {"dont_close_if_empty": 1})
     await api.start_mailing(mailing_id)
+    [first] = await api.add_recipients(mailing_id, [{"email": "u0@example.org"}])
+    await set_statuses(running_master.master.stores, [first["id"]], "FINISHED")
     await api.mailing_manager_force_check()
     assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "RUNNING"
-    await api.force_purge_empty_mailings()
-    assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED"
+    assert "id" in (await api.add_recipients(mailing_id, [{"email": "u1@example.org"}]))[0]
+
+
+@aio_test
+async def test_a_paused_mailing_that_ran_resumes_running_at_once(running_master):
+    api = running_master.proxy()
+    mailing_id = await _new(api)
+    await api.add_recipients(mailing_id, [{"email": "u0@example.org"}])
+    assert await api.start_mailing(mailing_id) == "READY"
+    await api.mailing_manager_force_check()
+    assert await api.pause_mailing(mailing_id) == "PAUSED"
+    assert await api.start_mailing(mailing_id) == "RUNNING"  # RUNNING <-> PAUSED (API.md)
+    assert (await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "RUNNING"
 
 
 # One operation the sandbox does not count ('in' over a huge list compares each item in C, holding

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Container, Mapping, Sequence
 
 from cloudmailing.common.link_protocol import Outcome
-from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATUSES, TIMEOUT, WARNING
+from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATUSES, READY, TIMEOUT, WARNING
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
@@ -99,22 +99,26 @@ class Dispatcher:
         until = now + datetime.timedelta(seconds=self.config.lease_seconds)
         lease = Lease(uuid.uuid4().hex, satellite["serial"], until)
         affinity = set(satellite.get("domain_affinity") or [])
-        mailing_ids = await self._stores.mailings.running_for_groups(_groups(satellite))
-        leased = await self._fill(wanted, [(None, True), (mailing_ids, False)], lease, now, affinity)
+        groups = _groups(satellite)
+        mailing_ids = await self._stores.mailings.running_for_groups(groups)
+        leased = await self._fill(wanted, [(None, True), (mailing_ids, False)], lease, now, affinity, groups)
         if leased:
             log.info("leased %d recipients", len(leased), extra={"satellite": lease.owner})
         return leased
 
     async def _fill(self, wanted: int, scopes: list[tuple[list[int] | None, bool]], lease: Lease,
-                    now: datetime.datetime, affinity: set[str]) -> list[dict[str, Any]]:
+                    now: datetime.datetime, affinity: set[str], groups: list[str]) -> list[dict[str, Any]]:
         """Blocks of each scope (mailings, test or not) in turn, until ``wanted`` recipients or the
-        attachments' byte bound."""
+        attachments' byte bound; test blocks only of mailings of the satellite's ``groups``."""
         leased: list[dict[str, Any]] = []
         size = 0
         for mailing_ids, test in scopes:
             if len(leased) >= wanted:
                 break
             async for block_id in self._blocks.leasable(mailing_ids, test, now):
+                if test and not await self._in_groups(block_id, groups):
+                    self._blocks.forget_free()  # handed out from a search all satellites share
+                    continue
                 content = await self._blocks.content(block_id)
                 got = await self._lease_block(block_id, content, lease, now, affinity)
                 got_size = sum(_attachments_size(recipient) for recipient in got)
@@ -126,6 +130,13 @@ class Dispatcher:
                 if len(leased) >= wanted:  # before taking another block id: it stays for the next lease
                     return leased
         return leased
+
+    async def _in_groups(self, block_id: int, groups: list[str]) -> bool:
+        """Whether the block's mailing is of one of ``groups`` (its content, DKIM key included,
+        goes to whoever holds a lease on it). Asked of test blocks only: they are few."""
+        block = await self._blocks.load(block_id, cached=True)
+        mailing = await self._stores.mailings.get(block.mailing_id) if block is not None else None
+        return mailing is not None and (mailing.get("satellite_group") or "") in groups
 
     async def _lease_block(self, block_id: int, content: list[dict[str, Any]], lease: Lease,
                            now: datetime.datetime, affinity: set[str]) -> list[dict[str, Any]]:
@@ -226,6 +237,8 @@ class Dispatcher:
         written = await self._ledger.edit(block_id, decide, now)
         for rid, _ in outcomes.values():
             self._held.pop(rid, None)
+        if written and written[0].lease is None and written[0].columns.counts().get(READY):
+            self._blocks.forget_free()  # its lease ended with recipients left to send: free again
         return (written[0].mailing_id, written[1]) if written else (0, [])
 
     def _change(self, block: Block, slot: int, outcome: Outcome, serial: str, now: datetime.datetime) -> Change:

@@ -260,3 +260,50 @@ async def test_a_mailing_is_finished_by_the_report_of_its_last_outcome_not_at_th
     await services.dispatcher.report(SATELLITE, [_outcome(ids[1], "FINISHED")])
     mailing = await services.mailings.get(mailing_id)  # no tick in between
     assert mailing["status"] == "FINISHED" and mailing["end_time"]
+
+
+async def _tests(services, mailing_id, count, prefix="qa"):
+    answer = await services.recipients.add(mailing_id, [{"email": f"{prefix}{i}@example.org"} for i in range(count)],
+                                           test=True)
+    return [a["id"] for a in answer]
+
+
+@aio_test
+async def test_test_recipients_go_only_to_satellites_of_the_mailings_group(database, clock):
+    """A lease brings the mailing's content, DKIM private key included: a test recipient of a
+    group's mailing is not leased to another group's satellite."""
+    services, mailing_id = await _world(database, clock)
+    await services.mailings.set_properties(mailing_id, {"satellite_group": "eu"})
+    ids = await _tests(services, mailing_id, 1)
+    elsewhere = {"serial": "sat-us", "group": "us", "domain_affinity": []}
+    assert await services.dispatcher.lease(elsewhere, 10) == []
+    assert await services.dispatcher.mailing_content(mailing_id, elsewhere) is None
+    own = {"serial": "sat-eu", "group": "eu", "domain_affinity": []}
+    assert [r["id"] for r in await services.dispatcher.lease(own, 10)] == ids  # found at once all the same
+
+
+@aio_test
+async def test_a_deadline_does_not_time_out_test_recipients(database, clock):
+    services, mailing_id = await _world(database, clock)
+    await services.mailings.set_properties(mailing_id, {"scheduled_duration": 1})
+    await _add(services, mailing_id, 1)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    ids = await _tests(services, mailing_id, 1)
+    clock.advance(61)
+    await services.lifecycle.tick()  # the deadline: the mailing's recipient times out, not the test
+    assert [s["status"] for s in await services.reports.statuses(ids, {})] == ["READY"]
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 10)] == ids
+
+
+@aio_test
+async def test_a_block_whose_lease_a_report_ended_is_leased_again_at_once(database, clock):
+    """A test recipient added to a block while it was held goes out once the lease ends (it
+    waited up to 30 s for the free blocks' next search)."""
+    services, mailing_id = await _world(database, clock)
+    first = await _tests(services, mailing_id, 1)
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 10)] == first
+    second = await _tests(services, mailing_id, 1, prefix="qb")  # into the held block
+    assert await services.dispatcher.lease(SATELLITE, 10) == []
+    await services.dispatcher.report(SATELLITE, [_outcome(first[0], "FINISHED")])
+    assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 10)] == second

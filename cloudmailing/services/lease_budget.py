@@ -52,7 +52,8 @@ class LeaseBudget:
         self._held.update((rid, expires) for rid in recipient_ids)
 
     def reported(self, recipient_ids: Iterable[str]) -> None:
-        ids = list(recipient_ids)
-        for rid in ids:
-            self._held.pop(rid, None)
-        self._reports.append((self._clock.seconds(), len(ids)))
+        """Outcomes acknowledged: only those of recipients leased on this link count in the rate (an
+        outbox replayed after a reconnect, or ids it never held, say nothing of how fast it sends
+        now, and would let it hold far more than it can deliver)."""
+        held = sum(1 for rid in recipient_ids if self._held.pop(rid, None) is not None)
+        self._reports.append((self._clock.seconds(), held))

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import idna
+
 from cloudmailing.common.clock import Clock, DelayedCall
 from cloudmailing.satellite import outcomes
 from cloudmailing.satellite.outcomes import DeliveryOutcome
@@ -562,6 +564,7 @@ class SmtpConnection:
         if protocol is None or protocol.lost is not None:
             result.set_result(outcomes.temporary_failure(recipient_id, "connection not open", (), self.mx_host))
             return result
+        envelope_from, recipient = _ascii_domain(envelope_from), _ascii_domain(recipient)
         problem = self._envelope_problem(envelope_from, recipient)
         if problem:
             result.set_result(outcomes.permanent_failure(recipient_id, problem, (), self.mx_host))
@@ -656,6 +659,19 @@ class SmtpConnection:
         """Drop the connection at once (shutdown)."""
         if self._protocol is not None:
             self._protocol.abort(SmtpConnectionLost("aborted by the client"))
+
+
+def _ascii_domain(address: str) -> str:
+    """``address`` with an internationalized domain in its A-label form when its local part is
+    ASCII: so it needs no SMTPUTF8 (RFC 6531 wants SMTPUTF8 only for a non-ASCII local part),
+    and most servers do not offer it."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii() or domain.isascii():
+        return address
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except (idna.IDNAError, UnicodeError):
+        return address  # left as it is: SMTPUTF8 decides
 
 
 def _decisive_reply(transaction: _Transaction) -> SmtpReply | None:

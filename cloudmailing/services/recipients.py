@@ -102,6 +102,8 @@ class RecipientService:
         reopened = await self._reopen(mailing_ids)
         for block_id, slots in by_block.items():
             await self._stores.ledger.edit(block_id, functools.partial(_reset, slots=slots), now)
+        # The message kept of a send the reset undid is not this recipient's message any more.
+        await self._stores.kept.drop([(recipient.block.id, recipient.slot) for recipient in found.values()])
         reopened |= await self._reopen(mailing_ids)
         if by_block:
             self._work_available()  # those of running mailings are due now, not at the next search

@@ -466,3 +466,18 @@ async def test_a_sent_message_leaves_no_reference_cycle_behind(serve: Any) -> No
         gc.enable()
     await connection.close()
     assert left == []
+
+
+@aio_test
+async def test_an_international_domain_with_an_ascii_local_part_needs_no_smtputf8(serve: Any) -> None:
+    """RFC 6531 asks for SMTPUTF8 only for a non-ASCII local part: the domain goes as its A-label,
+    and a server without SMTPUTF8 (most) takes it."""
+    server, port = serve(Behaviour(smtputf8=False))
+    connection = await connected(port)
+    outcome = await connection.send("news@exämple.test", "rcpt@bücher.test", MESSAGE, "r1")
+    refused = await connection.send("b@x.test", "jürgen@dest.test", MESSAGE, "r2")
+    await connection.close()
+    assert outcome.status == FINISHED
+    assert (server.messages[0].mail_from, server.messages[0].rcpt_to) == (
+        "news@xn--exmple-cua.test", ["rcpt@xn--bcher-kva.test"])
+    assert refused.status == ERROR and "SMTPUTF8 required" in refused.reply_text

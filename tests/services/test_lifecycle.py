@@ -278,3 +278,18 @@ async def test_a_reset_of_a_finished_mailing_cut_by_a_crash_is_repaired_at_start
     assert (mailing["status"], mailing["total_sent"], mailing["total_pending"]) == ("RUNNING", 1, 1)
     leased = await services.dispatcher.lease({"serial": "sat-a", "group": ""}, 10)
     assert [r["id"] for r in leased] == [answer[0]["id"]]
+
+
+@aio_test
+async def test_a_reset_drops_the_message_kept_of_the_send_it_undid(database, clock):
+    services, stores = await _services(database, clock)
+    mailing_id = await services.mailings.create("a@example.org", "A", "S", "<p>x</p>", "", "utf-8")
+    [answer] = await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
+    [found] = (await stores.lookup.find([answer["id"]])).values()
+    place = (found.block.id, found.slot)
+    await set_statuses(stores, [answer["id"]], "FINISHED", now=utc_now(clock))
+    await stores.kept.put(mailing_id, *place, b"Subject: as sent\r\n\r\nHi\r\n")
+    await services.recipients.reset([answer["id"]])
+    assert await stores.kept.get([place]) == {}
+    [status] = await services.reports.statuses([answer["id"]], {"with_customized_content": True})
+    assert (status["status"], status["customized_content"]) == ("READY", "")

@@ -225,18 +225,20 @@ def _one_of(item: dict[str, Any], names: tuple[str, ...], parse: Callable[[str, 
     return given[0] if given else None
 
 
-def _filename(name: str, value: Any) -> str:
+def _header_text(name: str, value: Any, max_length: int) -> str:
+    """``values.text`` of a header-like field, its refusal as this recipient's entry error."""
     try:
-        return values.text(name, value, max_length=255, header=True)
+        return values.text(name, value, max_length=max_length, header=True)
     except InvalidValue as error:
         raise EntryError(str(error)) from None
+
+
+def _filename(name: str, value: Any) -> str:
+    return _header_text(name, value, 255)
 
 
 def _content_type(name: str, value: Any) -> str:
-    try:
-        content_type = values.text(name, value, max_length=100, header=True)
-    except InvalidValue as error:
-        raise EntryError(str(error)) from None
+    content_type = _header_text(name, value, 100)
     if "/" not in content_type:
         raise EntryError(f"{name}: expected a MIME type such as application/pdf")
     return content_type
@@ -255,10 +257,7 @@ def _content(name: str, value: Any) -> bytes:
 
 
 def _charset(value: Any) -> str:
-    try:
-        charset = values.text("charset", value, max_length=MAX_CHARSET, header=True)
-    except InvalidValue as error:
-        raise EntryError(str(error)) from None
+    charset = _header_text("charset", value, MAX_CHARSET)
     if not _CHARSET.fullmatch(charset):
         raise EntryError("charset: expected a charset name such as utf-8")
     return charset

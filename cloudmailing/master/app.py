@@ -22,20 +22,24 @@ from cloudmailing.common.process_identity import this_process
 from cloudmailing.common.tls import TlsFiles, ensure_certificate
 from cloudmailing.config.settings import DispatchConfig, Settings
 from cloudmailing.master.link_server import SatelliteLinkFactory
+from cloudmailing.services.company import REVIEW_SECONDS, Company
 from cloudmailing.services.dispatcher import Dispatcher
 from cloudmailing.services.lifecycle import MailingLifecycle
 from cloudmailing.services.mailings import MailingService
+from cloudmailing.services.master_recovery import MasterRecovery
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
-from cloudmailing.services.writer_claim import ClaimRenewal, MasterPresence, WriterClaim
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimRenewal, MasterPresence, WriterClaim
 from cloudmailing.storage.database import Database, open_database
+from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.stores import Stores, open_stores
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 
 log = logging.getLogger(__name__)
 
 LIFECYCLE_INTERVAL = 5.0
+FLOOR_INTERVAL = 0.2  # how often the other masters' readers learn how far this one's changes are written
 
 
 @dataclass
@@ -52,9 +56,13 @@ class Master:
     _loop: LoopingCall | None = None
     link_factory: SatelliteLinkFactory | None = None
     api_site: server.Site | None = None
-    on_claim_lost: Callable[[], None] = lambda: None  # the writer's claim was taken: the master has stopped
-    _claim: WriterClaim | None = None
+    on_claim_lost: Callable[[], None] = lambda: None  # its entry lapsed: the master has stopped
     _presence: MasterPresence | None = None
+    _recovery: MasterRecovery | None = None
+    _floor_loop: LoopingCall | None = None
+    _company: Company | None = None
+    _company_loop: LoopingCall | None = None
+    _others_running: bool = False  # other masters share the database (as of the last tick)
     _renewal: ClaimRenewal | None = None
     _stopped: bool = False
 
@@ -62,55 +70,86 @@ class Master:
         settings = self.settings
         self.database = await open_database(settings.mongodb_url, settings.database.name)
         try:
-            await self._take_claim()
+            presence = await self._enter()
         except BaseException:  # refused: nothing else was opened
             await self.database.close()
             self.database = None
             raise
-        self.stores = await open_stores(self.database, settings.database.block_recipients)
+        self.stores = await open_stores(self.database, settings.database.block_recipients, presence.key)
         self.services = build_services(self.stores, self.reactor, settings.reports.status_log_retention_days,
                                        settings.dispatch, settings.satellite_link.max_awaiting_approval)
-        await self.services.lifecycle.recover()
+        self._recovery = MasterRecovery(self.stores, self.reactor, presence.key)
+        assert self.database.locks.shared is not None
+        self._company = Company(MasterRegistry(self.database), self.database.locks.shared, self.reactor)
+        await self._company.wait_for_company()  # a master alone so far takes lock documents again first
+        await self._recovery.recover_dead()  # other masters' half-done writes, this one's last run's
+        await self.services.lifecycle.recover(await self._recovery.running())
         self._listen_api()
         self._listen_satellites()
         self._loop = LoopingCall(lambda: as_deferred(self._tick()))
         self._loop.clock = self.reactor
         self._loop.start(LIFECYCLE_INTERVAL, now=False)
+        self._floor_loop = LoopingCall(lambda: as_deferred(self._publish_floor()))
+        self._floor_loop.clock = self.reactor
+        self._floor_loop.start(FLOOR_INTERVAL, now=False)
+        self._company_loop = LoopingCall(lambda: as_deferred(self._review_company()))
+        self._company_loop.clock = self.reactor
+        self._company_loop.start(REVIEW_SECONDS, now=True)
 
-    async def _take_claim(self) -> None:
-        """Say this master runs and be the database's only writer (refused while another master
-        or ``cm-admin storage`` holds the writer's claim)."""
+    async def _enter(self) -> MasterPresence:
+        """Say this master runs, beside any other (refused while ``cm-admin storage``, or a
+        master of an earlier version, holds the writer's claim)."""
         assert self.database is not None
         me = this_process()
-        self._presence = MasterPresence(MasterRegistry(self.database), self.reactor, me)
-        await self._presence.register()
-        claim = WriterClaim(WriterClaimStore(self.database), self.reactor, "a master", me)
+        presence = MasterPresence(MasterRegistry(self.database), self.reactor, me)
+        await presence.register()
         try:
-            await claim.take()
-            self._claim = claim
-            self.database.write_guard = claim.lapsed  # no write once it may have lapsed
+            await WriterClaim(WriterClaimStore(self.database), self.reactor, "a master", me).check_free()
         except BaseException:
-            await self._presence.remove()
-            self._presence = None
+            await presence.remove()
             raise
-        self._renewal = ClaimRenewal(self._renew_claim, self.reactor, "this master's entry and writer's claim")
+        self._presence = presence
+        self.database.write_guard = presence.lapsed  # no write once it may have lapsed
+        self.database.locks.shared = SharedLocks(lambda: self.database.write_locks, presence.key)
+        self._renewal = ClaimRenewal(self._renew_presence, self.reactor, "this master's entry")
         self._renewal.start()
+        return presence
 
-    async def _renew_claim(self) -> bool:
-        """Renew this master's entry and claim; False (the master has stopped) if the claim was taken."""
-        assert self._presence is not None
-        await self._presence.renew()
-        if self._claim is None or await self._claim.renew():
+    async def _renew_presence(self) -> bool:
+        """Renew this master's entry; False (the master has stopped) if it lapsed: other masters
+        may have recovered it."""
+        assert self._presence is not None and self.database is not None
+        if await self._presence.renew():
+            if self.database.locks.shared is not None:
+                await self.database.locks.shared.sweep()
             return True
-        log.critical("another process has taken this database's writer's claim: the master stops")
-        self._claim = None
+        log.critical("this master's entry among the running ones lapsed (frozen, or cut off from the "
+                     "database for %d s): the master stops", CLAIM_SECONDS)
+        self._presence = None
         await self.stop()
         self.on_claim_lost()
         return False
 
-    async def _tick(self) -> None:
-        assert self.services is not None
+    async def _review_company(self) -> None:
+        """Alone on the database, take no lock documents; with others, take them again."""
+        assert self._company is not None
         try:
+            self._others_running = await self._company.review()
+        except Exception:  # the database may be away for a while: try again next time
+            log.exception("could not tell whether other masters share the database")
+
+    async def _publish_floor(self) -> None:
+        """Let the other masters' readers past the change numbers this one no longer writes."""
+        assert self.stores is not None
+        try:
+            await self.stores.status_log.allocator.publish(self._others_running)
+        except Exception:  # the database may be away for a while: try again next time
+            log.exception("could not publish this master's floor of change numbers")
+
+    async def _tick(self) -> None:
+        assert self.services is not None and self._recovery is not None
+        try:
+            await self._recovery.recover_dead()
             await self.services.lifecycle.tick()
             assert self.services.dispatcher is not None
             await self.services.dispatcher.expire_leases()
@@ -163,8 +202,9 @@ class Master:
         if self._stopped:
             return
         self._stopped = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._floor_loop, self._company_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self.link_factory is not None:
             self.link_factory.stop()
         for port in self._ports:
@@ -172,12 +212,12 @@ class Master:
         if self._renewal is not None:  # a renewal under way ends before the entry and claim go
             await self._renewal.stop()
         try:
+            if self.stores is not None and self._presence is not None:
+                await self.stores.status_log.allocator.withdraw()
             if self._presence is not None:
                 await self._presence.remove()
-            if self._claim is not None:
-                await self._claim.release()
-        except Exception:  # they expire by themselves
-            log.exception("could not withdraw this master's entry or writer's claim")
+        except Exception:  # it lapses by itself, and the other masters recover what it left
+            log.exception("could not withdraw this master's entry")
         if self.database is not None:
             await self.database.close()
 

@@ -223,7 +223,7 @@ class Dispatcher:
     async def _record(self, block_id: int, outcomes: Mapping[int, tuple[str, Outcome]], serial: str,
                       now: datetime.datetime) -> tuple[int, list[Change]]:
         """The block's mailing, and the changes recorded in the block."""
-        addresses = await self._blocks.addresses(block_id)
+        addresses = await self._blocks.addresses(block_id, max(outcomes, default=-1) + 1)
 
         def decide(block: Block) -> list[Change] | None:
             lease = block.lease

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any, Callable, Mapping
+from typing import AbstractSet, Any, Callable, Mapping
 
 from cloudmailing.common.statuses import MAILING_READY, PENDING_STATUSES, RUNNING, TIMEOUT
 from cloudmailing.services.clock import SecondsClock, utc_now
@@ -130,11 +130,12 @@ class MailingLifecycle:
                 closed += 1
         return closed
 
-    async def recover(self) -> None:
-        """At start-up: undo batches a crash cut, delete log pages whose state was never written,
-        repair the summaries the dispatcher searches (done ones leave), rewrite the block summaries
-        that trail their state, and recount every unfinished mailing."""
-        await self._stores.writer.roll_back_cut_batches()
+    async def recover(self, running: AbstractSet[str] = frozenset()) -> None:
+        """At start-up: undo batches a crash cut (of no master in ``running``), delete log pages
+        whose state was never written, repair the summaries the dispatcher searches (done ones
+        leave), rewrite the block summaries that trail their state, and recount every unfinished
+        mailing. Each under the locks its writers take: other masters may be writing."""
+        await self._stores.writer.roll_back_cut_batches(running)
         orphans = await self._stores.ledger.recover()
         if orphans:
             log.warning("%d log pages of writes a crash cut were deleted", orphans)
@@ -147,7 +148,8 @@ class MailingLifecycle:
         for mailing_id in mailing_ids:
             async for summary in self._stores.blocks.of_mailing(mailing_id):
                 if summary["_id"] not in repaired_ids:  # repaired just above
-                    await self._stores.blocks.repair_summary(summary["_id"])
+                    async with self._stores.blocks.lock(summary["_id"]):
+                        await self._stores.blocks.repair_summary(summary["_id"])
         await self.recount(mailing_ids)
 
     async def recount(self, mailing_ids: list[int]) -> None:

@@ -1,22 +1,17 @@
-"""One master per database: the *writer's claim*.
+"""Who writes the database: the running masters, or one ``cm-admin storage`` command alone.
 
-A master (and ``cm-admin storage``) first takes the writer's claim, renews it while it runs and
-gives it back when it stops; a second one is refused with the holder's name. A claim not renewed
-for :data:`CLAIM_SECONDS` is free, and at once when its holder ran on this host and is gone
-(``kill -9``): a restart does not wait. A holder that finds its claim taken (it was frozen longer
-than that) must stop writing.
+Several masters may share a database (``storage/shared_locks.py`` says how their writes stay
+correct). Each keeps an entry among the running ones (:class:`MasterPresence`), renewed every
+:data:`RENEW_SECONDS`; one whose entry lapses is recovered by the others
+(``services/master_recovery.py``).
 
-Why one writer, on every server: FerretDB v1 applies an update as a read followed by a write,
-without a lock, so two masters updating one block at once could both pass its version check;
-and on any server, the change log's horizon (what cursors may read up to) and the start-up
-repairs (orphan log pages, cut ingest batches, recounts) are each one process's own view, so a
-second master's cursor could skip a change the first one was still writing, and its start-up
-could undo the first one's writes in flight.
-
-``cm-admin storage`` (migrate, recount) must run with no master at all: it takes the claim, then
-checks that no master is running (each master keeps an entry in ``masters``, renewed the same
-way); a master checks the claim after writing its entry. So of a master and a storage command
-that start at once, at least one sees the other and refuses.
+``cm-admin storage`` (migrate, recount) must run with no master at all: it takes the *writer's
+claim*, renews it while it runs and gives it back when it stops, then checks that no master is
+running; a master checks the claim after writing its entry. So of a master and a storage command
+that start at once, at least one sees the other and refuses. A claim not renewed for
+:data:`CLAIM_SECONDS` is free, and at once when its holder ran on this host and is gone
+(``kill -9``). (Masters of earlier versions took the claim too, alone on their database: a
+master does not start while one of those runs.)
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +37,6 @@ log = logging.getLogger(__name__)
 CLAIM_SECONDS = 30.0  # a claim not renewed for this long is free
 RENEW_SECONDS = 5.0  # how often a holder renews: several renewals fit in one claim's life
 _TAKE_TRIES = 5
-STALE_ENTRY = datetime.timedelta(days=1)  # a master's entry not renewed for this long is dropped
 # A holder stops writing this long before its claim ends: room for a clock a little ahead on
 # another host, and for a write sent just before the end.
 _MARGIN = datetime.timedelta(seconds=RENEW_SECONDS)
@@ -114,8 +109,8 @@ class WriterClaim:
     def _refusal(self, claim: dict) -> str:
         role = str(claim.get("role", "another process"))
         why = ("no master runs while `cm-admin storage` does: wait for it to end" if role.startswith("cm-admin")
-               else "one master at a time runs on a database: stop that one first (a standby master "
-                    "can wait for the claim: it frees within 30 s of its holder's end)")
+               else "a master of an earlier CloudMailing version runs alone on its database: stop it first "
+                    "(its claim frees within 30 s of its end)")
         return (f"this database is in use by {role} ({ProcessIdentity.from_dict(claim).describe()}), its claim "
                 f"renewed until {claim['until']:%Y-%m-%d %H:%M:%S} UTC: {why}")
 
@@ -153,30 +148,61 @@ class ClaimRenewal:
             log.exception("could not renew %s", self._what)
             return
         if not held:
-            log.critical("%s taken by another process: no longer renewed", self._what)
+            log.critical("%s lost (taken by another process, or lapsed): no longer renewed", self._what)
             if self._loop.running:
                 self._loop.stop()  # the loop ends with this very call
 
 
 class MasterPresence:
-    """This master's entry among the running ones (on every database), renewed like the claim."""
+    """This master's entry among the running ones, renewed like a claim. It is what lets the
+    master write: the other masters recover it (repair what it left half done, delete its locks)
+    once the entry has lapsed, so the master stops writing before that (:meth:`lapsed`) and
+    stops for good if its entry lapsed or was recovered (:meth:`renew` answers False)."""
 
     def __init__(self, registry: MasterRegistry, clock: SecondsClock, me: ProcessIdentity | None = None) -> None:
         self._registry, self._clock = registry, clock
         self._me = me or this_process()
-        self._key = f"{self._me.host}/{self._me.boot}/{self._me.pid}/{self._me.started}"
+        # Two masters of one process (tests) are two entries: the key ends with a random token.
+        self.key = f"{self._me.host}/{self._me.boot}/{self._me.pid}/{self._me.started}/{secrets.token_hex(4)}"
+        self._held_until: datetime.datetime | None = None
 
     async def register(self) -> None:
-        """Enter this master, and drop the entries of masters that stopped renewing a day ago."""
-        await self._registry.drop_stale(utc_now(self._clock) - STALE_ENTRY)
-        await self.renew()
+        until = _until(self._clock)
+        await self._registry.register(self.key, self._me.as_dict(), until)
+        self._held_until = until
 
-    async def renew(self) -> None:
-        """The whole entry each time: one frozen for a day and dropped meanwhile is back."""
-        await self._registry.register(self._key, self._me.as_dict(), _until(self._clock))
+    async def renew(self) -> bool:
+        """Renew the entry; False if it lapsed meanwhile (this master was frozen or cut off from
+        the database for a claim's life: another may have recovered it) or is gone."""
+        if self._held_until is None or utc_now(self._clock) >= self._held_until:
+            self._held_until = None
+            return False
+        until = _until(self._clock)
+        if not await self._registry.renew(self.key, until):
+            self._held_until = None
+            return False
+        self._held_until = until
+        return True
+
+    def lapsed(self) -> str | None:
+        """Why this master may not write (its entry may lapse before a write lands), or None."""
+        if self._held_until is not None and utc_now(self._clock) < self._held_until - _MARGIN:
+            return None
+        last = "lapsed" if self._held_until is None else f"renewed until {self._held_until:%H:%M:%S} UTC"
+        return f"this master's entry among the running ones may have lapsed ({last}): no write"
 
     async def remove(self) -> None:
-        await self._registry.remove(self._key)
+        self._held_until = None
+        await self._registry.remove(self.key)
+
+
+def recoverable(entry: dict, clock: SecondsClock, me: ProcessIdentity | None = None) -> bool:
+    """Whether a master's entry is one the others recover: its process is known to have ended,
+    or it has not been renewed for :data:`RENEW_SECONDS` after its end (room for clocks a little
+    apart: the master itself stops writing that long before the end)."""
+    if is_running(ProcessIdentity.from_dict(entry), me or this_process()) is False:
+        return True
+    return entry["until"] + _MARGIN < utc_now(clock)
 
 
 async def running_masters(registry: MasterRegistry, clock: SecondsClock,

@@ -163,9 +163,10 @@ class BlockStore:
         self._remember_addresses(block_id, recipients)
         return recipients
 
-    async def addresses(self, block_id: int) -> list[tuple[str, str]]:
-        """(id, email) of every recipient of the block, from a small cache of recent blocks."""
-        if block_id in self._addresses:
+    async def addresses(self, block_id: int, count: int = 0) -> list[tuple[str, str]]:
+        """(id, email) of every recipient of the block, from a small cache of recent blocks (read
+        again if it has fewer than ``count``: another master added recipients since)."""
+        if block_id in self._addresses and len(self._addresses[block_id]) >= count:
             self._addresses.move_to_end(block_id)
             return self._addresses[block_id]
         await self.content(block_id)
@@ -339,8 +340,13 @@ class BlockStore:
         """Repair every summary among the searched ones (the work in flight: start-up's cost stays
         that small): done ones written before there were two collections, or left there by a crash
         while they moved, go to the done ones. The blocks repaired."""
-        ids = [doc["_id"] async for doc in self._db.blocks.find({}, {"_id": 1})]
-        return [block for block in [await self.repair_summary(block_id) for block_id in ids] if block is not None]
+        repaired = []
+        for block_id in [doc["_id"] async for doc in self._db.blocks.find({}, {"_id": 1})]:
+            async with self.lock(block_id):  # other masters may be writing it
+                block = await self.repair_summary(block_id)
+            if block is not None:
+                repaired.append(block)
+        return repaired
 
     async def logged_floor(self) -> int:
         return await counters.current(self._db, LOGGED_FLOOR_COUNTER)

@@ -15,8 +15,13 @@ T = TypeVar("T")
 async def increment(database: Database, name: str, by: int = 1) -> int:
     """Atomically add ``by`` to counter ``name`` and return its new value (first value: ``by``)."""
     async with database.locks.hold(("counter", name)):
-        doc = await _upsert(lambda: database.counters.find_one_and_update(
-            {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER))
+        return await add_held(database, name, by)
+
+
+async def add_held(database: Database, name: str, by: int) -> int:
+    """:func:`increment`, for a caller that holds the counter's lock (``("counter", name)``)."""
+    doc = await _upsert(lambda: database.counters.find_one_and_update(
+        {"_id": name}, {"$inc": {"value": by}}, upsert=True, return_document=ReturnDocument.AFTER))
     assert doc is not None  # upsert always returns the document
     return int(doc["value"])
 

@@ -21,6 +21,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from cloudmailing.storage.shared_locks import SharedLocks
+
 LAYOUT_VERSION = 3  # 2: mailing bodies inside the mailing documents; 1: a document per recipient
 MIGRATE_COMMAND = "cm-admin storage migrate"
 BLOCKS_PER_BUCKET = 64  # block content, state and kept messages: at most this many blocks per collection
@@ -88,21 +90,29 @@ class LayoutError(RuntimeError):
 
 
 class KeyedLocks:
-    """One asyncio lock per key, alive while used: serializes this process's writes to one document.
+    """One asyncio lock per key, alive while used: serializes this process's writes to one
+    document; with ``shared`` set (a master), also every other master's (``storage.shared_locks``).
 
     FerretDB v1 updates a document as read-modify-write without a lock, so two concurrent updates
-    of one document from one process could lose one; different documents still go in parallel."""
+    of one document could lose one; different documents still go in parallel."""
 
     def __init__(self) -> None:
         self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self.shared: SharedLocks | None = None
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable, own_document: bool = False) -> AsyncIterator[None]:
+        """Hold ``key``'s lock; ``own_document``: the document is this process's alone (no other
+        master writes it), so this process's lock is enough."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                yield
+                if self.shared is None or own_document:
+                    yield
+                else:
+                    async with self.shared.hold(key):
+                        yield
         finally:
             lock, users = self._locks[key]
             if users == 1:

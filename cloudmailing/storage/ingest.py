@@ -14,7 +14,7 @@ import datetime
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import bson
 
@@ -89,7 +89,9 @@ class RecipientWriter:
                      now: datetime.datetime) -> list[str | None]:
         batch = uuid.uuid4().hex
         cuts = [{"b": fill.block_id, "before": fill.before} for fill in fills]
-        await self._db.ingest_batches.insert_one({"_id": batch, "m": mailing_id, "at": now, "blocks": cuts})
+        holder = self._db.locks.shared.holder if self._db.locks.shared is not None else None
+        await self._db.ingest_batches.insert_one({"_id": batch, "m": mailing_id, "at": now, "blocks": cuts,
+                                                  "holder": holder})
         places = [(entry["id"], Place(fill.block_id, fill.before + slot))
                   for fill in fills for slot, entry in enumerate(fill.added)]
         client = [(i, place) for i, (place, recipient) in enumerate(zip(places, recipients, strict=True))
@@ -166,16 +168,24 @@ class RecipientWriter:
             if await self._blocks.save(block):
                 return block
 
-    async def roll_back_cut_batches(self) -> list[int]:
-        """Undo the batches a crash cut (at start-up); the mailings they touched, to recount."""
+    async def roll_back_cut_batches(self, running: AbstractSet[str]) -> list[int]:
+        """Undo the batches a crash cut, those of no master in ``running`` (holder None: of a
+        process that did not share the database); the mailings they touched, to recount. Under
+        the locks their writers take: other masters write meanwhile."""
         touched = []
-        async for batch in self._db.ingest_batches.find({}):
-            for cut in batch["blocks"]:
-                await self._cut_block(batch["m"], cut["b"], cut["before"])
-            await self._index.roll_back_batch(batch["_id"])
-            await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
-            log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": batch["m"]})
-            touched.append(batch["m"])
+        for batch in await self._db.ingest_batches.find({}).to_list():
+            if batch.get("holder") in running:
+                continue
+            mailing_id = batch["m"]
+            async with self._db.locks.hold(("ingest", mailing_id, False)), \
+                    self._db.locks.hold(("ingest", mailing_id, True)):
+                for cut in batch["blocks"]:
+                    async with self._blocks.lock(cut["b"]), self._mailings.counts_lock(mailing_id):
+                        await self._cut_block(mailing_id, cut["b"], cut["before"])
+                await self._index.roll_back_batch(batch["_id"])
+                await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
+            log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
+            touched.append(mailing_id)
         return touched
 
     async def _cut_block(self, mailing_id: int, block_id: int, before: int) -> None:
@@ -185,11 +195,11 @@ class RecipientWriter:
             return
         content = await self._blocks.content(block_id)
         await self._blocks.write_content(block_id, mailing_id, content[:before], len(content))
-        block = await self._blocks.load(block_id)
-        if block is not None and len(block.columns) > before:
+        while (block := await self._blocks.load(block_id)) is not None and len(block.columns) > before:
             block.columns.truncate(before)
-            await self._blocks.save(block)
-            await self._blocks.write_summary(block)
+            if await self._blocks.save(block):
+                await self._blocks.write_summary(block)
+                return
 
 
 def _extend(columns: StateColumns, count: int, void_slots: list[int], now: datetime.datetime) -> None:

@@ -146,7 +146,7 @@ class Ledger:
         """Change the columns, and build the log page of the changes (the state names it)."""
         # Read first: a number allocated stays in flight (holding every cursor back) until the
         # page's fate is known, so nothing may fail between its allocation and the page's write.
-        addresses = await self.blocks.addresses(block.id)
+        addresses = await self.blocks.addresses(block.id, len(block.columns))
         previous = await self._previous_details(block, [c.slot for c in changes if not _says_all(c.details)])
         first = await self.status_log.allocator.allocate(len(changes))
         try:
@@ -193,17 +193,29 @@ class Ledger:
 
     async def save_logged_floor(self) -> None:
         """Remember that every page below the horizon is final (start-up checks only newer ones)."""
-        await self.blocks.set_logged_floor(self.status_log.allocator.horizon)
+        await self.blocks.set_logged_floor(await self.status_log.allocator.readable())
 
     async def recover(self) -> int:
         """At start-up: delete the orphan pages (logged, but their state never written); their
-        number. Pages up to the logged floor are known final."""
-        orphans = 0
-        for page in await self.status_log.pages_after(await self.blocks.logged_floor()):
-            block = await self.blocks.load(page.entries[0]["b"]) if page.entries else None
+        number. Pages up to the logged floor are known final; those from the horizon on may be
+        in flight in another master (a dead one's are its recovery's: see :meth:`recover_range`)."""
+        floor = await self.blocks.logged_floor()
+        return await self.recover_range(floor + 1, await self.status_log.allocator.readable())
+
+    async def recover_range(self, first: int, last: int, fill: bool = False) -> int:
+        """Delete the orphan pages among those numbered ``first`` to ``last``; their number.
+        With ``fill`` (numbers nobody will write: a dead master's), fillers cover the gaps left."""
+        orphans, kept = 0, []
+        for page in await self.status_log.pages_between(first - 1, last):
+            block = await self.blocks.load(page.entries[0]["b"])
             if block is None or page.first not in block.recent_pages:
                 await self.status_log.delete_page(page.first)
                 orphans += 1
+            else:
+                kept.append(page)
+        if fill:
+            for gap_first, gap_last in _gaps(first, last, kept):
+                await self.status_log.insert_filler(gap_first, gap_last)
         return orphans
 
     async def _previous_details(self, block: Block, slots: list[int]) -> dict[int, dict[str, Any]]:
@@ -230,6 +242,18 @@ class Ledger:
                           in_progress=bool(cols.leased[slot]) and cols.status_of(slot) in PENDING_STATUSES)
             records[slot] = record
         return records
+
+
+def _gaps(first: int, last: int, pages: Sequence[LogPage]) -> list[tuple[int, int]]:
+    """The runs of numbers from ``first`` to ``last`` that no page of ``pages`` covers."""
+    gaps, position = [], first
+    for page in sorted(pages, key=lambda page: page.first):
+        if page.first > position:
+            gaps.append((position, page.first - 1))
+        position = max(position, page.last + 1)
+    if position <= last:
+        gaps.append((position, last))
+    return gaps
 
 
 def _says_all(details: Mapping[str, Any] | None) -> bool:

@@ -33,7 +33,8 @@ class RecipientLookup:
             block = await self._blocks.load(block_id)
             if block is None:
                 continue
-            addresses = await self._blocks.addresses(block_id)
+            addresses = await self._blocks.addresses(block_id, min(max(slot for _, slot in wanted) + 1,
+                                                                   len(block.columns)))
             for rid, slot in wanted:
                 # A generated id names its slot: it counts only if that slot holds this very id.
                 if slot < len(block.columns) and slot < len(addresses) and addresses[slot][0] == rid \

@@ -1,4 +1,7 @@
-"""The ``hourly_stats`` collection: delivery tries per hour and per sending satellite."""
+"""The ``hourly_stats`` collection: delivery tries per hour and per sending satellite.
+
+Each master adds to documents of its own (``<hour>|<sender>|<master>``): no other master writes
+them, so adding takes no lock shared with the others; a query sums them per hour and sender."""
 
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ class HourlyStatsStore:
         self._db = database
 
     async def add(self, hour: datetime.datetime, sender: str, sent: int, failed: int, tries: int) -> None:
-        async with self._db.locks.hold(("hourly_stats", f"{hour:%Y%m%d%H}|{sender}")):
+        shared = self._db.locks.shared
+        key = f"{hour:%Y%m%d%H}|{sender}" + (f"|{shared.holder}" if shared is not None else "")
+        async with self._db.locks.hold(("hourly_stats", key), own_document=True):
             await self._db.hourly_stats.update_one(
-                {"_id": f"{hour:%Y%m%d%H}|{sender}"},
+                {"_id": key},
                 {"$inc": {"sent": sent, "failed": failed, "tries": tries},
                  "$set": {"hour": hour, "sender": sender}},
                 upsert=True)
@@ -32,5 +37,10 @@ class HourlyStatsStore:
             query["hour"] = hour_range
         if senders:
             query["sender"] = {"$in": list(senders)}
-        docs = await self._db.hourly_stats.find(query).to_list()
-        return sorted(docs, key=lambda doc: (doc["hour"], doc["sender"]))
+        summed: dict[tuple[datetime.datetime, str], dict[str, Any]] = {}
+        for doc in await self._db.hourly_stats.find(query).to_list():
+            total = summed.setdefault((doc["hour"], doc["sender"]), {"hour": doc["hour"], "sender": doc["sender"],
+                                                                      "sent": 0, "failed": 0, "tries": 0})
+            for name in ("sent", "failed", "tries"):
+                total[name] += doc.get(name, 0)
+        return [summed[key] for key in sorted(summed)]

@@ -22,7 +22,7 @@ import logging
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import bson
 from pymongo.errors import DuplicateKeyError
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SEQUENCE_COUNTER = "status_seq"
 RESERVE = 10_000  # numbers reserved from the database at a time
+NO_LIMIT = 2**62
 _PAGES_KEPT = 4  # decoded pages kept: a cursor reads the rest of its last page, the read ahead the same
 
 # The fields of a recipient that a status report shows (API.md, "recipient status struct").
@@ -46,41 +47,123 @@ DETAIL_DEFAULTS: dict[str, Any] = {"reply_code": None, "reply_enhanced_code": ""
 
 
 class SequenceAllocator:
-    """Hands out change numbers and knows the horizon below which all are committed."""
+    """Hands out change numbers and knows the horizon below which all are committed.
 
-    def __init__(self, database: Database) -> None:
+    Several masters may write one log. Each reserves a range of numbers at a time, and a master
+    with a ``writer_key`` keeps a *floor* document in ``log_writers``: its range, and the lowest
+    number it may still write. Another master's reader stops below every floor, and below the
+    counter as read before the floors (a range reserved after that lies above it). A floor is
+    written before its range is reserved, raised by :meth:`publish` as writes end; a master
+    with nothing in flight while others run gives up the rest of its range (an empty *filler*
+    page covers it, so readers step over it without a search) and withdraws its floor. A dead
+    master's floor stays until the master that recovers it has deleted its orphan pages.
+    """
+
+    def __init__(self, database: Database, writer_key: str | None = None) -> None:
         self._db = database
+        self.writer_key = writer_key  # None: the only writer (cm-admin storage, tests): no floor
         self._next = 1
+        self._range_start = 1
         self._reserved_end = 0  # last number reserved in the database
         self._in_flight: set[int] = set()  # first number of each range being written
+        self._drained = asyncio.Event()  # set whenever nothing is in flight
+        self._drained.set()
         self._reserve_lock = asyncio.Lock()
+        self._published: tuple[int, int] | None = None  # (floor, end) as last written
+        # Covers numbers given up with an empty page (set by the StatusLog of this allocator).
+        self.fill: Callable[[int, int], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Continue after every number any earlier process may have handed out."""
         self._reserved_end = await counters.current(self._db, SEQUENCE_COUNTER)
-        self._next = self._reserved_end + 1
+        self._next = self._range_start = self._reserved_end + 1
 
     async def allocate(self, count: int) -> int:
         """The first of ``count`` consecutive numbers, in flight until :meth:`release`."""
         async with self._reserve_lock:
             if self._next + count - 1 > self._reserved_end:
-                wanted = max(RESERVE, count)
-                end = await counters.increment(self._db, SEQUENCE_COUNTER, wanted)
-                if end - wanted + 1 != self._reserved_end + 1:  # another process reserved meanwhile
-                    self._next = end - wanted + 1
-                self._reserved_end = end
+                await self._reserve(count)
             first = self._next
             self._next += count
             self._in_flight.add(first)
+            self._drained.clear()
             return first
+
+    async def _reserve(self, count: int) -> None:
+        """A new range; the numbers in flight end first, so a floor covers one range only (what
+        a recovery checks lies in it, never in another master's)."""
+        await self._drained.wait()
+        await self._give_up_rest()
+        wanted = max(RESERVE, count)
+        async with self._db.locks.hold(("counter", SEQUENCE_COUNTER)):
+            start = await counters.current(self._db, SEQUENCE_COUNTER) + 1
+            await self._write_floor(start, start + wanted - 1)
+            end = await counters.add_held(self._db, SEQUENCE_COUNTER, wanted)
+        self._next = self._range_start = end - wanted + 1
+        self._reserved_end = end
 
     def release(self, first: int) -> None:
         self._in_flight.discard(first)
+        if not self._in_flight:
+            self._drained.set()
+
+    async def _give_up_rest(self) -> None:
+        """The numbers left in the range will not be used: a filler page covers them."""
+        if self._next <= self._reserved_end and self.fill is not None:
+            await self.fill(self._next, self._reserved_end)
+        self._next = self._range_start = self._reserved_end + 1
 
     @property
     def horizon(self) -> int:
-        """Every change numbered up to this is committed or abandoned."""
-        return (min(self._in_flight) if self._in_flight else self._next) - 1
+        """Every change this process numbered up to this is committed or abandoned (holding no
+        range, it writes nothing below the counter's next value: no limit of its own)."""
+        if self._in_flight:
+            return min(self._in_flight) - 1
+        return self._next - 1 if self._next <= self._reserved_end else NO_LIMIT
+
+    async def readable(self) -> int:
+        """The horizon across every master: where a reader stops."""
+        counted = await counters.current(self._db, SEQUENCE_COUNTER)  # first: see the class
+        floors = [doc["floor"] for doc in await self._db.log_writers.find({}).to_list()
+                  if doc["_id"] != self.writer_key]
+        return min([self.horizon, counted, *(floor - 1 for floor in floors)])
+
+    async def publish(self, others_running: bool) -> None:
+        """Raise this master's floor to what it still may write; with ``others_running`` and
+        nothing in flight, give up the rest of the range (their readers wait for it)."""
+        if self.writer_key is None:
+            return
+        async with self._reserve_lock:
+            if others_running and not self._in_flight and self._published is not None:
+                await self._give_up_rest()
+                await drop_floor(self._db, self.writer_key)
+                self._published = None
+                return
+            floor = min(self._in_flight) if self._in_flight else self._next
+            if self._published is not None and self._published[0] != floor:
+                await self._write_floor(floor, self._reserved_end)
+
+    async def _write_floor(self, floor: int, end: int) -> None:
+        if self.writer_key is not None:
+            await self._db.log_writers.replace_one({"_id": self.writer_key}, {"floor": floor, "end": end},
+                                                   upsert=True)
+            self._published = (floor, end)
+
+    async def withdraw(self) -> None:
+        """At a clean stop, nothing in flight: the rest of the range is given up, the floor goes."""
+        if self.writer_key is not None and self._published is not None and not self._in_flight:
+            await self._give_up_rest()
+            await drop_floor(self._db, self.writer_key)
+            self._published = None
+
+
+async def writer_floors(database: Database) -> list[dict[str, Any]]:
+    """Every floor document: ``_id`` (the writer's key), ``floor`` and ``end``."""
+    return await database.log_writers.find({}).to_list()
+
+
+async def drop_floor(database: Database, writer_key: str) -> None:
+    await database.log_writers.delete_one({"_id": writer_key})
 
 
 @dataclass(frozen=True)
@@ -92,10 +175,11 @@ class LogPage:
     mailing_id: int
     logged_at: datetime.datetime
     entries: Sequence[Mapping[str, Any]]
+    end: int | None = None  # a filler's last number (it has no entries)
 
     @property
     def last(self) -> int:
-        return self.first + len(self.entries) - 1
+        return self.end if self.end is not None else self.first + len(self.entries) - 1
 
     def document(self) -> dict[str, Any]:
         blob = zlib.compress(bson.encode({"e": list(self.entries)}), 1)
@@ -105,7 +189,13 @@ class LogPage:
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> LogPage:
         entries = bson.decode(zlib.decompress(doc["z"]))["e"]
-        return cls(first=doc["_id"], mailing_id=doc["m"], logged_at=doc["at"], entries=entries)
+        return cls(first=doc["_id"], mailing_id=doc["m"], logged_at=doc["at"], entries=entries,
+                   end=None if entries else doc["last"])
+
+
+async def _pages(documents: Any) -> Any:
+    async for doc in documents:
+        yield LogPage.from_document(doc)
 
 
 def bucket_of(seq: int) -> int:
@@ -118,6 +208,7 @@ class StatusLog:
     def __init__(self, database: Database, allocator: SequenceAllocator) -> None:
         self._db = database
         self.allocator = allocator
+        allocator.fill = self.insert_filler
         # The last pages read, decoded (a page does not change once written; deleted ones leave).
         self._recent: OrderedDict[int, LogPage] = OrderedDict()
 
@@ -128,18 +219,25 @@ class StatusLog:
         except DuplicateKeyError:
             pass
 
+    async def insert_filler(self, first: int, last: int) -> None:
+        """An empty page over numbers no change will have: readers step over it."""
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        await self.insert(LogPage(first=first, mailing_id=0, logged_at=now, entries=[], end=last))
+
     async def delete_page(self, first: int) -> None:
         self._recent.pop(first, None)
         collection = await self._db.bucket("status_log", bucket_of(first))
         await collection.delete_one({"_id": first})
 
-    async def pages_after(self, floor: int) -> list[LogPage]:
-        """The pages numbered above ``floor`` (a search: at start-up only)."""
+    async def pages_between(self, floor: int, ceiling: int) -> list[LogPage]:
+        """The pages of changes numbered above ``floor`` up to ``ceiling``, fillers left out (a
+        search: at start-up and in a dead master's recovery only)."""
         found = []
         for bucket in await self._db.bucket_numbers("status_log"):
-            if bucket >= bucket_of(floor):
+            if bucket_of(floor) <= bucket <= bucket_of(ceiling):
                 collection = await self._db.bucket("status_log", bucket)
-                found += [LogPage.from_document(doc) async for doc in collection.find({"_id": {"$gt": floor}})]
+                query = {"_id": {"$gt": floor, "$lte": ceiling}}
+                found += [page async for page in _pages(collection.find(query)) if page.entries]
         return found
 
     async def page(self, first: int) -> LogPage | None:
@@ -172,7 +270,7 @@ class StatusLog:
         """Entries numbered after ``after`` (found from page ``page_id``, 0: unknown), oldest
         first, of ``mailing_ids`` (None: all) that ``accept`` takes, at most ``limit``; with the
         (page, number) to continue from."""
-        horizon = self.allocator.horizon
+        horizon = await self.allocator.readable()
         found: list[Mapping[str, Any]] = []
         position = after
         while position < horizon:
@@ -232,6 +330,6 @@ class StatusLog:
             unused = [page_id for page_id in old if page_id not in referenced]
             for start in range(0, len(unused), 500):
                 deleted += (await collection.delete_many({"_id": {"$in": unused[start:start + 500]}})).deleted_count
-            if bucket < bucket_of(self.allocator.horizon) and not await collection.find_one({}, {"_id": 1}):
+            if bucket < bucket_of(await self.allocator.readable()) and not await collection.find_one({}, {"_id": 1}):
                 await collection.drop()
         return deleted

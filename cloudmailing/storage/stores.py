@@ -50,10 +50,12 @@ class Stores:
         await self.mailings.delete(mailing_id)
 
 
-async def open_stores(database: Database, block_recipients: int = MAX_RECIPIENTS) -> Stores:
+async def open_stores(database: Database, block_recipients: int = MAX_RECIPIENTS,
+                      writer_key: str | None = None) -> Stores:
     """The stores of ``database``; the change numbers continue after any earlier process's.
-    ``block_recipients``: the most recipients a new block holds (tests use small blocks)."""
-    allocator = SequenceAllocator(database)
+    ``block_recipients``: the most recipients a new block holds (tests use small blocks);
+    ``writer_key``: a master's, which shares the database (None: the only writer)."""
+    allocator = SequenceAllocator(database, writer_key)
     await allocator.start()
     mailings, blocks, index = MailingStore(database), BlockStore(database), RecipientIndex(database)
     status_log, kept = StatusLog(database, allocator), KeptMessages(database)

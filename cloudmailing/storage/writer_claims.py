@@ -48,19 +48,26 @@ class WriterClaimStore:
 
 class MasterRegistry:
     """The ``masters`` collection: a document per running master (its identity and how long it
-    counts as running), so that ``cm-admin storage`` can tell none runs. Each master writes only
-    its own document."""
+    counts as running): the masters recover those that stop renewing theirs, and ``cm-admin
+    storage`` runs only when none runs. A master writes only its own; the one that recovers a
+    dead master deletes that one's."""
 
     def __init__(self, database: Database) -> None:
         self._masters = database.masters
+        self._locks = database.locks
 
     async def register(self, key: str, holder: dict[str, Any], until: datetime.datetime) -> None:
-        """Write (or write again: another process may have dropped it as stale) this entry."""
-        await self._masters.replace_one({"_id": key}, {**holder, "until": until}, upsert=True)
+        await self._masters.insert_one({"_id": key, **holder, "until": until, "solo": False})
 
-    async def drop_stale(self, before: datetime.datetime) -> None:
-        """Drop the entries of masters gone without a word (killed, their host lost) before ``before``."""
-        await self._masters.delete_many({"until": {"$lt": before}})
+    async def set_solo(self, key: str, solo: bool) -> None:
+        """Whether the master runs alone (``services/company.py``)."""
+        async with self._locks.hold(("master", key), own_document=True):  # not at once with a renewal
+            await self._masters.update_one({"_id": key}, {"$set": {"solo": solo}})
+
+    async def renew(self, key: str, until: datetime.datetime) -> bool:
+        """Move the entry's end; False if the entry is gone (recovered by another master)."""
+        async with self._locks.hold(("master", key), own_document=True):
+            return (await self._masters.update_one({"_id": key}, {"$set": {"until": until}})).matched_count == 1
 
     async def remove(self, key: str) -> None:
         await self._masters.delete_one({"_id": key})

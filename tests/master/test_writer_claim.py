@@ -1,6 +1,6 @@
-"""A master is its database's only writer, on FerretDB and MongoDB alike: a second master is
-refused while it runs; one whose claim was taken over stops; ``cm-admin storage`` and a master
-never run at once."""
+"""Masters share a database, ``cm-admin storage`` runs alone on it: a second master starts
+beside the first; a master whose entry among the running ones lapsed (frozen, recovered by
+another) writes nothing and stops; ``cm-admin storage`` and a master never run at once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import datetime
 import xmlrpc.client
 
 import pytest
-from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity
 from cloudmailing.master.app import Master
@@ -22,11 +21,30 @@ from tests.helpers import aio_test
 
 
 @aio_test
-async def test_a_second_master_is_refused(running_master, settings):
+async def test_a_second_master_starts_beside_the_first(running_master, settings, database):
     second = Master(dataclasses.replace(settings), _reactor())
-    with pytest.raises(ClaimHeld, match=r"in use by a master \(pid \d+ on .*one master at a time runs"):
-        await second.start()
-    assert second.database is None  # nothing left open
+    await second.start()
+    try:
+        assert len(await running_masters(MasterRegistry(database), _reactor())) == 2
+        assert second.database.locks.shared is not None  # its writes take the locks the other sees
+        assert await WriterClaimStore(database).latest() is None  # no master takes the claim
+    finally:
+        await second.stop()
+    assert len(await running_masters(MasterRegistry(database), _reactor())) == 1
+
+
+@aio_test
+async def test_a_master_does_not_start_beside_one_of_an_earlier_version(settings, database):
+    """Earlier masters took the writer's claim and believed themselves alone on the database."""
+    older = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=76, started=1)
+    claim = WriterClaim(WriterClaimStore(database), _reactor(), "a master", older)
+    await claim.take()
+    master = Master(settings, _reactor())
+    with pytest.raises(ClaimHeld, match=r"in use by a master \(pid 76 on elsewhere\).*earlier CloudMailing version"):
+        await master.start()
+    assert master.database is None  # nothing left open
+    assert not await running_masters(MasterRegistry(database), _reactor())
+    await claim.release()
 
 
 @aio_test
@@ -35,7 +53,7 @@ async def test_cm_admin_storage_waits_for_the_master_to_stop(running_master, set
     config = _config(tmp_path, mongo_url, db_name, free_port())
     refused = await asyncio.to_thread(_run, config, "admin", "storage", "recount")
     assert refused.returncode == 1, refused
-    assert "in use by a master" in refused.stderr, refused.stderr
+    assert "a master runs on this database" in refused.stderr, refused.stderr
     assert await running_masters(MasterRegistry(database), _reactor())  # its entry is in
     await running_master.master.stop()
     assert not await running_masters(MasterRegistry(database), _reactor())  # and out
@@ -59,16 +77,14 @@ async def test_a_master_does_not_start_while_cm_admin_storage_runs(settings, dat
 
 
 @aio_test
-async def test_a_master_whose_claim_was_taken_over_stops(settings, database):
+async def test_a_master_whose_entry_was_recovered_stops(settings, database):
     master = Master(settings, _reactor())
     stopped = []
     master.on_claim_lost = lambda: stopped.append(True)
     await master.start()
     port = master.api_port
-    later = task.Clock()  # the master has been frozen for longer than its claim lives
-    later.advance(_reactor().seconds() + CLAIM_SECONDS + 5)
-    intruder = ProcessIdentity(host="elsewhere", boot="b", pid_namespace="pid:[1]", pid=1, started=1)
-    await WriterClaim(WriterClaimStore(database), later, "a master", intruder).take()
+    # It was frozen for longer than its entry lives: another master recovered it meanwhile.
+    await MasterRegistry(database).remove(master._presence.key)
     master._renewal._loop.call.reset(0)  # its renewal loop's next turn, now: it stops the master
     for _ in range(500):
         if stopped:
@@ -79,67 +95,33 @@ async def test_a_master_whose_claim_was_taken_over_stops(settings, database):
         await asyncio.open_connection("127.0.0.1", port)
 
 
-@pytest.fixture
-def as_on_mongodb(monkeypatch):
-    """The master opens this test's database as if it were MongoDB, whatever the server (CI runs
-    FerretDB): it must take the writer's claim there too."""
-    from cloudmailing.master import app
-
-    opened_for_real = app.open_database
-
-    async def opened(*args, **kwargs):
-        database = await opened_for_real(*args, **kwargs)
-        database.is_ferretdb = False
-        return database
-
-    monkeypatch.setattr(app, "open_database", opened)
-
-
 @aio_test
-async def test_on_mongodb_too_a_master_takes_the_claim_and_a_second_one_is_refused(as_on_mongodb, settings,
-                                                                                    database):
-    """Two masters on one MongoDB would each see only their own change numbers in flight (a
-    cursor read through one could skip a change the other was writing), and a starting master's
-    repairs would undo the other's writes in flight: one master per database, whatever the server."""
-    first, second = Master(settings, _reactor()), Master(dataclasses.replace(settings), _reactor())
-    await first.start()
-    try:
-        assert first._claim is not None and first.database.write_guard is not None
-        assert (await WriterClaimStore(database).latest())["role"] == "a master"
-        with pytest.raises(ClaimHeld, match="in use by a master"):
-            await second.start()
-        assert second.database is None
-    finally:
-        await first.stop()
-    await second.start()  # the claim was given back: at once
-    await second.stop()
-
-
-@aio_test
-async def test_a_master_frozen_past_its_claim_writes_nothing_until_a_renewal_finds_the_claim_its_own(
-        running_master, database):
+async def test_a_master_whose_entry_may_lapse_writes_nothing_and_one_past_its_end_stops(running_master, database):
     master, api = running_master.master, running_master.proxy()
     mailing = ("news@sender.test", "News", "Hello", "<p>Hi</p>", "Hi", "utf-8")
-    master._claim._held_until -= datetime.timedelta(seconds=CLAIM_SECONDS)  # as after a long SIGSTOP
+    master._presence._held_until -= datetime.timedelta(seconds=CLAIM_SECONDS - 4)  # renewal late
     with pytest.raises(xmlrpc.client.Fault, match="database unavailable, please retry"):
         await api.create_mailing(*mailing)
     assert await database.mailings.count_documents({}) == 0
-    await master._renew_claim()  # its renewal loop's next turn: nobody took the claim meanwhile
+    assert await master._renew_presence()  # before its end: nobody may have recovered it yet
     assert await api.create_mailing(*mailing)
     assert await database.mailings.count_documents({}) == 1
+    master._presence._held_until -= datetime.timedelta(seconds=CLAIM_SECONDS + 1)  # as after a long SIGSTOP
+    assert not await master._renew_presence()  # past its end: another master may be recovering it
+    assert master._stopped and master.database.write_guard() is not None
 
 
 @aio_test
-async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawing_its_entry_and_claim(
+async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawing_its_entry(
         settings, database):
     master = Master(settings, _reactor())
     await master.start()
     gate = asyncio.Event()
     renew_entry = master._presence.renew
 
-    async def held_at_the_gate() -> None:
+    async def held_at_the_gate() -> bool:
         await gate.wait()
-        await renew_entry()
+        return await renew_entry()
 
     master._presence.renew = held_at_the_gate
     master._renewal._loop.call.reset(0)  # its next renewal now
@@ -150,5 +132,3 @@ async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawin
     gate.set()
     await stopping
     assert not await running_masters(MasterRegistry(database), _reactor())  # the entry stays withdrawn
-    latest = await WriterClaimStore(database).latest()
-    assert latest is None or latest["until"] < datetime.datetime(1971, 1, 1)  # and the claim given back

@@ -1,5 +1,6 @@
-"""The writer's claim on a database that cannot guard two writers: one holder at a time, taken
-over when it expires or its holder (on this host) is gone, lost by a holder frozen too long."""
+"""The writer's claim (``cm-admin storage`` alone on a database): one holder at a time, taken
+over when it expires or its holder (on this host) is gone, lost by a holder frozen too long; and
+the masters' entries among the running ones, recovered by the others once they lapse."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from cloudmailing.common.process_identity import ProcessIdentity, this_process
 from cloudmailing.services.writer_claim import (
     CLAIM_SECONDS,
     RENEW_SECONDS,
-    STALE_ENTRY,
     ClaimHeld,
     ClaimRenewal,
     MasterPresence,
     WriterClaim,
+    recoverable,
     running_masters,
 )
 from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
@@ -116,30 +117,39 @@ async def test_running_masters_are_those_renewed_lately_and_not_killed_here(data
     registry = MasterRegistry(database)
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     here = dataclasses.replace(this_process(), pid=child.pid, started=_started(child.pid))
-    away = _elsewhere("alpha")
-    for identity in (here, away):
-        await MasterPresence(registry, clock, identity).register()
+    away = MasterPresence(registry, clock, _elsewhere("alpha"))
+    for presence in (MasterPresence(registry, clock, here), away):
+        await presence.register()
     assert sorted(m.host for m in await running_masters(registry, clock)) == sorted([here.host, "alpha"])
     child.kill()
     child.wait()
-    assert [m.host for m in await running_masters(registry, clock)] == ["alpha"]  # killed: gone at once
+    entries = {entry["host"] if entry["pid"] != child.pid else "killed": entry for entry in await registry.all()}
+    assert recoverable(entries["killed"], clock) and not recoverable(entries["alpha"], clock)  # at once
+    assert [m.host for m in await running_masters(registry, clock)] == ["alpha"]
     clock.advance(CLAIM_SECONDS * 2 / 3)
-    await MasterPresence(registry, clock, away).renew()
+    assert await away.renew()
     clock.advance(CLAIM_SECONDS * 2 / 3)
     assert [m.host for m in await running_masters(registry, clock)] == ["alpha"]  # renewed: still there
-    clock.advance(CLAIM_SECONDS)
+    clock.advance(CLAIM_SECONDS / 3 + 1)
     assert await running_masters(registry, clock) == []  # not renewed for a claim's life
-    await MasterPresence(registry, clock, away).remove()
-    assert [entry["pid"] for entry in await registry.all()] == [child.pid]  # the killed one's stays, dead
-    clock.advance(STALE_ENTRY.total_seconds())
-    frozen = MasterPresence(registry, clock, _elsewhere("beta"))
-    await frozen.register()  # a day later, the next master to start drops it
-    assert [entry["host"] for entry in await registry.all()] == ["beta"]
-    clock.advance(STALE_ENTRY.total_seconds() + CLAIM_SECONDS + 1)
-    await MasterPresence(registry, clock, _elsewhere("gamma")).register()  # drops beta's, frozen for a day
-    assert [entry["host"] for entry in await registry.all()] == ["gamma"]
-    await frozen.renew()  # beta wakes up: its entry is back
-    assert sorted(m.host for m in await running_masters(registry, clock)) == ["beta", "gamma"]
+    entry = next(entry for entry in await registry.all() if entry["host"] == "alpha")
+    assert not recoverable(entry, clock)  # a margin for clocks apart: the others wait a little longer
+    assert not await away.renew()  # it woke up too late: it must stop, never renew
+    assert away.lapsed() is not None
+    clock.advance(RENEW_SECONDS)
+    assert recoverable(entry, clock)
+
+
+@aio_test
+async def test_a_recovered_master_finds_its_entry_gone_and_stops(database):
+    clock = _clock()
+    registry = MasterRegistry(database)
+    presence = MasterPresence(registry, clock, _elsewhere("alpha"))
+    await presence.register()
+    assert presence.lapsed() is None
+    await registry.remove(presence.key)  # recovered by another master (say its clock runs ahead)
+    assert not await presence.renew()
+    assert presence.lapsed() is not None
 
 
 @aio_test

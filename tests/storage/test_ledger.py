@@ -13,6 +13,7 @@ from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
 from cloudmailing.storage.database import Database
 from cloudmailing.storage.ledger import Change
+from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.stores import open_stores
 from tests.helpers import CommandWatcher, aio_test
 from tests.storage.world import NOW, mailing_with
@@ -56,10 +57,12 @@ async def _commands_for_one_block(mongo_url: str, db_name: str, block_size: int)
     listener = _Commands()
     client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[listener])
     database = Database(client=client, db=client[db_name])
+    database.locks.shared = SharedLocks(lambda: database.write_locks, "a master")  # as a master's
     try:
         stores, _ = await mailing_with(database, block_size, block_recipients=block_size)
         services = build_services(stores, _Clock(), dispatch=DispatchConfig(max_lease_size=5000))
         await stores.status_log.page(1)  # buckets and indexes exist before counting
+        stores.status_log.allocator.release(await stores.status_log.allocator.allocate(1))  # numbers reserved
         listener.names.clear()
         leased = await services.dispatcher.lease(SATELLITE, block_size)
         lease_commands = list(listener.names)
@@ -81,7 +84,9 @@ async def test_database_commands_per_lease_and_report_do_not_grow_with_the_block
     large = await _commands_for_one_block(mongo_url, db_name + "l", 400)
     assert small == large
     lease, report = small
-    assert len(lease) <= 10 and len(report) <= 10, (lease, report)
+    # Each includes taking and giving back the locks other masters see (an insert and a delete
+    # each): the block's and its mailing's; the report also finishes the mailing.
+    assert len(lease) <= 12 and len(report) <= 15, (lease, report)
 
 
 @aio_test
@@ -216,10 +221,10 @@ async def test_a_read_failing_before_the_page_is_built_holds_no_cursor_back(data
     read = stores.blocks.addresses
     failures = [ConnectionError("connection reset")]
 
-    async def addresses_once_failing(block_id: int) -> list[tuple[str, str]]:
+    async def addresses_once_failing(block_id: int, count: int = 0) -> list[tuple[str, str]]:
         if failures:
             raise failures.pop()
-        return await read(block_id)
+        return await read(block_id, count)
 
     stores.blocks.addresses = addresses_once_failing  # type: ignore[method-assign]
     with pytest.raises(ConnectionError):

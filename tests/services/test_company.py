@@ -1,0 +1,83 @@
+"""A master alone on its database takes no lock documents; one that gets company takes them
+again, and the newcomer writes nothing until it has."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from twisted.internet import task
+
+from cloudmailing.common.process_identity import ProcessIdentity
+from cloudmailing.services.company import Company
+from cloudmailing.services.writer_claim import MasterPresence
+from cloudmailing.storage.shared_locks import SharedLocks
+from cloudmailing.storage.writer_claims import MasterRegistry
+from tests.helpers import aio_test
+
+
+async def _master(database, clock, name: str) -> tuple[MasterPresence, SharedLocks, Company]:
+    registry = MasterRegistry(database)
+    presence = MasterPresence(registry, clock, ProcessIdentity(name, "b", "pid:[1]", 7, 1))
+    await presence.register()
+    locks = SharedLocks(lambda: database.write_locks, presence.key)
+    return presence, locks, Company(registry, locks, clock)
+
+
+@aio_test
+async def test_a_master_alone_drops_lock_documents_and_takes_them_again_when_another_comes(database):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    alpha, alpha_locks, alpha_company = await _master(database, clock, "alpha")
+    assert alpha_locks.engaged  # a master starts taking them
+    assert not await alpha_company.review()
+    assert not alpha_locks.engaged
+    async with alpha_locks.hold(("block", 1)):
+        assert await database.write_locks.count_documents({}) == 0  # alone: no lock document
+
+    beta, beta_locks, beta_company = await _master(database, clock, "beta")
+    with pytest.raises(TimeoutError):  # alpha still runs alone: beta writes nothing yet
+        await asyncio.wait_for(beta_company.wait_for_company(), 0.3)
+
+    # Alpha sees beta while a hold taken alone is under way: it says so only once that one ended.
+    ended = asyncio.Event()
+
+    async def hold_taken_alone() -> None:
+        async with alpha_locks.hold(("block", 2)):
+            await ended.wait()
+
+    holding = asyncio.ensure_future(hold_taken_alone())
+    await asyncio.sleep(0.05)
+    reviewing = asyncio.ensure_future(alpha_company.review())
+    await asyncio.sleep(0.2)
+    assert not reviewing.done() and alpha_locks.engaged
+    ended.set()
+    assert await reviewing and await holding is None
+    await asyncio.wait_for(beta_company.wait_for_company(), 5)
+    async with alpha_locks.hold(("block", 1)):
+        assert await database.write_locks.count_documents({}) == 1  # together: lock documents
+
+    assert await beta_company.review() and beta_locks.engaged
+    await beta.remove()
+    assert not await alpha_company.review() and not alpha_locks.engaged  # alone again
+
+
+@aio_test
+async def test_a_master_going_solo_as_another_comes_in_keeps_its_lock_documents(database):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    alpha, alpha_locks, alpha_company = await _master(database, clock, "alpha")
+    registry = MasterRegistry(database)
+    said_solo = registry.set_solo
+    newcomer: list[MasterPresence] = []
+
+    async def newcomer_registers_meanwhile(key: str, solo: bool) -> None:
+        await said_solo(key, solo)
+        if solo and not newcomer:  # between alpha's "solo" and its second look
+            newcomer.append((await _master(database, clock, "beta"))[0])
+
+    alpha_company._registry.set_solo = newcomer_registers_meanwhile
+    assert await alpha_company.review()  # it saw beta on its second look
+    assert alpha_locks.engaged
+    assert {entry["_id"]: entry["solo"] for entry in await registry.all()} == {alpha.key: False,
+                                                                              newcomer[0].key: False}

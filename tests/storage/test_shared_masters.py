@@ -1,0 +1,134 @@
+"""Two masters on one database, each with its own connection and its own process locks: their
+writes to one block never lose an update, a reader through either never skips a change the
+other is writing, and a dead master's half-done writes are recovered by the other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from pymongo import AsyncMongoClient
+from twisted.internet import task
+
+from cloudmailing.common.process_identity import ProcessIdentity
+from cloudmailing.services.master_recovery import MasterRecovery
+from cloudmailing.services.writer_claim import CLAIM_SECONDS, RENEW_SECONDS, MasterPresence
+from cloudmailing.storage.database import Database
+from cloudmailing.storage.ledger import Change
+from cloudmailing.storage.shared_locks import SharedLocks
+from cloudmailing.storage.status_log import LogPage, writer_floors
+from cloudmailing.storage.stores import Stores, open_stores
+from cloudmailing.storage.writer_claims import MasterRegistry
+from tests.helpers import aio_test
+from tests.storage.world import NOW, mailing_with
+
+
+@contextlib.asynccontextmanager
+async def _master(mongo_url: str, name: str, key: str, block_recipients: int = 500) -> AsyncIterator[Stores]:
+    """The stores of a master named ``key``: its own connection, locks shared with the others."""
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
+    database = Database(client=client, db=client[name])
+    database.locks.shared = SharedLocks(lambda: database.write_locks, key)
+    try:
+        yield await open_stores(database, block_recipients, writer_key=key)
+    finally:
+        await client.close()
+
+
+async def _read_all(stores: Stores) -> list:
+    collected: list = []
+    page = seq = 0
+    while True:
+        entries, page, seq = await stores.status_log.read_since(page, seq, 50)
+        if not entries:
+            return collected
+        collected.extend(entries)
+
+
+@aio_test
+async def test_two_masters_racing_on_one_block_lose_no_update(database, mongo_url):
+    setup, ids = await mailing_with(database, 40, block_recipients=40)
+    block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
+    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
+            _master(mongo_url, database.db.name, "beta") as beta:
+
+        async def change(stores: Stores, slot: int) -> None:
+            await stores.ledger.edit(block_id, lambda block: [Change(slot, "FINISHED", 1)], NOW)
+
+        # Twenty edits from each master at once, each of its own recipient.
+        await asyncio.gather(*(change(alpha if slot % 2 else beta, slot) for slot in range(40)))
+        block = await alpha.blocks.load(block_id)
+        assert [block.columns.status_of(slot) for slot in range(40)] == ["FINISHED"] * 40
+        assert block.version == 40  # every edit wrote once, over the one before it
+        assert (await alpha.mailings.get(1))["counts"] == {"READY": 0, "FINISHED": 40}
+        for master in (alpha, beta):  # the floors' next turn: each gives up the rest of its range
+            await master.status_log.allocator.publish(others_running=True)
+        for reader in (alpha, beta):
+            assert sorted(entry["s"] for entry in await _read_all(reader)) == list(range(40))
+        assert await database.write_locks.count_documents({}) == 0  # every lock given back
+
+
+@aio_test
+async def test_a_reader_never_passes_a_change_another_master_is_writing(database, mongo_url):
+    setup, ids = await mailing_with(database, 4, block_recipients=2)
+    blocks = [(await setup.lookup.find([rid]))[rid].block.id for rid in ids[::2]]
+    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
+            _master(mongo_url, database.db.name, "beta") as beta:
+        in_flight = await alpha.status_log.allocator.allocate(1)  # alpha is writing change `in_flight`
+        await beta.ledger.edit(blocks[1], lambda block: [Change(0, "FINISHED", 1)], NOW)
+        assert await _read_all(beta) == []  # beta's own change is numbered after alpha's range
+        assert await beta.status_log.allocator.readable() < in_flight
+        alpha.status_log.allocator.release(in_flight)  # written (here: given up) ...
+        assert await _read_all(beta) == []  # ... but alpha has not said so yet
+        await alpha.status_log.allocator.publish(others_running=True)  # its next turn
+        assert [entry["s"] for entry in await _read_all(beta)] == [0]
+        assert [floor["_id"] for floor in await writer_floors(beta.database)] == ["beta"]
+        assert [entry["s"] for entry in await _read_all(alpha)] == []  # beta's floor: as when it reserved
+        await beta.status_log.allocator.publish(others_running=True)
+        assert [entry["s"] for entry in await _read_all(alpha)] == [0]
+        # Each gave up the rest of its range: an empty page covers it, read past without a search.
+        fillers = [page async for page in (await alpha.database.bucket("status_log", 0)).find({"m": 0})]
+        assert [page["_id"] for page in fillers][:1] == [in_flight + 1] and len(fillers) == 2
+
+
+@aio_test
+async def test_a_dead_masters_locks_orphan_pages_and_floor_are_recovered(database, mongo_url):
+    clock = task.Clock()
+    clock.advance(NOW.timestamp())
+    setup, ids = await mailing_with(database, 4, block_recipients=4)
+    block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
+    registry = MasterRegistry(database)
+    dead = MasterPresence(registry, clock, ProcessIdentity("elsewhere", "b", "pid:[1]", 7, 1))
+    await dead.register()
+    async with _master(mongo_url, database.db.name, dead.key) as alpha, \
+            _master(mongo_url, database.db.name, "beta") as beta:
+        await alpha.ledger.edit(block_id, lambda block: [Change(0, "FINISHED", 1)], NOW)
+        # Alpha dies in its next edit: the lock taken, the page logged, the state never written.
+        await alpha.database.write_locks.insert_one({"_id": f"block:{block_id}", "holder": dead.key})
+        first = await alpha.status_log.allocator.allocate(1)
+        await alpha.status_log.insert(LogPage(first, 1, NOW, [{"q": first, "id": ids[1], "b": block_id, "s": 1,
+                                                               "t": False, "r": {"status": "ERROR"}}]))
+        await alpha.database.mailings.update_one({"_id": 1}, {"$inc": {"counts.ERROR": 1}})  # counted, not written
+
+        with pytest.raises(TimeoutError):  # beta waits for the dead master's lock
+            await asyncio.wait_for(beta.ledger.edit(block_id, lambda block: [Change(2, "ERROR", 1)], NOW), 0.3)
+        assert [entry["s"] for entry in await _read_all(beta)] == []  # and for its floor
+
+        dead_floor = (await writer_floors(database))[0]
+        recovery = MasterRecovery(beta, clock, "beta")
+        assert await recovery.recover_dead() == []  # its entry has not lapsed yet
+        clock.advance(CLAIM_SECONDS + RENEW_SECONDS + 1)
+        assert await recovery.recover_dead() == [dead.key]
+        assert await database.write_locks.count_documents({}) == 0
+        assert await writer_floors(database) == []
+        assert await registry.all() == []
+        fillers = [(page["_id"], page["last"]) async for page in
+                   (await database.bucket("status_log", 0)).find({"m": 0})]
+        assert fillers == [(first, dead_floor["end"])]  # the orphan's number on: nobody writes them
+        assert (await beta.mailings.get(1))["counts"] == {"READY": 3, "FINISHED": 1, "ERROR": 0}  # recounted
+        assert [(entry["s"], entry["r"]["status"]) for entry in await _read_all(beta)] == [(0, "FINISHED")]
+        await beta.ledger.edit(block_id, lambda block: [Change(2, "ERROR", 1)], NOW)  # no longer waits
+        assert [entry["s"] for entry in await _read_all(beta)] == [0, 2]
+        assert await recovery.recover_dead() == []

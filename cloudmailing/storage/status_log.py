@@ -70,6 +70,7 @@ class SequenceAllocator:
         self._drained.set()
         self._reserve_lock = asyncio.Lock()
         self._published: tuple[int, int] | None = None  # (floor, end) as last written
+        self._reserving_from: int | None = None  # the first number of a range being reserved
         # Covers numbers given up with an empty page (set by the StatusLog of this allocator).
         self.fill: Callable[[int, int], Awaitable[None]] | None = None
 
@@ -95,12 +96,16 @@ class SequenceAllocator:
         await self._drained.wait()
         await self._give_up_rest()
         wanted = max(RESERVE, count)
-        async with self._db.locks.hold(("counter", SEQUENCE_COUNTER)):
-            start = await counters.current(self._db, SEQUENCE_COUNTER) + 1
-            await self._write_floor(start, start + wanted - 1)
-            end = await counters.add_held(self._db, SEQUENCE_COUNTER, wanted)
-        self._next = self._range_start = end - wanted + 1
-        self._reserved_end = end
+        try:
+            async with self._db.locks.hold(("counter", SEQUENCE_COUNTER)):
+                start = await counters.current(self._db, SEQUENCE_COUNTER) + 1
+                self._reserving_from = start  # this process's readers stop below it from now on
+                await self._write_floor(start, start + wanted - 1)
+                end = await counters.add_held(self._db, SEQUENCE_COUNTER, wanted)
+            self._next = self._range_start = end - wanted + 1
+            self._reserved_end = end
+        finally:
+            self._reserving_from = None
 
     def release(self, first: int) -> None:
         self._in_flight.discard(first)
@@ -119,7 +124,10 @@ class SequenceAllocator:
         range, it writes nothing below the counter's next value: no limit of its own)."""
         if self._in_flight:
             return min(self._in_flight) - 1
-        return self._next - 1 if self._next <= self._reserved_end else NO_LIMIT
+        if self._next <= self._reserved_end:
+            return self._next - 1
+        # Reserving: the counter may already count the new range, not yet ours to hand out.
+        return NO_LIMIT if self._reserving_from is None else self._reserving_from - 1
 
     async def readable(self) -> int:
         """The horizon across every master: where a reader stops."""

@@ -148,5 +148,8 @@ class ComposeAhead:
 
     def _done(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
+        # The chunk's own wake-up may have been handled before it left the count (two chunks
+        # ending in one turn): the dispatch looks again now that it has.
+        self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("composing failed: %r", task.exception())

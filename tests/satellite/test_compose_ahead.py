@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 from cloudmailing.satellite import compose_ahead
 from cloudmailing.satellite.compose_ahead import ComposeAhead
-from cloudmailing.satellite.compose_pool import Composed, ComposePool, MailingSource
+from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource
 from cloudmailing.satellite.delivery import DeliveryJob
 from tests.helpers import aio_test
 from tests.satellite.test_composer import CONTENT
@@ -152,3 +152,29 @@ async def test_the_size_forgotten_first_is_that_of_the_mailing_used_least_recent
     finally:
         running.cancel()
         pool.close()
+
+
+@aio_test
+async def test_chunks_ending_in_the_same_turn_let_the_next_ones_start():
+    """Both chunks a worker may have under way end at once: the dispatch must run again once
+    they have left its count (a two-master test's satellite stopped composing for good here)."""
+    pool, submitted = _GatedPool(), []
+    ahead = ComposeAhead(pool, submitted.append, lambda failure, mailing_id: None, 10_000_000)  # type: ignore[arg-type]
+    running = asyncio.ensure_future(ahead.run())
+    count = 1 + 6 * CHUNK_SIZE
+    mailing = MailingSource.from_content(CONTENT)
+    try:
+        ahead.add(mailing, [{"id": "r0"}])  # its size is learnt from this one
+        await _turns()
+        pool.gates[-1].set()
+        await _turns()
+        ahead.add(mailing, [{"id": f"r{i}"} for i in range(1, count)])  # two chunks start at once
+        for _ in range(20 * CHUNK_SIZE):
+            for gate in pool.gates:  # every message under way is made in the same turn
+                gate.set()
+            await asyncio.sleep(0)
+            if len(submitted) == count:
+                break
+        assert len(submitted) == count and ahead.pending == 0
+    finally:
+        running.cancel()

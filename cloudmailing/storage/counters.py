@@ -43,6 +43,10 @@ async def current(database: Database, name: str) -> int:
 async def set_at_least(database: Database, name: str, value: int) -> None:
     """Raise counter ``name`` to ``value`` (never lowers it)."""
     async with database.locks.hold(("counter", name)):
-        if await current(database, name) < value:
-            await _upsert(lambda: database.counters.update_one({"_id": name}, {"$max": {"value": value}},
-                                                               upsert=True))
+        await raise_held(database, name, value)
+
+
+async def raise_held(database: Database, name: str, value: int) -> None:
+    """:func:`set_at_least`, for a caller that holds the counter's lock."""
+    if await current(database, name) < value:
+        await _upsert(lambda: database.counters.update_one({"_id": name}, {"$max": {"value": value}}, upsert=True))

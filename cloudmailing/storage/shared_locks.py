@@ -10,9 +10,10 @@ the key. Inserting it takes the lock: ``_id`` is unique (on FerretDB, PostgreSQL
 decides), so of two takers one is refused and waits. Deleting it gives the lock back.
 
 A master killed while holding locks leaves their documents behind. Each names its holder; once
-that master's entry among the running ones has lapsed, the one master that recovers it repairs
-what the locks guarded and deletes them (``services/master_recovery.py``). A waiting taker
-never deletes another's lock document: a delete with a filter is not atomic on FerretDB either.
+that master's entry among the running ones has lapsed, the one master that recovers it takes
+them over (:meth:`SharedLocks.adopt`), repairs what they guarded and gives them back
+(``services/master_recovery.py``). A waiting taker never deletes another's lock document: a
+delete with a filter is not atomic on FerretDB either.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class SharedLocks:
         self._collection = collection  # write_locks (a callable giving it: the write guard may change)
         self.holder = holder
         self._leftovers: set[str] = set()  # locks given back while the database failed: deleted later
+        self._adopted: set[str] = set()  # a dead master's locks handed to this one (its recovery)
         self.engaged = True
         self._unshared = 0  # holds under way that took no lock document
         self._no_unshared = asyncio.Event()
@@ -114,24 +116,23 @@ class SharedLocks:
             self._leftovers.add(name)
             raise
 
+    async def adopt(self, holder: str) -> list[str]:
+        """Take over the locks of ``holder``, a dead master (only its recovery calls this, and
+        writes what they guard without taking them again): nobody else writes what they guarded
+        before the recovery has repaired it and given them back. Their names."""
+        names = [doc["_id"] async for doc in self._collection().find({"holder": holder}, {"_id": 1})]
+        for name in names:
+            await self._collection().update_one({"_id": name, "holder": holder}, {"$set": {"holder": self.holder}})
+            self._adopted.add(name)
+        return names
+
+    async def give_back_adopted(self) -> None:
+        for name in list(self._adopted):
+            await self._collection().delete_one({"_id": name, "holder": self.holder})
+            self._adopted.discard(name)
+
     async def sweep(self) -> None:
         """Delete the lock documents a failed give-back left (called periodically)."""
         for name in list(self._leftovers):
             await self._collection().delete_one({"_id": name, "holder": self.holder})
             self._leftovers.discard(name)
-
-
-class LockDocuments:
-    """The lock documents as a whole: whose they are, for the recovery of a dead master."""
-
-    def __init__(self, collection: Any) -> None:
-        self._collection = collection
-
-    async def held_by(self, holder: str) -> list[str]:
-        """The names of the locks ``holder`` holds (a search: the collection holds only the
-        locks held right now)."""
-        return [doc["_id"] async for doc in self._collection.find({"holder": holder}, {"_id": 1})]
-
-    async def delete(self, name: str, holder: str) -> None:
-        """Delete ``holder``'s lock ``name`` (only ever called for a dead holder's)."""
-        await self._collection.delete_one({"_id": name, "holder": holder})

@@ -21,7 +21,7 @@ async def _settled(ahead: ComposeAhead) -> None:
     """Until composing stops, for want of room or of recipients."""
     for _ in range(600):
         await asyncio.sleep(0.05)
-        if not ahead.composing:
+        if not ahead.composing and not ahead._wake.is_set():  # and the dispatch has looked since
             return
     raise AssertionError("still composing")
 

@@ -83,7 +83,7 @@ class Master:
         self._company = Company(MasterRegistry(self.database), self.database.locks.shared, self.reactor)
         await self._company.wait_for_company()  # a master alone so far takes lock documents again first
         await self._recovery.recover_dead()  # other masters' half-done writes, this one's last run's
-        await self.services.lifecycle.recover(await self._recovery.running())
+        await self.services.lifecycle.recover(await self._recovery.running(), presence.key)
         self._listen_api()
         self._listen_satellites()
         self._loop = LoopingCall(lambda: as_deferred(self._tick()))

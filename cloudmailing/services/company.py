@@ -56,8 +56,8 @@ class Company:
                 log.info("another master shares the database: lock documents taken again")
             return True
         if self._locks.engaged:
+            self._solo = True  # first: the write may land though its answer is lost
             await self._registry.set_solo(self._locks.holder, True)
-            self._solo = True
             if await self.others():  # one came in meanwhile: it waits for this entry to change
                 await self._registry.set_solo(self._locks.holder, False)
                 self._solo = False

@@ -130,15 +130,19 @@ class MailingLifecycle:
                 closed += 1
         return closed
 
-    async def recover(self, running: AbstractSet[str] = frozenset()) -> None:
-        """At start-up: undo batches a crash cut (of no master in ``running``), delete log pages
-        whose state was never written, repair the summaries the dispatcher searches (done ones
-        leave), rewrite the block summaries that trail their state, and recount every unfinished
+    async def recover(self, running: AbstractSet[str] = frozenset(), me: str | None = None) -> None:
+        """At start-up of master ``me``: undo batches a crash cut (of no master in ``running``),
+        delete log pages whose state was never written (only when no other master runs: a page
+        of another one that its block no longer names may be committed; dead masters' ranges
+        are their recovery's), repair the summaries the dispatcher searches (done ones leave),
+        rewrite the block summaries that trail their state, and recount every unfinished
         mailing. Each under the locks its writers take: other masters may be writing."""
         await self._stores.writer.roll_back_cut_batches(running)
-        orphans = await self._stores.ledger.recover()
+        alone = not set(running) - {me}
+        orphans = await self._stores.ledger.recover() if alone else 0
         if orphans:
             log.warning("%d log pages of writes a crash cut were deleted", orphans)
+        await self._stores.ledger.save_logged_floor()  # the next start-up scans only what follows
         repaired = await self._stores.blocks.repair_searched()
         moved = sum(1 for block in repaired if block.is_done())
         if moved:

@@ -2,10 +2,12 @@
 
 A master may die (``kill -9``, its host lost) in the middle of writes. Once its entry among the
 running ones is recoverable (``writer_claim.recoverable``: its process is known gone, or the
-entry has not been renewed for a while), the first master to look takes the lock
-``recovery:<its key>`` and, in this order, so that a recovery cut short can be done again:
+entry has not been renewed for a while), the first master to look takes the lock ``recovery``
+(without waiting: if another master holds it, that one is at work; if a dead one does, it is
+taken over) and recovers every dead master at once (one may hold a lock another's recovery
+needs), in this order, so that a recovery cut short can be done again:
 
-1. takes over the dead master's lock documents: nobody else writes what they guarded until it
+1. takes over the dead masters' lock documents: nobody else writes what they guarded until it
    is repaired;
 2. under the change counter's lock: deletes the orphan pages of the dead master's range of
    change numbers (logged, their state never written), covers what no page holds with fillers,
@@ -51,33 +53,49 @@ class MasterRecovery:
                 if entry["_id"] == self._me or not recoverable(entry, self._clock)}
 
     async def recover_dead(self) -> list[str]:
-        """Recover every dead master; their keys."""
+        """Recover every dead master at once (one may hold a lock another's recovery needs);
+        their keys (none when another master is recovering them)."""
+        floors = {floor["_id"] for floor in await writer_floors(self._db)}  # first: see _recover_all
         entries = await self._registry.all()
         running = {entry["_id"] for entry in entries
                    if entry["_id"] == self._me or not recoverable(entry, self._clock)}
-        floors = {floor["_id"]: floor for floor in await writer_floors(self._db)}
-        dead = sorted(({entry["_id"] for entry in entries} | set(floors)) - running - {self._me})
-        for key in dead:
-            async with self._db.locks.hold(("recovery", key)):  # one master recovers it
-                await self._recover(key, running)
+        dead = sorted(({entry["_id"] for entry in entries} | floors) - running - {self._me})
+        if not dead:
+            return []
+        shared = self._db.locks.shared
+        if shared is None:  # the only writer
+            await self._recover_all(dead, running, set())
+            return dead
+        if not await shared.take_recovery(set(dead)):
+            return []  # another master is at it
+        try:
+            adopted: set[str] = set()
+            for key in dead:
+                adopted.update(await shared.adopt(key))
+            await self._recover_all(dead, running, adopted)
+        finally:
+            await shared.give_back_adopted()
+            await shared.give_back_recovery()
         return dead
 
-    async def _recover(self, key: str, running: set[str]) -> None:
-        log.warning("recovering master %s, which stopped without a word", key)
+    async def _recover_all(self, dead: list[str], running: set[str], adopted: set[str]) -> None:
+        """Steps 2 to 5 for ``dead``, whose locks this master holds (``adopted``). A floor whose
+        master has no entry is a dead master's too: a starting master writes its entry before
+        any floor, and the floors are read before the entries."""
+        for key in dead:
+            log.warning("recovering master %s, which stopped without a word", key)
+            await self._recover_numbers(key, lock_name(("counter", SEQUENCE_COUNTER)) in adopted)
+        touched = await self._repair_blocks(sorted(adopted))
         shared = self._db.locks.shared
-        names = await shared.adopt(key) if shared is not None else []
-        try:
-            await self._recover_numbers(key, lock_name(("counter", SEQUENCE_COUNTER)) in names)
-            touched = await self._repair_blocks(names)
-        finally:
-            if shared is not None:
-                await shared.give_back_adopted()
-        touched |= set(await self._stores.writer.roll_back_cut_batches(running))
+        if shared is not None:
+            await shared.give_back_adopted()
+        touched |= set(await self._stores.writer.roll_back_cut_batches(running, only=set(dead)))
         await self._stores.ledger.recount(sorted(touched))
-        await self._registry.remove(key)
+        for key in dead:
+            await self._registry.remove(key)
 
     async def _recover_numbers(self, key: str, counter_adopted: bool) -> None:
-        """Step 2, under the counter's lock: the dead master's, taken over, or taken here."""
+        """Step 2, under the counter's lock: a dead master's, taken over, or taken here."""
         floor = next((doc for doc in await writer_floors(self._db) if doc["_id"] == key), None)
         if floor is None:
             return

@@ -168,24 +168,28 @@ class RecipientWriter:
             if await self._blocks.save(block):
                 return block
 
-    async def roll_back_cut_batches(self, running: AbstractSet[str]) -> list[int]:
+    async def roll_back_cut_batches(self, running: AbstractSet[str],
+                                    only: AbstractSet[str] | None = None) -> list[int]:
         """Undo the batches a crash cut, those of no master in ``running`` (holder None: of a
-        process that did not share the database); the mailings they touched, to recount. Under
-        the locks their writers take: other masters write meanwhile."""
+        process that did not share the database), or with ``only``, of those masters alone; the
+        mailings they touched, to recount. Under the locks their writers take: other masters
+        write meanwhile."""
         touched = []
         for batch in await self._db.ingest_batches.find({}).to_list():
-            if batch.get("holder") in running:
+            if batch.get("holder") in running or (only is not None and batch.get("holder") not in only):
                 continue
             mailing_id = batch["m"]
             async with self._db.locks.hold(("ingest", mailing_id, False)), \
                     self._db.locks.hold(("ingest", mailing_id, True)):
+                if await self._db.ingest_batches.find_one({"_id": batch["_id"]}, {"_id": 1}) is None:
+                    continue  # rolled back by another master meanwhile (its blocks may have grown since)
                 for cut in batch["blocks"]:
                     async with self._blocks.lock(cut["b"]), self._mailings.counts_lock(mailing_id):
                         await self._cut_block(mailing_id, cut["b"], cut["before"])
                 await self._index.roll_back_batch(batch["_id"])
                 await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
-            log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
-            touched.append(mailing_id)
+                log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
+                touched.append(mailing_id)
         return touched
 
     async def _cut_block(self, mailing_id: int, block_id: int, before: int) -> None:

@@ -89,8 +89,7 @@ class SharedLocks:
         wait, waited = _FIRST_WAIT, 0.0
         while True:
             try:
-                await self._collection().insert_one({"_id": name, "holder": self.holder,
-                                                      "at": datetime.datetime.now(datetime.UTC).replace(tzinfo=None)})
+                await self._collection().insert_one({"_id": name, "holder": self.holder, "at": _now()})
                 self._leftovers.discard(name)
                 return
             except DuplicateKeyError:
@@ -126,6 +125,31 @@ class SharedLocks:
             self._adopted.add(name)
         return names
 
+    async def take_recovery(self, dead: set[str]) -> bool:
+        """Take the lock ``recovery`` without waiting; False if a live master holds it. One a
+        master of ``dead`` holds is taken over (that master died recovering others): of several
+        masters trying, the one that inserts ``recovery-takeover:<dead one>`` does."""
+        try:
+            await self._collection().insert_one({"_id": "recovery", "holder": self.holder, "at": _now()})
+            return True
+        except DuplicateKeyError:
+            pass
+        held = await self._collection().find_one({"_id": "recovery"})
+        if held is None or held.get("holder") not in dead:
+            return False
+        takeover = f"recovery-takeover:{held['holder']}"
+        try:
+            await self._collection().insert_one({"_id": takeover, "holder": self.holder, "at": _now()})
+        except DuplicateKeyError:
+            return False
+        self._adopted.add(takeover)  # given back with the dead masters' locks
+        await self._collection().update_one({"_id": "recovery", "holder": held["holder"]},
+                                            {"$set": {"holder": self.holder}})
+        return True
+
+    async def give_back_recovery(self) -> None:
+        await self._collection().delete_one({"_id": "recovery", "holder": self.holder})
+
     async def give_back_adopted(self) -> None:
         for name in list(self._adopted):
             await self._collection().delete_one({"_id": name, "holder": self.holder})
@@ -136,3 +160,7 @@ class SharedLocks:
         for name in list(self._leftovers):
             await self._collection().delete_one({"_id": name, "holder": self.holder})
             self._leftovers.discard(name)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)

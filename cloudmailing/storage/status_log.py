@@ -46,6 +46,10 @@ DETAIL_DEFAULTS: dict[str, Any] = {"reply_code": None, "reply_enhanced_code": ""
                                    "smtp_log": "", "cloud_client": ""}
 
 
+class PageTaken(RuntimeError):
+    """A page was to be written where another one is (a bug: numbers are handed out once)."""
+
+
 class SequenceAllocator:
     """Hands out change numbers and knows the horizon below which all are committed.
 
@@ -158,11 +162,13 @@ class SequenceAllocator:
             self._published = (floor, end)
 
     async def withdraw(self) -> None:
-        """At a clean stop, nothing in flight: the rest of the range is given up, the floor goes."""
-        if self.writer_key is not None and self._published is not None and not self._in_flight:
-            await self._give_up_rest()
-            await drop_floor(self._db, self.writer_key)
-            self._published = None
+        """At a clean stop, nothing in flight: the rest of the range is given up, the floor goes
+        (under the reservation's lock: no number is handed out meanwhile)."""
+        async with self._reserve_lock:
+            if self.writer_key is not None and self._published is not None and not self._in_flight:
+                await self._give_up_rest()
+                await drop_floor(self._db, self.writer_key)
+                self._published = None
 
 
 async def writer_floors(database: Database) -> list[dict[str, Any]]:
@@ -221,11 +227,15 @@ class StatusLog:
         self._recent: OrderedDict[int, LogPage] = OrderedDict()
 
     async def insert(self, page: LogPage) -> None:
-        """Write ``page`` (again after a crash: a page already there is left as it is)."""
+        """Write ``page`` (again after a crash: the same page already there is left as it is;
+        another one there, a filler say, is an error: the change would be lost)."""
+        collection = await self._db.bucket("status_log", bucket_of(page.first))
         try:
-            await (await self._db.bucket("status_log", bucket_of(page.first))).insert_one(page.document())
+            await collection.insert_one(page.document())
         except DuplicateKeyError:
-            pass
+            there = await collection.find_one({"_id": page.first}, {"last": 1, "m": 1})
+            if there is None or (there["last"], there["m"]) != (page.last, page.mailing_id):
+                raise PageTaken(f"change number {page.first} is already another page's: {there}") from None
 
     async def insert_filler(self, first: int, last: int) -> None:
         """An empty page over numbers no change will have: readers step over it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pymongo.errors import AutoReconnect
 from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity
@@ -81,3 +82,30 @@ async def test_a_master_going_solo_as_another_comes_in_keeps_its_lock_documents(
     assert alpha_locks.engaged
     assert {entry["_id"]: entry["solo"] for entry in await registry.all()} == {alpha.key: False,
                                                                               newcomer[0].key: False}
+
+
+@aio_test
+async def test_a_lost_answer_to_solo_does_not_keep_a_newcomer_out(database):
+    """The database wrote "solo" but its answer was lost: the master must count itself solo, or
+    it never writes "not solo" again and a newcomer waits for as long as it runs."""
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    alpha, alpha_locks, alpha_company = await _master(database, clock, "alpha")
+    set_solo = alpha_company._registry.set_solo
+    lost = []
+
+    async def answer_lost(key, solo):
+        await set_solo(key, solo)
+        if solo and not lost:
+            lost.append(key)
+            raise AutoReconnect("connection reset")  # written, the answer lost
+
+    alpha_company._registry.set_solo = answer_lost
+    try:
+        await alpha_company.review()
+    except AutoReconnect:
+        pass  # Master._review_company logs it and tries again in a second
+    beta, beta_locks, beta_company = await _master(database, clock, "beta")
+    for _ in range(3):  # alpha's next reviews, one a second
+        assert await alpha_company.review()
+    await asyncio.wait_for(beta_company.wait_for_company(), 5)

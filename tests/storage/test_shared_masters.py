@@ -184,3 +184,92 @@ async def test_a_master_dead_while_reserving_numbers_never_has_them_given_again(
         assert [(entry["s"], entry["r"]["status"]) for entry in entries] == [(0, "FINISHED")]
         assert entries[0]["q"] > start + 9_999  # the dead one's numbers were never given again
         assert await database.write_locks.count_documents({}) == 0
+
+
+@aio_test
+async def test_a_master_starting_beside_a_live_one_deletes_none_of_its_pages(database, mongo_url):
+    """A block written more than its state remembers pages for (64), while a dead master's floor
+    held the logged floor down: a start-up scan would take the older pages for orphans. With a
+    master running, the starting one scans nothing (dead masters' ranges are their recovery's)."""
+    from cloudmailing.master.app import build_services
+
+    clock = task.Clock()
+    clock.advance(NOW.timestamp())
+    setup, ids = await mailing_with(database, 4, block_recipients=4)
+    block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
+    registry = MasterRegistry(database)
+    alive = MasterPresence(registry, clock, ProcessIdentity("elsewhere", "b", "pid:[1]", 8, 1))
+    await alive.register()
+    async with _master(mongo_url, database.db.name, alive.key, 4) as alpha, \
+            _master(mongo_url, database.db.name, "gamma", 4) as gamma:
+        for attempt in range(1, 71):
+            await alpha.ledger.edit(block_id, lambda block, n=attempt: [Change(0, "WARNING", n)], NOW)
+        await alpha.status_log.allocator.publish(others_running=True)
+        services = build_services(gamma, clock)
+        recovery = MasterRecovery(gamma, clock, "gamma")
+        await services.lifecycle.recover(await recovery.running(), "gamma")
+        assert [entry["r"]["try_count"] for entry in await _read_all(gamma)] == list(range(1, 71))
+
+
+@aio_test
+async def test_a_batch_another_master_rolled_back_meanwhile_is_not_cut_again(database, mongo_url):
+    """A starting master lists a dead master's cut batch and waits for its lock; another master
+    rolls it back, a third adds an acknowledged batch to the same block: the first must not cut
+    that block back again."""
+    from tests.storage.world import recipients
+
+    setup, ids = await mailing_with(database, 2, block_recipients=10)
+    tail = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
+    # A dead master's batch, cut before it wrote anything (the tail block held 2).
+    await database.ingest_batches.insert_one({"_id": "cut", "m": 1, "at": NOW, "blocks": [{"b": tail, "before": 2}],
+                                              "holder": "dead"})
+    async with _master(mongo_url, database.db.name, "alpha", 10) as alpha, \
+            _master(mongo_url, database.db.name, "beta", 10) as beta, \
+            _master(mongo_url, database.db.name, "gamma", 10) as gamma:
+        running = {"alpha", "beta", "gamma"}
+        go = asyncio.Event()
+        hold = gamma.database.locks.hold
+        waited = []
+
+        @contextlib.asynccontextmanager
+        async def hold_after_the_others(key, own_document=False):
+            if not waited:  # gamma's first lock: it waits while beta recovers and alpha adds
+                waited.append(key)
+                await go.wait()
+            async with hold(key, own_document):
+                yield
+
+        gamma.database.locks.hold = hold_after_the_others
+        starting = asyncio.ensure_future(gamma.writer.roll_back_cut_batches(running))  # gamma's start-up
+        await asyncio.sleep(0.2)
+        assert waited  # gamma listed the batch and waits for its lock
+        assert await beta.writer.roll_back_cut_batches(running) == [1]  # beta's recovery of the dead master
+        added = await alpha.writer.append(1, False, recipients(3, prefix="late"), NOW)  # acknowledged to its client
+        assert all(added)
+        go.set()
+        await starting
+        block = await alpha.blocks.load(tail)
+        content = await alpha.blocks.content(tail)
+        assert len(block.columns) == 5 and len(content) == 5, (len(block.columns), len(content))
+
+
+@aio_test
+async def test_no_number_is_handed_out_while_a_stopping_master_gives_up_its_range(database):
+    """A report still being written while the master stops would otherwise get a number the
+    filler page covers: its page refused (or, before, silently dropped), its change lost."""
+    stores = await open_stores(database, writer_key="alpha")
+    allocator = stores.status_log.allocator
+    allocator.release(await allocator.allocate(1))  # a range held, its floor published
+    fill, allocations = allocator.fill, []
+
+    async def fill_while_a_report_comes(first: int, last: int) -> None:
+        allocations.append(asyncio.ensure_future(allocator.allocate(1)))
+        await asyncio.sleep(0.05)
+        assert not allocations[0].done()  # it waits for the give-up to end
+        await fill(first, last)
+        allocations.append(last)
+
+    allocator.fill = fill_while_a_report_comes
+    await allocator.withdraw()
+    allocator.fill = fill
+    assert await allocations[0] > allocations[1]  # a number past the filler's

@@ -240,7 +240,13 @@ class StatusLog:
     async def insert_filler(self, first: int, last: int) -> None:
         """An empty page over numbers no change will have: readers step over it."""
         now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-        await self.insert(LogPage(first=first, mailing_id=0, logged_at=now, entries=[], end=last))
+        try:
+            await self.insert(LogPage(first=first, mailing_id=0, logged_at=now, entries=[], end=last))
+        except PageTaken:
+            there = await (await self._db.bucket("status_log", bucket_of(first))).find_one({"_id": first}, {"m": 1})
+            if there is None or there["m"] != 0:
+                raise
+            # Another filler starts there (a recovery's, over a range its master had given up part of).
 
     async def delete_page(self, first: int) -> None:
         self._recent.pop(first, None)

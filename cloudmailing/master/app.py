@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from cloudmailing.storage.writer_claims import MasterRegistry, WriterClaimStore
 log = logging.getLogger(__name__)
 
 LIFECYCLE_INTERVAL = 5.0
+WITHDRAW_SECONDS = 5.0  # how long a stopping master waits to give up its range of change numbers
 FLOOR_INTERVAL = 0.2  # how often the other masters' readers learn how far this one's changes are written
 
 
@@ -213,7 +215,13 @@ class Master:
             await self._renewal.stop()
         try:
             if self.stores is not None and self._presence is not None:
-                await self.stores.status_log.allocator.withdraw()
+                # Not for ever: a write the database never answered keeps its number in flight
+                # (a reservation waiting behind it holds the allocator). The floor then stays,
+                # and the other masters recover it once the entry is gone.
+                await asyncio.wait_for(self.stores.status_log.allocator.withdraw(), WITHDRAW_SECONDS)
+        except Exception:
+            log.exception("could not give up this master's range of change numbers")
+        try:
             if self._presence is not None:
                 await self._presence.remove()
         except Exception:  # it lapses by itself, and the other masters recover what it left

@@ -132,3 +132,23 @@ async def test_a_master_stopping_during_a_renewal_waits_for_it_before_withdrawin
     gate.set()
     await stopping
     assert not await running_masters(MasterRegistry(database), _reactor())  # the entry stays withdrawn
+
+
+@aio_test
+async def test_a_master_stops_though_a_write_keeps_a_change_number_in_flight(settings, database):
+    """A write the database never answered keeps its number in flight, and a reservation waits
+    behind it holding the allocator: the master still stops, its entry withdrawn."""
+    master = Master(settings, _reactor())
+    await master.start()
+    allocator = master.stores.status_log.allocator
+    allocator.release(await allocator.allocate(1))
+    allocator._in_flight.add(-1)  # the unanswered write
+    allocator._drained.clear()
+    waiting = asyncio.ensure_future(allocator.allocate(20_000))  # more than the range holds
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(master.stop(), 30)
+    assert asyncio.get_running_loop().time() - started < 15
+    assert not await running_masters(MasterRegistry(database), _reactor())
+    waiting.cancel()

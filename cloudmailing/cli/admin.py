@@ -69,9 +69,14 @@ async def _api_key(args: argparse.Namespace, database: Database) -> int:
 
 
 async def _satellite(args: argparse.Namespace, database: Database) -> int:
+    from cloudmailing.services.company import writing_beside_the_masters
     from cloudmailing.services.satellites import SatelliteService
 
-    service = SatelliteService(await open_stores(database), WallClock())
+    async with writing_beside_the_masters(database, WallClock()):
+        return await _satellite_action(args, SatelliteService(await open_stores(database), WallClock()))
+
+
+async def _satellite_action(args: argparse.Namespace, service: Any) -> int:
     try:
         if args.action == "add":
             print(await service.add(args.serial, {"group": args.group}))

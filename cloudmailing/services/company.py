@@ -13,11 +13,14 @@ documents have ended (``SharedLocks.engage``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cloudmailing.services.clock import SecondsClock
-from cloudmailing.services.writer_claim import recoverable
+from cloudmailing.services.writer_claim import MasterPresence, recoverable
+from cloudmailing.storage.database import Database
 from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.writer_claims import MasterRegistry
 
@@ -64,3 +67,22 @@ class Company:
                 return True
             self._locks.disengage()
         return False
+
+
+@contextlib.asynccontextmanager
+async def writing_beside_the_masters(database: Database, clock: SecondsClock) -> AsyncIterator[None]:
+    """For a short command that writes what masters write (``cm-admin satellite``): an entry
+    among the running ones, so that a solo master takes lock documents again first, and lock
+    documents for every write; the entry withdrawn at the end (a killed command's is recovered
+    as a dead master's)."""
+    registry = MasterRegistry(database)
+    presence = MasterPresence(registry, clock)
+    await presence.register()
+    try:
+        locks = SharedLocks(lambda: database.write_locks, presence.key)
+        await Company(registry, locks, clock).wait_for_company()
+        database.locks.shared, database.write_guard = locks, presence.lapsed
+        yield
+    finally:
+        database.locks.shared = database.write_guard = None
+        await presence.remove()

@@ -109,3 +109,32 @@ async def test_a_lost_answer_to_solo_does_not_keep_a_newcomer_out(database):
     for _ in range(3):  # alpha's next reviews, one a second
         assert await alpha_company.review()
     await asyncio.wait_for(beta_company.wait_for_company(), 5)
+
+
+@aio_test
+async def test_a_cm_admin_command_writes_beside_the_masters_with_lock_documents(database):
+    from cloudmailing.services.company import writing_beside_the_masters
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    alpha, alpha_locks, alpha_company = await _master(database, clock, "alpha")
+    assert not await alpha_company.review()  # alone: solo
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def command() -> None:
+        async with writing_beside_the_masters(database, clock):
+            assert database.locks.shared is not None and database.locks.shared.engaged
+            inside.set()
+            await leave.wait()
+
+    running = asyncio.ensure_future(command())
+    await asyncio.sleep(0.3)
+    assert not inside.is_set()  # it waits for the solo master to take lock documents again
+    assert await alpha_company.review() and alpha_locks.engaged
+    await asyncio.wait_for(inside.wait(), 5)
+    leave.set()
+    await running
+    assert database.locks.shared is None
+    assert [entry["_id"] for entry in await MasterRegistry(database).all()] == [alpha.key]
+    assert not await alpha_company.review()  # alone again

@@ -49,16 +49,17 @@ class MasterRecovery:
 
     async def running(self) -> set[str]:
         """The keys of the masters that count as running (this one included)."""
-        return {entry["_id"] for entry in await self._registry.all()
-                if entry["_id"] == self._me or not recoverable(entry, self._clock)}
+        return self._running(await self._registry.all())
+
+    def _running(self, entries: list[dict]) -> set[str]:
+        return {entry["_id"] for entry in entries if entry["_id"] == self._me or not recoverable(entry, self._clock)}
 
     async def recover_dead(self) -> list[str]:
         """Recover every dead master at once (one may hold a lock another's recovery needs);
         their keys (none when another master is recovering them)."""
         floors = {floor["_id"] for floor in await writer_floors(self._db)}  # first: see _recover_all
         entries = await self._registry.all()
-        running = {entry["_id"] for entry in entries
-                   if entry["_id"] == self._me or not recoverable(entry, self._clock)}
+        running = self._running(entries)
         dead = sorted(({entry["_id"] for entry in entries} | floors) - running - {self._me})
         if not dead:
             return []

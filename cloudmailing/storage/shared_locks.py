@@ -151,15 +151,17 @@ class SharedLocks:
         await self._collection().delete_one({"_id": "recovery", "holder": self.holder})
 
     async def give_back_adopted(self) -> None:
-        for name in list(self._adopted):
-            await self._collection().delete_one({"_id": name, "holder": self.holder})
-            self._adopted.discard(name)
+        await self._delete_ours(self._adopted)
 
     async def sweep(self) -> None:
         """Delete the lock documents a failed give-back left (called periodically)."""
-        for name in list(self._leftovers):
+        await self._delete_ours(self._leftovers)
+
+    async def _delete_ours(self, names: set[str]) -> None:
+        """Delete this master's lock documents of ``names``, each leaving the set once deleted."""
+        for name in list(names):
             await self._collection().delete_one({"_id": name, "holder": self.holder})
-            self._leftovers.discard(name)
+            names.discard(name)
 
 
 def _now() -> datetime.datetime:

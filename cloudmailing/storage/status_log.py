@@ -136,8 +136,7 @@ class SequenceAllocator:
     async def readable(self) -> int:
         """The horizon across every master: where a reader stops."""
         counted = await counters.current(self._db, SEQUENCE_COUNTER)  # first: see the class
-        floors = [doc["floor"] for doc in await self._db.log_writers.find({}).to_list()
-                  if doc["_id"] != self.writer_key]
+        floors = [doc["floor"] for doc in await writer_floors(self._db) if doc["_id"] != self.writer_key]
         return min([self.horizon, counted, *(floor - 1 for floor in floors)])
 
     async def publish(self, others_running: bool) -> None:
@@ -147,9 +146,7 @@ class SequenceAllocator:
             return
         async with self._reserve_lock:
             if others_running and not self._in_flight and self._published is not None:
-                await self._give_up_rest()
-                await drop_floor(self._db, self.writer_key)
-                self._published = None
+                await self._give_up_range()
                 return
             floor = min(self._in_flight) if self._in_flight else self._next
             if self._published is not None and self._published[0] != floor:
@@ -166,9 +163,15 @@ class SequenceAllocator:
         (under the reservation's lock: no number is handed out meanwhile)."""
         async with self._reserve_lock:
             if self.writer_key is not None and self._published is not None and not self._in_flight:
-                await self._give_up_rest()
-                await drop_floor(self._db, self.writer_key)
-                self._published = None
+                await self._give_up_range()
+
+    async def _give_up_range(self) -> None:
+        """Nothing in flight: the rest of the range under a filler, then no floor (the caller
+        holds the reservation's lock)."""
+        assert self.writer_key is not None
+        await self._give_up_rest()
+        await drop_floor(self._db, self.writer_key)
+        self._published = None
 
 
 async def writer_floors(database: Database) -> list[dict[str, Any]]:

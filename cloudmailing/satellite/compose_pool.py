@@ -15,9 +15,10 @@ Limits, so that no template stalls the satellite or starves other mailings:
   sandbox) and the sandbox's size limits;
 * a worker's address space may grow by ``memory_mb`` beyond its start (``RLIMIT_AS``): a larger
   allocation is a MemoryError, that recipient fails;
-* the worker's ``RLIMIT_CPU`` always leaves a message between one second and its CPU time limit
-  plus three seconds past that limit (re-armed only when less is left: each change costs): a
-  single long Python operation the sandbox cannot interrupt ends the worker (SIGXCPU);
+* the worker's CPU timer (``common/cpu_limit.py``, on the kernel's profiling clock) always leaves
+  a message between one second and its CPU time limit plus three seconds past that limit
+  (re-armed only when less is left): a single long Python operation the sandbox cannot interrupt
+  ends the worker (SIGPROF);
 * the daemon waits at most ``wall_seconds`` for a message: past it the worker is killed.
 
 A recipient whose message cannot be built fails alone (a GENERAL_ERROR outcome). A message that
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from cloudmailing.common.cpu_limit import KILLED_BY, ensure_cpu_left
 from cloudmailing.common.gc_tuning import settle_after_start
 from cloudmailing.common.recent import keep_recent
 from cloudmailing.satellite import templates
@@ -195,22 +197,9 @@ def _limit_address_space(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-_cpu_limit_at = 0  # this worker's RLIMIT_CPU soft limit: its total CPU seconds at which SIGXCPU comes
-
-
 def _arm_cpu_limit(seconds: float) -> None:
-    """SIGXCPU (which ends the process) after this message's CPU time plus one to ``seconds`` + 3
-    seconds. Changing RLIMIT_CPU costs more than its system call (measured: ~3% of a message), so
-    the limit is set with room for several messages and moved only when less than that is left."""
-    global _cpu_limit_at
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = usage.ru_utime + usage.ru_stime
-    if _cpu_limit_at - used >= seconds + 1:
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = int(used + 2 * seconds) + 3
-    _cpu_limit_at = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_CPU, (_cpu_limit_at, hard))
+    """The worker ends (SIGPROF) after this message's CPU time plus one to ``seconds`` + 3 seconds."""
+    ensure_cpu_left(seconds + 1, 2 * seconds + 3)
 
 
 def _failure(recipient_id: str, reason: str) -> dict[str, Any]:
@@ -297,7 +286,7 @@ class _Worker:
     def _lost(self) -> _WorkerLost:
         self.process.join(5.0)
         code = self.process.exitcode
-        if code == -signal.SIGXCPU:
+        if code == -KILLED_BY:
             return _WorkerLost(f"{LIMIT_PREFIX}: CPU time over the limit, the compose worker was stopped", True)
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return _WorkerLost(f"the compose worker died ({how}) while making this message", False)

@@ -8,8 +8,8 @@ workers (``satellite/compose_pool.py``, whose address-space limit is reused):
 
 * the child's address space may grow by ``memory_mb`` beyond its start (``RLIMIT_AS``): a larger
   allocation is a MemoryError there, answered as :class:`OverLimits`;
-* its ``RLIMIT_CPU`` is armed before each call, one to two seconds past the call's CPU time: a long
-  operation ends the child (SIGXCPU);
+* its CPU timer (``common/cpu_limit.py``, on the kernel's profiling clock) is armed before each
+  call, one to two seconds past the call's CPU time: a long operation ends the child (SIGPROF);
 * the parent waits at most ``wall_seconds`` for an answer, then kills the child.
 
 A child is spawned on first use (``spawn``: a fresh interpreter, not a fork of the running
@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import multiprocessing
-import resource
 import signal
 import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable, TypeVar
+
+from cloudmailing.common.cpu_limit import KILLED_BY, ensure_cpu_left
 
 T = TypeVar("T")
 
@@ -72,11 +73,8 @@ def _child_main(conn: Connection, memory_mb: int, preload: tuple[str, ...]) -> N
 
 
 def _arm_cpu_limit(seconds: float) -> None:
-    """SIGXCPU (which ends the child) one to two seconds past ``seconds`` of CPU time from now."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 2
-    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    """The child ends (SIGPROF) one to two seconds past ``seconds`` of CPU time from now."""
+    ensure_cpu_left(seconds + 1, seconds + 2)
 
 
 # -- in the parent -----------------------------------------------------------------------------
@@ -109,7 +107,7 @@ class _Child:
         """Why the child is gone (it closed its pipe)."""
         self.process.join(5.0)
         code = self.process.exitcode
-        if code == -signal.SIGXCPU:
+        if code == -KILLED_BY:
             return f"{LIMIT_PREFIX}: CPU time over the limit, the checking process was stopped"
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return f"{LIMIT_PREFIX}: the checking process died ({how})"

@@ -11,7 +11,7 @@ by an undefined field...) may not happen with real data: they are left to each r
 The render runs in a long-lived child process under hard limits, as the satellites' compose
 workers do (:mod:`cloudmailing.services.limited_process`): one operation the sandbox cannot
 interrupt, or memory it does not count, must not stall or exhaust the master. Over the child's
-memory (``CHECK_MEMORY_MB``), its ``RLIMIT_CPU`` or the wall-clock time, the template is refused
+memory (``CHECK_MEMORY_MB``), its CPU timer or the wall-clock time, the template is refused
 too (``template over its limits: ...``). The event loop only awaits the answer.
 """
 

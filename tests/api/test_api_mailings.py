@@ -216,7 +216,7 @@ async def test_a_paused_mailing_that_ran_resumes_running_at_once(running_master)
 
 
 # One operation the sandbox does not count ('in' over a huge list compares each item in C, holding
-# the GIL): ~13 s of CPU time in one render. The check runs in a child process under RLIMIT_CPU.
+# the GIL): ~13 s of CPU time in one render. The check runs in a child process under a CPU timer.
 _GIL_HOG = ("{% set a = 'x'*1000000 %}{% set b = 'x'*999999 ~ 'y' %}"
             + "{{ b in [a]*150000 }}" * 4)
 

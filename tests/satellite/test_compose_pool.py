@@ -92,7 +92,7 @@ async def _compose_each(pool: ComposePool, mailing: MailingSource, recipients: l
 @pytest.mark.parametrize(("subject", "limits", "wall_seconds", "reason"), [
     # the sandbox's own count of CPU time
     (NESTED_LOOPS, TemplateLimits(cpu_seconds=0.5), None, "template over its limits: CPU time over 0.5 s"),
-    # one Python operation the sandbox cannot interrupt: the worker's RLIMIT_CPU ends it
+    # one Python operation the sandbox cannot interrupt: the worker's CPU timer ends it
     ("{{ 7 ** 30000000 }}", TemplateLimits(cpu_seconds=0.5, max_int_bits=10**10), 60.0,
      "template over its limits: CPU time over the limit, the compose worker was stopped"),
     # the worker's RLIMIT_AS

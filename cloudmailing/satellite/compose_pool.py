@@ -23,8 +23,8 @@ Limits, so that no template stalls the satellite or starves other mailings:
 
 A recipient whose message cannot be built fails alone (a GENERAL_ERROR outcome). A message that
 goes over a limit also fails the rest of its mailing's recipients here (the template is at fault,
-not the recipient), without composing them. A worker that dies is replaced; the message it was
-making is tried once more on another worker before it fails.
+not the recipient), without composing them. A worker that dies, of its limits or otherwise, is
+replaced; the message it was making is tried once more, alone, on another worker before it fails.
 """
 
 from __future__ import annotations
@@ -449,11 +449,15 @@ class ComposePool:
             except _WorkerLost as lost:
                 slot.worker = self._replace(slot.worker)
                 remaining = remaining[done:]
-                if lost.over_limit or retried:  # a worker lost twice on one message: that message did it
+                # The message under way may not be remaining[0] (results go back in batches), and a
+                # death may be no fault of the template (a CPU timer or the wall clock of an
+                # overloaded host): the rest is sent again one by one, and a worker lost on one
+                # message alone, twice in a row, names that message and its mailing.
+                if retried:
                     self._poison(mailing, lost.reason)
                     report(_failed(remaining[0]["id"], lost.reason))
                     remaining = remaining[1:]
-                retried = not lost.over_limit and not retried
+                retried = not retried
 
     def _poison(self, mailing: MailingSource, reason: str) -> None:
         log.error("mailing over the template limits: %s", reason, extra={"mailing": mailing.mailing_id})

@@ -13,6 +13,7 @@ import signal
 import dkim
 import pytest
 
+from cloudmailing.common.cpu_limit import KILLED_BY
 from cloudmailing.satellite.compose_pool import CHUNK_SIZE, Composed, ComposePool, MailingSource, compose_chunk
 from cloudmailing.satellite.composer import prepare
 from cloudmailing.satellite.templates import TemplateLimits
@@ -123,6 +124,25 @@ async def test_a_template_over_a_limit_fails_its_mailing_while_another_is_compos
         assert len(pool.worker_pids()) == 2
     finally:
         pool.close()
+
+
+@aio_test
+async def test_a_worker_ended_once_by_its_cpu_timer_fails_nobody(pool):
+    """One death by the CPU timer may be a false alarm (a limit counted wrong, a signal from
+    elsewhere): the messages it was making are tried again, and the mailing goes on."""
+    slow_subject = "Hi {{ name }}{% for i in range(20000) %}{% endfor %}"
+    slow = MailingSource.from_content(dict(CONTENT, id=9, subject=slow_subject))
+    recipients = RECIPIENTS[:CHUNK_SIZE]  # one chunk: one worker busy on it for a few tenths of a second
+    everything, killed = Composed(), False
+    async for composed in pool.compose(slow, recipients):
+        everything.jobs += composed.jobs
+        everything.failures += composed.failures
+        if not killed:  # its first messages are back: the worker is in the middle of the chunk
+            for pid in pool.worker_pids():
+                os.kill(pid, KILLED_BY)
+            killed = True
+    assert not everything.failures, everything.failures[:2]
+    assert sorted(job.recipient_id for job in everything.jobs) == sorted(r["id"] for r in recipients)
 
 
 @aio_test

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from email import message_from_bytes
 from email import policy as email_policy
+from email.encoders import encode_base64
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.message import Message
@@ -327,7 +328,32 @@ def _skeleton_from_rfc822(content: MailingContent, limits: TemplateLimits | None
         leaf.set_param("charset", content.charset)
         template = compile_template(source, html=html, limits=limits)
         parts.append((leaf, _TextPart(template, html, boundaries)))
+    _kept_leaves_in_base64(root, {id(leaf) for leaf, _ in parts})
     return _Skeleton(root, parts, rng), subject
+
+
+def _kept_leaves_in_base64(part: Message, personalized: set[int]) -> None:
+    """Every 8-bit leaf the client's message carries as it is (an attachment in ``8bit`` or
+    ``binary``) re-encoded in base64, once per mailing: a server that does not offer 8BITMIME
+    must get 7-bit data (RFC 6152), and most of them do not say whether they take it anyway.
+    An attached message stays as it is (RFC 2046 allows it no other encoding)."""
+    if part.get_content_maintype() == "message":
+        return
+    if part.is_multipart():
+        for sub in part.get_payload():
+            if isinstance(sub, Message):
+                _kept_leaves_in_base64(sub, personalized)
+        return
+    if id(part) in personalized:
+        return  # encoded per message by the skeleton, 7-bit or base64
+    encoding = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    payload = part.get_payload()
+    if encoding in ("base64", "quoted-printable") or (isinstance(payload, str) and payload.isascii()):
+        return
+    data = part.get_payload(decode=True)
+    del part["Content-Transfer-Encoding"]
+    part.set_payload(data if isinstance(data, bytes) else b"")
+    encode_base64(part)
 
 
 def _personalizable_leaves(part: Message, boundaries: tuple[bytes, ...]

@@ -382,6 +382,31 @@ def test_rfc822_single_part_message() -> None:
     assert len(message.get_all("Content-Transfer-Encoding") or []) == 1
 
 
+def test_rfc822_mailing_8bit_attachments_go_out_in_base64() -> None:
+    """A server without 8BITMIME must get 7-bit data: what the client's message carries in 8bit
+    or binary is re-encoded, and decodes to the same bytes."""
+    raw = (b"From: a@example.com\r\nSubject: Hi\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+           b"--XX\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\nCher {{ firstname }}, caf\xc3\xa9\r\n"
+           b"--XX\r\nContent-Type: text/plain; charset=utf-8; name=note.txt\r\n"
+           b"Content-Disposition: attachment; filename=note.txt\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\nd\xc3\xa9j\xc3\xa0 vu\r\n"
+           b"--XX\r\nContent-Type: application/octet-stream; name=blob.bin\r\n"
+           b"Content-Disposition: attachment; filename=blob.bin\r\n"
+           b"Content-Transfer-Encoding: binary\r\n\r\n\x80\xff\xfe plain tail\r\n"
+           b"--XX--\r\n")
+    data = make(subject="", html="", plain="", rfc822=raw).build("r", "z@example.org", CONTACT).data
+    assert data.isascii()
+    assert_wire_format(data)
+    message = parse(data)
+    assert body_of(message, "text/plain") == "Cher Zoé, café"  # the last CRLF is the boundary's
+    attachments = {p.get_filename(): p for p in message.iter_attachments()}
+    assert attachments["note.txt"].get_content() == "déjà vu"
+    assert attachments["blob.bin"].get_content() == b"\x80\xff\xfe plain tail"
+    assert all(p["Content-Transfer-Encoding"] == "base64" for p in attachments.values())
+
+
 def test_random_contact_values_always_give_valid_messages() -> None:
     rng = random.Random(99)
     template = make(subject="S {{ v }}", html="<p>{{ v }}</p>", plain="{{ v }}")

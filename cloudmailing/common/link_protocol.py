@@ -314,21 +314,36 @@ def _plain_recipient(value: Any) -> LeasedRecipient | None:
 class LeaseAnswer:
     recipients: list[LeasedRecipient]
     lease_seconds: int
+    # The content version of each mailing of the lease (a master before them sends none): a
+    # satellite holding an older content fetches it again.
+    content_versions: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_wire(cls, value: Any) -> LeaseAnswer:
         fields = _Fields(value, "lease answer", strict=False)
-        return cls(fields.items("recipients", LeasedRecipient.from_wire), fields.integer("lease_seconds"))
+        versions = fields.mapping("content_versions", required=False)
+        return cls(fields.items("recipients", LeasedRecipient.from_wire), fields.integer("lease_seconds"),
+                   {_mailing_key(key): _Fields(versions, "lease answer.content_versions", strict=False).integer(key)
+                    for key in versions})
 
     def to_wire(self) -> dict[str, Any]:
-        return {"recipients": [r.to_wire() for r in self.recipients], "lease_seconds": self.lease_seconds}
+        return self.wire_of([r.to_wire() for r in self.recipients], self.lease_seconds, self.content_versions)
 
     @staticmethod
-    def wire_of(recipients: list[dict[str, Any]], lease_seconds: int) -> dict[str, Any]:
+    def wire_of(recipients: list[dict[str, Any]], lease_seconds: int,
+                content_versions: dict[int, int]) -> dict[str, Any]:
         """The answer the master sends, from the dispatcher's recipients, already of
         :meth:`LeasedRecipient.to_wire`'s shape (its own output, not decoded again: that cost
         more of the master's CPU than the lease itself; a test keeps the shapes equal)."""
-        return {"recipients": recipients, "lease_seconds": lease_seconds}
+        return {"recipients": recipients, "lease_seconds": lease_seconds,
+                "content_versions": {str(key): version for key, version in content_versions.items()}}
+
+
+def _mailing_key(key: str) -> int:
+    """A mailing id that JSON made an object key (a string) back to an int."""
+    if not key.isdigit() or len(key) > 18:
+        raise FrameError(f"lease answer.content_versions: {key[:40]!r} is not a mailing id")
+    return int(key)
 
 
 # -- mailing ------------------------------------------------------------------------------------
@@ -366,6 +381,7 @@ class MailingContent:
     testing: bool = False
     backup_customized_emails: bool = False
     dkim: dict[str, Any] | None = None  # when ``enabled``: ``domain``, ``selector``, ``privkey`` strings
+    content_version: int = 0  # moves at each change of the mailing's properties
 
     @classmethod
     def from_wire(cls, value: Any) -> MailingContent:
@@ -380,7 +396,8 @@ class MailingContent:
         return cls(id=fields.integer("id"), mail_from=fields.text("mail_from"),
                    rfc822=fields.base64_text("rfc822", False),
                    testing=fields.flag("testing", False),
-                   backup_customized_emails=fields.flag("backup_customized_emails", False), dkim=dkim, **texts)
+                   backup_customized_emails=fields.flag("backup_customized_emails", False), dkim=dkim,
+                   content_version=fields.optional_integer("content_version") or 0, **texts)
 
     def to_wire(self) -> dict[str, Any]:
         return _shallow(self)

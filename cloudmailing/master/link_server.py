@@ -111,7 +111,8 @@ class SatelliteSession(LinkProtocol):
         self._granted.update(r["lease"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
             await self._factory.dispatcher.release_recipients([r["id"] for r in recipients])
-        return LeaseAnswer.wire_of(recipients, self._factory.dispatcher.config.lease_seconds)
+        versions = await self._factory.dispatcher.content_versions(recipients)
+        return LeaseAnswer.wire_of(recipients, self._factory.dispatcher.config.lease_seconds, versions)
 
     async def mailing(self, request: MailingRequest) -> dict[str, Any]:
         # As registered now: a satellite disabled or deleted since its hello gets no content

@@ -22,7 +22,7 @@ import secrets
 import socket
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
@@ -119,7 +119,8 @@ class SatelliteDaemon:
         self._composer = ComposePool(config.compose_workers, template_limits(config), config.compose_memory_mb)
         self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
                                   config.max_composed_bytes)
-        self._mailings: OrderedDict[int, tuple[float, MailingSource]] = OrderedDict()  # id -> (fetched, content)
+        # id -> (when fetched, content, its content version)
+        self._mailings: OrderedDict[int, tuple[float, MailingSource, int]] = OrderedDict()
         # The lease of every recipient held (handed to composing, not yet acknowledged): a
         # reconnecting satellite names them, and the master frees its other leases at once.
         self._leases: dict[str, str] = {}
@@ -235,7 +236,7 @@ class SatelliteDaemon:
             answer = await self._ask(link, "lease", LeaseRequest(self.config.lease_size - held).to_wire(),
                                      LeaseAnswer.from_wire)
             recipients = answer.recipients if answer else []
-            await self._submit(link, recipients)
+            await self._submit(link, recipients, answer.content_versions if answer else {})
             if not recipients:
                 await _set_or_after(self._work, IDLE_POLL)  # the master may wake us sooner
 
@@ -243,8 +244,10 @@ class SatelliteDaemon:
         self._work.set()
         return {}
 
-    async def _submit(self, link: LinkProtocol, recipients: list[LeasedRecipient]) -> None:
-        """Hand a lease's recipients to composing. Every mailing's content comes first: only then
+    async def _submit(self, link: LinkProtocol, recipients: list[LeasedRecipient],
+                      content_versions: Mapping[int, int] | None = None) -> None:
+        """Hand a lease's recipients to composing. Every mailing's content comes first (fetched
+        again when the lease names a newer version than the one kept): only then
         are the recipients held (in ``_leases``), all at once. A fetch that fails (link lost,
         feeder cancelled) leaves none of them held: not named at the next hello, they are freed
         at once (a lease may span mailings: one held recipient would keep them all)."""
@@ -254,7 +257,8 @@ class SatelliteDaemon:
         mailings: dict[int, MailingSource] = {}
         for mailing_id, leased in by_mailing.items():
             try:
-                mailings[mailing_id] = await self._mailing(link, mailing_id)
+                version = content_versions.get(mailing_id) if content_versions else None
+                mailings[mailing_id] = await self._mailing(link, mailing_id, version)
             except LinkError as error:
                 if error.code != "not_found":
                     raise
@@ -273,22 +277,24 @@ class SatelliteDaemon:
         reason = str(failure["reply_text"]).encode("utf-8", "replace").decode("utf-8")
         self._keep(Outcome(failure["recipient_id"], failure["status"], None, "", reason))
 
-    async def _mailing(self, link: LinkProtocol, mailing_id: int) -> MailingSource:
+    async def _mailing(self, link: LinkProtocol, mailing_id: int, version: int | None = None) -> MailingSource:
+        """The mailing's content: the one kept, unless ``version`` (from the lease) is newer."""
         now = self._forget_old_mailings()
         cached = self._mailings.get(mailing_id)
-        if cached:
+        if cached and (version is None or version <= cached[2]):
             return cached[1]
         content = None
         while content is None:  # its recipients are leased to us: wait out the master's troubles
             content = await self._ask(link, "mailing", MailingRequest(mailing_id).to_wire(), MailingContent.from_wire)
         source = MailingSource.from_content(content.to_wire())
-        keep_recent(self._mailings, mailing_id, (now, source), MAILING_CACHE_SIZE)
+        keep_recent(self._mailings, mailing_id, (now, source, content.content_version), MAILING_CACHE_SIZE)
         return source
 
     def _forget_old_mailings(self) -> float:
-        """Drop the contents fetched MAILING_CACHE_SECONDS ago or more; the time now."""
+        """Drop the contents fetched MAILING_CACHE_SECONDS ago or more (a master that sends no
+        content versions); the time now."""
         now: float = self._reactor.seconds()
-        for mailing_id, (fetched, _) in list(self._mailings.items()):
+        for mailing_id, (fetched, _, _) in list(self._mailings.items()):
             if now - fetched >= MAILING_CACHE_SECONDS:
                 del self._mailings[mailing_id]
         return now

@@ -175,8 +175,19 @@ class Dispatcher:
         if mailing is None:
             return None
         content = {name: mailing.get(name) for name in _CONTENT_FIELDS}
-        content.update(id=mailing_id, rfc822=mailing.get("rfc822") or b"")
+        content.update(id=mailing_id, rfc822=mailing.get("rfc822") or b"",
+                       content_version=mailing.get("content_version") or 0)
         return content
+
+    async def content_versions(self, recipients: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+        """The content version of each mailing of these leased recipients (a read per mailing:
+        a lease spans one or a few)."""
+        versions: dict[int, int] = {}
+        for mailing_id in {recipient["mailing_id"] for recipient in recipients}:
+            mailing = await self._stores.mailings.get(mailing_id)
+            if mailing is not None:
+                versions[mailing_id] = mailing.get("content_version") or 0
+        return versions
 
     # -- reports ------------------------------------------------------------------------------
 

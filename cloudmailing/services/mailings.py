@@ -190,7 +190,7 @@ class MailingService:
                 await check_template(name, changes[name], html=name == "html")
         if "mail_from" in changes:
             changes["domain_name"] = parse_address(changes["mail_from"]).domain
-        await self._store.update(mailing["_id"], changes)
+        await self._store.update(mailing["_id"], changes, new_content=True)
 
     async def start(self, mailing_id: Any) -> str:
         mailing = await self.get(mailing_id)

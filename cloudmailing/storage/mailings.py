@@ -66,18 +66,22 @@ class MailingStore:
         mailing.update((name, content.get(name)) for name in CONTENT_FIELDS)
 
     async def update(self, mailing_id: int, fields: Mapping[str, Any],
-                     only_if_status: Sequence[str] | None = None) -> bool:
-        """Set ``fields``; with ``only_if_status``, only while the mailing is in one of them."""
+                     only_if_status: Sequence[str] | None = None, new_content: bool = False) -> bool:
+        """Set ``fields``; with ``only_if_status``, only while the mailing is in one of them. With
+        ``new_content``, the mailing's ``content_version`` moves too (satellites fetch it again)."""
         query: dict[str, Any] = {"_id": mailing_id}
         if only_if_status is not None:
             query["status"] = {"$in": list(only_if_status)}
         async with self._db.locks.hold(("mailing", mailing_id)):
-            return await self._update(query, fields)
+            return await self._update(query, fields, new_content)
 
-    async def _update(self, query: dict[str, Any], fields: Mapping[str, Any]) -> bool:
+    async def _update(self, query: dict[str, Any], fields: Mapping[str, Any], new_content: bool = False) -> bool:
         content, rest = _split(fields)
-        if rest:
-            matched = (await self._db.mailings.update_one(query, {"$set": rest})).matched_count == 1
+        if rest or new_content:
+            change: dict[str, Any] = {"$set": rest} if rest else {}
+            if new_content:
+                change["$inc"] = {"content_version": 1}
+            matched = (await self._db.mailings.update_one(query, change)).matched_count == 1
         else:
             matched = await self._db.mailings.find_one(query, {"_id": 1}) is not None
         if content and matched:

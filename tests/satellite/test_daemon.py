@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 from cloudmailing import __version__
 from cloudmailing.common.link import LinkError, LinkProtocol
-from cloudmailing.common.link_protocol import LeasedRecipient, Outcome
+from cloudmailing.common.link_protocol import LeaseAnswer, LeasedRecipient, Outcome
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.daemon import MAILING_CACHE_SIZE, UNREPORTED_LEASES, SatelliteDaemon
 from tests.helpers import aio_test, running_mailing
@@ -260,7 +260,7 @@ async def test_a_lease_refused_while_the_allowance_is_held_is_asked_again_when_a
                                     "contact": {}, "test": False, "lease": "L"} for rid in self.held],
                     "lease_seconds": 60}
 
-    async def delivered_at_once(link: Any, leased: list[LeasedRecipient]) -> None:
+    async def delivered_at_once(link: Any, leased: list[LeasedRecipient], *versions: Any) -> None:
         for recipient in leased:
             satellite._outbox.add(Outcome(recipient.id, "FINISHED", 250, "", "", lease=recipient.lease))
         satellite._drained.set()
@@ -375,3 +375,24 @@ async def test_mailing_contents_are_kept_a_short_while_and_only_a_few(running_ma
         await asyncio.sleep(0.3)
         await satellite._mailing(link, mailing_ids[0])
         assert list(satellite._mailings) == mailing_ids[:1]  # the others were fetched too long ago
+
+
+@aio_test
+async def test_a_lease_after_the_mailing_changed_brings_its_new_content(running_master, tmp_path):
+    """set_mailing_properties on a running mailing moves its content version, which leases name:
+    a satellite told a newer version than the content it kept fetches the content again."""
+    api = running_master.proxy()
+    mailing_id = await running_mailing(api, 3, "one.test")
+    async with _satellite(running_master, tmp_path, "sat-version") as (satellite, link):
+        answer = LeaseAnswer.from_wire(await link.call("lease", max_recipients=3))
+        assert {r.mailing_id for r in answer.recipients} == {mailing_id}
+        leased_version = answer.content_versions[mailing_id]
+        first = (await satellite._mailing(link, mailing_id, leased_version)).content
+        assert first["subject"] == "Hi" and first["content_version"] == leased_version
+        assert (await satellite._mailing(link, mailing_id, leased_version)).content is first  # kept
+        await api.set_mailing_properties(mailing_id, {"subject": "Fixed {{ email }}", "charset": "utf-8"})
+        versions = await running_master.master.services.dispatcher.content_versions(
+            [{"mailing_id": mailing_id}])  # what the next lease of this mailing names
+        assert versions[mailing_id] > leased_version
+        changed = (await satellite._mailing(link, mailing_id, versions[mailing_id])).content
+        assert changed["subject"] == "Fixed {{ email }}" and changed["content_version"] == versions[mailing_id]

@@ -161,7 +161,7 @@ async def test_a_lease_stops_where_its_attachments_pass_max_lease_bytes(database
     leases = [await services.dispatcher.lease(SATELLITE, 10) for _ in range(4)]
     assert [len(lease) for lease in leases] == [2, 2, 2, 0]  # a block each time; the big one goes alone
     # The master sends these without decoding them again: they must be of the link's shape.
-    answer = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leases[0], 60))))
+    answer = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leases[0], 60, {}))))
     assert [r.to_wire() for r in answer.recipients] == leases[0]
     assert base64.b64decode(answer.recipients[0].attachments[0].content) == b"%" * 3000
     assert await BlockStore(database).leased_count("sat-a") == 6
@@ -190,7 +190,7 @@ async def test_attachments_in_the_original_spelling_reach_the_satellite_message(
     content = await services.dispatcher.mailing_content(mailing_id)
     content["rfc822"] = base64.b64encode(content["rfc822"]).decode("ascii")
     mailing = prepare(MailingContent.from_wire(content).to_wire())
-    lease = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leased, 60))))
+    lease = LeaseAnswer.from_wire(json.loads(json.dumps(LeaseAnswer.wire_of(leased, 60, {}))))
     parts = {}
     for recipient in lease.recipients:
         message = email.message_from_bytes(compose(mailing, recipient.to_wire()).data, policy=email.policy.default)

@@ -42,12 +42,25 @@ class Outbox:
         make_private_dir(path.parent)
         # Lives as long as the outbox; mode 0600 from creation: outcomes may hold messages kept.
         self._file = self._open()
+        self._end_cut_line()
         if self._temporary.exists():  # a rewrite a crash interrupted: the file itself is whole
             self._temporary.unlink()
         self._compact_if_worth_it()
 
     def _open(self) -> TextIO:
         return os.fdopen(open_private(self._path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
+
+    def _end_cut_line(self) -> None:
+        """A crash can leave the file ending in part of a line: what is added next must start a
+        line of its own, or it would be glued to that fragment and lost at the next replay."""
+        with open(self._path, "rb") as existing:
+            if existing.seek(0, os.SEEK_END) == 0:
+                return
+            existing.seek(-1, os.SEEK_END)
+            if existing.read(1) == b"\n":
+                return
+        self._file.write("\n")
+        self._file_bytes += 1
 
     def _replay(self) -> None:
         if not self._path.exists():
@@ -69,7 +82,8 @@ class Outbox:
                         dropped += 1
                         continue
                     self._hold(outcome, len(line))
-                for recipient_id in entry.get("ack") or []:
+                acknowledged = entry.get("ack")
+                for recipient_id in acknowledged if isinstance(acknowledged, list) else []:
                     self._release(str(recipient_id))
         if dropped:
             log.warning("%d malformed outcomes in the outbox dropped", dropped)

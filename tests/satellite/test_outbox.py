@@ -56,6 +56,31 @@ def test_malformed_outcomes_read_back_are_dropped_with_one_log_line(tmp_path, ca
     outbox.close()
 
 
+def test_an_outcome_added_after_a_line_cut_by_a_crash_survives_the_next_crash(tmp_path):
+    """kill -9 can leave part of a line at the end of the file: the next outcome starts a line of
+    its own, so that a second crash before the master's answer still replays it."""
+    path = tmp_path / "outbox.jsonl"
+    path.write_text(json.dumps({"outcome": _outcome("r1").to_wire()}) + "\n"
+                    + json.dumps({"outcome": _outcome("r2").to_wire()})[:37])
+    outbox = Outbox(path)
+    outbox.add(_outcome("r3"))
+    outbox.sync()
+    outbox.close()
+    again = Outbox(path)
+    assert [o.recipient_id for o in again.batch(10)] == ["r1", "r3"]
+    again.close()
+
+
+@pytest.mark.parametrize("acknowledged", [5, "r1", None, {"r1": 1}])
+def test_an_ack_line_of_the_wrong_shape_is_skipped(tmp_path, acknowledged):
+    path = tmp_path / "outbox.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in [
+        {"outcome": _outcome("r1").to_wire()}, {"ack": acknowledged}, {"outcome": _outcome("r2").to_wire()}]))
+    outbox = Outbox(path)
+    assert [o.recipient_id for o in outbox.batch(10)] == ["r1", "r2"]
+    outbox.close()
+
+
 def _kept(recipient_id: str) -> Outcome:
     return _outcome(recipient_id, "eHh4" * 500)  # a kept message of 2 KB
 

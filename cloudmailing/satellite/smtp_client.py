@@ -29,10 +29,13 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
 import ssl
+import sys
+import termios
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ log = logging.getLogger("cloudmailing.satellite.smtp_client")
 
 
 _MAX_LINE = 65536  # a reply line longer than this is a broken server
+_MAX_REPLY_LINES = 1000  # ... and a reply of more lines than this (an EHLO reply has a dozen)
 _CRLF = b"\r\n"
 
 
@@ -130,6 +134,8 @@ class _SmtpClientProtocol(asyncio.Protocol):
         self._waiters: deque[tuple[_OnReply, _OnFail]] = deque()
         self._timer: DelayedCall | None = None
         self._last_activity = 0.0
+        self._written = 0  # bytes written to the transport, in all
+        self._taken_seen = -1  # of those, taken by the kernel at the last timeout check
         self.lost: Exception | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
         self.saw_421 = False
@@ -143,7 +149,7 @@ class _SmtpClientProtocol(asyncio.Protocol):
         self.expect(lambda r: _resolve(greeting, r), lambda e: _reject(greeting, e))
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._clock.seconds()
+        # Not activity by itself: a server trickling a reply that never ends must time out.
         buf = self._buffer + data if self._buffer else data
         if b"\n" not in buf:
             self._buffer = buf
@@ -175,9 +181,12 @@ class _SmtpClientProtocol(asyncio.Protocol):
             return
         self._lines.append(line[4:])
         if line[3:4] == b"-":
+            if len(self._lines) > _MAX_REPLY_LINES:
+                self.abort(SmtpProtocolError(f"reply of over {_MAX_REPLY_LINES} lines"))
             return
         reply = SmtpReply(int(line[:3]), self._lines)
         self._lines = []
+        self._last_activity = self._clock.seconds()
         if reply.code == 421:
             self.saw_421 = True  # the server is closing the channel
         if self._waiters:
@@ -209,11 +218,12 @@ class _SmtpClientProtocol(asyncio.Protocol):
     def command(self, line: bytes) -> asyncio.Future[SmtpReply]:
         """Send one command line (CRLF included) and return a future for its reply."""
         future = self.reply_future()
-        self.tcp.write(line)
+        self.write(line)
         return future
 
     def write(self, data: bytes) -> None:
         """Write raw bytes (already CRLF-terminated commands or message data)."""
+        self._written += len(data)
         self.tcp.write(data)
 
     # -- timeout and failure ---------------------------------------------------------------
@@ -222,11 +232,34 @@ class _SmtpClientProtocol(asyncio.Protocol):
         self._timer = None
         if not self._waiters:
             return
-        idle = self._clock.seconds() - self._last_activity
+        now = self._clock.seconds()
+        unsent = self._unsent()
+        taken = self._written - unsent
+        # A body the server takes slower than the timeout is no silence (RFC 5321 4.5.3.2 times
+        # each write, not the whole body): while bytes wait to go out, any taken since the last
+        # check count as activity. Once all are out, the reply has the timeout from then.
+        if unsent and taken != self._taken_seen:
+            self._last_activity = now
+        self._taken_seen = taken
+        idle = now - self._last_activity
         if idle >= self._timeout:
             self.abort(SmtpTimeout(f"no reply within {self._timeout:g} s"))
         else:
             self._timer = self._clock.callLater(self._timeout - idle, self._check_timeout)
+
+    def _unsent(self) -> int:
+        """Bytes written that the server has not taken: those the transport still holds, and
+        those in the kernel's send queue not yet acknowledged (SIOCOUTQ, Linux: a few MB of a
+        body can wait there once the transport has handed everything over)."""
+        if self.tcp is None:
+            return 0
+        unsent: int = self.tcp.get_write_buffer_size()
+        sock = self.tcp.get_extra_info("socket")
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (AttributeError, OSError, ValueError):  # no socket (closed), or not Linux
+            return unsent
+        return unsent + int.from_bytes(queued, sys.byteorder, signed=True)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -514,12 +547,15 @@ class SmtpConnection:
                     raise SmtpConnectionLost(f"TLS handshake failed: {error}") from None
                 self.tls = True
                 await self._hello(protocol)
+        if protocol.saw_421 or protocol.lost is not None:  # a 421 to STARTTLS, or one unasked
+            raise SmtpConnectError("closed by the server after the hello", self._log_prefix,
+                                   421 if protocol.saw_421 else None)
 
     async def _hello(self, protocol: _SmtpClientProtocol) -> None:
         name = self.options.helo_hostname.encode("ascii")
         reply = await self._command(protocol, b"EHLO " + name + _CRLF)
         self.esmtp = reply.code == 250
-        if not self.esmtp:
+        if reply.code >= 500:  # EHLO not known: an old server. A 4xx (421 closing) is no such sign
             reply = await self._command(protocol, b"HELO " + name + _CRLF)
         if reply.code != 250:
             raise SmtpConnectError(
@@ -646,13 +682,20 @@ class SmtpConnection:
         protocol = self._protocol
         if protocol is None:
             return
+        said_quit = False
         if self.usable:
             try:
                 await protocol.command(b"QUIT\r\n")
+                said_quit = True
             except (SmtpTimeout, SmtpConnectionLost, SmtpProtocolError):
                 pass
         if protocol.tcp is not None and protocol.lost is None:
-            protocol.tcp.close()
+            # Closing waits for the bytes not sent yet, which a server that stopped reading
+            # (after a 421 in the middle of a body) never takes: those are dropped instead.
+            if said_quit:
+                protocol.tcp.close()
+            else:
+                protocol.tcp.abort()
         await protocol.closed
 
     def abort(self) -> None:

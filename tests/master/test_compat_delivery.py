@@ -23,14 +23,16 @@ from tests.satellite.smtp_servers import Behaviour, start_servers
 MX_ADDRESS = "127.0.0.2"
 HTML = "<p>Hé {{ firstname }}, ça coûte 5 € — à bientôt ! 日本語</p>"
 PLAIN = "Hé {{ firstname }}, ça coûte 5 € — à bientôt ! 日本語\n"
-# A create_mailing_ext message whose attachment goes out as is: 8-bit text on the wire.
-EXT_MESSAGE = (b"From: Ext <news@sender.test>\r\nSubject: Pi\xc3\xa8ce jointe\r\nMIME-Version: 1.0\r\n"
-               b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+# A create_mailing_ext message with a header it carries as is, in 8-bit text: 8-bit on the wire
+# (its 8-bit attachment goes out in base64).
+EXT_MESSAGE = (b"From: Ext <news@sender.test>\r\nSubject: Pi\xc3\xa8ce jointe\r\nX-Note: %s\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
                b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBonjour {{ firstname }}\r\n"
                b"--b1\r\nContent-Type: text/plain; charset=%s\r\nContent-Transfer-Encoding: 8bit\r\n"
                b"Content-Disposition: attachment; filename=\"notes.txt\"\r\n\r\n%s\r\n--b1--\r\n")
-UTF8_ATTACHMENT = EXT_MESSAGE % (b"utf-8", "Déjà vu — 5 € 日本語".encode())
-LATIN1_ATTACHMENT = EXT_MESSAGE % (b"iso-8859-1", "Déjà vu, ça coûte".encode("latin-1"))
+UTF8_ATTACHMENT = EXT_MESSAGE % ("Déjà vu — 5 € 日本語".encode(), b"utf-8", "Déjà vu — 5 € 日本語".encode())
+LATIN1_ATTACHMENT = EXT_MESSAGE % ("Déjà vu, ça coûte".encode("latin-1"), b"iso-8859-1",
+                                   "Déjà vu, ça coûte".encode("latin-1"))
 
 
 @pytest.fixture

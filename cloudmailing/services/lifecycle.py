@@ -38,6 +38,13 @@ def _done(mailing: Mapping[str, Any]) -> bool:
     return not totals(mailing.get("counts") or {})["total_pending"]
 
 
+def _empty_regular(mailing: Mapping[str, Any]) -> bool:
+    """Whether force_purge_empty_mailings closes it: a regular mailing (not an OPENED stream
+    between two messages), not kept open by ``dont_close_if_empty``, with no recipient at all."""
+    return (mailing.get("type", REGULAR) == REGULAR and not mailing.get("dont_close_if_empty")
+            and totals(mailing.get("counts") or {})["total_recipient"] == 0)
+
+
 def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
     """When the mailing's remaining recipients time out: scheduled_end or start + duration."""
     candidates = []
@@ -123,10 +130,10 @@ class MailingLifecycle:
         transactional stream between two messages) nor one with dont_close_if_empty."""
         now, closed = utc_now(self._clock), 0
         async for mailing in self._mailings.open_mailings():
-            if mailing.get("type", REGULAR) != REGULAR or mailing.get("dont_close_if_empty"):
-                continue
-            if totals(mailing.get("counts") or {})["total_recipient"] == 0:
-                await self._finish(mailing["_id"], now)
+            # Read again under the counts' lock by finish: recipients added since the listing
+            # keep it open.
+            if _empty_regular(mailing) and await self._mailings.finish(mailing["_id"], now, _empty_regular):
+                log.info("empty mailing closed", extra={"mailing": mailing["_id"]})
                 closed += 1
         return closed
 

@@ -201,10 +201,11 @@ class MailingService:
             if await self._store.update(mailing["_id"], {"status": RUNNING}, only_if_status=[PAUSED]):
                 log.info("mailing resumed", extra={"mailing": mailing["_id"]})
                 return RUNNING
-            return str((await self.get(mailing_id))["status"])  # changed meanwhile
+            return await self._status_now(mailing["_id"])  # changed meanwhile
         if status in (FILLING, PAUSED):
+            if not await self._store.update(mailing["_id"], {"status": READY}, only_if_status=[FILLING, PAUSED]):
+                return await self._status_now(mailing["_id"])  # finished by its deadline meanwhile
             status = READY
-            await self._store.update(mailing["_id"], {"status": status})
             log.info("mailing started", extra={"mailing": mailing["_id"]})
         return status
 
@@ -214,9 +215,18 @@ class MailingService:
         if status == FINISHED:
             raise BadRequest(f"mailing {mailing['_id']} is finished")
         if status in (READY, RUNNING):
+            if not await self._store.update(mailing["_id"], {"status": PAUSED}, only_if_status=[READY, RUNNING]):
+                return await self._status_now(mailing["_id"])  # finished by its last report meanwhile
             status = PAUSED
-            await self._store.update(mailing["_id"], {"status": status})
             log.info("mailing paused", extra={"mailing": mailing["_id"]})
+        return status
+
+    async def _status_now(self, mailing_id: int) -> str:
+        """The status a mailing moved to while this call was deciding: FINISHED is refused as
+        when the call came after it (Fault 400)."""
+        status = str((await self.get(mailing_id))["status"])
+        if status == FINISHED:
+            raise BadRequest(f"mailing {mailing_id} is finished")
         return status
 
     async def delete(self, mailing_id: Any) -> None:

@@ -95,7 +95,8 @@ class RecipientService:
         by_block: dict[int, set[int]] = {}
         for recipient in found.values():
             by_block.setdefault(recipient.block.id, set()).add(recipient.slot)
-        mailing_ids = sorted({recipient.block.mailing_id for recipient in found.values()})
+        # Test recipients are not part of their mailing's totals: resetting one reopens nothing.
+        mailing_ids = sorted({recipient.block.mailing_id for recipient in found.values() if not recipient.block.test})
         # Reopened first: a crash during the edits leaves an unfinished mailing, which the
         # master's start-up repairs and recounts (a finished one's blocks it does not look at);
         # and again after, in case a life-cycle tick finished it before the edits were in.

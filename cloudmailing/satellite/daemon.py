@@ -276,6 +276,8 @@ class SatelliteDaemon:
         # The reason may quote a template: made valid text, so that the master takes the report.
         reason = str(failure["reply_text"]).encode("utf-8", "replace").decode("utf-8")
         self._keep(Outcome(failure["recipient_id"], failure["status"], None, "", reason))
+        if self._all_delivered():  # the lease's last recipient: its report need not wait
+            self._drained.set()
 
     async def _mailing(self, link: LinkProtocol, mailing_id: int, version: int | None = None) -> MailingSource:
         """The mailing's content: the one kept, unless ``version`` (from the lease) is newer."""

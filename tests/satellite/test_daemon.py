@@ -101,7 +101,7 @@ def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
 
     kept: list[Outcome] = []
     failure = build_failure("r1", PersonalizationError("template error near '\ud800'"))
-    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append), failure, 3)  # type: ignore[arg-type]
+    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append, _all_delivered=lambda: False), failure, 3)  # type: ignore[arg-type]
     assert Outcome.from_wire(kept[0].to_wire()).status == "GENERAL_ERROR"  # the master will take it
     assert kept[0].reply_text.startswith("template error near")
 
@@ -396,3 +396,17 @@ async def test_a_lease_after_the_mailing_changed_brings_its_new_content(running_
         assert versions[mailing_id] > leased_version
         changed = (await satellite._mailing(link, mailing_id, versions[mailing_id])).content
         assert changed["subject"] == "Fixed {{ email }}" and changed["content_version"] == versions[mailing_id]
+
+
+@aio_test
+async def test_a_lease_whose_last_recipient_fails_to_build_is_reported_without_waiting(tmp_path):
+    from twisted.internet import reactor
+
+    settings = SatelliteConfig(master_port=9, serial="sat-f", secret="pw", dns_servers="127.0.0.1:9")
+    satellite = SatelliteDaemon(settings, tmp_path / "sat", reactor, random.Random(0))
+    try:
+        satellite._build_failed({"recipient_id": "r1", "status": "GENERAL_ERROR", "reply_text": "template error"}, 1)
+        assert satellite._drained.is_set()  # the report loop goes at once, not after REPORT_INTERVAL
+        assert [o.recipient_id for o in satellite._outbox.batch(10)] == ["r1"]
+    finally:
+        await satellite.stop()

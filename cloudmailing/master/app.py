@@ -233,8 +233,8 @@ class Master:
 def build_services(stores: Stores, clock: Any, retention_days: int = 30, dispatch: DispatchConfig | None = None,
                    max_awaiting_approval: int = 100) -> Services:
     """Every domain service of the master, on ``stores`` (a test may hand in its own)."""
-    mailings = MailingService(stores, clock)
     dispatcher = Dispatcher(stores, clock, dispatch)
+    mailings = MailingService(stores, clock, dispatcher.work_available)
     lifecycle = MailingLifecycle(stores, clock, retention_days, dispatcher.work_available)
     dispatcher.on_settled(lifecycle.settle)
     return Services(

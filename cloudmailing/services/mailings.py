@@ -113,10 +113,11 @@ STORED_NAMES = {"html_content": "html", "plain_content": "plain"}
 
 
 class MailingService:
-    def __init__(self, stores: Stores, clock: SecondsClock) -> None:
+    def __init__(self, stores: Stores, clock: SecondsClock, work_available: Callable[[], None] = lambda: None) -> None:
         self._stores = stores
         self._store = stores.mailings
         self._clock = clock
+        self._work_available = work_available  # a mailing resumed: idle satellites may lease at once
 
     async def create(self, mail_from: Any, sender_name: Any, subject: Any, html: Any, plain: Any,
                      charset: Any = "utf-8") -> int:
@@ -200,6 +201,7 @@ class MailingService:
         if status == PAUSED and mailing.get("start_time"):  # it ran before: resumed at once
             if await self._store.update(mailing["_id"], {"status": RUNNING}, only_if_status=[PAUSED]):
                 log.info("mailing resumed", extra={"mailing": mailing["_id"]})
+                self._work_available()
                 return RUNNING
             return await self._status_now(mailing["_id"])  # changed meanwhile
         if status in (FILLING, PAUSED):

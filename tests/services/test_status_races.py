@@ -119,3 +119,19 @@ async def test_resetting_a_test_recipient_leaves_a_finished_mailing_finished(dat
     await services.lifecycle.tick()
     after = await stores.mailings.get(mailing_id)
     assert (during, after["status"], after["end_time"]) == ("FINISHED", "FINISHED", before["end_time"])
+
+
+@aio_test
+async def test_a_resumed_mailing_wakes_the_idle_satellites(database, clock):
+    """As a start or added recipients do: an idle satellite would otherwise lease only at its
+    next poll."""
+    services, stores, mailing_id = await _world(database, clock)
+    woken: list[int] = []
+    services.dispatcher.on_work(lambda: woken.append(1))
+    await services.recipients.add(mailing_id, [{"email": "u0@example.org"}])
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()  # RUNNING
+    assert await services.mailings.pause(mailing_id) == "PAUSED"
+    woken.clear()
+    assert await services.mailings.start(mailing_id) == "RUNNING"
+    assert woken

@@ -14,11 +14,15 @@ recipient), resolves the recipient domain's mail hosts, and delivers through
   waits for a connection slot);
 * at most ``max_connections_per_host`` connections per MX address and ``max_connections`` in
   all; new connections go to the best MX host that is not backing off, and a worker whose
-  connection fails tries the next MX host;
-* back-off (:class:`HostBackoff`): a 421, or ``backoff_burst`` temporary failures in a row,
-  pauses new connections to that MX address for a growing delay, reset by a delivered message.
-  Jobs wait for a short pause; when every MX host of a domain is paused for longer than
-  ``max_backoff_wait``, its queued jobs are reported as WARNING (the master retries them);
+  connection fails tries the next MX host. A slot that frees goes first to the destinations
+  waiting for one, in turn;
+* a domain's route is resolved again once a second old (the resolver keeps each answer for its
+  TTL); a connection to a host the domain no longer lists ends what it started, then QUITs;
+* back-off (:class:`HostBackoff`): a 421, or ``backoff_burst`` temporary failures in a row (a
+  connection closed before its first message is a failed one), pauses new connections to that
+  MX address for a growing delay, reset by a delivered message. Jobs wait for a short pause;
+  when every MX host of a domain is paused for longer than ``max_backoff_wait``, its queued
+  jobs are reported as WARNING (the master retries them);
 * jobs of a ``testing`` mailing go to ``test_target`` (the domain is still resolved, so DNS
   still decides deliverability).
 
@@ -45,6 +49,9 @@ from cloudmailing.satellite.smtp_client import SmtpClientOptions, SmtpConnectErr
 log = logging.getLogger("cloudmailing.satellite.delivery")
 
 _IN_FLIGHT = 2  # messages started on one connection and not ended: one sending, the next riding
+# A domain's route is resolved again when older than this (the resolver's cache keeps each answer
+# for its TTL, so this is cheap): a domain that never stops getting work still sees its MX move.
+_ROUTE_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,8 @@ class _Destination:
     testing: bool
     jobs: deque[DeliveryJob] = field(default_factory=deque)
     route: list[_Target] | None = None
+    route_keys: frozenset[tuple[str, int]] = frozenset()  # of ``route``: the hosts it may still use
+    route_expires: float = 0.0  # then resolved again; the old route serves meanwhile
     resolving: bool = False
     workers: int = 0
     connecting: int = 0
@@ -211,6 +220,7 @@ class DeliveryScheduler:
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(key[0], job.testing)
+        self._current_route(dest)  # resolves the route again when old
         if len(dest.jobs) < dest.woken:  # a connection woken for a job takes this one with it
             dest.jobs.append(job)
             return
@@ -291,16 +301,14 @@ class DeliveryScheduler:
     # -- scheduling --------------------------------------------------------------------------
     def _pump(self, dest: _Destination) -> None:
         """Start workers for ``dest`` while it has waiting jobs and capacity allows."""
-        if dest.route is None:
-            if not dest.resolving and dest.jobs:
-                dest.resolving = True
-                self._spawn(self._resolve(dest))
+        route = self._current_route(dest) if dest.jobs else None
+        if route is None:
             return
         while len(dest.jobs) > dest.connecting:
             target_index = self._first_open_target(dest)
             if target_index is None:
                 return
-            target = dest.route[target_index]
+            target = route[target_index]
             host_full = self._per_host.get(target.key, 0) >= self.config.max_connections_per_host
             if host_full or self._connections >= self.config.max_connections:
                 if host_full and dest.workers:
@@ -312,7 +320,14 @@ class DeliveryScheduler:
             self._reserve(target)
             dest.workers += 1
             dest.connecting += 1
-            self._spawn(self._worker(dest, target_index))
+            self._spawn(self._worker(dest, route, target_index))
+
+    def _current_route(self, dest: _Destination) -> list[_Target] | None:
+        """The route to use now (None: not known yet); resolved again when missing or old."""
+        if not dest.resolving and (dest.route is None or self._clock.seconds() >= dest.route_expires):
+            dest.resolving = True
+            self._spawn(self._resolve(dest))
+        return dest.route
 
     def _first_open_target(self, dest: _Destination) -> int | None:
         """The best target not backing off; None (and a plan) when all of them are."""
@@ -349,11 +364,13 @@ class DeliveryScheduler:
         task.add_done_callback(self._tasks.discard)
 
     def _capacity_freed(self, dest: _Destination) -> None:
-        self._pump(dest)
+        # Those waiting for a slot go first, in turn (the ones still blocked queue again, at the
+        # end): pumped first, the freeing destination would take the slot back every time.
         blocked, self._blocked = self._blocked, {}
         for waiting in blocked.values():
             waiting.waking = False
             self._pump(waiting)
+        self._pump(dest)
 
     def _wake_idle_worker(self, key: tuple[str, int] | None, dest: _Destination) -> None:
         """Make a lingering connection (to ``key``, or any) QUIT so that ``dest`` gets its slot."""
@@ -374,17 +391,35 @@ class DeliveryScheduler:
             self._dns_failed(dest, getattr(error, "reason", str(error)), permanent=False)
             return
         dest.resolving = False
-        dest.route = self._route(dest, hosts)
-        if not dest.route:
+        self._set_route(dest, self._route(dest, hosts) or None)
+        if dest.route is None:
             self._fail_queued(dest, lambda rid: outcomes.temporary_failure(rid, self._no_route(dest)))
             return
         self._pump(dest)
+        self._forget_if_idle(dest)  # a refresh may end after the last worker
 
     def _dns_failed(self, dest: _Destination, reason: str, permanent: bool) -> None:
         dest.resolving = False
-        make = outcomes.permanent_failure if permanent else outcomes.temporary_failure
         log.info("DNS failure for %s: %s", dest.domain, reason)
+        if dest.route is not None and not permanent:  # a refresh failed: the route we have still serves
+            dest.route_expires = self._clock.seconds() + _ROUTE_MAX_AGE
+            self._forget_if_idle(dest)
+            return
+        self._set_route(dest, None)
+        make = outcomes.permanent_failure if permanent else outcomes.temporary_failure
         self._fail_queued(dest, lambda rid: make(rid, reason))
+
+    def _set_route(self, dest: _Destination, route: list[_Target] | None) -> None:
+        """Use ``route`` for new connections; connections to hosts no longer in it take no more jobs."""
+        dest.route = route
+        dest.route_expires = self._clock.seconds() + _ROUTE_MAX_AGE
+        keys = frozenset(target.key for target in route or ())
+        if keys == dest.route_keys:
+            return
+        dest.route_keys = keys
+        for waiter in dest.idle:  # lingering connections to a host the domain left: QUIT
+            if self._idle_workers.get(waiter) not in keys:
+                _settle(waiter, None)
 
     def _route(self, dest: _Destination, hosts: Sequence[MailHost]) -> list[_Target]:
         if dest.testing:
@@ -398,11 +433,11 @@ class DeliveryScheduler:
         return f"no mail host for {dest.domain}"
 
     # -- workers -----------------------------------------------------------------------------
-    async def _worker(self, dest: _Destination, target_index: int) -> None:
+    async def _worker(self, dest: _Destination, route: list[_Target], target_index: int) -> None:
         """Open a connection (falling back along the MX list), then send queued jobs on it."""
         try:
             try:
-                opened = await self._open(dest, target_index)
+                opened = await self._open(dest, route, target_index)
             finally:
                 dest.connecting -= 1
             if opened is None:
@@ -422,48 +457,46 @@ class DeliveryScheduler:
             self._forget_if_idle(dest)
 
     async def _open(
-        self, dest: _Destination, index: int
+        self, dest: _Destination, route: list[_Target], index: int
     ) -> tuple[SmtpConnection, _Target] | None:
         """Connect to ``route[index]``, else to the following targets; None if all fail."""
-        assert dest.route is not None
-        target = dest.route[index]
+        target = route[index]
         error: SmtpConnectError | None = None
         while True:
             connection = SmtpConnection(self._options, target.name, self._clock)
             try:
                 await connection.connect(target.address, target.port)
+                _check_usable(connection)
                 return connection, target
             except SmtpConnectError as failed:
                 error = failed
                 log.info("cannot connect to %s [%s]: %s", target.name, target.address, failed.reason)
                 self.backoff.failure(target.key, failed.reply_code)
                 self._release(target)
-            next_target = self._next_target(dest, index)
+            next_target = self._next_target(route, index)
             if next_target is None:
                 break
             index, target = next_target
             self._reserve(target)
-        if not self._busy_after(dest, index):
+        if not self._busy_after(route, index):
             self._connection_failed_everywhere(dest, target, error)
         return None
 
-    def _next_target(self, dest: _Destination, index: int) -> tuple[int, _Target] | None:
-        assert dest.route is not None
-        for next_index in range(index + 1, len(dest.route)):
-            target = dest.route[next_index]
+    def _next_target(self, route: list[_Target], index: int) -> tuple[int, _Target] | None:
+        for next_index in range(index + 1, len(route)):
+            target = route[next_index]
             if self.backoff.remaining(target.key) > 0:
                 continue
             if self._per_host.get(target.key, 0) < self.config.max_connections_per_host:
                 return next_index, target
         return None
 
-    def _busy_after(self, dest: _Destination, index: int) -> bool:
+    def _busy_after(self, route: list[_Target], index: int) -> bool:
         """Whether a target after ``index`` was skipped only because its pool is full."""
-        assert dest.route is not None
         return any(
             self.backoff.remaining(t.key) == 0
             and self._per_host.get(t.key, 0) >= self.config.max_connections_per_host
-            for t in dest.route[index + 1 :]
+            for t in route[index + 1 :]
         )
 
     def _connection_failed_everywhere(
@@ -484,10 +517,11 @@ class DeliveryScheduler:
         in_flight: deque[tuple[DeliveryJob, asyncio.Future[DeliveryOutcome | None]]] = deque()
         not_tried = 0  # jobs put back at the head of the queue, in their order
         while True:
-            job = self._startable_job(dest, connection, in_flight)
-            if job is None and not in_flight and self._can_start(connection):
+            job = self._startable_job(dest, connection, target, in_flight)
+            if job is None and not in_flight and self._can_start(dest, connection, target):
                 job = await self._next_job(dest, target)  # linger for one
-                if job is not None and not connection.usable:  # closed by the server while we lingered
+                if job is not None and not self._can_start(dest, connection, target):
+                    # closed by the server, or the domain's MX moved, while we lingered
                     dest.jobs.appendleft(job)
                     job = None
                 if job is None:
@@ -507,13 +541,14 @@ class DeliveryScheduler:
             self._account(target, outcome, connection.saw_421)
             self._report(sent, outcome)
 
-    def _can_start(self, connection: SmtpConnection) -> bool:
-        return connection.usable and connection.messages_sent < self.config.max_messages_per_connection
+    def _can_start(self, dest: _Destination, connection: SmtpConnection, target: _Target) -> bool:
+        return (connection.usable and connection.messages_sent < self.config.max_messages_per_connection
+                and target.key in dest.route_keys)  # the domain's MX may have moved since
 
-    def _startable_job(self, dest: _Destination, connection: SmtpConnection,
+    def _startable_job(self, dest: _Destination, connection: SmtpConnection, target: _Target,
                        in_flight: deque[Any]) -> DeliveryJob | None:
         """A queued job to start now: at most two messages in flight on a connection."""
-        if len(in_flight) < _IN_FLIGHT and dest.jobs and self._can_start(connection):
+        if len(in_flight) < _IN_FLIGHT and dest.jobs and self._can_start(dest, connection, target):
             return dest.jobs.popleft()
         return None
 
@@ -554,6 +589,19 @@ class DeliveryScheduler:
             self.backoff.success(target.key)
         elif outcome.status == outcomes.WARNING:
             self.backoff.failure(target.key, 421 if saw_421 else outcome.reply_code)
+
+
+def _check_usable(connection: SmtpConnection) -> None:
+    """Raise SmtpConnectError if ``connection`` is closed or closing before its first message.
+
+    Such a connection (a 421 right after the hello) is a failed one: counted by the back-off,
+    else every worker would end at once and its replacement reconnect, without end.
+    """
+    if connection.usable:
+        return
+    connection.abort()
+    reply_code = 421 if connection.saw_421 else None
+    raise SmtpConnectError("closed by the server before the first message", [], reply_code)
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -12,16 +13,22 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from cloudmailing.satellite import delivery
 from cloudmailing.satellite.delivery import (
     DeliveryConfig,
     DeliveryJob,
     DeliveryScheduler,
     HostBackoff,
 )
-from cloudmailing.satellite.mx_resolver import MailHost, PermanentDnsError, TemporaryDnsError
+from cloudmailing.satellite.mx_resolver import MailHost, MxResolver, PermanentDnsError, TemporaryDnsError
 from cloudmailing.satellite.outcomes import ERROR, FINISHED, WARNING, DeliveryOutcome
-from tests.helpers import run
+from cloudmailing.satellite.smtp_client import SmtpConnection
+from tests.helpers import run, until
+from tests.satellite import dns_server as dns_helper
+from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
+
+dns_server = dns_helper.dns_server  # fixture: a started DnsTestServer
 
 MESSAGE = b"From: <s@example.test>\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -482,3 +489,112 @@ async def test_lingering_connection_yields_its_slot(world: Any, bound: str) -> N
 
     await asyncio.wait_for(deliver(scheduler, jobs("b.test", 1)), timeout=5)
     assert w.statuses() == {"a.test-0": FINISHED, "b.test-0": FINISHED}
+
+
+@aio_test
+async def test_a_domain_sharing_a_busy_mx_gets_the_next_free_slot(world: Any) -> None:
+    """One connection per host, two messages per connection: small.test, arriving while big.test
+    sends, gets the slot when big.test's connection ends, not after the whole of big.test."""
+    w = world({"127.0.0.2": Behaviour()})
+    scheduler = w.start({"big.test": [mx("127.0.0.2")], "small.test": [mx("127.0.0.2")]},
+                        max_connections_per_host=1, max_messages_per_connection=2)
+    order: list[str] = []
+
+    def arrive(job: DeliveryJob, outcome: DeliveryOutcome) -> None:
+        order.append(job.recipient_id)
+        if job.recipient_id == "big.test-0":
+            scheduler.submit(jobs("small.test", 1)[0])
+
+    scheduler._on_outcome = arrive
+    await deliver(scheduler, jobs("big.test", 30))
+
+    assert len(order) == 31
+    assert order.index("small.test-0") <= 5, order
+
+
+# -- DNS changes ----------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_a_busy_domain_follows_its_mx_when_it_moves(world: Any, dns_server: DnsTestServer) -> None:
+    """The route is resolved again once old (the resolver keeps each answer for its TTL): a domain
+    that never stops getting work, its connection lingering between messages, sees its MX move."""
+    w = world({"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()})
+    old, new = w.servers["127.0.0.2"], w.servers["127.0.0.3"]
+    dns_server.add_mx("a.test", "mx1.a.test", preference=10, ttl=1)
+    dns_server.add_a("mx1.a.test", "127.0.0.2", ttl=1)
+    clock = Clock()
+    resolver = MxResolver([dns_server.address], clock=clock, rng=random.Random(1), timeout=2)
+    scheduler = w.scheduler = DeliveryScheduler(
+        DeliveryConfig(helo_hostname="sat.example.test", smtp_port=w.port, idle_timeout=30.0),
+        resolver, lambda job, outcome: w.outcomes.append((job, outcome)), clock)
+    await deliver(scheduler, jobs("a.test", 1, "first"))
+    dns_server.remove("a.test")
+    dns_server.remove("mx1.a.test")
+    dns_server.add_mx("a.test", "mx2.a.test", preference=10, ttl=1)
+    dns_server.add_a("mx2.a.test", "127.0.0.3", ttl=1)
+
+    clock.advance(2.0)  # the old answer's TTL is over
+    for i in range(3):  # one message every 0.1 s: the connection lingers between them
+        await deliver(scheduler, jobs("a.test", 1, f"later{i}"))
+        await asyncio.sleep(0.1)
+
+    assert set(w.statuses().values()) == {FINISHED}
+    assert w.outcomes[-1][1].mx_host == "mx2.a.test" and new.message_count >= 1
+    await until(lambda: old.open_connections == 0, timeout=5)  # the old MX's connection said QUIT
+
+
+class HangsUpAfterHello(asyncio.Protocol):
+    """Greets and answers EHLO, then says ``goodbye`` and hangs up 20 ms later (going down)."""
+
+    def __init__(self, goodbye: bytes, accepted: list[HangsUpAfterHello]) -> None:
+        self.goodbye = goodbye
+        accepted.append(self)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(b"220 mx.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if data.upper().startswith(b"EHLO"):
+            self.transport.write(b"250 mx.test\r\n")
+            asyncio.get_running_loop().call_later(0.02, self.hang_up)
+
+    def hang_up(self) -> None:
+        self.transport.write(self.goodbye)
+        self.transport.close()
+
+
+class LateConnection(SmtpConnection):
+    """Returns from connect() 0.1 s after the hello: the server has hung up by then."""
+
+    async def connect(self, host_ip: str, port: int = 25) -> None:
+        await super().connect(host_ip, port)
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(("goodbye", "reply_code"), [(b"421 4.3.2 shutting down\r\n", 421), (b"", None)])
+@aio_test
+async def test_a_connection_closed_before_its_first_message_is_a_failed_one(
+    world: Any, monkeypatch: pytest.MonkeyPatch, goodbye: bytes, reply_code: int | None
+) -> None:
+    """Whatever the SMTP client lets through, a connection that cannot take its first message
+    counts as a failed connection (reported, backed off), not one to replace at once, forever."""
+    monkeypatch.setattr(delivery, "SmtpConnection", LateConnection)
+    accepted: list[HangsUpAfterHello] = []
+    server = await asyncio.get_running_loop().create_server(
+        lambda: HangsUpAfterHello(goodbye, accepted), "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = world({})
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, smtp_port=port)
+    try:
+        for job in jobs("a.test", 2):
+            scheduler.submit(job)
+        await asyncio.wait_for(scheduler.drain(), 3)
+    finally:
+        server.close()
+
+    assert {(o.status, o.reply_code) for _, o in w.outcomes} == {(WARNING, reply_code)}
+    assert len(w.outcomes) == 2 and len(accepted) <= 2
+    paused = scheduler.backoff.remaining(("127.0.0.2", port)) > 0
+    assert paused == (reply_code == 421)

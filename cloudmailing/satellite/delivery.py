@@ -34,6 +34,7 @@ Every job gets exactly one :class:`~cloudmailing.satellite.outcomes.DeliveryOutc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -52,6 +53,9 @@ _IN_FLIGHT = 2  # messages started on one connection and not ended: one sending,
 # A domain's route is resolved again when older than this (the resolver's cache keeps each answer
 # for its TTL, so this is cheap): a domain that never stops getting work still sees its MX move.
 _ROUTE_MAX_AGE = 1.0
+# A host whose TLS handshake failed after it offered STARTTLS gets plaintext (opportunistic TLS,
+# as MTAs do) for this long, then STARTTLS again.
+_PLAINTEXT_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ class DeliveryScheduler:
         self._options = SmtpClientOptions(
             config.helo_hostname, config.connect_timeout, config.reply_timeout, config.starttls
         )
+        self._plaintext = dataclasses.replace(self._options, starttls=False)
+        self._plaintext_until: dict[tuple[str, int], float] = {}  # host -> until when it gets plaintext
         self.backoff = HostBackoff(self._clock, config)
         self._destinations: dict[tuple[str, bool], _Destination] = {}
         self._per_host: dict[tuple[str, int], int] = {}
@@ -463,12 +469,16 @@ class DeliveryScheduler:
         target = route[index]
         error: SmtpConnectError | None = None
         while True:
-            connection = SmtpConnection(self._options, target.name, self._clock)
+            connection = SmtpConnection(self._options_for(target.key), target.name, self._clock)
             try:
                 await connection.connect(target.address, target.port)
                 _check_usable(connection)
                 return connection, target
             except SmtpConnectError as failed:
+                if failed.tls_failed and self._plaintext_from_now(target.key):
+                    log.info("TLS with %s [%s] failed (%s): trying again in plaintext", target.name,
+                             target.address, failed.reason)
+                    continue
                 error = failed
                 log.info("cannot connect to %s [%s]: %s", target.name, target.address, failed.reason)
                 self.backoff.failure(target.key, failed.reply_code)
@@ -481,6 +491,21 @@ class DeliveryScheduler:
         if not self._busy_after(route, index):
             self._connection_failed_everywhere(dest, target, error)
         return None
+
+    def _options_for(self, key: tuple[str, int]) -> SmtpClientOptions:
+        """Plaintext for a host whose TLS failed lately; otherwise STARTTLS when offered."""
+        until = self._plaintext_until.get(key)
+        if until is not None and until <= self._clock.seconds():
+            del self._plaintext_until[key]
+            until = None
+        return self._options if until is None else self._plaintext
+
+    def _plaintext_from_now(self, key: tuple[str, int]) -> bool:
+        """Note that ``key``'s TLS failed; whether it was not noted already (then try again)."""
+        if not self._options.starttls or key in self._plaintext_until:
+            return False
+        self._plaintext_until[key] = self._clock.seconds() + _PLAINTEXT_SECONDS
+        return True
 
     def _next_target(self, route: list[_Target], index: int) -> tuple[int, _Target] | None:
         for next_index in range(index + 1, len(route)):

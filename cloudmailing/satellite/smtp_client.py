@@ -87,13 +87,15 @@ class SmtpConnectError(Exception):
     """The connection could not be opened or made ready to send (refused, timeout, 4xx greeting)."""
 
     def __init__(
-        self, reason: str, smtp_log: list[str], reply_code: int | None = None, reply_text: str = ""
+        self, reason: str, smtp_log: list[str], reply_code: int | None = None, reply_text: str = "",
+        tls_failed: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.smtp_log = smtp_log
         self.reply_code = reply_code
         self.reply_text = reply_text
+        self.tls_failed = tls_failed  # the STARTTLS handshake failed: the host may take plaintext
 
 
 class SmtpTimeout(Exception):
@@ -106,6 +108,10 @@ class SmtpConnectionLost(Exception):
 
 class SmtpProtocolError(Exception):
     """The server sent something that is not an SMTP reply."""
+
+
+class SmtpTlsFailed(SmtpConnectionLost):
+    """The TLS handshake after STARTTLS failed (the connection is lost with it)."""
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
@@ -490,7 +496,7 @@ class SmtpConnection:
             raise
         except (SmtpTimeout, SmtpConnectionLost, SmtpProtocolError) as error:
             protocol.abort(error)
-            raise SmtpConnectError(str(error), self._log_prefix) from error
+            raise SmtpConnectError(str(error), self._log_prefix, tls_failed=isinstance(error, SmtpTlsFailed)) from error
         self._log_prefix.append(f"ready {label}{' TLS' if self.tls else ''}")
         log.debug("connected to %s", label, extra={"mx_host": self.mx_host})
 
@@ -544,7 +550,7 @@ class SmtpConnection:
                     protocol.tcp = await loop.start_tls(protocol.tcp, protocol, _opportunistic_tls(),
                                                         ssl_handshake_timeout=self.options.reply_timeout)
                 except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as error:
-                    raise SmtpConnectionLost(f"TLS handshake failed: {error}") from None
+                    raise SmtpTlsFailed(f"TLS handshake failed: {error}") from None
                 self.tls = True
                 await self._hello(protocol)
         if protocol.saw_421 or protocol.lost is not None:  # a 421 to STARTTLS, or one unasked

@@ -26,6 +26,7 @@ from cloudmailing.satellite.smtp_client import SmtpConnection
 from tests.helpers import run, until
 from tests.satellite import dns_server as dns_helper
 from tests.satellite.dns_server import DnsTestServer
+from tests.satellite.scripted_smtp import Scripted, ScriptedServer, default_line
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
 dns_server = dns_helper.dns_server  # fixture: a started DnsTestServer
@@ -598,3 +599,49 @@ async def test_a_connection_closed_before_its_first_message_is_a_failed_one(
     assert len(w.outcomes) == 2 and len(accepted) <= 2
     paused = scheduler.backoff.remaining(("127.0.0.2", port)) > 0
     assert paused == (reply_code == 421)
+
+
+def _broken_tls(p: Scripted, line: bytes) -> None:
+    """Offers STARTTLS, says go ahead, then answers the handshake with an alert (a broken TLS)."""
+    if line.upper().startswith(b"EHLO"):
+        p.send(b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+    elif line.upper().startswith(b"STARTTLS"):
+        p.send(b"220 2.0.0 ready\r\n")
+        p.lines.append(b"(handshake)")
+    else:
+        default_line(p, line)
+
+
+def _tls_alert(p: Scripted, data: bytes) -> bool:
+    if p.lines and p.lines[-1] == b"(handshake)":
+        p.send(b"\x15\x03\x01\x00\x02\x02\x28")  # a TLS alert: handshake_failure
+        p.tcp.close()
+        return True
+    return False
+
+
+@aio_test
+async def test_a_host_whose_tls_fails_gets_the_message_in_plaintext_and_keeps_getting_plaintext():
+    """Opportunistic TLS: a handshake that fails after STARTTLS was offered is no reason to
+    bounce; the message goes again at once without STARTTLS, as MTAs do, and that host gets
+    plaintext for a while."""
+    server = ScriptedServer(_broken_tls, on_raw=_tls_alert)
+    port = await server.start("127.0.0.2")
+    got: list[DeliveryOutcome] = []
+
+    class OneHost:
+        async def resolve(self, domain: str) -> list[MailHost]:
+            return [MailHost("mx.tls.test", "127.0.0.2", 10)]
+
+    scheduler = DeliveryScheduler(DeliveryConfig(helo_hostname="sat.test", smtp_port=port, connect_timeout=2,
+                                                 reply_timeout=2), OneHost(), lambda j, o: got.append(o), reactor)
+    try:
+        for i in range(2):
+            scheduler.submit(DeliveryJob(f"r{i}", "tls.test", "bounce@example.test", f"u{i}@tls.test", MESSAGE, "m1"))
+            await asyncio.wait_for(scheduler.drain(), 10)
+        assert [o.status for o in got] == [FINISHED, FINISHED], [o.reply_text for o in got]
+        starttls = [any(line.upper() == b"STARTTLS" for line in p.lines) for p in server.connections]
+        assert starttls[0] and not any(starttls[1:])  # tried once, then plaintext
+    finally:
+        await scheduler.close()
+        server.stop()

@@ -16,10 +16,10 @@ from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY,
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
 from cloudmailing.services.clock import SecondsClock, utc_now
-from cloudmailing.services.errors import BadRequest, InvalidValue
+from cloudmailing.services.errors import BadRequest, InvalidValue, NotFound
 from cloudmailing.services.mailings import MailingService
 from cloudmailing.storage.blocks import Block
-from cloudmailing.storage.ingest import MailingFinished, NewRecipient
+from cloudmailing.storage.ingest import MailingFinished, MailingGone, NewRecipient
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.recipient_index import is_generated
 from cloudmailing.storage.status_log import DETAIL_DEFAULTS
@@ -74,6 +74,8 @@ class RecipientService:
             answers.append({"email": entry["email"]})
         try:
             ids = await self._stores.writer.append(mailing["_id"], test, accepted, utc_now(self._clock))
+        except MailingGone:  # deleted while this batch waited its turn: nothing stored
+            raise NotFound(f"mailing {mailing['_id']} not found") from None
         except MailingFinished:  # it finished while this batch waited its turn: nothing stored
             raise BadRequest(f"mailing {mailing['_id']} is finished") from None
         for position, recipient_id in zip(positions, ids, strict=True):

@@ -2,9 +2,12 @@
 new blocks, all or nothing.
 
 A batch is announced in ``ingest_batches`` (with each block's recipient count before it) before
-any of it is written, and forgotten once it is all in. A batch still announced at start-up was
-cut by a crash: :meth:`RecipientWriter.roll_back_cut_batches` cuts its blocks back, so a batch
-the API never acknowledged leaves nothing behind.
+any of it is written, and forgotten once it is all in. A write that fails part-way rolls the batch
+back at once, under the locks it still holds (its blocks are locked from the start: a lease of
+one waits, then finds it gone). A batch still announced later was cut by a crash, or its rollback
+failed too: the next batch into the mailing rolls it back first (under the ingest lock no other
+batch of it is under way), or start-up does (:meth:`RecipientWriter.roll_back_cut_batches`). So a
+batch the API never acknowledged leaves nothing behind, and never cuts an acknowledged one away.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import datetime
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Sequence
+from typing import AbstractSet, Any, AsyncIterator, Sequence
 
 import bson
 
@@ -28,8 +31,17 @@ from cloudmailing.storage.recipient_index import Place, RecipientIndex, generate
 log = logging.getLogger(__name__)
 
 
+# Set on a mailing being deleted, under its ingest locks (see Stores.delete_mailing).
+DELETING = "deleting"
+
+
 class MailingFinished(Exception):
     """The mailing became FINISHED before the batch could be stored: nothing was written."""
+
+
+class MailingGone(MailingFinished):
+    """The mailing was deleted, or is being deleted, before the batch could be stored: nothing
+    was written. (A MailingFinished, so a caller that knows only that one still refuses.)"""
 
 
 @dataclass
@@ -71,38 +83,83 @@ class RecipientWriter:
         if not recipients:
             return []
         async with self._db.locks.hold(("ingest", mailing_id, test)):
+            await self._roll_back_leftovers(mailing_id, test)
             fills = await self._place(mailing_id, test, recipients)
-            # Lock order: a block, then its mailing's counts (as the ledger takes them).
-            tail = self._blocks.lock(fills[0].block_id) if fills[0].before else contextlib.nullcontext()
-            async with tail, self._mailings.counts_lock(mailing_id):
-                # Under the lock that finishing a mailing takes too: a mailing finished since the
-                # caller looked gets nothing (its READY recipients would never be sent).
-                if not test and await self._finished(mailing_id):
-                    raise MailingFinished(mailing_id)
+            # Lock order: blocks (ascending), then their mailing's counts (as the ledger takes them).
+            async with self._hold_blocks(fills), self._mailings.counts_lock(mailing_id):
+                await self._check_open(mailing_id, test)
                 return await self._store(mailing_id, test, recipients, fills, now)
 
-    async def _finished(self, mailing_id: int) -> bool:
+    @contextlib.asynccontextmanager
+    async def _hold_blocks(self, fills: list[_Fill]) -> AsyncIterator[None]:
+        """Every block of the batch, the new ones too: a new block is searchable once its summary
+        is in, and a lease of it must wait until the batch is all in or rolled back."""
+        async with contextlib.AsyncExitStack() as stack:
+            for block_id in sorted(fill.block_id for fill in fills):
+                await stack.enter_async_context(self._blocks.lock(block_id))
+            yield
+
+    async def _check_open(self, mailing_id: int, test: bool) -> None:
+        """Under the lock that finishing a mailing takes too: a mailing finished since the caller
+        looked gets nothing (its READY recipients would never be sent); and under the ingest lock,
+        which deleting it takes to mark it: one being deleted gets nothing either (test batches
+        included), for its blocks are deleted already or about to be."""
         mailing = await self._mailings.get(mailing_id)
-        return mailing is None or mailing["status"] == MAILING_FINISHED
+        if mailing is None or mailing.get(DELETING):
+            raise MailingGone(mailing_id)
+        if not test and mailing["status"] == MAILING_FINISHED:
+            raise MailingFinished(mailing_id)
 
     async def _store(self, mailing_id: int, test: bool, recipients: Sequence[NewRecipient], fills: list[_Fill],
                      now: datetime.datetime) -> list[str | None]:
-        batch = uuid.uuid4().hex
-        cuts = [{"b": fill.block_id, "before": fill.before} for fill in fills]
         holder = self._db.locks.shared.holder if self._db.locks.shared is not None else None
-        await self._db.ingest_batches.insert_one({"_id": batch, "m": mailing_id, "at": now, "blocks": cuts,
-                                                  "holder": holder})
+        cuts = [{"b": fill.block_id, "before": fill.before} for fill in fills]
+        batch: dict[str, Any] = {"_id": uuid.uuid4().hex, "m": mailing_id, "test": test, "at": now,
+                                 "holder": holder, "blocks": cuts}
         places = [(entry["id"], Place(fill.block_id, fill.before + slot))
                   for fill in fills for slot, entry in enumerate(fill.added)]
         client = [(i, place) for i, (place, recipient) in enumerate(zip(places, recipients, strict=True))
                   if recipient.client_id is not None]
-        duplicates = await self._index.insert(mailing_id, [place for _, place in client], batch)
-        void = {client[position][0] for position in duplicates}
-        await self._write(mailing_id, test, fills, void, now)
-        if not test:  # test recipients (send_test) are not in the mailing's totals
-            await self._mailings.add_counts(mailing_id, {READY: len(recipients) - len(void)})
-        await self._db.ingest_batches.delete_one({"_id": batch})
+        try:
+            await self._db.ingest_batches.insert_one(batch)
+            duplicates = await self._index.insert(mailing_id, [place for _, place in client], batch["_id"])
+            void = {client[position][0] for position in duplicates}
+            await self._write(mailing_id, test, fills, void, now)
+            if not test:  # test recipients (send_test) are not in the mailing's totals
+                await self._mailings.add_counts(mailing_id, {READY: len(recipients) - len(void)})
+            await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
+        except BaseException:
+            await self._roll_back_failed(batch)
+            raise
         return [None if i in void else rid for i, (rid, _) in enumerate(places)]
+
+    async def _roll_back_failed(self, batch: dict[str, Any]) -> None:
+        """Undo a batch whose write failed, at once (the caller holds all its locks): its blocks
+        would otherwise be leased and delivered uncounted, and the client's retry refused. If
+        this fails too, the batch stays announced for the next batch or start-up."""
+        try:
+            await self._undo(batch, locked=True)
+            if not batch["test"]:
+                await self._recount(batch["m"])  # its counts may or may not have been added
+        except Exception:
+            log.exception("a failed batch of recipients could not be rolled back yet",
+                          extra={"mailing": batch["m"]})
+
+    async def _roll_back_leftovers(self, mailing_id: int, test: bool) -> None:
+        """Batches of this mailing and kind still announced: under their ingest lock none is
+        under way, so each was cut (its rollback failed, or its master died). Rolled back
+        before this batch goes in: a later rollback would cut the tail block under it."""
+        for batch in await self._db.ingest_batches.find({"m": mailing_id, "test": test}).to_list():
+            await self._undo(batch, locked=False)
+            if not test:
+                async with self._mailings.counts_lock(mailing_id):
+                    await self._recount(mailing_id)
+            log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
+
+    async def _recount(self, mailing_id: int) -> None:
+        """The mailing's counts from its blocks (the caller holds its counts' lock)."""
+        counts = (await self._blocks.counts([mailing_id])).get(mailing_id, {})
+        await self._mailings.replace_counts(mailing_id, counts)
 
     async def _tail(self, mailing_id: int, test: bool) -> tuple[int, int] | None:
         """The mailing's newest block of this kind and its size, remembered from the last batch."""
@@ -183,14 +240,24 @@ class RecipientWriter:
                     self._db.locks.hold(("ingest", mailing_id, True)):
                 if await self._db.ingest_batches.find_one({"_id": batch["_id"]}, {"_id": 1}) is None:
                     continue  # rolled back by another master meanwhile (its blocks may have grown since)
-                for cut in batch["blocks"]:
-                    async with self._blocks.lock(cut["b"]), self._mailings.counts_lock(mailing_id):
-                        await self._cut_block(mailing_id, cut["b"], cut["before"])
-                await self._index.roll_back_batch(batch["_id"])
-                await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
+                await self._undo(batch, locked=False)
                 log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
                 touched.append(mailing_id)
         return touched
+
+    async def _undo(self, batch: dict[str, Any], locked: bool) -> None:
+        """Cut the batch's blocks back, drop its index entries, then forget it (last: a crash on
+        the way leaves it to be undone again). The caller holds its ingest lock; with ``locked``,
+        also its blocks' and its mailing's counts' locks."""
+        mailing_id = batch["m"]
+        for cut in batch["blocks"]:
+            if locked:
+                await self._cut_block(mailing_id, cut["b"], cut["before"])
+            else:
+                async with self._blocks.lock(cut["b"]), self._mailings.counts_lock(mailing_id):
+                    await self._cut_block(mailing_id, cut["b"], cut["before"])
+        await self._index.roll_back_batch(batch["_id"])
+        await self._db.ingest_batches.delete_one({"_id": batch["_id"]})
 
     async def _cut_block(self, mailing_id: int, block_id: int, before: int) -> None:
         self._tails.clear()
@@ -198,12 +265,16 @@ class RecipientWriter:
             await self._blocks.delete(block_id)
             return
         content = await self._blocks.content(block_id)
-        await self._blocks.write_content(block_id, mailing_id, content[:before], len(content))
-        while (block := await self._blocks.load(block_id)) is not None and len(block.columns) > before:
+        if len(content) > before:  # none: the block was deleted with its mailing, or never grew
+            await self._blocks.write_content(block_id, mailing_id, content[:before], len(content))
+        block = await self._blocks.load(block_id)
+        while block is not None and len(block.columns) > before:
             block.columns.truncate(before)
             if await self._blocks.save(block):
-                await self._blocks.write_summary(block)
-                return
+                break
+            block = await self._blocks.load(block_id)
+        if block is not None:  # also when an earlier try cut the state, then failed on its summary
+            await self._blocks.write_summary(block)
 
 
 def _extend(columns: StateColumns, count: int, void_slots: list[int], now: datetime.datetime) -> None:

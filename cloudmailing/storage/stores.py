@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from cloudmailing.storage.api_keys import ApiKeyStore
 from cloudmailing.storage.blocks import MAX_RECIPIENTS, BlockStore
 from cloudmailing.storage.database import Database
-from cloudmailing.storage.ingest import RecipientWriter
+from cloudmailing.storage.ingest import DELETING, RecipientWriter
 from cloudmailing.storage.kept_messages import KeptMessages
 from cloudmailing.storage.ledger import Ledger
 from cloudmailing.storage.mailings import MailingStore
@@ -35,11 +35,15 @@ class Stores:
 
     async def delete_mailing(self, mailing_id: int) -> None:
         """The mailing with its recipients, their log and kept messages. Recipients first, the
-        mailing last: an interrupted delete can be done again. No batch of recipients is added
-        meanwhile, and each block goes under the locks its writers take (a lease or report under
-        way would write its summary back after the delete, pointing at nothing)."""
+        mailing last: an interrupted delete can be done again. Each block goes under the locks
+        its writers take (a lease or report under way would write its summary back after the
+        delete, pointing at nothing)."""
         async with self.database.locks.hold(("ingest", mailing_id, False)), \
                 self.database.locks.hold(("ingest", mailing_id, True)):
+            # Marked under the locks every batch of recipients takes, and checks the mark under:
+            # a batch waiting for them stores nothing (MailingGone), now or during the rest of the
+            # delete, which need not hold them.
+            await self.mailings.update(mailing_id, {DELETING: True})
             block_ids = [summary["_id"] async for summary in self.blocks.of_mailing(mailing_id)]
             for block_id in block_ids:
                 async with self.blocks.lock(block_id), self.mailings.counts_lock(mailing_id):

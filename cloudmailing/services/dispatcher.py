@@ -241,8 +241,8 @@ class Dispatcher:
             if lease is None or lease.owner != serial:
                 return None
             changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
-                       if block.columns.leased[slot] and slot < len(addresses) and addresses[slot][0] == rid
-                       and outcome.lease in (None, lease.id)]
+                       if slot < min(len(block.columns), len(addresses)) and block.columns.leased[slot]
+                       and addresses[slot][0] == rid and outcome.lease in (None, lease.id)]
             return changes or None
 
         written = await self._ledger.edit(block_id, decide, now)
@@ -311,6 +311,7 @@ class Dispatcher:
         ended: list[int] = []
 
         def end(block: Block) -> list[Change] | None:
+            ended.clear()  # an earlier decision, on a view written over since, ended nothing
             if block.lease is None or not applies(block.lease):
                 return None
             ended[:] = [slot for slot in block.leased_slots() if slots is None or slot in slots]

@@ -51,7 +51,12 @@ from cloudmailing.storage.database import BLOCKS_PER_BUCKET, Database
 MAX_RECIPIENTS = 500
 MAX_BYTES = 4 * 1024 * 1024
 BLOCK_ID_COUNTER = "block_id"
-RECENT_PAGES = 64  # page ids a state keeps: more than a block's writes between two life-cycle ticks
+# A state names the log pages of its writes above the logged floor (start-up checks those only,
+# so it must find every committed one named). Past RECENT_PAGES of them the floor is saved again
+# first; past MAX_NAMED_PAGES (the floor held back: a write in flight, a dead master not yet
+# recovered) the write is refused, to be retried: the state stays small.
+RECENT_PAGES = 64
+MAX_NAMED_PAGES = 1024
 LOGGED_FLOOR_COUNTER = "logged_floor"  # every log page numbered up to this is in the log
 _BATCH = 8  # summaries per batch of the search for due retries
 _FREE_KEPT = 4096  # free block ids one search leaves for the next leases of its scope
@@ -80,9 +85,17 @@ class Block:
     lease: Lease | None = None
     recent_pages: list[int] = field(default_factory=list)  # the log pages of its last writes
 
-    def name_page(self, first: int) -> None:
-        """This write logs page ``first``: start-up tells it from an orphan (see storage.ledger)."""
-        self.recent_pages = [*self.recent_pages[-(RECENT_PAGES - 1):], first]
+    def name_page(self, first: int, floor: int) -> None:
+        """This write logs page ``first``: start-up tells it from an orphan (see storage.ledger).
+        Pages up to ``floor`` (a logged floor saved) are final: their names go."""
+        self.recent_pages = [*(page for page in self.recent_pages if page > floor), first]
+
+    def pages_above(self, floor: int) -> int:
+        return sum(1 for page in self.recent_pages if page > floor)
+
+    def newest_page(self) -> int:
+        """The number of its last write's page (0: none named)."""
+        return max(self.recent_pages, default=0)
 
     def leased_slots(self) -> list[int]:
         return [slot for slot, flag in enumerate(self.columns.leased) if flag]
@@ -127,8 +140,9 @@ class BlockStore:
         self._db = database
         self._addresses: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
         # The state documents this process last saw, by block id: an edit starts from one without
-        # reading it again. If another master wrote since, the save's version check fails and the
-        # edit reads the database (load without ``cached``); a failed write forgets the block.
+        # reading it again. If another master wrote since, the save's version check fails, or the
+        # edit finds nothing to write (or fails) on it, and it reads the database (load without
+        # ``cached``) and decides again; a failed write forgets the block.
         self._states: OrderedDict[int, dict[str, Any]] = OrderedDict()
         # Free blocks found by the last search of each scope, not tried yet, when it ran and
         # whether it found any. On FerretDB every search sends every free block of the scope (it
@@ -188,6 +202,10 @@ class BlockStore:
                 return None
             self._remember_state(doc)
         return _block(doc)
+
+    def remembers(self, block_id: int) -> bool:
+        """Whether ``load(block_id, cached=True)`` would not read the database."""
+        return block_id in self._states
 
     def _remember_state(self, doc: dict[str, Any]) -> None:
         keep_recent(self._states, doc["_id"], doc, _STATE_CACHE_BLOCKS)

@@ -5,7 +5,9 @@ writes, in this order:
 
 1. the log page of this write's status changes (its numbers stay in flight: no cursor reads it);
 2. the block's state, over the version it read, naming the page among its ``recent_pages``
-   (another writer came first: the page is deleted, and the edit reads and decides again);
+   (another writer came first: the page is deleted, and the edit reads and decides again). The
+   state names every page of its writes above the *logged floor* (every page up to it is final:
+   start-up checks the pages above it only), so a committed page is never taken for an orphan;
 3. the block's summary and the mailing's counts (a crash before them: start-up rebuilds them).
 
 A page whose state write never happened (a crash between 1 and 2) is an *orphan*: the state does
@@ -24,7 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cloudmailing.common.statuses import PENDING_STATUSES
 from cloudmailing.storage.block_codec import from_millis, to_millis
-from cloudmailing.storage.blocks import Block, BlockStore
+from cloudmailing.storage.blocks import MAX_NAMED_PAGES, RECENT_PAGES, Block, BlockStore
+from cloudmailing.storage.database import WriteRefused
 from cloudmailing.storage.kept_messages import KeptMessages
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.status_log import DETAIL_DEFAULTS, LogPage, StatusLog
@@ -59,23 +62,32 @@ class Ledger:
         self._kept = kept
         self._unsure: dict[int, LogPage] = {}  # first number -> page whose state write failed
         self._stale: dict[int, int] = {}  # block id -> mailing id: summary or counts may trail the state
+        self._floor = 0  # a logged floor saved (by any master): the states forget the pages up to it
 
     async def edit(self, block_id: int, edit: Edit, now: datetime.datetime) -> tuple[Block, list[Change]] | None:
         """Apply ``edit`` to the block and write it; the block as written and its status changes
         (None: no such block, or nothing to write)."""
         async with self.blocks.lock(block_id):
-            cached = True  # this process's last view of the block; after a conflict, the database's
+            fresh = False  # after a conflict, or a decision on this process's view: the database's
             while True:
+                cached = not fresh and self.blocks.remembers(block_id)
                 block = await self.blocks.load(block_id, cached)
-                cached = False
                 if block is None:
                     return None
                 before = block.columns.counts()
                 was_done = block.is_done(before)
-                changes = edit(block)
-                if changes is None:
+                try:
+                    changes = edit(block)
+                except Exception:
+                    if not cached:
+                        raise
+                    changes = None  # another master may have changed the block since: decide again
+                fresh = True
+                # Nothing to write, as this process last saw the block: another master may have
+                # written it since (leased it, added recipients), so the database's state decides.
+                if changes is None and not cached:
                     return None
-                if await self._write(block, list(changes), before, was_done, now):
+                if changes is not None and await self._write(block, list(changes), before, was_done, now):
                     return block, list(changes)
 
     async def _write(self, block: Block, changes: list[Change], before: dict[str, int], was_done: bool,
@@ -148,12 +160,26 @@ class Ledger:
         # page's fate is known, so nothing may fail between its allocation and the page's write.
         addresses = await self.blocks.addresses(block.id, len(block.columns))
         previous = await self._previous_details(block, [c.slot for c in changes if not _says_all(c.details)])
-        first = await self.status_log.allocator.allocate(len(changes))
+        await self._make_room(block)
+        # Above the block's newest page: a recipient's changes are numbered in commit order, even
+        # when another master, numbering from its own range, wrote the block last.
+        first = await self.status_log.allocator.allocate(len(changes), above=block.newest_page())
         try:
-            return self._log_page(block, changes, first, addresses, previous, now)
+            page = self._log_page(block, changes, first, addresses, previous, now)
         except BaseException:
             self.status_log.allocator.release(first)  # nothing was written under it
             raise
+        block.name_page(first, self._floor)
+        return page
+
+    async def _make_room(self, block: Block) -> None:
+        """Keep the pages the state names above the logged floor few: the floor is saved again
+        when they are many (the names up to it go), and the write refused if they stay too many."""
+        if block.pages_above(self._floor) < RECENT_PAGES:
+            return
+        await self.save_logged_floor()
+        if block.pages_above(self._floor) >= MAX_NAMED_PAGES:
+            raise WriteRefused(f"block {block.id}: the change log's floor is held back, please retry")
 
     @staticmethod
     def _log_page(block: Block, changes: list[Change], first: int, addresses: list[tuple[str, str]],
@@ -179,7 +205,6 @@ class Ledger:
             cols.last_page[slot] = first
         if block.lease is not None and not block.leased_slots():
             block.lease = None
-        block.name_page(first)
         return LogPage(first=first, mailing_id=block.mailing_id, logged_at=now, entries=entries)
 
     async def settle_unsure(self) -> None:
@@ -193,13 +218,16 @@ class Ledger:
 
     async def save_logged_floor(self) -> None:
         """Remember that every page below the horizon is final (start-up checks only newer ones)."""
-        await self.blocks.set_logged_floor(await self.status_log.allocator.readable())
+        floor = await self.status_log.allocator.readable()
+        await self.blocks.set_logged_floor(floor)
+        self._floor = max(self._floor, floor)  # once saved: a state may forget the pages up to it
 
     async def recover(self) -> int:
         """At start-up: delete the orphan pages (logged, but their state never written); their
         number. Pages up to the logged floor are known final; those from the horizon on may be
         in flight in another master (a dead one's are its recovery's: see :meth:`recover_range`)."""
         floor = await self.blocks.logged_floor()
+        self._floor = max(self._floor, floor)
         return await self.recover_range(floor + 1, await self.status_log.allocator.readable())
 
     async def recover_range(self, first: int, last: int, fill: bool = False) -> int:

@@ -83,10 +83,13 @@ class SequenceAllocator:
         self._reserved_end = await counters.current(self._db, SEQUENCE_COUNTER)
         self._next = self._range_start = self._reserved_end + 1
 
-    async def allocate(self, count: int) -> int:
-        """The first of ``count`` consecutive numbers, in flight until :meth:`release`."""
+    async def allocate(self, count: int, above: int = 0) -> int:
+        """The first of ``count`` consecutive numbers, all above ``above``, in flight until
+        :meth:`release`. ``above``: the newest page of the block written, maybe numbered in
+        another master's range, above this one's. Then the rest of this range is given up for a
+        new one, above every range reserved so far: a block's pages follow its commit order."""
         async with self._reserve_lock:
-            if self._next + count - 1 > self._reserved_end:
+            if self._next + count - 1 > self._reserved_end or self._next <= above:
                 await self._reserve(count)
             first = self._next
             self._next += count

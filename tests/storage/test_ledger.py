@@ -11,7 +11,8 @@ from pymongo import AsyncMongoClient, monitoring
 from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
-from cloudmailing.storage.database import Database
+from cloudmailing.storage.blocks import RECENT_PAGES
+from cloudmailing.storage.database import Database, WriteRefused
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.stores import open_stores
@@ -266,3 +267,62 @@ async def test_a_mailing_deleted_while_a_lease_is_written_leaves_no_summary_behi
     assert await database.blocks.find_one({"_id": block_id}) is None
     assert await database.blocks_done.find_one({"_id": block_id}) is None
     assert await stores.blocks.held_by("sat-a") == []
+
+
+@aio_test
+async def test_start_up_keeps_the_committed_pages_of_a_block_written_more_than_64_times(database):
+    """More writes to one block than its state named pages between two saves of the logged floor
+    (no life-cycle tick between them): start-up took the oldest for orphans and deleted them."""
+    stores, ids = await mailing_with(database, 100, block_recipients=500)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1, details={"reply_text": "250 first"})],
+                             NOW)
+    for slot in range(1, 100):
+        await stores.ledger.edit(block_id, lambda b, slot=slot: [Change(slot, "FINISHED", 1)], NOW)
+    assert len((await stores.blocks.load(block_id)).recent_pages) <= RECENT_PAGES  # the state stays small
+    restarted = await open_stores(database)  # a restart, clean or not: the floor saved at no tick
+    orphans = await restarted.ledger.recover()
+    read, _, _ = await restarted.status_log.read_since(0, 0, 1000)
+    details = await restarted.ledger.details(await restarted.blocks.load(block_id), [0])
+    assert (orphans, len(read), details[0]["reply_text"]) == (0, 100, "250 first")
+
+
+@aio_test
+async def test_an_edit_with_nothing_to_write_on_this_masters_view_asks_the_database(database, mongo_url):
+    stores, ids = await mailing_with(database, 3, block_recipients=3)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)  # this master remembers v1
+    other_client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
+    try:
+        other = await open_stores(Database(client=other_client, db=other_client[database.db.name]))
+        await other.ledger.edit(block_id, lambda b: [Change(1, "WARNING", 1)], NOW)  # v2, unseen here
+    finally:
+        await other_client.close()
+
+    def give_up_the_warnings(block):  # nothing to do in v1; in v2, recipient 1
+        slots = [slot for slot in range(len(block.columns)) if block.columns.status_of(slot) == "WARNING"]
+        return [Change(slot, "ERROR", 2) for slot in slots] or None
+
+    written = await stores.ledger.edit(block_id, give_up_the_warnings, NOW)
+    assert written is not None and [c.slot for c in written[1]] == [1]
+    block = await stores.blocks.load(block_id)
+    assert [block.columns.status_of(slot) for slot in range(3)] == ["FINISHED", "ERROR", "READY"]
+
+
+@aio_test
+async def test_a_block_written_while_the_logged_floor_is_held_back_is_refused_past_the_bound(database, monkeypatch):
+    """Its state names every page above the floor: while a write in flight holds the floor back,
+    the names grow to the bound, then writes are refused (to be retried), not names dropped."""
+    monkeypatch.setattr("cloudmailing.storage.ledger.MAX_NAMED_PAGES", RECENT_PAGES + 2)
+    stores, ids = await mailing_with(database, 100, block_recipients=500)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    in_flight = await stores.status_log.allocator.allocate(1)  # another block's write, not ended
+    for slot in range(RECENT_PAGES + 2):
+        await stores.ledger.edit(block_id, lambda b, slot=slot: [Change(slot, "FINISHED", 1)], NOW)
+    with pytest.raises(WriteRefused):
+        await stores.ledger.edit(block_id, lambda b: [Change(99, "FINISHED", 1)], NOW)
+    stores.status_log.allocator.release(in_flight)
+    await stores.ledger.edit(block_id, lambda b: [Change(99, "FINISHED", 1)], NOW)
+    assert (await stores.blocks.load(block_id)).recent_pages == [in_flight + RECENT_PAGES + 3]
+    restarted = await open_stores(database)
+    assert await restarted.ledger.recover() == 0

@@ -273,3 +273,22 @@ async def test_no_number_is_handed_out_while_a_stopping_master_gives_up_its_rang
     await allocator.withdraw()
     allocator.fill = fill
     assert await allocations[0] > allocations[1]  # a number past the filler's
+
+
+@aio_test
+async def test_a_recipients_changes_through_two_masters_are_read_in_commit_order(database, mongo_url):
+    """Each master numbers from its own range: a change written through the one of the lower range
+    after one written through the other was numbered below it, and read first."""
+    setup, ids = await mailing_with(database, 3)
+    block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
+    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
+            _master(mongo_url, database.db.name, "beta") as beta:
+        await alpha.ledger.edit(block_id, lambda b: [Change(1, "FINISHED", 1)], NOW)  # alpha's range first
+        await beta.ledger.edit(block_id, lambda b: [Change(2, "FINISHED", 1)], NOW)  # then beta's, above it
+        await beta.ledger.edit(block_id, lambda b: [Change(0, "WARNING", 1)], NOW)  # a soft bounce, then
+        await alpha.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 2)], NOW)  # the delivery
+        for stores in (alpha, beta):
+            await stores.status_log.allocator.publish(others_running=True)
+        for reader in (alpha, beta):
+            read = await _read_all(reader)
+            assert len(read) == 4 and [e["r"]["status"] for e in read if e["s"] == 0] == ["WARNING", "FINISHED"]

@@ -51,6 +51,7 @@ class _Held:
     block_id: int
     slot: int
     lease_id: str
+    until: datetime.datetime  # when the lease ends: then forgotten (a late report finds it by the index)
 
 
 class Dispatcher:
@@ -160,7 +161,7 @@ class Dispatcher:
         if written is None:
             return []
         block = written[0]
-        self._held.update((content[slot]["id"], _Held(block_id, slot, lease.id)) for slot in chosen)
+        self._held.update((content[slot]["id"], _Held(block_id, slot, lease.id, lease.until)) for slot in chosen)
         return [_leased_recipient(block, content[slot], lease.id) for slot in chosen]
 
     async def mailing_content(self, mailing_id: int, satellite: Mapping[str, Any] | None = None,
@@ -282,6 +283,9 @@ class Dispatcher:
             released += await self._end_block_lease(summary["_id"], lambda lease: lease.until < now)
         if released:
             log.warning("%d expired leases returned to the queue", released)
+        # Leases never reported (a satellite that died, a reset, a deleted mailing) leave their
+        # entries here: forgotten once their lease ends, so the master's memory stays bounded.
+        self._held = {rid: held for rid, held in self._held.items() if held.until >= now}
         return released
 
     async def release_satellite(self, serial: str, keep: Container[str] = frozenset()) -> int:

@@ -99,6 +99,29 @@ async def test_expired_and_abandoned_leases_come_back(database, clock):
 
 
 @aio_test
+async def test_leases_never_reported_are_forgotten_once_they_end(database, clock):
+    """A satellite that dies leaves its leases unreported: the master forgets them when they end,
+    so its memory stays bounded; the live ones it keeps, and their reports count."""
+    services, mailing_id = await _world(database, clock, lease_seconds=60)
+    await _add(services, mailing_id, 3)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    assert len(await services.dispatcher.lease(SATELLITE, 10)) == 3
+    clock.advance(61)
+    assert await services.dispatcher.expire_leases() == 3
+    assert services.dispatcher._held == {}
+    again = await services.dispatcher.lease(SATELLITE, 10)
+    clock.advance(30)
+    await services.dispatcher.expire_leases()
+    assert len(services.dispatcher._held) == 3  # not ended yet
+    await services.dispatcher.report(SATELLITE, [Outcome.from_wire(
+        {"recipient_id": r["id"], "status": "FINISHED", "reply_code": 250, "reply_text": "ok", "smtp_log": [],
+         "lease": r["lease"]}) for r in again])
+    assert [s["status"] for s in await services.reports.statuses([r["id"] for r in again], {})] == ["FINISHED"] * 3
+    assert services.dispatcher._held == {}
+
+
+@aio_test
 async def test_reports_set_final_statuses_and_soft_bounce_retries(database, clock):
     services, mailing_id = await _world(database, clock, retry_initial_seconds=300, retry_max_age_hours=1)
     ids = await _add(services, mailing_id, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient, monitoring
@@ -132,17 +133,24 @@ async def test_two_masters_writing_one_block_never_lose_an_update(database, mong
     assert (counts["FINISHED"], counts["ERROR"], counts["READY"]) == (1, 1, 2)
 
 
-@aio_test
-async def test_an_edit_from_a_state_another_master_wrote_over_reads_it_again(database, mongo_url):
+async def written_behind_its_back(database: Any, mongo_url: str, status: str) -> tuple[Any, int]:
+    """Stores whose master remembers a block at v1, and the block's id: another master (its own
+    client) then gives recipient 1 ``status`` (v2, unseen by the first)."""
     stores, ids = await mailing_with(database, 3, block_recipients=3)
     block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
-    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)  # this master remembers v1
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
     other_client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
     try:
         other = await open_stores(Database(client=other_client, db=other_client[database.db.name]))
-        await other.ledger.edit(block_id, lambda b: [Change(1, "ERROR", 1)], NOW)  # v2, unseen here
+        await other.ledger.edit(block_id, lambda b: [Change(1, status, 1)], NOW)
     finally:
         await other_client.close()
+    return stores, block_id
+
+
+@aio_test
+async def test_an_edit_from_a_state_another_master_wrote_over_reads_it_again(database, mongo_url):
+    stores, block_id = await written_behind_its_back(database, mongo_url, "ERROR")
     seen = []
 
     def record(block):
@@ -289,15 +297,7 @@ async def test_start_up_keeps_the_committed_pages_of_a_block_written_more_than_6
 
 @aio_test
 async def test_an_edit_with_nothing_to_write_on_this_masters_view_asks_the_database(database, mongo_url):
-    stores, ids = await mailing_with(database, 3, block_recipients=3)
-    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
-    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)  # this master remembers v1
-    other_client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
-    try:
-        other = await open_stores(Database(client=other_client, db=other_client[database.db.name]))
-        await other.ledger.edit(block_id, lambda b: [Change(1, "WARNING", 1)], NOW)  # v2, unseen here
-    finally:
-        await other_client.close()
+    stores, block_id = await written_behind_its_back(database, mongo_url, "WARNING")
 
     def give_up_the_warnings(block):  # nothing to do in v1; in v2, recipient 1
         slots = [slot for slot in range(len(block.columns)) if block.columns.status_of(slot) == "WARNING"]

@@ -200,10 +200,13 @@ class XmlRpcResource(resource.Resource):
 
     def _introspect(self, name: str, params: tuple[Any, ...]) -> Any:
         if name == "system.listMethods":
-            return sorted([*self._methods, "system.listMethods", "system.methodHelp", "system.methodSignature"])
+            return sorted([*self._methods, *_SYSTEM_HELP])
         if len(params) != 1 or not isinstance(params[0], str):
             raise _MethodFault(400, f"{name} takes one method name")
         target = params[0]
+        if target in _SYSTEM_HELP:  # listed, so described too
+            help_text, signature = _SYSTEM_HELP[target]
+            return help_text if name == "system.methodHelp" else signature
         if target not in self._methods:
             raise _MethodFault(404, f"method {target!r} not found")
         if name == "system.methodHelp":
@@ -211,6 +214,15 @@ class XmlRpcResource(resource.Resource):
         if name == "system.methodSignature":
             return SIGNATURES.get(target, "undef")
         raise _MethodFault(404, f"method {name!r} not found")
+
+
+# The introspection methods themselves (XML-RPC introspection's own wording of them).
+_SYSTEM_HELP: dict[str, tuple[str, Any]] = {
+    "system.listMethods": ("The names of every method this server answers.", [["array"]]),
+    "system.methodHelp": ("The help text of the method named.", [["string", "string"]]),
+    "system.methodSignature": ("The signatures of the method named: lists of types, the return type first.",
+                               [["array", "string"]]),
+}
 
 
 class _MethodFault(ServiceError):

@@ -45,13 +45,16 @@ class _LiberalUnmarshaller(xmlrpc.client.Unmarshaller):
 
 
 def _check_depth(params: Any, max_depth: int) -> None:
-    """Refuse absurdly nested values (checked after parsing: per-element hooks would halve the speed)."""
+    """Refuse absurdly nested values, and structs whose keys are not names (checked after parsing:
+    per-element hooks would halve the speed)."""
     pending = [(params, 1)]
     while pending:
         value, depth = pending.pop()
         if depth > max_depth:
             raise MalformedRequest(f"values nested deeper than {max_depth} levels")
         if isinstance(value, dict):
+            if not all(type(key) is str for key in value):  # a <member> without its <name>
+                raise MalformedRequest("a struct member without a name")
             pending.extend((item, depth + 1) for item in value.values() if isinstance(item, (dict, list, tuple)))
         elif isinstance(value, (list, tuple)):
             pending.extend((item, depth + 1) for item in value if isinstance(item, (dict, list, tuple)))
@@ -78,8 +81,9 @@ def parse_call(body: bytes, max_depth: int = 64) -> tuple[str, tuple[Any, ...]]:
         params = target.close()
     except MalformedRequest:
         raise
-    except (expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError, LookupError,
+    except (expat.ExpatError, xmlrpc.client.Error, ValueError, TypeError, LookupError,
             AttributeError, OverflowError) as error:  # LookupError: an unknown encoding declaration
+        # (xmlrpc.client.Error: a <fault> in a call, which the unmarshaller raises at its end)
         raise MalformedRequest(f"malformed XML-RPC request: {error}") from None
     method = target.getmethodname()
     if not method:

@@ -51,7 +51,10 @@ def deadline(mailing: Mapping[str, Any]) -> datetime.datetime | None:
     if mailing.get("scheduled_end"):
         candidates.append(mailing["scheduled_end"])
     if mailing.get("scheduled_duration") and mailing.get("start_time"):
-        candidates.append(mailing["start_time"] + datetime.timedelta(minutes=mailing["scheduled_duration"]))
+        try:
+            candidates.append(mailing["start_time"] + datetime.timedelta(minutes=mailing["scheduled_duration"]))
+        except OverflowError:  # past year 9999 (a database written before the cap): no deadline
+            pass
     return min(candidates) if candidates else None
 
 

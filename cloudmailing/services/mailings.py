@@ -86,6 +86,8 @@ def _tracking_url(value: Any) -> str:
 
 
 # One checker per settable property: each returns the value to store.
+MAX_DURATION_MINUTES = 100 * 366 * 24 * 60  # a century: the deadline stays a date
+
 PROPERTY_CHECKS: dict[str, Callable[[Any], Any]] = {
     "type": _mailing_type,
     "satellite_group": lambda v: values.text("satellite_group", v, max_length=100, allow_none=True),
@@ -96,7 +98,9 @@ PROPERTY_CHECKS: dict[str, Callable[[Any], Any]] = {
     "owner_guid": lambda v: values.text("owner_guid", v, max_length=50, allow_none=True),
     "scheduled_start": lambda v: values.optional_datetime("scheduled_start", v),
     "scheduled_end": lambda v: values.optional_datetime("scheduled_end", v),
-    "scheduled_duration": lambda v: values.integer("scheduled_duration", v or 0, minimum=0),
+    # At most a century: a start plus the duration must stay a date (the life cycle's deadline).
+    "scheduled_duration": lambda v: values.integer("scheduled_duration", v or 0, minimum=0,
+                                                   maximum=MAX_DURATION_MINUTES),
     "dont_close_if_empty": lambda v: values.boolean("dont_close_if_empty", v),
     "subject": lambda v: values.text("subject", v, max_length=1000, header=True),
     "html_content": lambda v: values.text("html_content", v),
@@ -141,14 +145,13 @@ class MailingService:
     async def create_from_message(self, message: Any) -> int:
         """A mailing from a whole RFC 822 message (base64 text or Binary); its MIME tree is kept."""
         raw = _decode_message(message)
-        parsed = email.message_from_bytes(raw, policy=email.policy.default)
-        sender_name, mail_from = email.utils.parseaddr(str(parsed.get("From", "")))
+        sender_name, mail_from, subject = _from_and_subject(raw)
         if not mail_from:
             raise InvalidValue("message: no From address")
         fields = {
             "mail_from": _mail_from(mail_from),
             "sender_name": values.text("sender_name", sender_name, header=True),
-            "subject": values.text("subject", str(parsed.get("Subject", "")), header=True),
+            "subject": values.text("subject", subject, header=True),
             "html": "", "plain": "", "charset": "utf-8",
             "rfc822": raw,
         }
@@ -300,6 +303,17 @@ def _listed(doc: Mapping[str, Any]) -> dict[str, Any]:
 # A header field line ("Name: value", RFC 5322 ftext) or the folded continuation of one.
 _HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
 _BASE64_WHITESPACE = re.compile(rb"[ \t\r\n]+")
+
+
+def _from_and_subject(raw: bytes) -> tuple[str, str, str]:
+    """(sender name, From address, Subject) of a message; the parser's own errors on a malformed
+    header (it raises a few kinds) are the client's: Fault 406."""
+    try:
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        sender_name, mail_from = email.utils.parseaddr(str(parsed.get("From", "")))
+        return sender_name, mail_from, str(parsed.get("Subject", ""))
+    except Exception as error:  # noqa: BLE001 - IndexError, AttributeError... from email's header parser
+        raise InvalidValue(f"message: unreadable From or Subject header ({type(error).__name__})") from None
 
 
 def _decode_message(message: Any) -> bytes:

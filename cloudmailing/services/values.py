@@ -61,7 +61,7 @@ def boolean(name: str, value: Any) -> bool:
     raise InvalidValue(f"{name}: expected a boolean, got {shown(value)}")
 
 
-def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
+def integer(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InvalidValue(f"{name}: expected an integer, got {type(value).__name__}")
     try:
@@ -70,6 +70,8 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
         raise InvalidValue(f"{name}: expected an integer, got {shown(value)}") from None
     if minimum is not None and number < minimum:
         raise InvalidValue(f"{name}: must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise InvalidValue(f"{name}: must be at most {maximum}")
     if not INT64_MIN <= number <= INT64_MAX:
         raise InvalidValue(f"{name}: out of range (64-bit integers only)")
     return number
@@ -111,7 +113,7 @@ _ASCII_PROBE = "From: Aa Zz 09 <a@b.c>; [x=y] {~}\r\n"
 
 def charset(name: str, value: Any) -> str:
     """A charset a message can be sent in: known to Python and ASCII-compatible (not UTF-16/32)."""
-    label = text(name, value, max_length=40).strip() or "utf-8"
+    label = text(name, "" if value is None else value, max_length=40).strip() or "utf-8"  # nil: not given
     try:
         codecs.lookup(label)
         compatible = _ASCII_PROBE.encode(label) == _ASCII_PROBE.encode("ascii")

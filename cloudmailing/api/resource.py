@@ -164,6 +164,9 @@ class XmlRpcResource(resource.Resource):
             answer = await self._call(body, address)
         except asyncio.CancelledError:  # the client left while its key check waited: nobody to answer
             return
+        except PyMongoError as error:  # the key check's read: the database is away, as in a call
+            log.error("database error checking an API key: %s", error, extra={"client": address})
+            answer = dump_fault(500, "database unavailable, please retry")
         except Exception:  # never let a bug leave a request hanging
             log.exception("unexpected error answering a request", extra={"client": address})
             answer = dump_fault(500, "internal error (see the master's log)")

@@ -114,3 +114,19 @@ async def test_the_introspection_methods_listed_are_described_too(running_master
         assert name in await api.system.listMethods()
         assert await api.system.methodHelp(name)
         assert await api.system.methodSignature(name)
+
+
+@aio_test
+async def test_a_database_away_during_the_key_check_is_the_retry_fault(running_master, monkeypatch, tracebacks):
+    from pymongo.errors import AutoReconnect
+
+    from cloudmailing.api.auth import Authenticator
+
+    async def away(self, key):
+        raise AutoReconnect("connection refused")
+
+    monkeypatch.setattr(Authenticator, "_check_key", away)
+    status, answer = await post(running_master, FAULT_IN_CALL, key="cm_0123456789ab_not-yet-checked")
+    fault = fault_of(answer)
+    assert (status, fault.faultCode, fault.faultString) == (200, 500, "database unavailable, please retry")
+    assert not [record for record in tracebacks if record.exc_info]  # a log line, no traceback

@@ -150,8 +150,8 @@ class MailingService:
             raise InvalidValue("message: no From address")
         fields = {
             "mail_from": _mail_from(mail_from),
-            "sender_name": values.text("sender_name", sender_name, header=True),
-            "subject": values.text("subject", subject, header=True),
+            "sender_name": values.text("sender_name", sender_name, max_length=200, header=True),
+            "subject": values.text("subject", subject, max_length=1000, header=True),
             "html": "", "plain": "", "charset": "utf-8",
             "rfc822": raw,
         }

@@ -130,3 +130,14 @@ async def test_a_database_away_during_the_key_check_is_the_retry_fault(running_m
     fault = fault_of(answer)
     assert (status, fault.faultCode, fault.faultString) == (200, 500, "database unavailable, please retry")
     assert not [record for record in tracebacks if record.exc_info]  # a log line, no traceback
+
+
+@aio_test
+async def test_create_mailing_ext_holds_its_sender_name_and_subject_to_create_mailings_bounds(running_master):
+    api = running_master.proxy()
+    for header, name in ((b"From: " + b"N" * 201 + b" <a@example.org>", "sender_name"),
+                         (b"From: a@example.org\r\nSubject: " + b"s" * 1001, "subject")):
+        raw = header + b"\r\n\r\nbody\r\n"
+        with pytest.raises(xmlrpc.client.Fault, match=name) as refused:
+            await api.create_mailing_ext(base64.b64encode(raw).decode())
+        assert refused.value.faultCode == 406

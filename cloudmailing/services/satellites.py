@@ -59,12 +59,15 @@ class SatelliteService:
         name = values.text("serial", serial, max_length=100, header=True).strip()
         if not name:
             raise InvalidValue("serial: empty")
-        if await self._store.get_by_serial(name):
-            raise BadRequest(f"satellite {name!r} already exists")
         fields = {"serial": name, "enabled": True, "paired": True, "group": "", "domain_affinity": [],
                   "version": "", "last_seen": None, "secret": None}
         fields.update(_properties(properties))
-        satellite_id = await self._store.insert(fields)
+        # Checked and inserted under the serial's lock (the one a hello takes, shared by every
+        # master): two adds of one serial at once cannot both find it absent.
+        async with self._store.serial_lock(name):
+            if await self._store.get_by_serial(name):
+                raise BadRequest(f"satellite {name!r} already exists")
+            satellite_id = await self._store.insert(fields)
         log.info("satellite registered", extra={"satellite": name})
         return satellite_id
 

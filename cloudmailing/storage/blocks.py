@@ -171,7 +171,7 @@ class BlockStore:
 
     async def content(self, block_id: int) -> list[dict[str, Any]]:
         """Every recipient of the block: ``id``, ``email``, ``domain``, ``contact``, ``attachments``."""
-        collection = await self._db.bucket("block_content", bucket_of(block_id))
+        collection = self._db.existing_bucket("block_content", bucket_of(block_id))
         doc = await collection.find_one({"_id": block_id})
         recipients = decode_content(doc["z"]) if doc else []
         self._remember_addresses(block_id, recipients)
@@ -196,7 +196,7 @@ class BlockStore:
         still remembers (for an edit: its save checks the version)."""
         doc = self._states.get(block_id) if cached else None
         if doc is None:
-            collection = await self._db.bucket("block_state", bucket_of(block_id))
+            collection = self._db.existing_bucket("block_state", bucket_of(block_id))
             doc = await collection.find_one({"_id": block_id})
             if doc is None:
                 return None
@@ -222,7 +222,7 @@ class BlockStore:
     async def save(self, block: Block) -> bool:
         """Write ``block``'s state over the version it was read at; False if another write came
         first. On success its version is the new one; its summary is the caller's to write."""
-        collection = await self._db.bucket("block_state", bucket_of(block.id))
+        collection = self._db.existing_bucket("block_state", bucket_of(block.id))
         fields = _state_fields(block)
         fields["v"] = block.version + 1
         self._states.pop(block.id, None)  # until the database said what it did
@@ -258,7 +258,7 @@ class BlockStore:
 
     async def delete(self, block_id: int) -> None:
         for kind in ("block_content", "block_state", "kept_messages"):
-            collection = await self._db.bucket(kind, bucket_of(block_id))
+            collection = self._db.existing_bucket(kind, bucket_of(block_id))
             await collection.delete_many({"_id": block_id} if kind != "kept_messages" else {"b": block_id})
         await self._db.blocks.delete_one({"_id": block_id})
         await self._db.blocks_done.delete_one({"_id": block_id})
@@ -343,7 +343,7 @@ class BlockStore:
 
     async def all_states(self) -> AsyncIterator[Block]:
         for bucket in await self._db.bucket_numbers("block_state"):
-            async for doc in (await self._db.bucket("block_state", bucket)).find({}):
+            async for doc in self._db.existing_bucket("block_state", bucket).find({}):
                 yield _block(doc)
 
     async def repair_summary(self, block_id: int) -> Block | None:

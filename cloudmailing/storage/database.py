@@ -152,13 +152,28 @@ class Database:
         await self.db.drop_collection(name)
 
     async def bucket(self, kind: str, number: int) -> AsyncCollection:
-        """Bucket collection ``number`` of ``kind`` (``block_content``, ``status_log``...), indexed."""
+        """Bucket collection ``number`` of ``kind`` (``block_content``, ``status_log``...), to
+        write documents into: indexed, so created if it does not exist yet (by its first index
+        or, for a kind without one, its first insert). Only writers of new documents call it:
+        the buckets it remembers as indexed are those holding (or having held) documents."""
         name = f"{kind}_{number}"
-        if name not in self._indexed_buckets and kind in _BUCKET_INDEXES:
+        if kind in _BUCKET_INDEXES and name not in self._indexed_buckets:
             for keys in _BUCKET_INDEXES[kind]:
                 await self.db[name].create_index(keys)
-        self._indexed_buckets.add(name)
+            self._indexed_buckets.add(name)
         return self._collection(name)
+
+    def existing_bucket(self, kind: str, number: int) -> AsyncCollection:
+        """Bucket collection ``number`` of ``kind``, to read, update or delete documents that may
+        be there: neither created nor remembered (a bucket a forged id or cursor names stays
+        absent, and costs no memory)."""
+        return self._collection(f"{kind}_{number}")
+
+    async def drop_bucket(self, kind: str, number: int) -> None:
+        """Drop a bucket left empty; written again later, it is indexed again."""
+        name = f"{kind}_{number}"
+        await self.drop_collection(name)
+        self._indexed_buckets.discard(name)
 
     async def bucket_numbers(self, kind: str) -> list[int]:
         """The numbers of the existing bucket collections of ``kind``, ascending."""

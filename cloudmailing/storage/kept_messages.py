@@ -24,7 +24,7 @@ class KeptMessages:
         """The kept message of each (block, slot) that has one."""
         found: dict[tuple[int, int], bytes] = {}
         for bucket, ids in _by_bucket(places).items():
-            collection = await self._db.bucket("kept_messages", bucket)
+            collection = self._db.existing_bucket("kept_messages", bucket)
             async for doc in collection.find({"_id": {"$in": ids}} if len(ids) > 1 else {"_id": ids[0]}):
                 block, slot = doc["_id"].split(".")
                 found[(int(block), int(slot))] = bytes(doc["c"])
@@ -32,12 +32,12 @@ class KeptMessages:
 
     async def drop(self, places: Iterable[tuple[int, int]]) -> None:
         for bucket, ids in _by_bucket(places).items():
-            collection = await self._db.bucket("kept_messages", bucket)
+            collection = self._db.existing_bucket("kept_messages", bucket)
             await collection.delete_many({"_id": {"$in": ids}})
 
     async def delete_mailing(self, mailing_id: int) -> None:
         for bucket in await self._db.bucket_numbers("kept_messages"):
-            await (await self._db.bucket("kept_messages", bucket)).delete_many({"m": mailing_id})
+            await self._db.existing_bucket("kept_messages", bucket).delete_many({"m": mailing_id})
 
 
 def _by_bucket(places: Iterable[tuple[int, int]]) -> dict[int, list[str]]:

@@ -123,7 +123,7 @@ async def _move_mailing_bodies(database: Database, say: Callable[[str], None]) -
 async def _drop_new_collections(database: Database) -> None:
     for kind in _NEW_KINDS:
         for number in await database.bucket_numbers(kind):
-            await database.drop_collection(f"{kind}_{number}")
+            await database.drop_bucket(kind, number)
     for name in ("blocks", "blocks_done", "recipient_ids"):
         await database.drop_collection(name)
     await database.counters.delete_many({"_id": {"$in": ["block_id", "logged_floor"]}})

@@ -19,6 +19,8 @@ from typing import Sequence
 
 from pymongo.errors import BulkWriteError
 
+from cloudmailing.storage import counters
+from cloudmailing.storage.blocks import BLOCK_ID_COUNTER
 from cloudmailing.storage.database import Database
 
 DUPLICATE_KEY = 11000
@@ -78,6 +80,9 @@ def is_generated(recipient_id: str) -> bool:
 class RecipientIndex:
     def __init__(self, database: Database) -> None:
         self._db = database
+        # The block counter as last read: no block above it existed then. Block ids only grow,
+        # so it is read again only for an id naming a block above it.
+        self._blocks_counted = 0
 
     async def insert(self, mailing_id: int, places: Sequence[tuple[str, Place]], batch: str) -> set[int]:
         """Index the client ids of ``places``; the positions whose id already exists."""
@@ -93,7 +98,8 @@ class RecipientIndex:
 
     async def locate(self, recipient_ids: Sequence[str]) -> dict[str, Place]:
         """The place of each id found; generated ids unchecked (the caller compares the id stored
-        in the block's content)."""
+        in the block's content), but for those naming a block above the block counter, left out
+        before anything is read: no such block exists."""
         places: dict[str, Place] = {}
         indexed: list[str] = []
         for rid in dict.fromkeys(recipient_ids):
@@ -102,6 +108,9 @@ class RecipientIndex:
                 places[rid] = place
             else:
                 indexed.append(rid)
+        if places and max(place.block_id for place in places.values()) > self._blocks_counted:
+            self._blocks_counted = max(self._blocks_counted, await counters.current(self._db, BLOCK_ID_COUNTER))
+            places = {rid: place for rid, place in places.items() if place.block_id <= self._blocks_counted}
         if len(indexed) <= _EQUALITY_QUERIES:
             docs = [doc for rid in indexed if (doc := await self._db.recipient_ids.find_one({"_id": rid}))]
         else:

@@ -36,8 +36,10 @@ class SatelliteStore:
         return await self._db.satellites.find_one({"_id": satellite_id})
 
     def serial_lock(self, serial: str) -> Any:
-        """Held while this process checks or records a serial's hello (one master per database:
-        two hellos of one serial at once cannot both keep a first secret, nor record it twice)."""
+        """Held while a serial is checked and recorded (a hello, an administrator's add): this
+        process's lock, then with other masters the shared lock document ``satellite:<serial>``.
+        Two hellos of one serial at once cannot both keep a first secret, nor two records of one
+        serial (a hello's, an add's) both find it absent and insert it twice."""
         return self._db.locks.hold(("satellite", serial))
 
     async def get_by_serial(self, serial: str) -> dict[str, Any] | None:

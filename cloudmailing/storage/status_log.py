@@ -249,14 +249,14 @@ class StatusLog:
         try:
             await self.insert(LogPage(first=first, mailing_id=0, logged_at=now, entries=[], end=last))
         except PageTaken:
-            there = await (await self._db.bucket("status_log", bucket_of(first))).find_one({"_id": first}, {"m": 1})
+            there = await self._db.existing_bucket("status_log", bucket_of(first)).find_one({"_id": first}, {"m": 1})
             if there is None or there["m"] != 0:
                 raise
             # Another filler starts there (a recovery's, over a range its master had given up part of).
 
     async def delete_page(self, first: int) -> None:
         self._recent.pop(first, None)
-        collection = await self._db.bucket("status_log", bucket_of(first))
+        collection = self._db.existing_bucket("status_log", bucket_of(first))
         await collection.delete_one({"_id": first})
 
     async def pages_between(self, floor: int, ceiling: int) -> list[LogPage]:
@@ -265,7 +265,7 @@ class StatusLog:
         found = []
         for bucket in await self._db.bucket_numbers("status_log"):
             if bucket_of(floor) <= bucket <= bucket_of(ceiling):
-                collection = await self._db.bucket("status_log", bucket)
+                collection = self._db.existing_bucket("status_log", bucket)
                 query = {"_id": {"$gt": floor, "$lte": ceiling}}
                 found += [page async for page in _pages(collection.find(query)) if page.entries]
         return found
@@ -274,7 +274,7 @@ class StatusLog:
         if first in self._recent:
             self._recent.move_to_end(first)
             return self._recent[first]
-        collection = await self._db.bucket("status_log", bucket_of(first))
+        collection = self._db.existing_bucket("status_log", bucket_of(first))  # never created by a read
         doc = await collection.find_one({"_id": first})
         if doc is None:
             return None
@@ -324,7 +324,7 @@ class StatusLog:
 
     async def _page_after(self, page_id: int, position: int, horizon: int) -> LogPage | None:
         """The page holding number ``position + 1``, or the first committed one after it."""
-        if page_id:
+        if 0 < page_id <= horizon:  # a cursor's page above the horizon is none we handed out
             current = await self.page(page_id)
             if current is not None and current.last > position:
                 return current
@@ -336,7 +336,7 @@ class StatusLog:
     async def _first_page_holding_or_after(self, seq: int, horizon: int) -> LogPage | None:
         """Past a gap (an abandoned write, or a cursor from before pages): a search, rare."""
         for bucket in range(max(bucket_of(seq) - 1, 0), bucket_of(horizon) + 1):
-            collection = await self._db.bucket("status_log", bucket)
+            collection = self._db.existing_bucket("status_log", bucket)
             holding = await collection.find_one({"_id": {"$lt": seq}, "last": {"$gte": seq}})
             if holding is None:
                 holding = await collection.find_one({"_id": {"$gte": seq, "$lte": horizon}}, sort=[("_id", 1)])
@@ -347,7 +347,7 @@ class StatusLog:
     async def delete_mailing(self, mailing_id: int) -> None:
         self._recent.clear()
         for bucket in await self._db.bucket_numbers("status_log"):
-            await (await self._db.bucket("status_log", bucket)).delete_many({"m": mailing_id})
+            await self._db.existing_bucket("status_log", bucket).delete_many({"m": mailing_id})
 
     async def purge_before(self, cutoff: datetime.datetime, referenced: set[int]) -> int:
         """Delete the pages logged before ``cutoff`` that no recipient's details point at
@@ -355,11 +355,11 @@ class StatusLog:
         deleted = 0
         self._recent.clear()
         for bucket in await self._db.bucket_numbers("status_log"):
-            collection = await self._db.bucket("status_log", bucket)
+            collection = self._db.existing_bucket("status_log", bucket)
             old = [doc["_id"] async for doc in collection.find({"at": {"$lt": cutoff}}, {"_id": 1})]
             unused = [page_id for page_id in old if page_id not in referenced]
             for start in range(0, len(unused), 500):
                 deleted += (await collection.delete_many({"_id": {"$in": unused[start:start + 500]}})).deleted_count
             if bucket < bucket_of(await self.allocator.readable()) and not await collection.find_one({}, {"_id": 1}):
-                await collection.drop()
+                await self._db.drop_bucket("status_log", bucket)
         return deleted

@@ -7,9 +7,11 @@ import asyncio
 import pytest
 
 from cloudmailing.services.clock import utc_now
+from cloudmailing.services.errors import BadRequest
 from cloudmailing.services.satellites import SatelliteRefused, SatelliteService
 from cloudmailing.storage.database import open_database
 from cloudmailing.storage.satellites import ORPHAN_PLACE_SECONDS
+from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.stores import open_stores
 from tests.helpers import aio_test
 
@@ -84,3 +86,29 @@ async def test_two_strangers_with_one_serial_at_once_make_one_record(database, c
                                     return_exceptions=True)
     assert all(isinstance(r, SatelliteRefused) and r.code in ("not_paired", "unauthorized") for r in refusals)
     assert [s["serial"] for s in await service.list()] == ["newbox"]
+
+
+@aio_test
+async def test_concurrent_adds_of_one_serial_register_it_once(database, clock):
+    """An existing serial is refused (Fault 400): also when the adds come at once."""
+    service = SatelliteService(await open_stores(database), clock)
+    results = await asyncio.gather(*(service.add("dup-serial", {}) for _ in range(8)), return_exceptions=True)
+    assert sum(isinstance(r, int) for r in results) == 1
+    assert sum(isinstance(r, BadRequest) for r in results) == 7, results
+    assert [s["serial"] for s in await service.list()] == ["dup-serial"]
+
+
+@aio_test
+async def test_adds_of_one_serial_on_two_masters_at_once_register_it_once(database, mongo_url, db_name, clock):
+    other = await open_database(mongo_url, db_name)  # another master's connection, its own locks
+    try:
+        for db, key in ((database, "master-a"), (other, "master-b")):
+            db.locks.shared = SharedLocks(lambda db=db: db.write_locks, key)
+        services = [SatelliteService(await open_stores(db), clock) for db in (database, other)]
+        results = await asyncio.gather(*(services[n % 2].add("dup-serial", {}) for n in range(8)),
+                                       return_exceptions=True)
+        assert sum(isinstance(r, int) for r in results) == 1, results
+        assert [s["serial"] for s in await services[1].list()] == ["dup-serial"]
+        assert await database.write_locks.count_documents({}) == 0  # every lock document given back
+    finally:
+        await other.close()

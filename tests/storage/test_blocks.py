@@ -5,6 +5,10 @@ from __future__ import annotations
 from cloudmailing.common.link_protocol import Outcome
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.master.app import build_services
+from cloudmailing.storage import counters
+from cloudmailing.storage.blocks import BLOCK_ID_COUNTER
+from cloudmailing.storage.database import BLOCKS_PER_BUCKET
+from cloudmailing.storage.recipient_index import generated_id
 from tests.helpers import aio_test
 from tests.storage.test_ledger import SATELLITE, _Clock
 from tests.storage.world import mailing_with
@@ -131,3 +135,31 @@ async def test_a_late_summary_neither_lingers_beside_a_moved_newer_one_nor_delet
     await stores.blocks.write_summary(reopened, was_done=True)
     await stores.blocks.write_summary(done, was_done=False)  # ... and a late "done" must not delete it
     assert await _summary_versions(database, block_id) == ([reopened.version], [])
+
+
+@aio_test
+async def test_unknown_generated_ids_read_nothing_and_leave_nothing_behind(database):
+    """Ids of the master's forms name a block: forged ones are found nowhere, cost no memory and
+    create no collection; those naming a block above the block counter are not even read."""
+    stores, ids = await mailing_with(database, 3)
+    collections, remembered = sorted(await database.db.list_collection_names()), set(database._indexed_buckets)
+    loads = 0
+    real_load = stores.blocks.load
+
+    async def counted_load(block_id, cached=False):
+        nonlocal loads
+        loads += 1
+        return await real_load(block_id, cached)
+
+    stores.blocks.load = counted_load
+    above = [generated_id(10**12 + n * BLOCKS_PER_BUCKET, 0) for n in range(300)] + ["b999999999999s1-abcdef"]
+    assert await stores.lookup.find(above) == {}
+    assert loads == 0
+    # Below the counter, in buckets that do not exist: read, found absent, forgotten.
+    await counters.set_at_least(database, BLOCK_ID_COUNTER, 100 * BLOCKS_PER_BUCKET)
+    below = [generated_id(n * BLOCKS_PER_BUCKET, 0) for n in range(1, 100)]
+    assert await stores.lookup.find(below) == {}
+    assert loads == 99
+    assert sorted(await database.db.list_collection_names()) == collections
+    assert database._indexed_buckets == remembered
+    assert list(await stores.lookup.find(ids[:1])) == ids[:1]  # the real ones are still found

@@ -63,7 +63,7 @@ async def _commands_for_one_block(mongo_url: str, db_name: str, block_size: int)
     try:
         stores, _ = await mailing_with(database, block_size, block_recipients=block_size)
         services = build_services(stores, _Clock(), dispatch=DispatchConfig(max_lease_size=5000))
-        await stores.status_log.page(1)  # buckets and indexes exist before counting
+        await database.bucket("status_log", 0)  # the log's bucket and its indexes exist before counting
         stores.status_log.allocator.release(await stores.status_log.allocator.allocate(1))  # numbers reserved
         listener.names.clear()
         leased = await services.dispatcher.lease(SATELLITE, block_size)

@@ -129,3 +129,33 @@ async def test_an_abandoned_write_leaves_a_gap_that_readers_step_over(database):
     await stores.ledger.edit(block_id, lambda b: [Change(1, "FINISHED", 1)], NOW)
     entries, _, _ = await _read_all(stores.status_log, 0, 0, 10)
     assert [e["id"] for e in entries] == [ids[1]]
+
+
+async def _buckets(database, kind: str = "status_log") -> list[str]:
+    return sorted(name for name in await database.db.list_collection_names() if name.startswith(f"{kind}_"))
+
+
+@aio_test
+async def test_a_forged_cursor_creates_no_collection_and_reads_from_its_number(database):
+    """A cursor's page is the client's to forge: a read never creates the bucket it names."""
+    stores, ids = await mailing_with(database, 2, block_recipients=2)
+    block_id = (await stores.lookup.find(ids[:1]))[ids[0]].block.id
+    await stores.ledger.edit(block_id, lambda b: [Change(0, "FINISHED", 1)], NOW)
+    before, remembered = await _buckets(database), set(database._indexed_buckets)
+    for n in range(1, 21):
+        entries, _, _ = await stores.status_log.read_since(n * 10**15, 0, 10)
+        assert [e["id"] for e in entries] == [ids[0]]  # the page ignored: read from change 0
+    entries, page, seq = await stores.status_log.read_since(0, 10**17, 10)  # a change number beyond the log
+    assert (entries, page, seq) == ([], 0, 10**17)
+    assert await stores.status_log.page(10**16) is None
+    assert await stores.status_log.entries([(10**16, 10**16)]) == {}
+    assert await _buckets(database) == before and database._indexed_buckets == remembered
+
+
+@aio_test
+async def test_deleting_a_mailing_creates_no_bucket(database):
+    """Deletes find nothing where there is no bucket: they do not create it (kept_messages)."""
+    stores, _ = await mailing_with(database, 3, block_recipients=2)
+    await stores.delete_mailing(1)
+    assert await _buckets(database, "kept_messages") == []
+    assert database._indexed_buckets <= {"status_log_0"}

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pymongo import uri_parser
+from pymongo.errors import ConfigurationError, InvalidURI
+
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type or out of its range: the message names the section,
@@ -262,6 +265,11 @@ def _mongodb_url(empty_allowed: bool) -> _Rule:
             return None
         if not value.startswith(("mongodb://", "mongodb+srv://")) or any(c.isspace() for c in value):
             return "must be a URL starting with mongodb:// or mongodb+srv://" + (" (or empty)" if empty_allowed else "")
+        if value.startswith("mongodb://"):  # (a +srv URL is read by DNS at connection: not here)
+            try:
+                uri_parser.parse_uri(value, warn=True)  # unknown options: warnings, as the client gives
+            except (InvalidURI, ValueError, ConfigurationError) as error:  # a port of 99999, a bad option...
+                return f"is not a MongoDB URL that can work: {error}"
         return None
     return check
 

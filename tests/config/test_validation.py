@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 # (section, key, value): each alone must be refused.
 INVALID = [
     ("dispatch", "lease_seconds", "0"),
+    ("database", "url", "mongodb://127.0.0.1:99999/"),  # a URL that can never work (exit 2, not 1)
     ("dispatch", "lease_seconds", "-300"),
     ("dispatch", "lease_seconds", "99999999999"),
     ("dispatch", "max_lease_size", "-5"),

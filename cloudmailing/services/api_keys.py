@@ -7,7 +7,7 @@ from typing import Any
 from cloudmailing.common.keys import generate_key, hash_secret, parse_key
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.errors import BadRequest
-from cloudmailing.storage.api_keys import ApiKeyStore
+from cloudmailing.storage.api_keys import ApiKeyStore, NameTaken
 from cloudmailing.storage.database import Database
 
 
@@ -18,12 +18,13 @@ class ApiKeyService:
 
     async def create(self, name: str) -> str:
         """Store a new key named ``name`` and return it; it cannot be read back later."""
-        if await self._store.find_active_by_name(name):
-            raise BadRequest(f"an active key named {name!r} exists; revoke it first")
         key_id, key = generate_key()
         parsed = parse_key(key)
         assert parsed is not None  # generate_key makes keys of our own shape
-        await self._store.insert(key_id, name, hash_secret(parsed.secret), utc_now(self._clock))
+        try:
+            await self._store.insert(key_id, name, hash_secret(parsed.secret), utc_now(self._clock))
+        except NameTaken:
+            raise BadRequest(f"an active key named {name!r} exists; revoke it first") from None
         return key
 
     async def list(self) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME = 64 * 1024 * 1024
 MAX_BAD_FRAMES = 10  # malformed frames tolerated on one link before it is closed
+CLOSE_LINGER_SECONDS = 10.0  # a link closed gracefully is aborted if its peer has not read what is left by then
 _HEADER = struct.Struct("!I")
 _INT64 = (-2**63, 2**63 - 1)
 Request = TypeVar("Request")
@@ -130,7 +131,7 @@ def decode_frame(data: bytes) -> dict[str, Any]:
     if "method" in message:
         if not isinstance(message["method"], str):
             raise MalformedFrame("method: expected a string", request_id)
-        if not isinstance(message.get("params") or {}, dict):
+        if "params" in message and not isinstance(message["params"], dict):
             raise MalformedFrame("params: expected an object", request_id)
     return message
 
@@ -181,6 +182,8 @@ class LinkProtocol(Protocol):
         self._closing = False
         self._hello_timer: DelayedCall | None = None
         self._idle_timer: DelayedCall | None = None
+        self._linger_timer: DelayedCall | None = None
+        self._background: set[int] = set()  # calls whose answer does not keep the link from idling
         # Protocols are built while the reactor (the asyncio loop) runs.
         self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -204,7 +207,7 @@ class LinkProtocol(Protocol):
             self._idle_timer.reset(self.limits.idle_timeout)
 
     def _idle(self) -> None:
-        if self._answering or self._waiting:  # a slow request is not idleness
+        if self._answering or self._waiting.keys() - self._background:  # a slow request is not idleness
             assert self.limits.idle_timeout is not None
             self._idle_timer = self._clock.callLater(self.limits.idle_timeout, self._idle)
             return
@@ -212,16 +215,17 @@ class LinkProtocol(Protocol):
 
     def _time_out(self, why: str) -> None:
         log.info("link closed: %s for too long", why, extra={"peer": self._peer()})
-        self.close()
+        self.abort()  # a peer that does not read must not keep it open
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for timer in (self._hello_timer, self._idle_timer):
+        for timer in (self._hello_timer, self._idle_timer, self._linger_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(LinkError("disconnected", "the link went down"))
         self._waiting.clear()
+        self._background.clear()
         if not self.closed_future.done():
             self.closed_future.set_result(None)
 
@@ -288,7 +292,7 @@ class LinkProtocol(Protocol):
 
     async def _answer(self, message: dict[str, Any]) -> None:
         try:
-            await self._answer_request(message.get("id"), message["method"], message.get("params") or {})
+            await self._answer_request(message.get("id"), message["method"], message.get("params", {}))
         finally:
             self._answering -= 1
 
@@ -323,20 +327,45 @@ class LinkProtocol(Protocol):
     # -- frames out ---------------------------------------------------------------------------
 
     async def call(self, method: str, **params: Any) -> Any:
+        return await self._call(method, params, background=False)
+
+    async def call_in_background(self, method: str, **params: Any) -> Any:
+        """A call whose answer, while awaited, does not count as a request pending: the link may
+        still be closed for idleness (a peer that never answers it cannot keep the link open)."""
+        return await self._call(method, params, background=True)
+
+    async def _call(self, method: str, params: dict[str, Any], background: bool) -> Any:
         if self._closing or self.closed_future.done():
             raise LinkError("disconnected", "the link is closed")
         self._next_id += 1
         request_id = self._next_id
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = waiter
-        self._send({"id": request_id, "method": method, "params": params})
-        return await waiter
+        if background:
+            self._background.add(request_id)
+        try:
+            self._send({"id": request_id, "method": method, "params": params})
+            return await waiter
+        finally:
+            self._waiting.pop(request_id, None)
+            self._background.discard(request_id)
 
     def close(self) -> None:
+        """Close once what is written is sent; a peer that does not read it within
+        ``CLOSE_LINGER_SECONDS`` has the connection aborted."""
         self._closing = True
         transport: Any = self.transport
-        if transport is not None:
+        if transport is not None and not self.closed_future.done():
             transport.loseConnection()
+            if self._linger_timer is None:
+                self._linger_timer = self._clock.callLater(CLOSE_LINGER_SECONDS, self.abort)
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is not sent yet."""
+        self._closing = True
+        transport: Any = self.transport
+        if transport is not None and not self.closed_future.done():
+            transport.abortConnection()
 
     def _send(self, message: dict[str, Any]) -> None:
         if self.transport is not None and self.connected and not self._closing:

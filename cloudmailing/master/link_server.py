@@ -57,19 +57,32 @@ class SatelliteSession(LinkProtocol):
         self.wakes = True  # False for a satellite of an earlier version, which has no ``wake``
         self._named: set[str] | None = set()  # the ``held`` leases so far (None: too many, free none)
         self._granted: set[str] = set()  # the leases granted on this link: never freed by ``held``
+        self._wake: asyncio.Future[Any] | None = None  # the wake not answered yet
+        # Whether the satellite may hold leases of its earlier links: until it named none at hello
+        # (or held), or they are reported, each lease asks the database what it holds in all.
+        self._may_inherit = True
 
     async def hello(self, hello: Hello) -> dict[str, Any]:
         """``leases``: those the satellite still holds recipients of; the master frees the others
         of this satellite at once (a lease answer lost in a crash strands nobody)."""
+        self._same_satellite(hello.serial)
         satellite = await self._factory.authenticate(self, hello.serial, hello.secret, hello.version)
+        self._same_satellite(satellite["serial"])  # another hello may have passed meanwhile
+        if self.closed_future.done():
+            raise LinkError("disconnected", "the link went down")
         self.satellite = satellite
         self.mark_authenticated()
-        self._factory.sessions[satellite["serial"]] = self
-        self._factory.cancel_release(satellite["serial"])
+        self._factory.connect(satellite["serial"], self)
         log.info("satellite connected", extra={"satellite": satellite["serial"]})
         if hello.leases is not None:
-            await self._factory.release_leases(satellite["serial"], keep=set(hello.leases))
+            self._may_inherit = bool(hello.leases)
+            await self._factory.release_leases(satellite["serial"], keep=_Kept(self, set(hello.leases)))
         return HelloAnswer(satellite["_id"], satellite.get("group") or "").to_wire()
+
+    def _same_satellite(self, serial: str) -> None:
+        """One link speaks for one satellite: a hello with another serial is refused."""
+        if self.satellite is not None and serial != self.satellite["serial"]:
+            raise LinkError("bad_request", "this link already said hello as another satellite")
 
     async def held(self, held: Held) -> dict[str, Any]:
         """The leases the satellite still holds recipients of, a few at a time after ``hello``;
@@ -85,16 +98,19 @@ class SatelliteSession(LinkProtocol):
         if not held.more:
             named, self._named = self._named, set()
             if named is not None:
-                await self._factory.release_leases(serial, keep=named | self._granted)
+                self._may_inherit = bool(named)
+                await self._factory.release_leases(serial, keep=_Kept(self, named))
         return {}
 
     def wake(self) -> None:
-        """Tell the satellite there is work, without waiting for its answer."""
-        if self.wakes:
-            call = asyncio.ensure_future(self.call("wake", **Wake().to_wire()))
-            call.add_done_callback(self._woken)
+        """Tell the satellite there is work, without waiting for its answer: one wake at most
+        unanswered (a satellite that does not answer them gets no more, and may still idle out)."""
+        if self.wakes and self._wake is None:
+            self._wake = asyncio.ensure_future(self.call_in_background("wake", **Wake().to_wire()))
+            self._wake.add_done_callback(self._woken)
 
     def _woken(self, call: asyncio.Future[Any]) -> None:
+        self._wake = None
         error = None if call.cancelled() else call.exception()
         if isinstance(error, LinkError) and error.code == "unknown_method":
             self.wakes = False  # it will poll; more wakes would count against it as bad requests
@@ -106,7 +122,12 @@ class SatelliteSession(LinkProtocol):
 
     async def lease(self, request: LeaseRequest) -> dict[str, Any]:
         satellite = await self._factory.refresh(self._authenticated())
-        recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(request.max_recipients))
+        held = 0
+        if self._may_inherit:  # (a read of every open block's summary on FerretDB: only while needed)
+            held = await self._factory.dispatcher.leased_count(satellite["serial"])  # earlier links' too
+            self._may_inherit = held > self._budget.holding
+        recipients = await self._factory.dispatcher.lease(satellite, self._budget.allowance(request.max_recipients,
+                                                                                            held))
         self._budget.leased(r["id"] for r in recipients)
         self._granted.update(r["lease"] for r in recipients)
         if self.closed_future.done():  # the satellite left while its lease was being made
@@ -127,9 +148,9 @@ class SatelliteSession(LinkProtocol):
 
     async def report(self, report: Report) -> dict[str, Any]:
         satellite = self._authenticated()
-        acknowledged = await self._factory.dispatcher.report(satellite, report.outcomes)
-        self._budget.reported(acknowledged)
-        return ReportAnswer(acknowledged).to_wire()
+        reported = await self._factory.dispatcher.report(satellite, report.outcomes)
+        self._budget.reported(reported.recorded)  # outcomes ignored say nothing of its rate
+        return ReportAnswer(reported.acknowledged).to_wire()
 
     def describe_error(self, error: Exception) -> tuple[str, str] | None:
         if isinstance(error, PyMongoError):  # the database is away: the satellite retries
@@ -166,6 +187,16 @@ class SatelliteLinkFactory(Factory):
         """Tell every connected satellite that there is work (``wake``): an idle one leases now."""
         for session in self.sessions.values():
             session.wake()
+
+    def connect(self, serial: str, session: SatelliteSession) -> None:
+        """``session`` said hello as ``serial``: an earlier link of the same serial is aborted (one
+        serial, one link: a release when either goes must never free what the other holds)."""
+        previous = self.sessions.get(serial)
+        self.sessions[serial] = session
+        self.cancel_release(serial)
+        if previous is not None and previous is not session:
+            log.warning("a second link of the satellite: the first one closed", extra={"satellite": serial})
+            previous.abort()
 
     def release_later(self, serial: str) -> None:
         """A satellite left: its leases go back to the queue unless it says hello again within
@@ -237,6 +268,22 @@ class SatelliteLinkFactory(Factory):
             return await self._satellites.refresh(satellite["_id"])
         except SatelliteRefused as refused:
             raise LinkError(refused.code, str(refused)) from None
+
+
+class _Kept:
+    """The ``keep`` of a release a session asks for: the leases it names, those granted on its link
+    (even meanwhile), and every lease once it is no longer its serial's link (a later link's are not
+    its to free)."""
+
+    def __init__(self, session: SatelliteSession, named: Container[str]) -> None:
+        self._session = session
+        self._named = named
+
+    def __contains__(self, lease_id: object) -> bool:
+        session = self._session
+        serial = session.satellite["serial"] if session.satellite is not None else None
+        return (serial is None or session._factory.sessions.get(serial) is not session
+                or lease_id in self._named or lease_id in session._granted)
 
 
 class _WhileConnected:

@@ -45,6 +45,15 @@ def retry_delay(config: DispatchConfig, try_count: int) -> float:
 
 
 @dataclass(frozen=True)
+class Reported:
+    """What :meth:`Dispatcher.report` did with a report: the ids acknowledged (all it named), and
+    those whose outcome was recorded (of recipients the satellite held under that lease)."""
+
+    acknowledged: list[str]
+    recorded: list[str]
+
+
+@dataclass(frozen=True)
 class _Held:
     """Where a leased recipient is, and under which lease."""
 
@@ -192,17 +201,20 @@ class Dispatcher:
 
     # -- reports ------------------------------------------------------------------------------
 
-    async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Outcome]) -> list[str]:
-        """Record each outcome of a recipient the satellite holds; the recipient ids it may forget
-        (every id it sent: the others have nothing left to record)."""
+    async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Outcome]) -> Reported:
+        """Record each outcome of a recipient the satellite holds. ``acknowledged``: the recipient
+        ids it may forget (every id it sent: the others have nothing left to record); ``recorded``:
+        those whose outcome was recorded."""
         now = utc_now(self._clock)
         serial = satellite["serial"]
         usable = {o.recipient_id: o for o in outcomes}  # the last outcome of a recipient wins
         recorded: list[Change] = []
+        recorded_ids: list[str] = []
         settled: set[int] = set()  # mailings some of whose recipients reached a final status
         for block_id, outcomes_by_slot in (await self._by_block(usable)).items():
             mailing_id, changes = await self._record(block_id, outcomes_by_slot, serial, now)
             recorded += changes
+            recorded_ids += [outcomes_by_slot[change.slot][0] for change in changes]
             if any(change.status not in PENDING_STATUSES for change in changes):
                 settled.add(mailing_id)
         if recorded:
@@ -212,7 +224,11 @@ class Dispatcher:
         ignored = len(usable) - len(recorded)
         log.info("%d outcomes recorded%s", len(recorded), f", {ignored} not held by this satellite ignored"
                  if ignored else "", extra={"satellite": serial})
-        return [o.recipient_id for o in outcomes]
+        return Reported([o.recipient_id for o in outcomes], recorded_ids)
+
+    async def leased_count(self, serial: str) -> int:
+        """How many recipients ``serial`` holds now."""
+        return await self._blocks.leased_count(serial)
 
     async def _by_block(self, outcomes: Mapping[str, Outcome]) -> dict[int, dict[int, tuple[str, Outcome]]]:
         """The outcomes by block and slot."""

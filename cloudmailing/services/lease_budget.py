@@ -28,11 +28,17 @@ class LeaseBudget:
         self._reports: deque[tuple[float, int]] = deque()  # (when, how many outcomes)
         self._held: dict[str, float] = {}  # recipient id -> when its lease expires
 
-    def allowance(self, asked: int) -> int:
-        """How many of the ``asked`` recipients this lease call may hand out."""
+    def allowance(self, asked: int, held: int = 0) -> int:
+        """How many of the ``asked`` recipients this lease call may hand out; ``held``: how many the
+        satellite holds in all now (leases kept from its earlier links count too)."""
         now = self._clock.seconds()
         self._held = {rid: expires for rid, expires in self._held.items() if expires > now}
-        return max(0, min(asked, self._config.max_lease_size, self.budget() - len(self._held)))
+        return max(0, min(asked, self._config.max_lease_size, self.budget() - max(len(self._held), held)))
+
+    @property
+    def holding(self) -> int:
+        """Recipients leased on this link and not reported yet (expired ones may still count)."""
+        return len(self._held)
 
     def budget(self) -> int:
         """The most recipients the satellite may hold now."""
@@ -52,7 +58,7 @@ class LeaseBudget:
         self._held.update((rid, expires) for rid in recipient_ids)
 
     def reported(self, recipient_ids: Iterable[str]) -> None:
-        """Outcomes acknowledged: only those of recipients leased on this link count in the rate (an
+        """Outcomes recorded: only those of recipients leased on this link count in the rate (an
         outbox replayed after a reconnect, or ids it never held, say nothing of how fast it sends
         now, and would let it hold far more than it can deliver)."""
         held = sum(1 for rid in recipient_ids if self._held.pop(rid, None) is not None)

@@ -161,3 +161,9 @@ async def test_any_frames_get_answers_or_errors_and_never_a_traceback(caplog):
         assert [r for r in caplog.records if r.exc_info or r.levelno > logging.WARNING] == []
 
     await run_property(check)
+
+
+@pytest.mark.parametrize("params", [b"[]", b"0", b"false", b'""', b"null"])
+def test_params_present_but_not_an_object_are_refused(params: bytes) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_frame(b'{"id": 1, "method": "lease", "params": ' + params + b"}")

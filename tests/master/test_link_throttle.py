@@ -124,9 +124,11 @@ async def test_a_hello_that_checks_no_secret_does_not_reset_the_count_of_wrong_o
     assert await hello_code(link, "sat-r", "right") == "ok"
     for _ in range(4):
         assert await hello_code(link, "sat-r", "guess") == "unauthorized"
-    assert await hello_code(link, "u" * 101, "x") == "not_paired"  # refused unrecorded
-    assert await hello_code(link, "brand-new", "x") == "not_paired"  # recorded, awaiting approval
+    other = await connect(master.satellite_port)  # one link speaks for one serial: another link
+    assert await hello_code(other, "u" * 101, "x") == "not_paired"  # refused unrecorded
+    assert await hello_code(other, "brand-new", "x") == "not_paired"  # recorded, awaiting approval
     assert master.link_factory.throttle.failures("127.0.0.1") == 4
     assert await hello_code(link, "sat-r", "right") == "ok"  # a secret checked and right resets it
     assert master.link_factory.throttle.failures("127.0.0.1") == 0
     link.close()
+    other.close()

@@ -128,10 +128,11 @@ async def test_reports_set_final_statuses_and_soft_bounce_retries(database, cloc
     await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
     await services.dispatcher.lease(SATELLITE, 3)
-    acknowledged = await services.dispatcher.report(SATELLITE, [
+    reported = await services.dispatcher.report(SATELLITE, [
         _outcome(ids[0], "FINISHED"), _outcome(ids[1], "ERROR", 550), _outcome(ids[2], "WARNING", 451),
         _outcome("deleted-id", "FINISHED")])
-    assert sorted(acknowledged) == sorted([*ids, "deleted-id"])
+    assert sorted(reported.acknowledged) == sorted([*ids, "deleted-id"])
+    assert sorted(reported.recorded) == sorted(ids)  # the unknown id is acknowledged, not recorded
     status = {s["id"]: s for s in await services.reports.statuses(ids, {})}
     assert [status[i]["status"] for i in ids] == ["FINISHED", "ERROR", "WARNING"]
     assert status[ids[2]]["next_try"] - status[ids[2]]["first_try"] == datetime.timedelta(seconds=300)

@@ -19,6 +19,7 @@ itself: ``bad_request`` (malformed frame or parameters), ``unknown_method``, ``f
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 64 * 1024 * 1024
 MAX_BAD_FRAMES = 10  # malformed frames tolerated on one link before it is closed
 CLOSE_LINGER_SECONDS = 10.0  # a link closed gracefully is aborted if its peer has not read what is left by then
+# While the peer does not read its answers (the transport asks us to pause), its further requests
+# wait unanswered; past this many waiting, the link is aborted: answers never pile up unbounded.
+MAX_HELD_REQUESTS = 64
+MAX_ANSWERING = 8  # requests of the peer answered at once; the others wait their turn
 _HEADER = struct.Struct("!I")
 _INT64 = (-2**63, 2**63 - 1)
 Request = TypeVar("Request")
@@ -184,12 +189,18 @@ class LinkProtocol(Protocol):
         self._idle_timer: DelayedCall | None = None
         self._linger_timer: DelayedCall | None = None
         self._background: set[int] = set()  # calls whose answer does not keep the link from idling
+        # Flow control: the transport pauses us while the peer does not read what we wrote; its
+        # requests then wait here, unanswered (a satellite waits for its answers: few ever do).
+        self._paused = False
+        self._held: collections.deque[dict[str, Any]] = collections.deque()
         # Protocols are built while the reactor (the asyncio loop) runs.
         self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- connection and timers ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.registerProducer(self, True)  # pauseProducing while the peer does not read
         if self.limits.hello_timeout is not None and not self._trusted:
             self._hello_timer = self._clock.callLater(self.limits.hello_timeout, self._time_out, "no hello")
         if self.limits.idle_timeout is not None:
@@ -226,6 +237,7 @@ class LinkProtocol(Protocol):
                 waiter.set_exception(LinkError("disconnected", "the link went down"))
         self._waiting.clear()
         self._background.clear()
+        self._held.clear()
         if not self.closed_future.done():
             self.closed_future.set_result(None)
 
@@ -268,9 +280,35 @@ class LinkProtocol(Protocol):
             self._resolve(message)
         elif not self._trusted and self._answering:  # hello costs a key check: one at a time
             self._bad_frame(message.get("id"), "bad_request", "one request at a time before hello")
+        elif self._paused or self._answering >= MAX_ANSWERING:
+            self._hold(message)
         else:
             self._answering += 1
             asyncio.ensure_future(self._answer(message))
+
+    # -- flow control (IPushProducer: the transport calls these) --------------------------------
+
+    def _hold(self, message: dict[str, Any]) -> None:
+        self._held.append(message)
+        if len(self._held) > MAX_HELD_REQUESTS:
+            log.warning("link closed: %d requests while not reading the answers", len(self._held),
+                        extra={"peer": self._peer()})
+            self.abort()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._answer_held()
+
+    def _answer_held(self) -> None:
+        while self._held and not self._paused and not self._closing and self._answering < MAX_ANSWERING:
+            self._answering += 1
+            asyncio.ensure_future(self._answer(self._held.popleft()))
+
+    def stopProducing(self) -> None:
+        self._held.clear()
 
     def _bad_frame(self, request_id: Any, code: str, reason: str) -> None:
         """One log line and an error answer; too many bad frames close the link."""
@@ -295,6 +333,7 @@ class LinkProtocol(Protocol):
             await self._answer_request(message.get("id"), message["method"], message.get("params", {}))
         finally:
             self._answering -= 1
+            self._answer_held()
 
     async def _answer_request(self, request_id: Any, name: str, params: dict[str, Any]) -> None:
         method = self.methods.get(name)
@@ -356,6 +395,7 @@ class LinkProtocol(Protocol):
         self._closing = True
         transport: Any = self.transport
         if transport is not None and not self.closed_future.done():
+            transport.unregisterProducer()  # else loseConnection waits for the producer to finish
             transport.loseConnection()
             if self._linger_timer is None:
                 self._linger_timer = self._clock.callLater(CLOSE_LINGER_SECONDS, self.abort)

@@ -210,3 +210,36 @@ async def test_outcomes_the_master_ignores_neither_free_the_allowance_nor_raise_
     held = await _in_flight(api, "sat-bogus")
     link.close()
     assert more == [], f"nothing recorded, yet it now holds {held} recipients (initial_lease_size 100)"
+
+
+@aio_test
+async def test_a_satellite_that_never_reads_its_answers_has_the_master_buffer_a_bounded_few(running_master):
+    """Each 'mailing' request of ~60 bytes gets ~2 MB back: a satellite that sends many and never
+    reads has the master hold its further requests (flow control), not buffer every answer; past
+    MAX_HELD_REQUESTS waiting, the link is aborted."""
+    from cloudmailing.common.link import MAX_HELD_REQUESTS
+
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("news@sender.test", "News", "Hi", "<p>" + "x" * 900_000 + "</p>", "",
+                                          "utf-8")
+    await api.add_recipients(mailing_id, [{"email": "u@example.org"}])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    link = await _registered_link(running_master, "sat-deaf")
+    assert (await link.call("lease", max_recipients=10))["recipients"]
+    _tcp(link.transport).stopReading()
+    link.transport.write(b"".join(_frame({"id": 1000 + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
+                                  for i in range(60)))
+    session = running_master.master.link_factory.sessions["sat-deaf"]
+    master_tcp = _tcp(session.transport)
+    peak = 0
+    for _ in range(30):
+        await asyncio.sleep(0.1)
+        peak = max(peak, len(master_tcp.dataBuffer) - master_tcp.offset + master_tcp._tempDataLen)
+    assert peak < 24 * 1024 * 1024, f"the master buffered {peak / 2**20:.0f} MiB"  # 60 answers: ~110 MiB
+    assert len(session._held) > 40 and not session.closed_future.done()  # waiting, not answered
+    link.transport.write(b"".join(_frame({"id": 2000 + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
+                                  for i in range(MAX_HELD_REQUESTS)))
+    await asyncio.wait_for(asyncio.shield(session.closed_future), 10)  # too many waiting: aborted
+    link.close()
+    _tcp(link.transport).startReading()

@@ -48,6 +48,28 @@ def _tcp(transport):
     return transport
 
 
+def _mailing_requests(mailing_id: int, first_id: int, count: int) -> bytes:
+    """``count`` 'mailing' requests in frames, ids from ``first_id``: ~60 bytes each, ~2 MB answers."""
+    return b"".join(_frame({"id": first_id + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
+                    for i in range(count))
+
+
+async def _deaf_satellite(running_master, serial: str, requests: int):
+    """A satellite holding a lease of a mailing of ~2 MB content, that sends ``requests`` requests
+    for that content and reads none of the answers: (its link, the master's session, the mailing)."""
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("news@sender.test", "News", "Hi", "<p>" + "x" * 900_000 + "</p>", "",
+                                          "utf-8")
+    await api.add_recipients(mailing_id, [{"email": "u@example.org"}])
+    await api.start_mailing(mailing_id)
+    await api.mailing_manager_force_check()
+    link = await _registered_link(running_master, serial)
+    assert (await link.call("lease", max_recipients=10))["recipients"]
+    _tcp(link.transport).stopReading()
+    link.transport.write(_mailing_requests(mailing_id, 1000, requests))
+    return link, running_master.master.link_factory.sessions[serial], mailing_id
+
+
 @aio_test
 async def test_a_second_link_of_a_serial_closes_the_first_and_keeps_its_leases(running_master):
     """A second hello of a serial (the satellite reconnecting while its old link is half open)
@@ -120,18 +142,7 @@ async def test_a_link_closed_for_idleness_that_does_not_read_is_closed_all_the_s
     (which would keep its link, and its connection slot, open)."""
     clock = task.Clock()
     running_master.master.link_factory.clock = clock
-    api = running_master.proxy()
-    mailing_id = await api.create_mailing("news@sender.test", "News", "Hi", "<p>" + "x" * 900_000 + "</p>", "",
-                                          "utf-8")
-    await api.add_recipients(mailing_id, [{"email": "u@example.org"}])
-    await api.start_mailing(mailing_id)
-    await api.mailing_manager_force_check()
-    link = await _registered_link(running_master, "sat-stuck")
-    assert (await link.call("lease", max_recipients=10))["recipients"]
-    _tcp(link.transport).stopReading()
-    link.transport.write(b"".join(_frame({"id": 1000 + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
-                                  for i in range(10)))
-    session = running_master.master.link_factory.sessions["sat-stuck"]
+    link, session, _ = await _deaf_satellite(running_master, "sat-stuck", 10)
     for _ in range(100):  # every answer made
         await asyncio.sleep(0.1)
         if not session._answering:
@@ -219,18 +230,7 @@ async def test_a_satellite_that_never_reads_its_answers_has_the_master_buffer_a_
     MAX_HELD_REQUESTS waiting, the link is aborted."""
     from cloudmailing.common.link import MAX_HELD_REQUESTS
 
-    api = running_master.proxy()
-    mailing_id = await api.create_mailing("news@sender.test", "News", "Hi", "<p>" + "x" * 900_000 + "</p>", "",
-                                          "utf-8")
-    await api.add_recipients(mailing_id, [{"email": "u@example.org"}])
-    await api.start_mailing(mailing_id)
-    await api.mailing_manager_force_check()
-    link = await _registered_link(running_master, "sat-deaf")
-    assert (await link.call("lease", max_recipients=10))["recipients"]
-    _tcp(link.transport).stopReading()
-    link.transport.write(b"".join(_frame({"id": 1000 + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
-                                  for i in range(60)))
-    session = running_master.master.link_factory.sessions["sat-deaf"]
+    link, session, mailing_id = await _deaf_satellite(running_master, "sat-deaf", 60)
     master_tcp = _tcp(session.transport)
     peak = 0
     for _ in range(30):
@@ -238,8 +238,7 @@ async def test_a_satellite_that_never_reads_its_answers_has_the_master_buffer_a_
         peak = max(peak, len(master_tcp.dataBuffer) - master_tcp.offset + master_tcp._tempDataLen)
     assert peak < 24 * 1024 * 1024, f"the master buffered {peak / 2**20:.0f} MiB"  # 60 answers: ~110 MiB
     assert len(session._held) > 40 and not session.closed_future.done()  # waiting, not answered
-    link.transport.write(b"".join(_frame({"id": 2000 + i, "method": "mailing", "params": {"mailing_id": mailing_id}})
-                                  for i in range(MAX_HELD_REQUESTS)))
+    link.transport.write(_mailing_requests(mailing_id, 2000, MAX_HELD_REQUESTS))
     await asyncio.wait_for(asyncio.shield(session.closed_future), 10)  # too many waiting: aborted
     link.close()
     _tcp(link.transport).startReading()

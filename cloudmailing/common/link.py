@@ -280,11 +280,9 @@ class LinkProtocol(Protocol):
             self._resolve(message)
         elif not self._trusted and self._answering:  # hello costs a key check: one at a time
             self._bad_frame(message.get("id"), "bad_request", "one request at a time before hello")
-        elif self._paused or self._answering >= MAX_ANSWERING:
+        else:  # in turn: at most MAX_ANSWERING at once, none while the peer does not read
             self._hold(message)
-        else:
-            self._answering += 1
-            asyncio.ensure_future(self._answer(message))
+            self._answer_held()
 
     # -- flow control (IPushProducer: the transport calls these) --------------------------------
 

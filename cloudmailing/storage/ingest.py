@@ -25,6 +25,7 @@ from cloudmailing.common.statuses import MAILING_FINISHED, READY
 from cloudmailing.storage.block_codec import VOID, StateColumns
 from cloudmailing.storage.blocks import MAX_BYTES, MAX_RECIPIENTS, Block, BlockStore
 from cloudmailing.storage.database import Database
+from cloudmailing.storage.ledger import recount_under_lock
 from cloudmailing.storage.mailings import MailingStore
 from cloudmailing.storage.recipient_index import Place, RecipientIndex, generated_id
 
@@ -157,9 +158,7 @@ class RecipientWriter:
             log.warning("rolled back an unacknowledged batch of recipients", extra={"mailing": mailing_id})
 
     async def _recount(self, mailing_id: int) -> None:
-        """The mailing's counts from its blocks (the caller holds its counts' lock)."""
-        counts = (await self._blocks.counts([mailing_id])).get(mailing_id, {})
-        await self._mailings.replace_counts(mailing_id, counts)
+        await recount_under_lock(self._blocks, self._mailings, mailing_id)
 
     async def _tail(self, mailing_id: int, test: bool) -> tuple[int, int] | None:
         """The mailing's newest block of this kind and its size, remembered from the last batch."""

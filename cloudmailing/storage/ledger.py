@@ -53,6 +53,12 @@ class Change:
 Edit = Callable[[Block], Sequence[Change] | None]
 
 
+async def recount_under_lock(blocks: BlockStore, mailings: MailingStore, mailing_id: int) -> None:
+    """The mailing's counts from its blocks' summaries (the caller holds its counts' lock)."""
+    counted = await blocks.counts([mailing_id])
+    await mailings.replace_counts(mailing_id, counted.get(mailing_id, {}))
+
+
 class Ledger:
     def __init__(self, blocks: BlockStore, status_log: StatusLog, mailings: MailingStore,
                  kept: KeptMessages) -> None:
@@ -151,8 +157,7 @@ class Ledger:
                 await self._recount(mailing_id)
 
     async def _recount(self, mailing_id: int) -> None:
-        counted = await self.blocks.counts([mailing_id])
-        await self._mailings.replace_counts(mailing_id, counted.get(mailing_id, {}))
+        await recount_under_lock(self.blocks, self._mailings, mailing_id)
 
     async def _apply(self, block: Block, changes: list[Change], now: datetime.datetime) -> LogPage:
         """Change the columns, and build the log page of the changes (the state names it)."""

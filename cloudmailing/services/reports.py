@@ -107,9 +107,11 @@ class ReportService:
         ids = values.string_list("recipient_ids", recipient_ids)
         wanted = _options(options)
         found = await self._stores.lookup.find(ids)
+        by_block: dict[int, list[FoundRecipient]] = {}
+        for recipient in found.values():
+            by_block.setdefault(recipient.block.id, []).append(recipient)
         records: dict[str, dict[str, Any]] = {}
-        for block_id in dict.fromkeys(recipient.block.id for recipient in found.values()):
-            in_block = [recipient for recipient in found.values() if recipient.block.id == block_id]
+        for in_block in by_block.values():
             details = await self._stores.ledger.details(in_block[0].block, [r.slot for r in in_block])
             records.update((r.id, _status_record(r, details[r.slot])) for r in in_block)
         listed = [records[rid] for rid in dict.fromkeys(ids) if rid in records]

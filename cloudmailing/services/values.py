@@ -12,10 +12,13 @@ import datetime
 import re
 from typing import Any
 
-from cloudmailing.services.errors import InvalidValue
+from cloudmailing.services.errors import BadRequest, InvalidValue
 
 # Ids and counters are stored as BSON int64: a larger integer is a client mistake, not a crash.
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# The most ids, statuses or domains one argument may list: each is looked up and answered, so
+# a 32 MiB request of ids would otherwise cost minutes of database reads and a reply of gigabytes.
+MAX_LIST_ITEMS = 10_000
 # C0 controls but tab, DEL and C1 controls: meaningless (or harmful) in a header or a display name.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y%m%dT%H:%M:%S", "%Y%m%dT%H%M%S",
@@ -125,23 +128,31 @@ def charset(name: str, value: Any) -> str:
 
 
 def string_list(name: str, value: Any, *, max_length: int = 1000) -> list[str]:
-    """A list of strings of at most ``max_length`` characters each (ids, domains, statuses...);
-    a single string (or comma-separated string) is accepted too."""
+    """A list of at most :data:`MAX_LIST_ITEMS` strings of at most ``max_length`` characters each
+    (ids, domains, statuses...); a single string (or comma-separated string) is accepted too."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",") if part.strip()]
-        return [text(f"{name}[{i}]", part, max_length=max_length) for i, part in enumerate(parts)]
-    if isinstance(value, (list, tuple)):
-        return [text(f"{name}[{i}]", item, max_length=max_length) for i, item in enumerate(value)]
-    raise InvalidValue(f"{name}: expected a list of strings")
+        items: Any = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise InvalidValue(f"{name}: expected a list of strings")
+    _check_count(name, items)
+    return [text(f"{name}[{i}]", item, max_length=max_length) for i, item in enumerate(items)]
 
 
 def int_list(name: str, value: Any) -> list[int]:
     if value is None or value == "":
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
+    _check_count(name, items)
     return [integer(f"{name}[{i}]", item) for i, item in enumerate(items)]
+
+
+def _check_count(name: str, items: Any) -> None:
+    if len(items) > MAX_LIST_ITEMS:
+        raise BadRequest(f"{name}: too many items in one call: {len(items)} > {MAX_LIST_ITEMS}")
 
 
 def struct(name: str, value: Any) -> dict[str, Any]:

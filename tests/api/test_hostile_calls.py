@@ -141,3 +141,24 @@ async def test_create_mailing_ext_holds_its_sender_name_and_subject_to_create_ma
         with pytest.raises(xmlrpc.client.Fault, match=name) as refused:
             await api.create_mailing_ext(base64.b64encode(raw).decode())
         assert refused.value.faultCode == 406
+
+
+@aio_test
+async def test_id_and_filter_lists_past_ten_thousand_items_are_fault_400(running_master, tracebacks):
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("a@example.org", "N", "S", "<p>x</p>", "", "utf-8")
+    [added] = await api.add_recipients(mailing_id, [{"email": "r@example.com", "tracking_id": "known"}])
+    ten_thousand = ["known"] + [f"unknown-{i}" for i in range(9_999)]
+    assert [entry["id"] for entry in await api.get_recipients_status(ten_thousand)] == [added["id"]]
+    assert await api.reset_recipients_status(ten_thousand) == 0
+    too_many = [*ten_thousand, "one-more"]
+    calls = {"get_recipients_status": lambda: api.get_recipients_status(too_many),
+             "get_recipients_status (a comma-separated string)": lambda: api.get_recipients_status(",".join(too_many)),
+             "reset_recipients_status": lambda: api.reset_recipients_status(too_many),
+             "get_recipients_count": lambda: api.get_recipients_count({"owners": too_many}),
+             "list_mailings": lambda: api.list_mailings({"id": list(range(1, 10_002))})}
+    for call, make in calls.items():
+        with pytest.raises(xmlrpc.client.Fault, match=r"too many items in one call: 10001 > 10000") as refused:
+            await make()
+        assert refused.value.faultCode == 400, call
+    assert tracebacks == []

@@ -19,7 +19,8 @@ recipient), resolves the recipient domain's mail hosts, and delivers through
 * a domain's route is resolved again once a second old (the resolver keeps each answer for its
   TTL); a connection to a host the domain no longer lists ends what it started, then QUITs;
 * back-off (:class:`HostBackoff`): a 421, or ``backoff_burst`` temporary failures in a row (a
-  connection closed before its first message is a failed one), pauses new connections to that
+  connection closed before its first message is a failed one; a 4xx to RCPT TO, such as
+  greylisting, judges one recipient and is not counted), pauses new connections to that
   MX address for a growing delay, reset by a delivered message. Jobs wait for a short pause;
   when every MX host of a domain is paused for longer than ``max_backoff_wait``, its queued
   jobs are reported as WARNING (the master retries them);
@@ -612,7 +613,7 @@ class DeliveryScheduler:
     def _account(self, target: _Target, outcome: DeliveryOutcome, saw_421: bool) -> None:
         if outcome.status == outcomes.FINISHED:
             self.backoff.success(target.key)
-        elif outcome.status == outcomes.WARNING:
+        elif outcome.status == outcomes.WARNING and (saw_421 or not outcome.recipient_level):
             self.backoff.failure(target.key, 421 if saw_421 else outcome.reply_code)
 
 

@@ -38,6 +38,9 @@ class DeliveryOutcome:
     smtp_log: list[str] = field(default_factory=list)
     mx_host: str = ""
     retryable: bool = False
+    # The verdict was the server's reply to RCPT TO: about this recipient (greylisting, a full
+    # mailbox), not about the host, so the host's back-off does not count it.
+    recipient_level: bool = False
 
 
 def status_for_code(code: int) -> str:
@@ -68,9 +71,10 @@ def bounded_log(lines: Iterable[str]) -> list[str]:
 
 
 def outcome_from_reply(
-    recipient_id: str, code: int, text: str, smtp_log: Iterable[str], mx_host: str
+    recipient_id: str, code: int, text: str, smtp_log: Iterable[str], mx_host: str,
+    recipient_level: bool = False,
 ) -> DeliveryOutcome:
-    """Classify the decisive SMTP reply of a transaction."""
+    """Classify the decisive SMTP reply of a transaction (``recipient_level``: it answered RCPT TO)."""
     status = status_for_code(code)
     return DeliveryOutcome(
         recipient_id=recipient_id,
@@ -81,6 +85,7 @@ def outcome_from_reply(
         smtp_log=bounded_log(smtp_log),
         mx_host=mx_host,
         retryable=status == WARNING,
+        recipient_level=recipient_level,
     )
 
 

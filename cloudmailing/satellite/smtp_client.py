@@ -661,7 +661,8 @@ class SmtpConnection:
         # earlier (a 250 to DATA) is a server out of step, tried again later, never "delivered".
         if decisive is not None and (transaction.completed() or decisive.code >= 400):
             return outcomes.outcome_from_reply(
-                recipient_id, decisive.code, decisive.text, smtp_log, self.mx_host
+                recipient_id, decisive.code, decisive.text, smtp_log, self.mx_host,
+                recipient_level=_answers_rcpt(transaction, decisive),
             )
         if decisive is not None:
             reason = f"unexpected reply before the end of the data: {decisive.log_line()[2:]}"
@@ -721,6 +722,12 @@ def _ascii_domain(address: str) -> str:
         return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
     except (idna.IDNAError, UnicodeError):
         return address  # left as it is: SMTPUTF8 decides
+
+
+def _answers_rcpt(transaction: _Transaction, reply: SmtpReply) -> bool:
+    """Whether ``reply`` is the server's answer to RCPT TO (the command before DATA)."""
+    rcpt_index = len(transaction.commands) - 2
+    return len(transaction.replies) > rcpt_index and transaction.replies[rcpt_index] is reply
 
 
 def _decisive_reply(transaction: _Transaction) -> SmtpReply | None:

@@ -460,6 +460,25 @@ async def test_backoff_on_one_destination_does_not_slow_another(world: Any) -> N
 
 
 @aio_test
+async def test_greylisting_replies_to_rcpt_do_not_pause_the_host_but_failing_transactions_do(world: Any) -> None:
+    w = world({"127.0.0.2": Behaviour(tempfail_first=True), "127.0.0.3": Behaviour(data_code=451)})
+    scheduler = w.start({"grey.test": [mx("127.0.0.2")], "busy.test": [mx("127.0.0.3")]},
+                        clock=Clock(), backoff_burst=5)
+    await deliver(scheduler, jobs("grey.test", 12, "first") + jobs("busy.test", 12))
+
+    first = {job.recipient_id: outcome for job, outcome in w.outcomes if job.domain == "grey.test"}
+    assert {o.status for o in first.values()} == {WARNING} and len(first) == 12
+    assert all(o.recipient_level and o.reply_code == 451 for o in first.values())
+    assert scheduler.backoff.remaining(("127.0.0.2", w.port)) == 0  # greylisting judges recipients
+    assert scheduler.backoff.remaining(("127.0.0.3", w.port)) > 0  # 451 to DATA: the host is in trouble
+    busy = [o for job, o in w.outcomes if job.domain == "busy.test"]
+    assert not any(o.recipient_level for o in busy)
+
+    await deliver(scheduler, jobs("grey.test", 12, "again"))  # the retries: past the greylist
+    assert {w.statuses()[f"again-{i}"] for i in range(12)} == {FINISHED}
+
+
+@aio_test
 async def test_short_backoff_holds_jobs_until_it_ends(world: Any) -> None:
     w = world({"127.0.0.2": Behaviour()})
     clock = Clock()

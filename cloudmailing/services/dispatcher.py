@@ -15,11 +15,12 @@ import base64
 import datetime
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Container, Mapping, Sequence
 
 from cloudmailing.common.link_protocol import Outcome
+from cloudmailing.common.recent import keep_recent
 from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATUSES, READY, TIMEOUT, WARNING
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
@@ -30,6 +31,11 @@ from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.stores import Stores
 
 log = logging.getLogger(__name__)
+
+# A block that had nothing for a satellite's domain affinity is not read again for it this long
+# (what comes due meanwhile waits at most that much: recipients added or reset clear it at once).
+_PASSED_OVER_SECONDS = 30.0
+_AFFINITIES_KEPT = 64
 
 _CONTENT_FIELDS = ("mail_from", "sender_name", "subject", "html", "plain", "charset", "tracking_url", "testing",
                    "type", "dkim", "backup_customized_emails")
@@ -73,6 +79,9 @@ class Dispatcher:
         # The recipients this master leased, until reported or released: a report finds them
         # here (after a restart, through the recipient index).
         self._held: dict[str, _Held] = {}
+        # For each domain affinity of a satellite, the blocks that lately had nothing for it, and
+        # when: its leases pass them over, without reading them, for _PASSED_OVER_SECONDS.
+        self._passed_over: OrderedDict[frozenset[str], dict[int, float]] = OrderedDict()
         self._work_listeners: list[Callable[[], None]] = []
         self._settled_listeners: list[Callable[[set[int]], Awaitable[None]]] = []
 
@@ -85,6 +94,7 @@ class Dispatcher:
         one, test recipients): the listeners (the satellite link) wake idle satellites, which
         would otherwise ask again only at their next idle poll."""
         self._blocks.forget_free()
+        self._passed_over.clear()
         for listener in self._work_listeners:
             listener()
 
@@ -125,21 +135,50 @@ class Dispatcher:
         for mailing_ids, test in scopes:
             if len(leased) >= wanted:
                 break
-            async for block_id in self._blocks.leasable(mailing_ids, test, now):
-                if test and not await self._in_groups(block_id, groups):
-                    self._blocks.forget_free()  # handed out from a search all satellites share
-                    continue
-                content = await self._blocks.content(block_id)
-                got = await self._lease_block(block_id, content, lease, now, affinity)
-                got_size = sum(_attachments_size(recipient) for recipient in got)
-                if leased and size + got_size > self.config.max_lease_bytes:
-                    await self.release_recipients([recipient["id"] for recipient in got])
-                    return leased
-                leased += got
-                size += got_size
-                if len(leased) >= wanted:  # before taking another block id: it stays for the next lease
-                    return leased
+            passed_over: list[int] = []  # free blocks taken from the shared search and not used
+            try:
+                async for block_id in self._blocks.leasable(mailing_ids, test, now):
+                    if test and not await self._in_groups(block_id, groups):
+                        self._blocks.forget_free()  # handed out from a search all satellites share
+                        continue
+                    got = await self._lease_matching(block_id, lease, now, affinity)
+                    if got is None:
+                        passed_over.append(block_id)
+                        continue
+                    got_size = sum(_attachments_size(recipient) for recipient in got)
+                    if leased and size + got_size > self.config.max_lease_bytes:
+                        await self.release_recipients([recipient["id"] for recipient in got])
+                        return leased
+                    leased += got
+                    size += got_size
+                    if len(leased) >= wanted:  # before taking another block id: it stays for the next lease
+                        return leased
+            finally:
+                self._blocks.put_back(mailing_ids, test, passed_over)
         return leased
+
+    async def _lease_matching(self, block_id: int, lease: Lease, now: datetime.datetime,
+                              affinity: set[str]) -> list[dict[str, Any]] | None:
+        """Lease the block's deliverable recipients (those of ``affinity``'s domains when it names
+        any); None when the affinity made it give nothing: others may still want it."""
+        if not affinity:
+            return await self._lease_block(block_id, await self._blocks.content(block_id), lease, now, affinity)
+        passed_over = self._passed_over_by(affinity)
+        if block_id in passed_over:
+            return None
+        got = await self._lease_block(block_id, await self._blocks.content(block_id), lease, now, affinity)
+        if not got:
+            passed_over[block_id] = self._clock.seconds()
+            return None
+        return got
+
+    def _passed_over_by(self, affinity: set[str]) -> dict[int, float]:
+        """The blocks that gave this affinity nothing in the last _PASSED_OVER_SECONDS."""
+        key = frozenset(affinity)
+        since = self._clock.seconds() - _PASSED_OVER_SECONDS
+        passed_over = {block_id: at for block_id, at in self._passed_over.get(key, {}).items() if at > since}
+        keep_recent(self._passed_over, key, passed_over, _AFFINITIES_KEPT)
+        return passed_over
 
     async def _in_groups(self, block_id: int, groups: list[str]) -> bool:
         """Whether the block's mailing is of one of ``groups`` (its content, DKIM key included,

@@ -292,6 +292,13 @@ class BlockStore:
         while free:
             yield free.popleft()
 
+    def put_back(self, mailing_ids: Sequence[int] | None, test: bool, block_ids: Sequence[int]) -> None:
+        """Hand ``block_ids`` (from :meth:`leasable` of this scope, in that order) out again, first:
+        the caller took nothing from them (its domain affinity) and they are still free for others."""
+        searched = self._free.get((None if mailing_ids is None else tuple(sorted(mailing_ids)), test))
+        if searched is not None:
+            searched.ids.extendleft(reversed(block_ids))
+
     def forget_free(self) -> None:
         """Blocks may have become free (recipients added, a mailing started, leases returned):
         the next lease searches again."""

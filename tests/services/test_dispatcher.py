@@ -267,6 +267,46 @@ async def test_free_blocks_found_by_one_search_serve_the_next_leases(mongo_url, 
         await client.close()
 
 
+class _ContentReads(_Finds):
+    """The searches for free blocks, and the reads of block contents, the database is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.content_reads = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        super().started(event)
+        if event.command_name == "find" and str(event.command.get("find", "")).startswith("block_content"):
+            self.content_reads += 1
+
+
+@aio_test
+async def test_a_satellite_with_a_domain_affinity_leaves_the_other_blocks_to_the_others(mongo_url, db_name, clock):
+    watched = _ContentReads()
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[watched])
+    try:
+        services, mailing_id = await _world(Database(client=client, db=client[db_name]), clock)
+        common = await _add(services, mailing_id, 8)  # four blocks of two
+        rare = await _add(services, mailing_id, 2, domain="rare.test")
+        await services.mailings.start(mailing_id)
+        await services.lifecycle.tick()
+        specialist = {"serial": "sat-b", "group": "", "domain_affinity": ["rare.test"]}
+        assert sorted(r["id"] for r in await services.dispatcher.lease(specialist, 100)) == sorted(rare)
+        assert (watched.free_searches, watched.content_reads) == (1, 5)
+        # Its next leases read none of the blocks it passed over again...
+        assert await services.dispatcher.lease(specialist, 100) == []
+        assert watched.content_reads == 5
+        # ...and the blocks it passed over are still handed out from that one search.
+        leased = await services.dispatcher.lease(SATELLITE, 100)
+        assert sorted(r["id"] for r in leased) == sorted(common) and watched.free_searches == 1
+        # Once recipients are added, it looks at the blocks again.
+        more_rare = await _add(services, mailing_id, 2, domain="rare.test")
+        assert sorted(r["id"] for r in await services.dispatcher.lease(specialist, 100)) == sorted(more_rare)
+    finally:
+        await client.drop_database(db_name)
+        await client.close()
+
+
 @aio_test
 async def test_a_mailing_is_finished_by_the_report_of_its_last_outcome_not_at_the_next_tick(database, clock):
     services, mailing_id = await _world(database, clock)

@@ -89,7 +89,7 @@ class MailingLifecycle:
         left pending), rather than at the next tick."""
         now = utc_now(self._clock)
         for mailing_id in sorted(mailing_ids):
-            await self._finish(mailing_id, now, when=_done)
+            await self._finish_if_done(mailing_id, now, await self._mailings.get(mailing_id))
 
     async def _advance(self, mailing: dict[str, Any], now: datetime.datetime) -> None:
         mailing_id = mailing["_id"]
@@ -103,11 +103,12 @@ class MailingLifecycle:
             return  # an OPENED mailing (a transactional stream) never finishes by itself
         end = deadline(mailing)
         if end is not None and end <= now:
+            await self._stores.ledger.settle_summaries(mailing_id)  # _time_out goes by the summaries
             await self._time_out(mailing_id, now)
             await self._finish(mailing_id, now)
             await self._time_out(mailing_id, now)  # recipients added in between (none after FINISHED)
         elif mailing["status"] == RUNNING:
-            await self._finish(mailing_id, now, when=_done)
+            await self._finish_if_done(mailing_id, now, mailing)
 
     async def _time_out(self, mailing_id: int, now: datetime.datetime) -> None:
         """Every recipient of the mailing not delivered yet becomes TIMEOUT."""
@@ -120,6 +121,14 @@ class MailingLifecycle:
         async for summary in self._stores.blocks.of_mailing(mailing_id):
             if summary.get("open") and not summary.get("test"):  # tests are not timed out with it
                 await self._stores.ledger.edit(summary["_id"], time_out, now)
+
+    async def _finish_if_done(self, mailing_id: int, now: datetime.datetime, mailing: Mapping[str, Any] | None) -> None:
+        """FINISHED if nothing is left pending: first by the counts as read (``mailing``), then
+        with its summaries and counts settled from the blocks' states, under the counts' lock."""
+        if mailing is None or not _done(mailing):
+            return
+        await self._stores.ledger.settle_summaries(mailing_id)
+        await self._finish(mailing_id, now, when=_done)
 
     async def _finish(self, mailing_id: int, now: datetime.datetime,
                       when: Callable[[Mapping[str, Any]], bool] | None = None) -> None:

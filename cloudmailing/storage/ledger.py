@@ -149,6 +149,21 @@ class Ledger:
                 await self.blocks.repair_summary(block_id)
                 await self._recount(mailing_id)
             del self._stale[block_id]
+            self.blocks.forget_free()  # a block the summary hid may be free: the next lease searches
+
+    async def settle_summaries(self, mailing_id: int) -> None:
+        """Before the mailing is decided FINISHED: rewrite each of its blocks' summaries that trails
+        its state, then recount the mailing from them. A write cut between a state and its summary
+        or counts (here, or on another master, or one killed) leaves them saying fewer recipients
+        are pending than are; the mailing must not finish on that. One read of each block's state."""
+        for summary in [summary async for summary in self.blocks.of_mailing(mailing_id)]:
+            block = await self.blocks.load(summary["_id"])
+            if block is not None and summary.get("sv") != block.version:
+                # Without the block's lock (a killed master may hold it): the summary's version
+                # guard never lets an older one replace a newer.
+                await self.blocks.write_summary(block)
+                self.blocks.forget_free()  # it may be free: the next lease searches again
+        await self.recount([mailing_id])
 
     async def recount(self, mailing_ids: Sequence[int]) -> None:
         """Repair: each mailing's counts from its blocks' summaries."""

@@ -14,8 +14,8 @@ from cloudmailing.storage import counters
 from cloudmailing.storage.status_log import SEQUENCE_COUNTER
 from cloudmailing.storage.writer_claims import MasterRegistry
 from tests.helpers import aio_test
-from tests.storage.test_shared_masters import _master as master
 from tests.storage.world import NOW, mailing_with
+from tests.storage.world import master_stores as master
 
 
 async def _dead(database, clock, host):

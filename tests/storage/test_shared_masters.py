@@ -6,35 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
-from pymongo import AsyncMongoClient
 from twisted.internet import task
 
 from cloudmailing.common.process_identity import ProcessIdentity
 from cloudmailing.services.master_recovery import MasterRecovery
 from cloudmailing.services.writer_claim import CLAIM_SECONDS, RENEW_SECONDS, MasterPresence
-from cloudmailing.storage.database import Database
 from cloudmailing.storage.ledger import Change
-from cloudmailing.storage.shared_locks import SharedLocks
 from cloudmailing.storage.status_log import LogPage, writer_floors
 from cloudmailing.storage.stores import Stores, open_stores
 from cloudmailing.storage.writer_claims import MasterRegistry
 from tests.helpers import aio_test
-from tests.storage.world import NOW, mailing_with
-
-
-@contextlib.asynccontextmanager
-async def _master(mongo_url: str, name: str, key: str, block_recipients: int = 500) -> AsyncIterator[Stores]:
-    """The stores of a master named ``key``: its own connection, locks shared with the others."""
-    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False)
-    database = Database(client=client, db=client[name])
-    database.locks.shared = SharedLocks(lambda: database.write_locks, key)
-    try:
-        yield await open_stores(database, block_recipients, writer_key=key)
-    finally:
-        await client.close()
+from tests.storage.world import NOW, mailing_with, master_stores
 
 
 async def _read_all(stores: Stores) -> list:
@@ -51,8 +35,8 @@ async def _read_all(stores: Stores) -> list:
 async def test_two_masters_racing_on_one_block_lose_no_update(database, mongo_url):
     setup, ids = await mailing_with(database, 40, block_recipients=40)
     block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
-    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
-            _master(mongo_url, database.db.name, "beta") as beta:
+    async with master_stores(mongo_url, database.db.name, "alpha") as alpha, \
+            master_stores(mongo_url, database.db.name, "beta") as beta:
 
         async def change(stores: Stores, slot: int) -> None:
             await stores.ledger.edit(block_id, lambda block: [Change(slot, "FINISHED", 1)], NOW)
@@ -74,8 +58,8 @@ async def test_two_masters_racing_on_one_block_lose_no_update(database, mongo_ur
 async def test_a_reader_never_passes_a_change_another_master_is_writing(database, mongo_url):
     setup, ids = await mailing_with(database, 4, block_recipients=2)
     blocks = [(await setup.lookup.find([rid]))[rid].block.id for rid in ids[::2]]
-    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
-            _master(mongo_url, database.db.name, "beta") as beta:
+    async with master_stores(mongo_url, database.db.name, "alpha") as alpha, \
+            master_stores(mongo_url, database.db.name, "beta") as beta:
         in_flight = await alpha.status_log.allocator.allocate(1)  # alpha is writing change `in_flight`
         await beta.ledger.edit(blocks[1], lambda block: [Change(0, "FINISHED", 1)], NOW)
         assert await _read_all(beta) == []  # beta's own change is numbered after alpha's range
@@ -102,8 +86,8 @@ async def test_a_dead_masters_locks_orphan_pages_and_floor_are_recovered(databas
     registry = MasterRegistry(database)
     dead = MasterPresence(registry, clock, ProcessIdentity("elsewhere", "b", "pid:[1]", 7, 1))
     await dead.register()
-    async with _master(mongo_url, database.db.name, dead.key) as alpha, \
-            _master(mongo_url, database.db.name, "beta") as beta:
+    async with master_stores(mongo_url, database.db.name, dead.key) as alpha, \
+            master_stores(mongo_url, database.db.name, "beta") as beta:
         await alpha.ledger.edit(block_id, lambda block: [Change(0, "FINISHED", 1)], NOW)
         # Alpha dies in its next edit: the lock taken, the page logged, the state never written.
         await alpha.database.write_locks.insert_one({"_id": f"block:{block_id}", "holder": dead.key})
@@ -174,7 +158,7 @@ async def test_a_master_dead_while_reserving_numbers_never_has_them_given_again(
     await database.log_writers.insert_one({"_id": dead.key, "floor": start, "end": start + 9_999})
     await database.write_locks.insert_one({"_id": f"counter:{SEQUENCE_COUNTER}", "holder": dead.key})
     clock.advance(CLAIM_SECONDS + RENEW_SECONDS + 1)
-    async with _master(mongo_url, database.db.name, "beta") as beta:
+    async with master_stores(mongo_url, database.db.name, "beta") as beta:
         edit = asyncio.ensure_future(beta.ledger.edit(block_id, lambda block: [Change(0, "FINISHED", 1)], NOW))
         await asyncio.sleep(0.2)  # beta waits for the counter's lock to reserve numbers
         assert not edit.done()
@@ -200,8 +184,8 @@ async def test_a_master_starting_beside_a_live_one_deletes_none_of_its_pages(dat
     registry = MasterRegistry(database)
     alive = MasterPresence(registry, clock, ProcessIdentity("elsewhere", "b", "pid:[1]", 8, 1))
     await alive.register()
-    async with _master(mongo_url, database.db.name, alive.key, 4) as alpha, \
-            _master(mongo_url, database.db.name, "gamma", 4) as gamma:
+    async with master_stores(mongo_url, database.db.name, alive.key, 4) as alpha, \
+            master_stores(mongo_url, database.db.name, "gamma", 4) as gamma:
         for attempt in range(1, 71):
             await alpha.ledger.edit(block_id, lambda block, n=attempt: [Change(0, "WARNING", n)], NOW)
         await alpha.status_log.allocator.publish(others_running=True)
@@ -223,9 +207,9 @@ async def test_a_batch_another_master_rolled_back_meanwhile_is_not_cut_again(dat
     # A dead master's batch, cut before it wrote anything (the tail block held 2).
     await database.ingest_batches.insert_one({"_id": "cut", "m": 1, "at": NOW, "blocks": [{"b": tail, "before": 2}],
                                               "holder": "dead"})
-    async with _master(mongo_url, database.db.name, "alpha", 10) as alpha, \
-            _master(mongo_url, database.db.name, "beta", 10) as beta, \
-            _master(mongo_url, database.db.name, "gamma", 10) as gamma:
+    async with master_stores(mongo_url, database.db.name, "alpha", 10) as alpha, \
+            master_stores(mongo_url, database.db.name, "beta", 10) as beta, \
+            master_stores(mongo_url, database.db.name, "gamma", 10) as gamma:
         running = {"alpha", "beta", "gamma"}
         go = asyncio.Event()
         hold = gamma.database.locks.hold
@@ -281,8 +265,8 @@ async def test_a_recipients_changes_through_two_masters_are_read_in_commit_order
     after one written through the other was numbered below it, and read first."""
     setup, ids = await mailing_with(database, 3)
     block_id = (await setup.lookup.find(ids[:1]))[ids[0]].block.id
-    async with _master(mongo_url, database.db.name, "alpha") as alpha, \
-            _master(mongo_url, database.db.name, "beta") as beta:
+    async with master_stores(mongo_url, database.db.name, "alpha") as alpha, \
+            master_stores(mongo_url, database.db.name, "beta") as beta:
         await alpha.ledger.edit(block_id, lambda b: [Change(1, "FINISHED", 1)], NOW)  # alpha's range first
         await beta.ledger.edit(block_id, lambda b: [Change(2, "FINISHED", 1)], NOW)  # then beta's, above it
         await beta.ledger.edit(block_id, lambda b: [Change(0, "WARNING", 1)], NOW)  # a soft bounce, then

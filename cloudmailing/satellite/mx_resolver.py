@@ -5,7 +5,12 @@
 - MX hosts in preference order, in random order among equal preferences (the injected rng,
   reshuffled at each call, so the load spreads even while the answer is cached);
 - each MX host's A then AAAA addresses, both asked in parallel; an address is listed once;
-- no MX record at all: the domain's own A/AAAA addresses (the implicit MX).
+- no MX record at all: the domain's own A/AAAA addresses (the implicit MX);
+- bounded, as RFC 5321 §5.1 allows and Postfix's ``smtp_mx_address_limit`` does: at most
+  ``_MAX_MX_HOSTS`` (20) MX hosts, the first ``_MAX_ADDRESSES_PER_HOST`` (5) addresses of each
+  (A before AAAA, in the answers' order), and ``_MAX_ADDRESSES`` (20) addresses in all, cut
+  after the ordering above. A hostile domain listing thousands of addresses would otherwise
+  have delivery try them one after another (a connect timeout each).
 
 Hard failures (``PermanentDnsError``: NXDOMAIN, null MX of RFC 7505, nothing to deliver to) are
 cached for ``negative_ttl``; answers for the smallest TTL they contain; soft failures
@@ -37,6 +42,9 @@ logger = logging.getLogger("cloudmailing.satellite.mx_resolver")
 
 # A domain listing hundreds of MX hosts must not make us send hundreds of queries.
 _MAX_MX_HOSTS = 20
+# Nor one listing thousands of addresses make delivery try each (see the module docstring).
+_MAX_ADDRESSES_PER_HOST = 5
+_MAX_ADDRESSES = 20
 # A partial answer (some address lookups failed) is kept this long at most, so a domain whose
 # AAAA server is broken costs one timeout per minute rather than one per message.
 _PARTIAL_ANSWER_TTL = 60.0
@@ -287,7 +295,8 @@ class MxResolver:
             else:
                 addresses.extend(rdata.address for rdata in outcome)
                 ttls.append(outcome.chaining_result.minimum_ttl)
-        return tuple(addresses), min(ttls, default=None), complete
+        kept = tuple(dict.fromkeys(addresses))[:_MAX_ADDRESSES_PER_HOST]  # once each, the first ones
+        return kept, min(ttls, default=None), complete
 
     async def _query(
         self, domain: str, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
@@ -319,7 +328,8 @@ class MxResolver:
     # -- ordering ---------------------------------------------------------------------------------
 
     def _ordered(self, resolution: _Resolution) -> list[MailHost]:
-        """Flatten to addresses: preference order, shuffled among equal preferences."""
+        """Flatten to addresses: preference order, shuffled among equal preferences; the first
+        ``_MAX_ADDRESSES``."""
         by_preference: dict[int, list[_Exchange]] = {}
         for exchange in resolution.exchanges:
             by_preference.setdefault(exchange.preference, []).append(exchange)
@@ -333,6 +343,8 @@ class MxResolver:
                     if address not in seen:
                         seen.add(address)
                         hosts.append(MailHost(exchange.name, address, preference))
+                        if len(hosts) == _MAX_ADDRESSES:
+                            return hosts
         return hosts
 
 

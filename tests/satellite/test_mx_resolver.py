@@ -185,6 +185,51 @@ async def test_large_mx_set_over_tcp_keeps_the_best_twenty_hosts(
     assert dns_server.query_count("mx25.big.test") == 0
 
 
+# A hostile domain with thousands of addresses for one MX host made delivery try each in turn
+# (connect_timeout, 30 s, each): RFC 5321 §5.1 allows a limit, as Postfix's smtp_mx_address_limit.
+@async_test
+async def test_the_first_five_addresses_of_each_mx_host_are_kept(
+    dns_server: DnsTestServer,
+) -> None:
+    dns_server.add_mx("hostile.test", "mx.hostile.test", preference=10)
+    dns_server.add_mx("hostile.test", "backup.hostile.test", preference=20)
+    for i in range(1500):
+        dns_server.add_a("mx.hostile.test", f"127.{1 + i // 250}.0.{1 + i % 250}")
+    for i in range(3):
+        dns_server.add_a("backup.hostile.test", f"127.9.0.{i + 1}")
+    for i in range(3):
+        dns_server.add_aaaa("backup.hostile.test", f"::{i + 1}")
+
+    hosts = await aio(make_resolver(dns_server).resolve("hostile.test"))
+
+    # In the order used before the limit: preference, then A before AAAA, as the server answered.
+    assert [(h.name, h.address) for h in hosts] == [
+        *(("mx.hostile.test", f"127.1.0.{i}") for i in range(1, 6)),
+        *(("backup.hostile.test", f"127.9.0.{i}") for i in range(1, 4)),
+        ("backup.hostile.test", "::1"), ("backup.hostile.test", "::2")]
+
+
+@async_test
+async def test_a_domain_gives_twenty_addresses_at_most(
+    dns_server: DnsTestServer,
+) -> None:
+    for index in range(12):
+        dns_server.add_mx("wide.test", f"mx{index:02}.wide.test", preference=10 * (index // 6))
+        for last in range(1, 4):
+            dns_server.add_a(f"mx{index:02}.wide.test", f"127.0.{index + 1}.{last}")
+
+    resolver = make_resolver(dns_server)
+    first = await aio(resolver.resolve("wide.test"))
+    again = await aio(resolver.resolve("wide.test"))  # from the cache, reshuffled
+
+    for hosts in (first, again):
+        assert len(hosts) == 20
+        # The six best hosts (18 addresses) come first, then the start of the next preference's.
+        assert {h.preference for h in hosts[:18]} == {0} and {h.preference for h in hosts[18:]} == {10}
+        assert len({h.address for h in hosts}) == 20
+    assert [h.name for h in first] != [h.name for h in again]  # the limit is applied after the shuffle
+
+
 @async_test
 async def test_idn_domain_is_looked_up_as_idna2008_a_label(
     dns_server: DnsTestServer,

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from cloudmailing.config.settings import ConfigError, SatelliteConfig, load_settings
-from cloudmailing.satellite.daemon import delivery_config
+from cloudmailing.satellite.compose_pool import ComposePool
+from cloudmailing.satellite.daemon import delivery_config, host_port, template_limits
 from cloudmailing.satellite.delivery import DeliveryConfig
 from tests.conftest import ROOT
+from tests.helpers import aio_test
+from tests.satellite.test_compose_pool import RECIPIENTS, _compose_all, _mailing
 
 
 def test_the_sample_satellite_section_shows_the_defaults(tmp_path: Path) -> None:
@@ -69,3 +72,60 @@ def test_every_delivery_setting_comes_from_the_satellite_section(tmp_path: Path)
         backoff_burst=2, max_backoff_wait=7.0)
     defaults = DeliveryConfig()
     assert all(getattr(config, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(DeliveryConfig))
+
+
+@pytest.mark.parametrize(("item", "default", "expected"), [
+    ("127.0.0.1", 53, ("127.0.0.1", 53)),
+    (" 127.0.0.1:5353 ", 53, ("127.0.0.1", 5353)),
+    ("::1", 53, ("::1", 53)),                       # not host ":" port 1
+    ("2001:db8::53", 53, ("2001:db8::53", 53)),     # not host "2001:db8:" port 53
+    ("[2001:db8::53]", 53, ("2001:db8::53", 53)),
+    ("[::1]:5353", 53, ("::1", 5353)),
+    ("mx.example.test", 25, ("mx.example.test", 25)),
+    ("mx.example.test:2525", 25, ("mx.example.test", 2525)),
+])
+def test_host_port_reads_ipv6_addresses_whole(item: str, default: int, expected: tuple[str, int]) -> None:
+    assert host_port(item, default) == expected
+
+
+def test_the_dns_servers_reach_the_daemon_as_written(tmp_path: Path) -> None:
+    (tmp_path / "c.ini").write_text("[satellite]\ndns_servers = ::1, [2001:db8::53]:5353, 192.0.2.1\n"
+                                    "test_target = [::1]:2526\n")
+    config = load_settings(tmp_path / "c.ini", environ={}).satellite
+    # As SatelliteDaemon.__init__ and delivery_config read them:
+    assert [host_port(s, 53) for s in config.dns_servers.split(",") if s.strip()] == [
+        ("::1", 53), ("2001:db8::53", 5353), ("192.0.2.1", 53)]
+    assert delivery_config(config).test_target == ("::1", 2526)
+
+
+@pytest.mark.parametrize("item", ["localhost", "localhost:5353", "dns.example.test"])
+def test_a_dns_server_given_by_name_is_refused(tmp_path: Path, item: str) -> None:
+    """dnspython takes IP addresses only: a name made every MX look-up time out, with no error at start."""
+    (tmp_path / "c.ini").write_text(f"[satellite]\ndns_servers = 127.0.0.1, {item}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"'{item.split(':')[0]}' is not an IP address")):
+        load_settings(tmp_path / "c.ini", environ={})
+
+
+@pytest.mark.parametrize(("setting", "error"), [
+    ("template_cpu_seconds = 1e19", "template_cpu_seconds: must be more than 0 and at most 3600, not 1e+19"),
+    ("compose_memory_mb = 10000000000000",
+     "compose_memory_mb: must be more than 0 and at most 1048576, not 10000000000000"),
+])
+def test_limits_the_compose_workers_cannot_apply_are_refused(tmp_path: Path, setting: str, error: str) -> None:
+    """setitimer and setrlimit refuse such values (OverflowError): every worker died, every recipient failed."""
+    (tmp_path / "bad.ini").write_text(f"[satellite]\n{setting}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"[satellite] {error}")):
+        load_settings(tmp_path / "bad.ini", environ={})
+
+
+@aio_test
+async def test_the_largest_accepted_limits_compose_messages(tmp_path: Path) -> None:
+    (tmp_path / "c.ini").write_text("[satellite]\ntemplate_cpu_seconds = 3600\ncompose_memory_mb = 1048576\n")
+    config = load_settings(tmp_path / "c.ini", environ={}).satellite
+    pool = ComposePool(1, template_limits(config), config.compose_memory_mb)
+    try:
+        composed = await _compose_all(pool, _mailing(), RECIPIENTS[1:3])
+    finally:
+        pool.close()
+    assert composed.failures == []
+    assert len(composed.jobs) == 2

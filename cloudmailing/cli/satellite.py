@@ -17,11 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     error, 2 on a usage or configuration error (runtime.py)."""
     args, settings, reactor = start_daemon("CloudMailing satellite: delivers the master's mailings.", argv)
     from cloudmailing.common.aio import as_deferred
-    from cloudmailing.satellite.daemon import SatelliteDaemon
+    from cloudmailing.satellite.daemon import SatelliteDaemon, SecretFileError
 
-    try:  # its data directory (secret, outbox) may not be writable
+    try:  # its data directory (secret, outbox) may not be writable, its kept secret damaged
         daemon = SatelliteDaemon(settings.satellite, settings.paths.data_path / "satellite", reactor)
-    except OSError as error:
+    except (OSError, SecretFileError) as error:
         log.error("satellite failed to start: %s", error)
         print(f"satellite failed to start: {error}", file=sys.stderr, flush=True)
         return EXIT_FAILURE

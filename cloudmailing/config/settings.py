@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import math
 import os
 import urllib.parse
@@ -81,7 +82,7 @@ class SatelliteConfig:
     serial: str = ""                  # empty: the host name
     secret: str = ""                  # empty: one generated and kept in data_dir
     helo_hostname: str = ""           # empty: the host's FQDN
-    dns_servers: str = ""             # host:port list, comma-separated; empty: the system's
+    dns_servers: str = ""             # IP address[:port] list, comma-separated; empty: the system's
     smtp_port: int = 25
     test_target: str = ""             # host:port receiving every message of `testing` mailings
     lease_size: int = 200
@@ -212,17 +213,24 @@ _Rule = Callable[[Any], str | None]
 
 def _number(minimum: float | None = None, maximum: float | None = None, above: float | None = None) -> _Rule:
     """A finite number (NaN and infinities are refused): ``minimum`` <= it <= ``maximum``, or > ``above``."""
+    def shown(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
     if above is not None:
-        expected = f"must be more than {above:g}" + ("" if maximum is None else f" and at most {maximum:g}")
+        expected = f"must be more than {shown(above)}" + ("" if maximum is None else f" and at most {shown(maximum)}")
     elif minimum == 0 and maximum is None:
         expected = "must not be negative"
     elif maximum is None:
-        expected = f"must be at least {minimum:g}"
+        expected = f"must be at least {shown(minimum or 0)}"
     else:
-        expected = f"must be from {minimum:g} to {maximum:g}"
+        expected = f"must be from {shown(minimum or 0)} to {shown(maximum)}"
 
     def check(value: Any) -> str | None:
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             return f"{expected} (a finite number)"
         if above is not None and not value > above:
             return expected
@@ -249,6 +257,8 @@ def _any(value: Any) -> str | None:
 _TEXT = _BOOL = _any
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _MAX_SERIAL_CHARS = 100  # the master refuses a longer serial (services/satellites.py)
+_MAX_TEMPLATE_CPU_SECONDS = 3600   # one message's personalization: an hour is already absurd
+_MAX_COMPOSE_MEMORY_MB = 1048576   # 1 TiB of address space per compose worker
 
 
 def _no_space(empty_allowed: bool) -> _Rule:
@@ -280,22 +290,69 @@ def _database_name(value: str) -> str | None:
     return None
 
 
-def _host_port(text: str) -> bool:
-    """What ``satellite.daemon.host_port`` reads: "host" or "host:port", port 1 to 65535."""
-    host, colon, port = text.strip().rpartition(":")
-    if not colon:
-        return bool(port) and not any(c.isspace() for c in port)
-    return bool(host) and not any(c.isspace() for c in host) and port.isdigit() and 1 <= int(port) <= 65535
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``(host, port)`` from "host", "host:port", an IPv6 address alone ("2001:db8::53") or in
+    brackets, with or without a port ("[2001:db8::53]:5353"); ``default_port`` when none is given.
+
+    Raises ValueError saying what is wrong. The host is not checked further (a name or an address)."""
+    text = text.strip()
+    if text.startswith("["):
+        address, bracket, rest = text[1:].partition("]")
+        if not bracket or not _is_ip(address, version=6):
+            raise ValueError("brackets must hold an IPv6 address, as in [2001:db8::53]:53")
+        if rest and not rest.startswith(":"):
+            raise ValueError("only :port may follow ]")
+        return address, _port(rest[1:]) if rest else default_port
+    if text.count(":") > 1:  # an IPv6 address alone: its last group is no port
+        if not _is_ip(text, version=6):
+            raise ValueError("not an IPv6 address (write an IPv6 address with a port as [address]:port)")
+        return text, default_port
+    host, colon, port = text.partition(":")
+    if not host or any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError("no host name or address")
+    return host, _port(port) if colon else default_port
+
+
+def _port(port: str) -> int:
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("the port must be from 1 to 65535")
+    return int(port)
+
+
+def _is_ip(text: str, version: int | None = None) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return version is None or address.version == version
 
 
 def _host_port_list(value: str) -> str | None:
-    if not all(_host_port(item) for item in value.split(",") if item.strip()):
-        return 'must be "host" or "host:port" items (port 1 to 65535), comma-separated, or empty'
+    """DNS servers: IP addresses only (dnspython does not resolve names: each look-up would time out)."""
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        try:
+            host, _ = parse_host_port(item, 53)
+        except ValueError as error:
+            problem = f"{item.strip()!r}: {error}"
+        else:
+            if _is_ip(host):
+                continue
+            problem = f"{host!r} is not an IP address (DNS servers are not looked up by name)"
+        return ('must be IP addresses, each alone or with ":port" (IPv6: "[address]:port"), '
+                f"comma-separated, or empty: {problem}")
     return None
 
 
 def _host_port_or_empty(value: str) -> str | None:
-    return None if value == "" or _host_port(value) else 'must be "host" or "host:port" (port 1 to 65535), or empty'
+    if value == "":
+        return None
+    try:
+        parse_host_port(value, 25)
+    except ValueError as error:
+        return f'must be "host" or "host:port" (IPv6: "[address]:port"), port 1 to 65535, or empty: {error}'
+    return None
 
 
 def _fingerprint(value: str) -> str | None:
@@ -374,9 +431,11 @@ _RULES: dict[str, dict[str, _Rule]] = {
         "test_target": _host_port_or_empty,
         "lease_size": _POSITIVE,
         "compose_workers": _POSITIVE,
-        "compose_memory_mb": _POSITIVE,
+        # Bounded above: the compose workers apply both to the kernel (setrlimit, setitimer), which
+        # refuses huge values; every worker would die and every recipient fail.
+        "compose_memory_mb": _number(above=0, maximum=_MAX_COMPOSE_MEMORY_MB),
         "max_composed_bytes": _POSITIVE,
-        "template_cpu_seconds": _POSITIVE,
+        "template_cpu_seconds": _number(above=0, maximum=_MAX_TEMPLATE_CPU_SECONDS),
         "template_max_output_chars": _POSITIVE,
         "template_max_value_chars": _POSITIVE,
         "max_connections": _POSITIVE,
@@ -423,8 +482,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     environ = os.environ if environ is None else environ
     parser = configparser.ConfigParser(interpolation=None)
     if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle)
+        _read_ini(parser, path)
     sections: dict[str, dict[str, str]] = {name: {} for name in _SECTIONS}
     for name in parser.sections():
         if name not in _SECTIONS:
@@ -436,3 +494,30 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         sections["paths"]["data_dir"] = environ["CM_DATA_DIR"]
     built = {name: _build_section(name, values) for name, values in sections.items()}
     return Settings(**built)
+
+
+def _read_ini(parser: configparser.ConfigParser, path: str | os.PathLike[str]) -> None:
+    """Read ``path`` into ``parser``; a file that is not UTF-8 INI text is a :class:`ConfigError`
+    naming the file and the line (OSError, for a file that cannot be read, propagates)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is skipped)
+    except UnicodeDecodeError as error:
+        lineno = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{os.fspath(path)}: line {lineno}: not UTF-8 text (byte {data[error.start]:#04x})") from None
+    try:
+        parser.read_string(text, source=os.fspath(path))
+    except configparser.MissingSectionHeaderError as error:
+        raise ConfigError(f"{error.source}: line {error.lineno}: a setting before any [section] header") from None
+    except configparser.DuplicateSectionError as error:
+        raise ConfigError(f"{error.source}: line {error.lineno}: [{error.section}] is given twice") from None
+    except configparser.DuplicateOptionError as error:
+        raise ConfigError(f"{error.source}: line {error.lineno}: [{error.section}] {error.option} "
+                          "is given twice") from None
+    except configparser.ParsingError as error:
+        first, shown = error.errors[0]  # (the line as repr() shows it)
+        raise ConfigError(f"{error.source}: line {first}: not a [section], a key = value or a comment: "
+                          f"{shown}") from None
+    except configparser.Error as error:
+        raise ConfigError(f"{os.fspath(path)}: not a valid INI file: {' '.join(str(error).split())}") from None

@@ -47,7 +47,7 @@ from cloudmailing.common.link_protocol import (
 )
 from cloudmailing.common.private_files import write_private
 from cloudmailing.common.recent import keep_recent
-from cloudmailing.config.settings import SatelliteConfig
+from cloudmailing.config.settings import SatelliteConfig, parse_host_port
 from cloudmailing.satellite.compose_ahead import ComposeAhead
 from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
 from cloudmailing.satellite.delivery import DeliveryConfig, DeliveryJob, DeliveryScheduler
@@ -72,8 +72,9 @@ Answer = TypeVar("Answer")
 
 
 def host_port(text: str, default_port: int) -> tuple[str, int]:
-    host, _, port = text.strip().rpartition(":")
-    return (host, int(port)) if host else (text.strip(), default_port)
+    """``(host, port)`` of a checked setting item: "host", "host:port", an IPv6 address alone or
+    as "[address]:port" (the configuration check refused anything else)."""
+    return parse_host_port(text, default_port)
 
 
 def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
@@ -94,14 +95,33 @@ def template_limits(config: SatelliteConfig) -> TemplateLimits:
                           max_value_chars=config.template_max_value_chars)
 
 
+class SecretFileError(ValueError):
+    """``satellite.secret`` exists but holds no usable secret: the satellite cannot start.
+
+    It is never replaced silently: the master keeps the secret it first received, and would
+    refuse a new one."""
+
+
 def load_or_create_secret(config: SatelliteConfig, data_dir: Path) -> str:
-    """The configured secret, else one made on first start and kept in ``data_dir``."""
+    """The configured secret, else one made on first start and kept in ``data_dir``.
+
+    Raises :class:`SecretFileError` for a kept secret that is not UTF-8 text or is empty."""
     if config.secret:
         return config.secret
     path = data_dir / "satellite.secret"
     if not path.exists():
         write_private(path, secrets.token_urlsafe(32).encode("ascii"))  # 0600, in a 0700 data_dir
-    return path.read_text().strip()
+    serial = config.serial or socket.gethostname()
+    remedy = ("restore it from a backup, or delete it and register this satellite again on the master "
+              f"(cm-admin satellite list gives its ID; cm-admin satellite delete ID, then cm-admin satellite add "
+              f"{serial}); the satellite then makes a new one")
+    try:
+        secret = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{path} is damaged (not UTF-8 text): {remedy}") from None
+    if not secret:
+        raise SecretFileError(f"{path} is empty: {remedy}")
+    return secret
 
 
 class SatelliteDaemon:

@@ -33,6 +33,22 @@ def test_a_configuration_error_exits_2(tmp_path: Path, module: str, args: tuple[
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("module", ["satellite", "master", "admin"])
+@pytest.mark.parametrize(("content", "error"), [
+    (b"lease_size = 10\n", "line 1: a setting before any [section] header"),
+    (b"[satellite]\nlease_size = 10\nlease_size = 20\n", "line 3: [satellite] lease_size is given twice"),
+    (b"[satellite]\nserial = caf\xe9\n", "line 2: not UTF-8 text (byte 0xe9)"),
+    (b"[satellite]\nlease_size = 1" + b"0" * 400 + b"\n", "[satellite] lease_size: must be more than 0"),
+], ids=["no-section", "duplicate-key", "not-utf8", "huge-int"])
+def test_a_malformed_configuration_file_exits_2(tmp_path: Path, module: str, content: bytes, error: str) -> None:
+    path = tmp_path / "c.ini"
+    path.write_bytes(content)
+    done = _run(module, path, *(("config", "show") if module == "admin" else ()))
+    assert done.returncode == 2, done.stderr
+    assert "configuration error: " in done.stderr and error in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_missing_configuration_file_exits_2(tmp_path: Path) -> None:
     done = _run("satellite", tmp_path / "absent.ini")
     assert done.returncode == 2
@@ -55,6 +71,23 @@ def test_a_satellite_that_cannot_create_its_data_directory_exits_1(tmp_path: Pat
     assert done.returncode == 1, done.stderr
     assert "satellite failed to start" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("content", "problem"), [(b"\xff\xfe\x00garbage\n", "is damaged (not UTF-8 text)"),
+                                                  (b"\n", "is empty")])
+def test_a_satellite_whose_kept_secret_is_damaged_exits_1(tmp_path: Path, content: bytes, problem: str) -> None:
+    data = tmp_path / "data"
+    (data / "satellite").mkdir(parents=True, mode=0o700)
+    (data / "satellite" / "satellite.secret").write_bytes(content)
+    path = tmp_path / "c.ini"
+    path.write_text(f"[paths]\ndata_dir = {data}\n[satellite]\nmaster_port = 9\nserial = sat-x\n"
+                    "dns_servers = 127.0.0.1:9\n")
+    done = _run("satellite", path)
+    assert done.returncode == 1, done.stderr
+    assert f"satellite failed to start: {data / 'satellite' / 'satellite.secret'} {problem}: " in done.stderr
+    assert "cm-admin satellite add sat-x" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (data / "satellite" / "satellite.secret").read_bytes() == content
 
 
 def test_a_satellite_whose_daemon_stops_on_an_error_exits_1(tmp_path: Path) -> None:

@@ -55,6 +55,21 @@ INVALID = [
     ("satellite", "dns_servers", "127.0.0.1:99999"),
     ("satellite", "dns_servers", "127.0.0.1:53,:53"),
     ("satellite", "test_target", "127.0.0.1:port"),
+    # dnspython takes IP addresses only: a name would make every MX look-up time out.
+    ("satellite", "dns_servers", "localhost:5353"),
+    ("satellite", "dns_servers", "127.0.0.1, dns.example.test"),
+    ("satellite", "dns_servers", "[localhost]:53"),
+    ("satellite", "dns_servers", "[::1]x"),
+    ("satellite", "dns_servers", "[::1]:0"),
+    ("satellite", "dns_servers", "1::2::3"),
+    ("satellite", "test_target", "[::1"),
+    ("satellite", "test_target", "::1:2526x"),
+    # Finite, yet more than the kernel takes (setitimer, setrlimit): every compose worker would die.
+    ("satellite", "template_cpu_seconds", "1e19"),
+    ("satellite", "template_cpu_seconds", "3601"),
+    ("satellite", "compose_memory_mb", "10000000000000"),
+    ("satellite", "compose_memory_mb", "1048577"),
+    ("satellite", "max_connections", "1" + "0" * 400),  # too large for a float (math.isfinite: OverflowError)
     ("api", "port", "-1"),
     ("api", "port", "65536"),
     ("api", "key_cache_seconds", "inf"),
@@ -149,6 +164,12 @@ VALID = [
     ("satellite", "master_fingerprint", "AB:" * 31 + "AB"),
     ("satellite", "dns_servers", "127.0.0.1:5353, 10.0.0.1"),
     ("satellite", "test_target", "127.0.0.9:2526"),
+    ("satellite", "dns_servers", "::1"),
+    ("satellite", "dns_servers", "[2001:db8::53]:5353, 192.0.2.1:53, 2001:db8::54"),
+    ("satellite", "test_target", "[::1]:2526"),
+    ("satellite", "test_target", "mx.example.test"),
+    ("satellite", "template_cpu_seconds", "3600"),
+    ("satellite", "compose_memory_mb", "1048576"),
     ("logging", "level", "debug"),
     ("database", "url", "mongodb+srv://user:pw@cluster.example/"),
 ]
@@ -187,3 +208,43 @@ def test_the_cross_field_rules_name_both_fields(tmp_path: Path) -> None:
             "[dispatch] retry_max_seconds: must be at least retry_initial_seconds "
             "(retry_max_seconds = 300, retry_initial_seconds = 600)")):
         load_settings(path, environ={})
+
+
+# A file that is not UTF-8 INI text: a configuration error naming the file and the line (exit 2,
+# tests/cli/test_exit_codes.py), not a traceback.
+@pytest.mark.parametrize(("content", "error"), [
+    (b"lease_size = 10\n", "line 1: a setting before any [section] header"),
+    (b"[satellite]\nlease_size = 10\nlease_size = 20\n", "line 3: [satellite] lease_size is given twice"),
+    (b"[satellite]\n[satellite]\n", "line 2: [satellite] is given twice"),
+    (b"[satellite]\nlease_size = 10\n  stray indented line\n[oops\n",
+     "line 4: not a [section], a key = value or a comment: '[oops\\n'"),
+    (b"[satellite]\nserial = sat\n[logging]\nfile = caf\xe9\n", "line 4: not UTF-8 text (byte 0xe9)"),
+], ids=["no-section", "duplicate-key", "duplicate-section", "parse-error", "not-utf8"])
+def test_a_malformed_file_is_a_configuration_error_naming_file_and_line(tmp_path: Path, content: bytes,
+                                                                          error: str) -> None:
+    path = tmp_path / "c.ini"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, environ={})
+    assert str(refused.value) == f"{path}: {error}"
+
+
+def test_an_integer_too_large_for_a_float_is_refused_as_out_of_range(tmp_path: Path) -> None:
+    huge = "1" + "0" * 400
+    with pytest.raises(ConfigError, match=re.escape(
+            f"[satellite] max_connections: must be more than 0 (a finite number), not {huge}")):
+        load_settings(_write(tmp_path, f"[satellite]\nmax_connections = {huge}\n"), environ={})
+
+
+def test_an_unknown_section_is_refused(tmp_path: Path) -> None:
+    """A misspelt section must not be ignored silently (its settings would not apply)."""
+    with pytest.raises(ConfigError, match=re.escape("[satelite]: unknown section")):
+        load_settings(_write(tmp_path, "[satelite]\nlease_size = 10\n"), environ={})
+
+
+def test_the_sample_header_names_every_section_and_says_others_are_refused() -> None:
+    header = (ROOT / "conf" / "cloudmailing.ini").read_text().split("\n[", 1)[0]
+    assert "sections are ignored" not in header and "other programs may share" not in header
+    assert "Any other section" in header and "refused" in header
+    assert "eight sections" in header and len(settings_module._SECTIONS) == 8
+    assert set(re.findall(r"\[(\w+)\]", header)) >= set(settings_module._SECTIONS)

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
+
+import pytest
 
 from cloudmailing import __version__
 from cloudmailing.common.link import LinkError, LinkProtocol
 from cloudmailing.common.link_protocol import LeaseAnswer, LeasedRecipient, Outcome
 from cloudmailing.config.settings import SatelliteConfig
-from cloudmailing.satellite.daemon import MAILING_CACHE_SIZE, UNREPORTED_LEASES, SatelliteDaemon
+from cloudmailing.satellite.daemon import (
+    MAILING_CACHE_SIZE,
+    UNREPORTED_LEASES,
+    SatelliteDaemon,
+    SecretFileError,
+    load_or_create_secret,
+)
 from tests.helpers import aio_test, running_mailing
 
 
@@ -410,3 +419,27 @@ async def test_a_lease_whose_last_recipient_fails_to_build_is_reported_without_w
         assert [o.recipient_id for o in satellite._outbox.batch(10)] == ["r1"]
     finally:
         await satellite.stop()
+
+
+def test_a_secret_is_made_once_and_kept(tmp_path):
+    secret = load_or_create_secret(SatelliteConfig(), tmp_path)
+    assert len(secret) >= 40
+    assert (tmp_path / "satellite.secret").read_text() == secret
+    assert load_or_create_secret(SatelliteConfig(), tmp_path) == secret
+    (tmp_path / "satellite.secret").write_text(secret + "\n")  # an editor's final newline
+    assert load_or_create_secret(SatelliteConfig(), tmp_path) == secret
+
+
+# The master refuses an empty secret ("serial and secret are required"): the satellite retried
+# for ever. A damaged file gave a traceback (UnicodeDecodeError). Neither is replaced silently:
+# the master keeps the secret it first received.
+@pytest.mark.parametrize(("content", "problem"), [(b"", "is empty"), (b"\n", "is empty"), (b"   \n", "is empty"),
+                                                  (b"\xff\xfe\x00garbage\n", "is damaged (not UTF-8 text)")])
+def test_a_kept_secret_that_is_empty_or_damaged_stops_the_start(tmp_path, content, problem):
+    path = tmp_path / "satellite.secret"
+    path.write_bytes(content)
+    with pytest.raises(SecretFileError, match=re.escape(f"{path} {problem}: restore it from a backup, or delete it "
+                                                        "and register this satellite again on the master")):
+        load_or_create_secret(SatelliteConfig(serial="sat-x"), tmp_path)
+    assert path.read_bytes() == content  # left as it was
+    assert load_or_create_secret(SatelliteConfig(secret="configured"), tmp_path) == "configured"

@@ -14,9 +14,12 @@ workers (``satellite/compose_pool.py``, whose address-space limit is reused):
 
 A child is spawned on first use (``spawn``: a fresh interpreter, not a fork of the running
 reactor) and kept for the next calls; one that was killed or died is replaced on the next call.
-At most ``processes`` calls run at once, the others wait their turn. The waiting happens in a
-thread (:func:`asyncio.to_thread`): the event loop goes on meanwhile, and nothing here is bound
-to one loop.
+At most ``processes`` calls run at once, the others wait their turn on an :class:`asyncio.Semaphore`,
+in the event loop. A call that has its turn waits for its child in a thread of this object's own
+pool, of ``processes`` threads: never in the loop's default executor, which the API key checks and
+the satellites' hello use (calls queued there, each blocking a thread, would starve them). The
+event loop goes on meanwhile, and nothing here is bound to one loop (each has its own semaphore;
+the pool bounds them all).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import importlib
 import multiprocessing
 import signal
 import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Callable, TypeVar
 
@@ -126,7 +131,10 @@ class LimitedProcesses:
     def __init__(self, processes: int = 2, memory_mb: int = 512, preload: tuple[str, ...] = ()) -> None:
         self.memory_mb = memory_mb
         self.preload = preload
-        self._turns = threading.BoundedSemaphore(max(1, processes))
+        self.processes = max(1, processes)
+        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+            weakref.WeakKeyDictionary()
+        self._executor: ThreadPoolExecutor | None = None
         self._idle: list[_Child] = []
         self._lock = threading.Lock()
 
@@ -138,32 +146,55 @@ class LimitedProcesses:
         to two seconds for one long operation) or ``wall_seconds``; what ``function`` raises;
         OSError when no child can be started.
         """
-        return await asyncio.to_thread(self._call, function, args, cpu_seconds, wall_seconds)
+        loop = asyncio.get_running_loop()
+        turns = self._turns_of(loop)
+        await turns.acquire()  # in the loop: no thread is taken while a call waits its turn
+        try:
+            future: Future[T] = self._pool().submit(self._call, function, args, cpu_seconds, wall_seconds)
+        except BaseException:
+            turns.release()
+            raise
+        # The turn ends with the work, not with the awaiting: a cancelled call's child still runs.
+        future.add_done_callback(lambda _: _release(loop, turns))
+        return await asyncio.wrap_future(future)
+
+    def _turns_of(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
+        with self._lock:
+            turns = self._turns.get(loop)
+            if turns is None:
+                turns = self._turns[loop] = asyncio.Semaphore(self.processes)
+            return turns
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.processes, thread_name_prefix="cm-limited")
+            return self._executor
 
     def _call(self, function: Callable[..., T], args: tuple[Any, ...], cpu_seconds: float,
               wall_seconds: float) -> T:
-        with self._turns:
-            child = self._take()
-            try:
-                if not child.ready:
-                    if child.receive(STARTUP_SECONDS) != _READY:
-                        raise OSError("the checking process did not start")
-                    child.ready = True
-                child.conn.send((function, args, cpu_seconds))
-                answer = child.receive(wall_seconds)
-            except (EOFError, OSError) as error:
-                reason = child.death() if isinstance(error, EOFError) and child.ready else None
-                child.kill()
-                if reason is None:
-                    raise OSError(f"the checking process failed: {error}") from None
-                raise OverLimits(reason) from None
-            except BaseException:
-                child.kill()
-                raise
-            if answer is None:
-                raise OverLimits(f"{LIMIT_PREFIX}: checking took over {wall_seconds:g} s")
-            with self._lock:
-                self._idle.append(child)
+        """In a thread of the pool (at most ``processes`` at once): one call in one child."""
+        child = self._take()
+        try:
+            if not child.ready:
+                if child.receive(STARTUP_SECONDS) != _READY:
+                    raise OSError("the checking process did not start")
+                child.ready = True
+            child.conn.send((function, args, cpu_seconds))
+            answer = child.receive(wall_seconds)
+        except (EOFError, OSError) as error:
+            reason = child.death() if isinstance(error, EOFError) and child.ready else None
+            child.kill()
+            if reason is None:
+                raise OSError(f"the checking process failed: {error}") from None
+            raise OverLimits(reason) from None
+        except BaseException:
+            child.kill()
+            raise
+        if answer is None:
+            raise OverLimits(f"{LIMIT_PREFIX}: checking took over {wall_seconds:g} s")
+        with self._lock:
+            self._idle.append(child)
         kind, value = answer
         if kind == "over":
             raise OverLimits(value)
@@ -186,8 +217,20 @@ class LimitedProcesses:
             return [child.process.pid for child in self._idle if child.process.pid is not None]
 
     def close(self) -> None:
-        """Kill the idle children (a call under way keeps its child until it ends)."""
+        """Kill the idle children (a call under way keeps its child until it ends) and let the
+        pool's threads end; a later call starts them again."""
         with self._lock:
             children, self._idle = self._idle, []
+            executor, self._executor = self._executor, None
         for child in children:
             child.kill()
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+
+def _release(loop: asyncio.AbstractEventLoop, turns: asyncio.Semaphore) -> None:
+    """Give the turn back, from the pool's thread, in the loop that waits on it."""
+    try:
+        loop.call_soon_threadsafe(turns.release)
+    except RuntimeError:  # that loop is closed: nobody waits on its semaphore any more
+        pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 
 import pytest
@@ -60,3 +62,47 @@ async def test_check_template_keeps_its_process_and_refuses_what_cannot_render()
     assert time.monotonic() - started < 1.0  # no process started per check
     with pytest.raises(InvalidValue, match=r"^html: template over its limits: value larger than 1000000 .* data\)$"):
         await check_template("html", "{% set ns = namespace(x=['x'*1000000]*1000) %}{{ ns }}", html=True)
+
+
+def test_calls_waiting_their_turn_do_not_take_the_default_executor():
+    """Each call waited for its turn inside asyncio.to_thread (a threading semaphore): queued
+    template checks filled the loop's default executor, and the API key checks and satellite
+    hellos that use it waited behind them all. Run in a loop of its own, whose default executor
+    has 2 threads, so that a few short calls show it."""
+
+    async def scenario(processes: LimitedProcesses) -> float:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(2))
+        assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=60) == "woke"  # started
+        calls = [asyncio.ensure_future(processes.call(_sleep, 0.2, cpu_seconds=1, wall_seconds=10))
+                 for _ in range(4)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.to_thread(lambda: None)  # as api/auth.py checks a key
+        waited = time.monotonic() - started
+        assert await asyncio.gather(*calls) == ["woke"] * 4
+        assert len(processes.pids()) == 1  # one at a time: the one process did them all
+        return waited
+
+    processes = LimitedProcesses(1, memory_mb=64, preload=(__name__,))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as runner:  # asyncio.run needs a thread with no loop
+            waited = runner.submit(asyncio.run, scenario(processes)).result(timeout=60)
+    finally:
+        processes.close()
+    assert waited < 0.15, f"the default executor was busy for {waited:.2f} s"
+
+
+@aio_test
+async def test_a_cancelled_call_keeps_its_turn_until_its_child_answers():
+    processes = LimitedProcesses(1, memory_mb=64, preload=(__name__,))
+    try:
+        first = asyncio.ensure_future(processes.call(_sleep, 0.3, cpu_seconds=1, wall_seconds=60))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        started = time.monotonic()
+        assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=60) == "woke"
+        assert time.monotonic() - started > 0.1  # after the cancelled call's child had answered
+        assert len(processes.pids()) == 1  # ... and its process served this call too
+    finally:
+        processes.close()

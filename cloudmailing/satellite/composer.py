@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from cloudmailing.common.attachments import attachment_problem, media_type
 from cloudmailing.common.clock import WallClock
 from cloudmailing.common.statuses import GENERAL_ERROR
 from cloudmailing.satellite.delivery import DeliveryJob
@@ -74,9 +75,17 @@ def with_attachments(data: bytes, attachments: list[dict[str, Any]]) -> bytes:
     if message.get_content_type() != "multipart/mixed":
         message.make_mixed()
     for attachment in attachments:
-        maintype, _, subtype = attachment["content_type"].partition("/")
-        message.add_attachment(base64.b64decode(attachment["content"]), maintype=maintype, subtype=subtype,
-                               filename=attachment["filename"])
+        content = base64.b64decode(attachment["content"])
+        if attachment_problem(attachment["content_type"], content):
+            # Refused by the API (common/attachments.py); one stored before it was goes as its bytes.
+            message.add_attachment(content, maintype="application", subtype="octet-stream",
+                                   filename=attachment["filename"])
+        elif media_type(attachment["content_type"])[0] == "message":  # message/rfc822 in 7-bit data
+            attached = email.message_from_bytes(content, policy=_AS_BUILT)
+            message.add_attachment(attached, cte="7bit", filename=attachment["filename"])
+        else:
+            maintype, _, subtype = attachment["content_type"].partition("/")
+            message.add_attachment(content, maintype=maintype, subtype=subtype, filename=attachment["filename"])
     return message.as_bytes()
 
 

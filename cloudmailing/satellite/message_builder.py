@@ -15,8 +15,10 @@ included: some MTAs lower-case addresses) written as ``=xx``, the lowercase hex 
 of its UTF-8 bytes. `parse_verp` reverses it. A UUID recipient id stays as is, so the
 local part keeps within the 64 octets of RFC 5321.
 
-Messages use CRLF line ends and are not dot-stuffed (the SMTP client does that). A
-non-ASCII recipient address appears raw in ``To`` (RFC 6532: needs SMTPUTF8).
+Messages use CRLF line ends and are not dot-stuffed (the SMTP client does that). An
+internationalized domain is written as its IDNA A-label in ``From``, ``To`` and ``Message-ID``
+when the address's local part is ASCII (as the envelope is: no SMTPUTF8 needed); an address
+whose local part is not ASCII appears raw (RFC 6532: it is sent with SMTPUTF8).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import random
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import message_from_bytes
 from email import policy as email_policy
 from email.encoders import encode_base64
@@ -39,8 +41,10 @@ from email.message import Message
 from email.utils import formatdate
 from urllib.parse import quote
 
+from cloudmailing.common.charsets import mime_charset
 from cloudmailing.common.clock import SecondsClock
-from cloudmailing.common.html_text import html_to_text
+from cloudmailing.common.html_text import html_template_to_text
+from cloudmailing.common.idn import ascii_domain, ascii_domain_name
 from cloudmailing.satellite.templates import (
     CompiledTemplate,
     PersonalizationError,
@@ -194,7 +198,7 @@ def _b_word(data: bytes) -> bytes:
 
 
 def _from_header(sender_name: str, mail_from: str) -> bytes:
-    address = b"<" + mail_from.encode("utf-8") + b">"
+    address = b"<" + ascii_domain(mail_from).encode("utf-8") + b">"
     name = clean_header_text(sender_name)
     if not name:
         return b"From: " + address + CRLF
@@ -204,6 +208,22 @@ def _from_header(sender_name: str, mail_from: str) -> bytes:
     else:
         phrase = _encoded_words(name, len("From: "))
     return b"From: " + phrase + b" " + address + CRLF
+
+
+_LIST_UNSUBSCRIBE = b"List-Unsubscribe: "
+
+
+def _list_unsubscribe_header(url: str) -> bytes:
+    """``List-Unsubscribe: <url>`` (an ASCII URL). A line it would make longer than 998 octets
+    (RFC 5322 2.1.1: a tracking URL may have 2000 characters) is folded inside the angle
+    brackets, where RFC 2369 has readers ignore whitespace, into lines of 78 columns. A shorter
+    one stays on one line: some readers take the URL as it is, whitespace included."""
+    value = b"<" + url.encode("ascii") + b">"
+    if len(_LIST_UNSUBSCRIBE) + len(value) <= MAX_LINE:
+        return _LIST_UNSUBSCRIBE + value + CRLF
+    first = 78 - len(_LIST_UNSUBSCRIBE)
+    lines = [value[:first]] + [value[i:i + 77] for i in range(first, len(value), 77)]
+    return _LIST_UNSUBSCRIBE + b"\r\n ".join(lines) + CRLF
 
 
 def _address_domain(address: str) -> str | None:
@@ -291,7 +311,7 @@ def _text_part_message(subtype: str, charset: str) -> Message:
 
 def _skeleton_from_content(content: MailingContent, limits: TemplateLimits | None,
                            rng: random.Random) -> _Skeleton:
-    plain = content.plain or (html_to_text(content.html) if content.html else "")
+    plain = content.plain or (html_template_to_text(content.html) if content.html else "")
     sources = [(plain, False)] + ([(content.html, True)] if content.html else [])
     leaves = [_text_part_message("html" if html else "plain", content.charset)
               for _, html in sources]
@@ -393,15 +413,16 @@ class MailingMessageTemplate:
     def __init__(self, content: MailingContent, *, clock: SecondsClock,
                  rng: random.Random | None = None,
                  limits: TemplateLimits | None = None) -> None:
-        self._content = content
         self._clock = clock
         rng = rng or random.Random()
         _check_charset(content.charset)
+        # Its preferred MIME name in Content-Type (a mailing stored before the API wrote that).
+        content = self._content = replace(content, charset=mime_charset(content.charset))
         domain = _address_domain(content.mail_from)
         if domain is None:
             raise ValueError(f"invalid sender address {content.mail_from!r}")
-        self._domain = domain
-        self._bounce_domain = content.bounce_domain or self._domain
+        self._domain = ascii_domain_name(domain)  # of the Message-IDs, ASCII as their left part
+        self._bounce_domain = content.bounce_domain or domain
         if content.rfc822 is not None:
             skeleton, subject = _skeleton_from_rfc822(content, limits, rng)
             subject = content.subject or subject
@@ -446,10 +467,10 @@ class MailingMessageTemplate:
             text = part.template.render(variables)
             slots.extend(encode_body(text, self._content.charset, part.html, part.boundaries))
         subject = self._constant_subject or self._subject_line(self._subject.render(variables))
-        head = [self._from_line, b"To: <", email.encode("utf-8"), b">\r\n", subject,
+        head = [self._from_line, b"To: <", ascii_domain(email).encode("utf-8"), b">\r\n", subject,
                 self._date(), self._message_id(), b"MIME-Version: 1.0\r\n"]
         if unsubscribe:
-            head += [b"List-Unsubscribe: <", unsubscribe.encode("ascii"), b">\r\n",
+            head += [_list_unsubscribe_header(unsubscribe),
                      b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"]
         body = [p if isinstance(p, bytes) else slots[p] for p in self._pieces]
         data = b"".join(head + body)

@@ -41,9 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import idna
-
 from cloudmailing.common.clock import Clock, DelayedCall
+from cloudmailing.common.idn import ascii_domain as _ascii_domain
 from cloudmailing.satellite import outcomes
 from cloudmailing.satellite.outcomes import DeliveryOutcome
 
@@ -709,19 +708,6 @@ class SmtpConnection:
         """Drop the connection at once (shutdown)."""
         if self._protocol is not None:
             self._protocol.abort(SmtpConnectionLost("aborted by the client"))
-
-
-def _ascii_domain(address: str) -> str:
-    """``address`` with an internationalized domain in its A-label form when its local part is
-    ASCII: so it needs no SMTPUTF8 (RFC 6531 wants SMTPUTF8 only for a non-ASCII local part),
-    and most servers do not offer it."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local.isascii() or domain.isascii():
-        return address
-    try:
-        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
-    except (idna.IDNAError, UnicodeError):
-        return address  # left as it is: SMTPUTF8 decides
 
 
 def _answers_rcpt(transaction: _Transaction, reply: SmtpReply) -> bool:

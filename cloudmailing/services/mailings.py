@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from cloudmailing.common.html_text import html_to_text
+from cloudmailing.common.html_text import html_template_to_text
 from cloudmailing.common.statuses import ERROR_STATUSES, FILLING, PAUSED, RUNNING, WARNING
 from cloudmailing.common.statuses import FINISHED as SENT
 from cloudmailing.common.statuses import MAILING_FINISHED as FINISHED
@@ -137,7 +137,7 @@ class MailingService:
         if not fields["html"] and not fields["plain"]:
             raise InvalidValue("html and plain: at least one body is needed")
         if not fields["plain"]:
-            fields["plain"] = html_to_text(fields["html"])
+            fields["plain"] = html_template_to_text(fields["html"])
         for name in ("subject", "html", "plain"):
             await check_template(name, fields[name], html=name == "html")
         return await self._insert(fields)

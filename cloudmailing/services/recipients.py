@@ -12,6 +12,7 @@ import mimetypes
 import re
 from typing import Any, Callable
 
+from cloudmailing.common.attachments import attachment_problem
 from cloudmailing.common.statuses import MAILING_FINISHED, MAILING_READY, READY, RUNNING
 from cloudmailing.services import values
 from cloudmailing.services.addresses import InvalidAddress, parse_address
@@ -203,13 +204,17 @@ def parse_attachment(item: Any) -> dict[str, Any]:
     (``content-type``, ``data``); giving both of one field with different values is an error. ``filename``
     is optional (default ``attachment`` plus an extension guessed from the type). A ``charset`` of a
     ``text/*`` attachment becomes a ``charset`` parameter of its content type; others ignore it.
-    Raises EntryError (only) for anything unusable."""
+    ``multipart/*`` and ``message/*`` types but ``message/rfc822`` in 7-bit data are refused
+    (:mod:`cloudmailing.common.attachments`). Raises EntryError (only) for anything unusable."""
     if not isinstance(item, dict):
         raise EntryError("expected a struct")
     content_type = _one_of(item, ("content_type", "content-type"), _content_type) or DEFAULT_CONTENT_TYPE
     content = _one_of(item, ("content", "data"), _content, absent=())  # "" is an empty file
     if content is None:
         raise EntryError("needs content (or data): base64 text or Binary")
+    problem = attachment_problem(content_type, content)
+    if problem:
+        raise EntryError(problem)
     filename = _one_of(item, ("filename",), _filename) or _default_filename(content_type)
     charset = item.get("charset")
     if charset is not None and charset != "" and _is_text(content_type):

@@ -7,11 +7,11 @@ those forms and raise :class:`InvalidValue` (Fault 406) with the field name othe
 
 from __future__ import annotations
 
-import codecs
 import datetime
 import re
 from typing import Any
 
+from cloudmailing.common.charsets import mime_charset
 from cloudmailing.services.errors import BadRequest, InvalidValue
 
 # Ids and counters are stored as BSON int64: a larger integer is a client mistake, not a crash.
@@ -115,16 +115,19 @@ _ASCII_PROBE = "From: Aa Zz 09 <a@b.c>; [x=y] {~}\r\n"
 
 
 def charset(name: str, value: Any) -> str:
-    """A charset a message can be sent in: known to Python and ASCII-compatible (not UTF-16/32)."""
+    """A charset a message can be sent in: known to Python and ASCII-compatible (not UTF-16/32).
+
+    Answered as its preferred MIME name (``latin-1`` and ``iso8859_1`` give ``iso-8859-1``): the
+    name stored, returned by ``list_mailings`` and written in each message's Content-Type."""
     label = text(name, "" if value is None else value, max_length=40).strip() or "utf-8"  # nil: not given
     try:
-        codecs.lookup(label)
-        compatible = _ASCII_PROBE.encode(label) == _ASCII_PROBE.encode("ascii")
+        mime_name = mime_charset(label)
+        compatible = _ASCII_PROBE.encode(mime_name) == _ASCII_PROBE.encode("ascii")
     except (LookupError, UnicodeError, TypeError, ValueError):
         raise InvalidValue(f"{name}: unknown charset {shown(label)}") from None
     if not compatible:
         raise InvalidValue(f"{name}: charset {shown(label)} is not ASCII-compatible (mail headers need it)")
-    return label.lower()
+    return mime_name
 
 
 def string_list(name: str, value: Any, *, max_length: int = 1000) -> list[str]:

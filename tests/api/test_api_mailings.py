@@ -260,3 +260,28 @@ async def test_a_template_whose_text_is_huge_is_refused_without_master_memory(ru
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024  # KiB
     assert fault.faultCode == 406, fault.faultString
     assert fault.faultString.startswith("plain: template over its limits: value larger than 1000000"), fault.faultString
+
+
+@aio_test
+async def test_an_html_only_mailing_derives_a_plain_template_that_keeps_its_jinja(running_master):
+    """The derived plain part was html_to_text of the template source: '{% if stock<limit %}' lost
+    '<limit %}...' to the HTML parser, and create_mailing answered Fault 406 for a plain part the
+    client never sent."""
+    api = running_master.proxy()
+    html = "<p>Hello {{ name }}</p>{% if stock<limit %}<p>Only {{ stock }} left!</p>{% endif %}"
+    mailing_id = await api.create_mailing("news@example.org", "N", "S", html, "", "utf-8")
+    stored = await running_master.master.stores.mailings.get(mailing_id, with_content=True)
+    assert stored["plain"] == "Hello {{ name }}\n{% if stock<limit %}\nOnly {{ stock }} left!\n{% endif %}\n"
+
+
+@aio_test
+async def test_a_charset_is_stored_as_its_preferred_mime_name(running_master):
+    """Python's aliases (latin-1, utf_8, u8...) went into Content-Type as given: no MIME reader knows them."""
+    api = running_master.proxy()
+    stores = running_master.master.stores
+    for label, name in (("latin-1", "iso-8859-1"), ("u8", "utf-8"), ("iso8859_15", "iso-8859-15"),
+                        ("UTF-8", "utf-8"), ("cp1252", "windows-1252"), ("", "utf-8")):
+        mailing_id = await api.create_mailing("news@example.org", "N", "S", "<p>x</p>", "", label)
+        assert (await stores.mailings.get(mailing_id, with_content=True))["charset"] == name, label
+    assert await api.set_mailing_properties(mailing_id, {"subject": "S", "charset": "utf_8"}) == 0
+    assert (await stores.mailings.get(mailing_id, with_content=True))["charset"] == "utf-8"

@@ -272,3 +272,42 @@ async def test_a_tracking_id_of_the_masters_own_forms_is_an_entry_error(running_
         {"email": "b@example.org", "tracking_id": made}, {"email": "c@example.org", "tracking_id": "b1s0-abcdef"},
         {"email": "d@example.org", "tracking_id": str(uuid.uuid4())}])
     assert ["master's own" in a.get("error", "") for a in answer] == [True, True, False]
+
+
+EML = b"From: someone@example.net\r\nSubject: the forwarded one\r\n\r\nhello\r\n"
+
+
+def test_message_and_multipart_attachment_types():
+    """message/rfc822 must go out in 7bit/8bit/binary (RFC 2046 5.2.1), so only 7-bit data is
+    taken; any other message/* and every multipart/* (RFC 2045 6.4) cannot be attached."""
+    assert parse_attachment({"content_type": "message/rfc822", "content": base64.b64encode(EML).decode()}) == {
+        "filename": "attachment.eml", "content_type": "message/rfc822", "content": EML}
+    for content_type in ("multipart/mixed", "Multipart/Alternative; boundary=x", "message/delivery-status",
+                         "message/partial", "message/global"):
+        with pytest.raises(EntryError, match=f"^content type {content_type.split(';')[0].lower()} is not supported"):
+            parse_attachment({"content_type": content_type, "data": base64.b64encode(EML).decode()})
+    for content in (EML.replace(b"hello", "héllo".encode()), EML.replace(b"hello", b"h\0llo"),
+                    EML.replace(b"hello", b"h" * 999)):
+        with pytest.raises(EntryError, match="^a message/rfc822 attachment must be 7-bit data"):
+            parse_attachment({"content_type": "message/rfc822", "data": xmlrpc.client.Binary(content)})
+
+
+@aio_test
+async def test_unsupported_attachment_types_are_entry_errors(running_master):
+    api = running_master.proxy()
+    mailing_id = await _mailing(api)
+    eml = base64.b64encode(EML).decode()
+    answer = await api.add_recipients(mailing_id, [
+        {"email": "a@example.org", "attachments": [{"content_type": "message/rfc822", "content": eml}]},
+        {"email": "b@example.org", "attachments": [{"filename": "a.pdf", "content_type": "application/pdf",
+                                                     "content": eml},
+                                                    {"content-type": "multipart/mixed", "data": eml}]},
+        {"email": "c@example.org", "attachments": [{"content_type": "message/delivery-status", "content": eml}]},
+    ])
+    assert "id" in answer[0]
+    assert answer[1] == {"email": "b@example.org", "error": "attachments[1]: content type multipart/mixed is not "
+                         "supported (a multipart entity cannot be attached)"}
+    assert answer[2]["email"] == "c@example.org" and "message/delivery-status" in answer[2]["error"]
+    test = await api.send_test(mailing_id, [{"email": "qa@example.org", "attachments": [
+        {"content_type": "message/rfc822", "content": base64.b64encode("é".encode()).decode()}]}])
+    assert "7-bit" in test[0]["error"]

@@ -116,19 +116,20 @@ class RunningMaster:
     url_base: str
     key: str
 
-    def proxy(self, key: str | None = None, path: str = "/CloudMailing") -> AsyncProxy:
+    def proxy(self, key: str | None = None, path: str = "/CloudMailing", allow_none: bool = False) -> AsyncProxy:
+        """``allow_none``: the proxy sends None as <nil/> (as PHP or Java clients may)."""
         url = self.url_base.replace("://", f"://admin:{key if key is not None else self.key}@") + path
-        return AsyncProxy(url)
+        return AsyncProxy(url, allow_none)
 
 
 class AsyncProxy:
     """A plain ``xmlrpc.client.ServerProxy``; each call runs in a thread and is awaited."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, allow_none: bool = False) -> None:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        self._proxy = xmlrpc.client.ServerProxy(url, context=context, use_builtin_types=True)
+        self._proxy = xmlrpc.client.ServerProxy(url, context=context, use_builtin_types=True, allow_none=allow_none)
 
     def __getattr__(self, name: str) -> _AsyncMethod:
         return _AsyncMethod(self._proxy, name)

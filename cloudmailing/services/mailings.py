@@ -239,8 +239,8 @@ class MailingService:
         await self._delete_ids([mailing["_id"]])
 
     async def delete_for_domain(self, domain: Any) -> int:
-        name = values.text("domain", domain, max_length=253).strip().lower()
-        ids = await self._store.ids(MailingFilter(domains=[name]))
+        names = values.domain_list("domain", [values.text("domain", domain, max_length=253)])
+        ids = await self._store.ids(MailingFilter(domains=names))
         await self._delete_ids(ids)
         return len(ids)
 
@@ -266,18 +266,19 @@ def mailing_filter(filters: Any) -> MailingFilter:
     if filters is None or filters == "" or filters == [] or filters == {}:
         return MailingFilter()
     if isinstance(filters, str):
-        return MailingFilter(domains=[values.text("filters", filters, max_length=253).strip().lower()])
-    given = values.struct("filters", filters)
+        return MailingFilter(domains=values.domain_list("filters", [values.text("filters", filters, max_length=253)]))
+    given = values.given(values.struct("filters", filters))
     unknown = sorted(set(given) - set(_FILTER_KEYS))
     if unknown:
         raise InvalidValue(f"filters: unknown key(s) {', '.join(unknown)}")
     chosen: dict[str, list[Any]] = {}
     for key, name in _FILTER_KEYS.items():
-        if key in given:
-            chosen[name] = (values.int_list(f"filters.{key}", given[key]) if key == "id"
-                            else values.string_list(f"filters.{key}", given[key]))
-    if "domains" in chosen:
-        chosen["domains"] = [domain.lower() for domain in chosen["domains"]]
+        if key == "id" and key in given:
+            chosen[name] = values.int_list("filters.id", given[key])
+        elif key == "domain" and key in given:
+            chosen[name] = values.domain_list("filters.domain", given[key])
+        elif key in given:
+            chosen[name] = values.string_list(f"filters.{key}", given[key])
     return MailingFilter(**chosen)
 
 

@@ -66,7 +66,8 @@ class ReportService:
 
     async def recipient_filter(self, filters: Any, default_statuses: Sequence[str] | None = None) -> RecipientFilter:
         """The ``filters`` of a recipient query: status, owners, mailings, sender_domains."""
-        given: Mapping[str, Any] = {} if filters in (None, "", [], {}) else values.struct("filters", filters)
+        given: Mapping[str, Any] = ({} if filters in (None, "", [], {})
+                                    else values.given(values.struct("filters", filters)))
         unknown = sorted(set(given) - {"status", "owners", "mailings", "sender_domains"})
         if unknown:
             raise InvalidValue(f"filters: unknown key(s) {', '.join(unknown)}")
@@ -86,8 +87,7 @@ class ReportService:
                                                                                          given["owners"])))
             scope = set(ids) if scope is None else scope & set(ids)
         if "sender_domains" in given:
-            domains = [domain.lower() for domain in values.string_list("filters.sender_domains",
-                                                                       given["sender_domains"])]
+            domains = values.domain_list("filters.sender_domains", given["sender_domains"])
             ids = await self._stores.mailings.ids(MailingFilter(domains=domains))
             scope = set(ids) if scope is None else scope & set(ids)
         return None if scope is None else frozenset(scope)

@@ -29,8 +29,7 @@ def _properties(given: Any) -> dict[str, Any]:
     if "group" in properties:
         checked["group"] = values.text("group", properties["group"], max_length=100, allow_none=True)
     if "domain_affinity" in properties:
-        domains = values.string_list("domain_affinity", properties["domain_affinity"])
-        checked["domain_affinity"] = [domain.lower() for domain in domains]
+        checked["domain_affinity"] = values.domain_list("domain_affinity", properties["domain_affinity"])
     return checked
 
 

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from cloudmailing.common.charsets import mime_charset
+from cloudmailing.common.idn import ascii_domain_name
 from cloudmailing.services.errors import BadRequest, InvalidValue
 
 # Ids and counters are stored as BSON int64: a larger integer is a client mistake, not a crash.
@@ -143,6 +144,18 @@ def string_list(name: str, value: Any, *, max_length: int = 1000) -> list[str]:
         raise InvalidValue(f"{name}: expected a list of strings")
     _check_count(name, items)
     return [text(f"{name}[{i}]", item, max_length=max_length) for i, item in enumerate(items)]
+
+
+def domain_list(name: str, value: Any) -> list[str]:
+    """A :func:`string_list` of domain names as they are stored: lower-case, an internationalized
+    one as its IDNA A-label (``bücher.de`` is ``xn--bcher-kva.de``)."""
+    return [ascii_domain_name(domain.strip().lower()).lower() for domain in string_list(name, value)]
+
+
+def given(struct_value: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a filter struct that were given: a nil or ``''`` value (some clients' way to
+    leave a criterion out) is as if the key were absent. An explicit ``[]`` matches nothing."""
+    return {key: value for key, value in struct_value.items() if value is not None and value != ""}
 
 
 def int_list(name: str, value: Any) -> list[int]:

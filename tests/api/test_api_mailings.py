@@ -285,3 +285,30 @@ async def test_a_charset_is_stored_as_its_preferred_mime_name(running_master):
         assert (await stores.mailings.get(mailing_id, with_content=True))["charset"] == name, label
     assert await api.set_mailing_properties(mailing_id, {"subject": "S", "charset": "utf_8"}) == 0
     assert (await stores.mailings.get(mailing_id, with_content=True))["charset"] == "utf-8"
+
+
+@aio_test
+async def test_a_sender_domain_written_in_unicode_finds_its_mailings(running_master):
+    api = running_master.proxy()
+    mailing_id = await api.create_mailing("news@bücher.de", "News", "Hi", "<p>x</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": "a@example.org"}])
+    assert [m["domain_name"] for m in await api.list_mailings("Bücher.de")] == ["xn--bcher-kva.de"]
+    assert await api.get_mailings_count({"domain": ["bücher.de"]}) == 1
+    assert await api.get_recipients_count({"sender_domains": "BÜCHER.de"}) == 1
+    assert await api.get_mailings_count({"domain": ["xn--bcher-kva.de"]}) == 1  # as it is listed
+    assert await api.delete_all_mailings_for_domain("bücher.de") == 1
+    assert await api.get_mailings_count() == 0
+
+
+@aio_test
+async def test_a_nil_or_empty_filter_criterion_is_left_out_and_an_empty_list_matches_nothing(running_master):
+    api = running_master.proxy(allow_none=True)
+    mailing_id = await api.create_mailing("news@example.org", "News", "Hi", "<p>x</p>", "", "utf-8")
+    await api.add_recipients(mailing_id, [{"email": "a@example.org"}])
+    listed = await api.list_mailings({"id": [mailing_id], "status": None, "owner_guid": ""})
+    assert [m["id"] for m in listed] == [mailing_id]
+    assert await api.get_mailings_count({"domain": None, "satellite_group": None}) == 1
+    assert await api.get_recipients_count({"mailings": [mailing_id], "owners": None, "sender_domains": ""}) == 1
+    assert await api.get_recipients_count({"mailings": None, "status": None}) == 1
+    assert await api.get_mailings_count({"id": []}) == 0
+    assert await api.get_recipients_count({"mailings": []}) == 0

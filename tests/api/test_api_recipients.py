@@ -218,10 +218,11 @@ async def test_recipient_filters(running_master):
 @aio_test
 async def test_satellite_registry(running_master):
     api = running_master.proxy()
-    sat_id = await api.cloud_add_satellite("sat-1", {"group": "eu", "domain_affinity": ["Example.org"]})
+    sat_id = await api.cloud_add_satellite("sat-1", {"group": "eu", "domain_affinity": ["Example.org", "Bücher.de"]})
     assert await api.cloud_get_satellites_count() == 1
     listed = await api.cloud_list_satellites()
-    assert listed[0]["serial"] == "sat-1" and listed[0]["domain_affinity"] == ["example.org"]
+    # As recipients' domains are kept: lower-case, an internationalized one as its A-label.
+    assert listed[0]["serial"] == "sat-1" and listed[0]["domain_affinity"] == ["example.org", "xn--bcher-kva.de"]
     assert listed[0]["connected"] is False and listed[0]["in_flight"] == 0
     assert await api.cloud_set_satellite_properties(sat_id, {"enabled": False}) == sat_id
     assert (await api.cloud_list_satellites())[0]["enabled"] is False

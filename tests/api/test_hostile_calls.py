@@ -3,10 +3,8 @@ mailing left stuck: each now gets the client's fault, or the behaviour docs/api.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
-import ssl
 import xmlrpc.client
 
 import pytest
@@ -98,12 +96,8 @@ async def test_a_duration_past_a_century_is_refused_and_a_mailing_always_finishe
 
 @aio_test
 async def test_a_nil_charset_means_not_given(running_master):
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    url = running_master.url_base.replace("://", f"://admin:{running_master.key}@") + "/CloudMailing"
-    proxy = xmlrpc.client.ServerProxy(url, context=context, allow_none=True, use_builtin_types=True)
-    mailing_id = await asyncio.to_thread(proxy.create_mailing, "a@example.org", "N", "S", "<p>x</p>", "", None)
+    api = running_master.proxy(allow_none=True)
+    mailing_id = await api.create_mailing("a@example.org", "N", "S", "<p>x</p>", "", None)
     assert mailing_id > 0  # created, with utf-8 (what an empty charset means)
 
 

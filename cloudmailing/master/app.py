@@ -31,6 +31,7 @@ from cloudmailing.services.master_recovery import MasterRecovery
 from cloudmailing.services.recipients import RecipientService
 from cloudmailing.services.reports import ReportService
 from cloudmailing.services.satellites import SatelliteService
+from cloudmailing.services.templates import stop_unused_checkers
 from cloudmailing.services.writer_claim import CLAIM_SECONDS, ClaimRenewal, MasterPresence, WriterClaim
 from cloudmailing.storage.database import Database, open_database
 from cloudmailing.storage.shared_locks import SharedLocks
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LIFECYCLE_INTERVAL = 5.0
 WITHDRAW_SECONDS = 5.0  # how long a stopping master waits to give up its range of change numbers
+CHECKERS_INTERVAL = 120.0  # template-checking processes unused for one to two of these are stopped
 FLOOR_INTERVAL = 0.2  # how often the other masters' readers learn how far this one's changes are written
 
 
@@ -64,6 +66,7 @@ class Master:
     _floor_loop: LoopingCall | None = None
     _company: Company | None = None
     _company_loop: LoopingCall | None = None
+    _checkers_loop: LoopingCall | None = None
     _others_running: bool = False  # other masters share the database (as of the last tick)
     _renewal: ClaimRenewal | None = None
     _stopped: bool = False
@@ -97,6 +100,9 @@ class Master:
         self._company_loop = LoopingCall(lambda: as_deferred(self._review_company()))
         self._company_loop.clock = self.reactor
         self._company_loop.start(REVIEW_SECONDS, now=True)
+        self._checkers_loop = LoopingCall(lambda: as_deferred(self._stop_unused_checkers()))
+        self._checkers_loop.clock = self.reactor
+        self._checkers_loop.start(CHECKERS_INTERVAL, now=False)
 
     async def _enter(self) -> MasterPresence:
         """Say this master runs, beside any other (refused while ``cm-admin storage``, or a
@@ -147,6 +153,12 @@ class Master:
             await self.stores.status_log.allocator.publish(self._others_running)
         except Exception:  # the database may be away for a while: try again next time
             log.exception("could not publish this master's floor of change numbers")
+
+    async def _stop_unused_checkers(self) -> None:
+        try:
+            await stop_unused_checkers()
+        except Exception:  # the next round tries again
+            log.exception("could not stop the unused template-checking processes")
 
     async def _tick(self) -> None:
         assert self.services is not None and self._recovery is not None
@@ -204,7 +216,7 @@ class Master:
         if self._stopped:
             return
         self._stopped = True
-        for loop in (self._loop, self._floor_loop, self._company_loop):
+        for loop in (self._loop, self._floor_loop, self._company_loop, self._checkers_loop):
             if loop is not None and loop.running:
                 loop.stop()
         if self.link_factory is not None:

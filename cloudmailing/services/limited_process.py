@@ -100,6 +100,7 @@ class _Child:
         finally:
             child_end.close()
         self.ready = False
+        self.used = True  # since the last stop_unused: kept by it
 
     def receive(self, seconds: float) -> Any:
         """The child's next answer; None when none came in ``seconds`` (the child is killed)."""
@@ -193,6 +194,7 @@ class LimitedProcesses:
             raise
         if answer is None:
             raise OverLimits(f"{LIMIT_PREFIX}: checking took over {wall_seconds:g} s")
+        child.used = True
         with self._lock:
             self._idle.append(child)
         kind, value = answer
@@ -215,6 +217,19 @@ class LimitedProcesses:
         """The idle children's process ids."""
         with self._lock:
             return [child.process.pid for child in self._idle if child.process.pid is not None]
+
+    def stop_unused(self) -> int:
+        """Stop the idle children no call used since the last ``stop_unused`` (each holds tens of
+        MiB); how many. Called at a steady interval, a child unused for one to two intervals
+        goes, and the next call starts one again. Blocks while they end: call it in a thread."""
+        with self._lock:
+            unused = [child for child in self._idle if not child.used]
+            self._idle = [child for child in self._idle if child.used]
+            for child in self._idle:
+                child.used = False
+        for child in unused:
+            child.kill()
+        return len(unused)
 
     def close(self) -> None:
         """Kill the idle children (a call under way keeps its child until it ends) and let the

@@ -17,6 +17,8 @@ too (``template over its limits: ...``). The event loop only awaits the answer.
 
 from __future__ import annotations
 
+import asyncio
+
 from cloudmailing.config.settings import SatelliteConfig
 from cloudmailing.satellite.templates import DEFAULT_LIMITS, TemplateLimits, TemplateRenderError, compile_template
 from cloudmailing.services.errors import InvalidValue
@@ -28,6 +30,12 @@ CHECK_MEMORY_MB = SatelliteConfig.compose_memory_mb  # as a compose worker's def
 CHECK_PROCESSES = 2  # checks at once (the others wait their turn)
 
 _checkers = LimitedProcesses(CHECK_PROCESSES, CHECK_MEMORY_MB, preload=(__name__,))
+
+
+async def stop_unused_checkers() -> None:
+    """Stop the checking processes no check used since the last call (the master calls it
+    every few minutes: an idle master does not keep their memory)."""
+    await asyncio.to_thread(_checkers.stop_unused)
 
 
 async def check_template(name: str, source: str, *, html: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 
 import pytest
@@ -104,5 +105,24 @@ async def test_a_cancelled_call_keeps_its_turn_until_its_child_answers():
         assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=60) == "woke"
         assert time.monotonic() - started > 0.1  # after the cancelled call's child had answered
         assert len(processes.pids()) == 1  # ... and its process served this call too
+    finally:
+        processes.close()
+
+
+@aio_test
+async def test_children_unused_between_two_rounds_are_stopped_and_started_again_when_needed():
+    processes = LimitedProcesses(1, memory_mb=64, preload=(__name__,))
+    try:
+        assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=10) == "woke"
+        [pid] = processes.pids()
+        assert await asyncio.to_thread(processes.stop_unused) == 0  # used since the last round
+        assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=10) == "woke"
+        assert await asyncio.to_thread(processes.stop_unused) == 0  # used again
+        assert await asyncio.to_thread(processes.stop_unused) == 1  # a whole round unused
+        assert processes.pids() == []
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert await processes.call(_sleep, 0.0, cpu_seconds=1, wall_seconds=10) == "woke"  # a new one
+        assert processes.pids() not in ([], [pid])
     finally:
         processes.close()

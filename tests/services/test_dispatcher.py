@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import email
@@ -243,12 +244,21 @@ class _Finds(CommandWatcher):
             self.free_searches += 1
 
 
+@contextlib.asynccontextmanager
+async def _watched_world(mongo_url, db_name, clock, listener):
+    """``_world`` on a connection whose commands ``listener`` sees."""
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[listener])
+    try:
+        yield await _world(Database(client=client, db=client[db_name]), clock)
+    finally:
+        await client.drop_database(db_name)
+        await client.close()
+
+
 @aio_test
 async def test_free_blocks_found_by_one_search_serve_the_next_leases(mongo_url, db_name, clock):
     finds = _Finds()
-    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[finds])
-    try:
-        services, mailing_id = await _world(Database(client=client, db=client[db_name]), clock)
+    async with _watched_world(mongo_url, db_name, clock, finds) as (services, mailing_id):
         ids = await _add(services, mailing_id, 10)  # five blocks of two
         await services.mailings.start(mailing_id)
         await services.lifecycle.tick()
@@ -262,9 +272,6 @@ async def test_free_blocks_found_by_one_search_serve_the_next_leases(mongo_url, 
         await services.dispatcher.release_satellite(SATELLITE["serial"])
         again = await services.dispatcher.lease(SATELLITE, 100)
         assert sorted(r["id"] for r in again) == sorted(ids + new) and finds.free_searches == 3
-    finally:
-        await client.drop_database(db_name)
-        await client.close()
 
 
 class _ContentReads(_Finds):
@@ -283,9 +290,7 @@ class _ContentReads(_Finds):
 @aio_test
 async def test_a_satellite_with_a_domain_affinity_leaves_the_other_blocks_to_the_others(mongo_url, db_name, clock):
     watched = _ContentReads()
-    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=False, event_listeners=[watched])
-    try:
-        services, mailing_id = await _world(Database(client=client, db=client[db_name]), clock)
+    async with _watched_world(mongo_url, db_name, clock, watched) as (services, mailing_id):
         common = await _add(services, mailing_id, 8)  # four blocks of two
         rare = await _add(services, mailing_id, 2, domain="rare.test")
         await services.mailings.start(mailing_id)
@@ -302,9 +307,6 @@ async def test_a_satellite_with_a_domain_affinity_leaves_the_other_blocks_to_the
         # Once recipients are added, it looks at the blocks again.
         more_rare = await _add(services, mailing_id, 2, domain="rare.test")
         assert sorted(r["id"] for r in await services.dispatcher.lease(specialist, 100)) == sorted(more_rare)
-    finally:
-        await client.drop_database(db_name)
-        await client.close()
 
 
 @aio_test

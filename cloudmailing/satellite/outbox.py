@@ -103,9 +103,12 @@ class Outbox:
         return True
 
     def add(self, outcome: Outcome) -> None:
+        """Keep ``outcome`` until the master acknowledges it: in the file at once (a process killed
+        now loses nothing: the kernel holds the write), durable on disk at the next :meth:`sync`."""
         line = _outcome_line(outcome)
         self._hold(outcome, len(line))
         self._file.write(line)
+        self._file.flush()
         self._file_bytes += len(line)
 
     def sync(self) -> None:

@@ -6,7 +6,11 @@ import errno
 import json
 import logging
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +44,23 @@ def test_what_was_not_acknowledged_comes_back_after_a_restart(tmp_path):
     outbox.close()
     again = Outbox(tmp_path / "outbox.jsonl")
     assert [o.recipient_id for o in again.batch(10)] == ["r0", "r2"]
+    again.close()
+
+
+def test_outcomes_added_survive_a_kill_before_any_sync(tmp_path):
+    # A satellite killed (kill -9) between a delivery and its report must not deliver it again.
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from cloudmailing.common.link_protocol import Outcome\n"
+        "from cloudmailing.satellite.outbox import Outbox\n"
+        "outbox = Outbox(__import__('pathlib').Path(sys.argv[1]))\n"
+        "for i in range(3):\n"
+        "    outbox.add(Outcome(f'r{i}', 'FINISHED', 250, '2.0.0', 'ok'))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"), str(tmp_path / "outbox.jsonl")],
+        cwd=Path(__file__).parents[2], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    again = Outbox(tmp_path / "outbox.jsonl")
+    assert [o.recipient_id for o in again.batch(10)] == ["r0", "r1", "r2"]
     again.close()
 
 

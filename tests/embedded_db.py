@@ -28,7 +28,7 @@ class EmbeddedDatabase:
         command = [str(ROOT / "bin" / "embedded-db"), "start", str(data_dir)]
         for _ in range(3):
             if searchable_from is not None and os.geteuid() == 0:
-                _searchable(data_dir.parent, searchable_from)
+                searchable(data_dir.parent, searchable_from)
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert self.process.stdout is not None
             self.url = self.process.stdout.readline().strip()  # printed once the database answers
@@ -68,7 +68,10 @@ class EmbeddedDatabase:
         self.stop()
 
 
-def _searchable(path: Path, top: Path) -> None:
+def searchable(path: Path, top: Path) -> None:
+    """``path`` and its parents up to ``top`` made searchable (not readable) by others; those that
+    do not exist yet are left to be made."""
     chain = [path, *path.parents]
     for directory in chain[:chain.index(top) + 1]:  # ValueError when top is not one of them
-        directory.chmod(directory.stat().st_mode | stat.S_IXOTH)
+        if directory.exists():
+            directory.chmod(directory.stat().st_mode | stat.S_IXOTH)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
+from cloudmailing.common.embedded_db import ferretdb_socket, mongodb_url
+from tests.conftest import ROOT
 from tests.embedded_db import EmbeddedDatabase
 
 
@@ -254,3 +256,65 @@ def test_a_second_start_gets_a_clear_error(data_dir, start):
     with start():
         with pytest.raises(RuntimeError, match=f"already running on {data_dir}"):
             start()
+
+
+def test_a_data_dir_with_a_comma_gives_a_working_database(tmp_path, tmp_path_factory):
+    """FerretDB's driver (pgx) splits the host it is given on commas: the cluster's socket then goes
+    to a private temporary directory, and the database works (``url`` says so: it pings)."""
+    data_dir = tmp_path / "data,2026" / "db"
+    data_dir.parent.mkdir()
+    data_dir.parent.chmod(0o755)
+    with EmbeddedDatabase(data_dir, searchable_from=tmp_path_factory.getbasetemp().parent) as database:
+        _client(database.url).shop.orders.insert_one({"n": 1})
+        assert _client(database.url).shop.orders.count_documents({}) == 1
+        url = subprocess.run([str(ROOT / "bin" / "embedded-db"), "url", str(data_dir)], capture_output=True,
+                             text=True, timeout=30)
+        assert (url.returncode, url.stdout.strip()) == (0, database.url)
+
+
+def test_missing_parents_are_made_as_the_caller_makes_directories(tmp_path, tmp_path_factory):
+    """Only the data directory is private; its missing parents get the caller's umask: as root, the
+    user postgres must pass through them (made 0700, the start was refused)."""
+    data_dir = tmp_path / "new" / "sub" / "db"
+    umask = os.umask(0o022)
+    try:
+        database = EmbeddedDatabase(data_dir, searchable_from=tmp_path_factory.getbasetemp().parent)
+    finally:
+        os.umask(umask)
+    with database:
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "new" / "sub").stat().st_mode & 0o777 == 0o755
+        assert data_dir.stat().st_mode & 0o777 == (0o701 if os.geteuid() == 0 else 0o700)
+        assert _client(database.url).admin.command("ping")["ok"] == 1
+
+
+def test_url_wants_a_real_answer_not_just_a_socket_accepting_connections(tmp_path):
+    """``url`` (which bin/quickstart asks) and a start's readiness check send ``ping``, which FerretDB
+    answers after a round trip to PostgreSQL: something that merely accepts connections on the
+    socket (a FerretDB that cannot reach its cluster) is not a running database."""
+    data_dir = tmp_path / "db"
+    path = ferretdb_socket(data_dir)
+    path.parent.mkdir(parents=True)
+    stopping = threading.Event()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        listener.settimeout(0.1)
+
+        def accept_and_close() -> None:
+            while not stopping.is_set():
+                try:
+                    listener.accept()[0].close()
+                except TimeoutError:
+                    continue
+
+        acceptor = threading.Thread(target=accept_and_close)
+        acceptor.start()
+        try:
+            url = subprocess.run([str(ROOT / "bin" / "embedded-db"), "url", str(data_dir)], capture_output=True,
+                                 text=True, timeout=30)
+        finally:
+            stopping.set()
+            acceptor.join()
+    assert url.stdout.strip() == mongodb_url(path)
+    assert url.returncode == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,21 @@ async def test_the_largest_accepted_limits_compose_messages(tmp_path: Path) -> N
         pool.close()
     assert composed.failures == []
     assert len(composed.jobs) == 2
+
+
+@pytest.mark.parametrize("layout", ["short", "long", "symlink"])
+def test_the_default_database_url_is_where_bin_embedded_db_listens(tmp_path: Path, layout: str) -> None:
+    """No database URL configured: the programs look for the embedded database where
+    ``bin/embedded-db`` puts its socket, also when ``<data_dir>/db/socket/ferretdb.sock`` is too
+    long for a socket (then /tmp/cm-ferretdb-UID-HASH/) and when the data directory is a symlink."""
+    data = tmp_path / ".cm"
+    if layout == "long":
+        data = tmp_path / "a-checkout-under-a-rather-long-directory-name" / "projects" / "cloudmailing-main" / ".cm"
+    if layout == "symlink":
+        (tmp_path / "real").mkdir()
+        data.symlink_to(tmp_path / "real")
+    printed = subprocess.run([str(ROOT / "bin" / "embedded-db"), "url", str(data / "db")],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    if layout == "long":
+        assert "/cm-ferretdb-" in urllib.parse.unquote(printed)
+    assert load_settings(None, environ={"CM_DATA_DIR": str(data)}).mongodb_url == printed

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from cloudmailing.cli.runtime import EXIT_FAILURE, EXIT_OK, start_daemon
 from cloudmailing.common.gc_tuning import settle_after_start
+from cloudmailing.config.settings import Settings
 
 log = logging.getLogger("cloudmailing.master")
+
+
+def api_key_command(config: str | None, settings: Settings, environ: Mapping[str, str] = os.environ) -> str:
+    """The cm-admin command that creates an API key in this master's database, as it can be pasted
+    from any directory: absolute paths, shell-quoted, the same data directory and, when given in
+    the environment, the same CM_MONGODB_URL (a password in it shown as PASSWORD)."""
+    admin = Path(sys.executable).absolute().with_name("cm-admin")
+    words = [f"CM_DATA_DIR={shlex.quote(str(settings.paths.data_path.absolute()))}"]
+    if environ.get("CM_MONGODB_URL"):
+        words.append(f"CM_MONGODB_URL={shlex.quote(_without_password(environ['CM_MONGODB_URL']))}")
+    words.append(shlex.quote(str(admin)) if admin.exists() else "cm-admin")
+    if config:
+        words += ["--config", shlex.quote(str(Path(config).absolute()))]
+    return " ".join([*words, "api-key", "create", "--name", "NAME"])
+
+
+def _without_password(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    hosts_end = min(index for index in (rest.find("/"), rest.find("?"), len(rest)) if index >= 0)
+    credentials, at, hosts = rest[:hosts_end].rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{separator}{user}:PASSWORD@{hosts}{rest[hosts_end:]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(listening on {api.host}:{master.api_port})", flush=True)
         print(f"Satellites connect on {settings.satellite_link.host}:{master.satellite_port}", flush=True)
         print(f"TLS certificate {master.tls.cert_path} SHA-256 {master.tls.fingerprint_sha256()}", flush=True)
-        print("Create an API key with: cm-admin" + (f" --config {args.config}" if args.config else "")
-              + " api-key create --name NAME", flush=True)
+        print(f"Create an API key with: {api_key_command(args.config, settings)}", flush=True)
 
     def failed(failure: Any) -> None:
         log.error("master failed to start: %s", failure.getErrorMessage())

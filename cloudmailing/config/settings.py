@@ -11,13 +11,14 @@ import dataclasses
 import ipaddress
 import math
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pymongo import uri_parser
 from pymongo.errors import ConfigurationError, InvalidURI
+
+from cloudmailing.common.embedded_db import embedded_url
 
 
 class ConfigError(ValueError):
@@ -140,12 +141,12 @@ class Settings:
     @property
     def mongodb_url(self) -> str:
         """The database URL in force: the configured one, else the embedded server's: FerretDB's
-        unix socket in ``<data_dir>/db``, where bin/quickstart starts it (``bin/embedded-db url``
-        prints it; quickstart also hands it to every program in ``CM_MONGODB_URL``)."""
+        unix socket for ``<data_dir>/db``, where bin/quickstart starts it (``bin/embedded-db url``
+        prints it, by the same rule: common/embedded_db.py; quickstart also hands it to every
+        program in ``CM_MONGODB_URL``)."""
         if self.database.url or self.database.embedded_url:
             return self.database.url or self.database.embedded_url
-        socket = (self.paths.data_path / "db" / "socket" / "ferretdb.sock").absolute()
-        return "mongodb://" + urllib.parse.quote(str(socket), safe="") + "/"
+        return embedded_url(self.paths.data_path / "db")
 
 
 _SECTIONS: dict[str, type] = {

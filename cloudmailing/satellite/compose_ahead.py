@@ -9,6 +9,9 @@ A mailing's next messages are reckoned at the largest of its messages composed s
 is unknown (its first message), one message of it is composed at a time. So the composed-unsent
 bytes stay under ``max_bytes`` plus one message (when one message alone is larger than the room
 left, it is still composed once nothing else is held: a mailing is never stuck).
+
+A recipient whose turn comes too late (``late``: its lease is over, the daemon decides) is not
+composed: it goes to ``not_composed``, which gives it its outcome.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ class ComposeAhead:
     """Leased recipients composed by ``pool`` when room allows; messages to ``submit``, failures to ``failed``."""
 
     def __init__(self, pool: ComposePool, submit: Callable[[DeliveryJob], None],
-                 failed: Callable[[dict[str, Any], int], None], max_bytes: int) -> None:
+                 failed: Callable[[dict[str, Any], int], None], max_bytes: int,
+                 late: Callable[[str], bool] | None = None,
+                 not_composed: Callable[[list[dict[str, Any]], int], None] | None = None) -> None:
         self._pool = pool
         self._submit = submit
         self._failed = failed
+        self._late = late  # asked of each recipient (by id) just before it is composed
+        self._not_composed = not_composed  # given those ``late`` refused, with their mailing id
         self.max_bytes = max_bytes
         self.composed_bytes = 0  # composed, handed to delivery, delivery not ended yet
         self.peak_bytes = 0      # the most composed_bytes has been (for tests and benchmarks)
@@ -89,11 +96,33 @@ class ComposeAhead:
                 self._short_of_room = True
                 return
             chunk = [self._waiting.popleft()[1] for _ in range(count)]
+            if self._late is not None:
+                chunk, reserve = self._drop_late(mailing, chunk, reserve, probe)
+                if not chunk:
+                    continue
+                count = len(chunk)
             self._reserved += reserve
             self._composing += count
             task = asyncio.ensure_future(self._compose(mailing, chunk, reserve // count, probe))
             self._tasks.add(task)
             task.add_done_callback(self._done)
+
+    def _drop_late(self, mailing: MailingSource, chunk: list[dict[str, Any]], reserve: int,
+                   probe: bool) -> tuple[list[dict[str, Any]], int]:
+        """The chunk's recipients still on time and the bytes they reserve; the late ones go to
+        ``not_composed`` (out of the counts already: ``pending`` no longer counts them)."""
+        assert self._late is not None
+        on_time: list[dict[str, Any]] = []
+        late: list[dict[str, Any]] = []
+        for recipient in chunk:
+            (late if self._late(recipient["id"]) else on_time).append(recipient)
+        if not late:
+            return chunk, reserve
+        if probe and not on_time:
+            self._probing = False  # no probe after all: the next chunk of the mailing is one
+        if self._not_composed is not None:
+            self._not_composed(late, mailing.mailing_id)
+        return on_time, reserve // len(chunk) * len(on_time)
 
     def _room_for(self, mailing: MailingSource) -> tuple[int, int, bool]:
         """How many of ``mailing``'s waiting recipients to compose now, the bytes they reserve, and

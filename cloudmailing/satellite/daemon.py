@@ -7,7 +7,16 @@ under the template limits, only as far ahead of sending as ``max_composed_bytes`
 *scheduler* (``delivery.py``) delivers; the *reporter* sends outcomes back in batches, after
 writing them to the outbox on disk. A lost link ends the
 session: the master takes the leases back, and the satellite reconnects and first reports what
-its outbox still holds. The satellite keeps no other state: the master is the only truth.
+its outbox still holds: no lease is asked for before the master has acknowledged it (a lease
+given first could bring back the very recipients it names). The satellite keeps no other state:
+the master is the only truth.
+
+A lease lasts ``lease_seconds`` (its answer says) on the master, from about when it arrives: a
+recipient not started a margin before then (see :func:`lease_end`; not composed yet, or composed
+and its transaction not begun) is not sent, but reported as WARNING "lease expired before sending"
+(the master may have handed it to another satellite already, or will soon; it retries it). A
+lease that brings a recipient the satellite still holds (queued, being sent, or its outcome not
+acknowledged yet: the lease before ran out) only moves it to the new lease: it is not sent again.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ import base64
 import dataclasses
 import functools
 import logging
+import math
 import random
 import secrets
 import socket
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -47,6 +58,7 @@ from cloudmailing.common.link_protocol import (
 )
 from cloudmailing.common.private_files import write_private
 from cloudmailing.common.recent import keep_recent
+from cloudmailing.common.statuses import WARNING
 from cloudmailing.config.settings import SatelliteConfig, parse_host_port
 from cloudmailing.satellite.compose_ahead import ComposeAhead
 from cloudmailing.satellite.compose_pool import ComposePool, MailingSource
@@ -68,6 +80,11 @@ RECONNECT_MAX = 30.0
 RETRY_PAUSE = 1.0
 _REPORTS_AT_ONCE = 2  # reports in flight: the last outcomes do not wait for the one before
 UNREPORTED_LEASES = 5  # no new lease while this many leases' worth of outcomes await the master
+# A recipient is not started later than this before its lease ends on the master: the greater of
+# LEASE_MARGIN_SECONDS and LEASE_MARGIN_SHARE of lease_seconds, at most half of them.
+LEASE_MARGIN_SECONDS = 2.0
+LEASE_MARGIN_SHARE = 0.1
+LEASE_EXPIRED = "lease expired before sending"
 Answer = TypeVar("Answer")
 
 
@@ -88,6 +105,14 @@ def delivery_config(config: SatelliteConfig) -> DeliveryConfig:
         starttls=config.starttls, backoff_initial=config.backoff_initial, backoff_factor=config.backoff_factor,
         backoff_maximum=config.backoff_maximum, backoff_burst=config.backoff_burst,
         max_backoff_wait=config.max_backoff_wait)
+
+
+def lease_end(arrived: float, lease_seconds: float) -> float:
+    """When the recipients of a lease that arrived at ``arrived`` (reactor seconds) may no longer
+    start: a margin before the master takes it back (the answer's way here, a transaction started
+    just then and its report fit in it)."""
+    margin = min(max(LEASE_MARGIN_SECONDS, LEASE_MARGIN_SHARE * lease_seconds), lease_seconds / 2)
+    return arrived + lease_seconds - margin
 
 
 def template_limits(config: SatelliteConfig) -> TemplateLimits:
@@ -135,15 +160,23 @@ class SatelliteDaemon:
         self._resolver = MxResolver(nameservers, clock=reactor, rng=rng or random.Random())
         self._outbox = Outbox(data_dir / "outbox.jsonl")
         self._scheduler = DeliveryScheduler(delivery_config(config), self._resolver, self._delivered,
-                                            clock=reactor)
+                                            clock=reactor, hold=self._too_late)
         self._composer = ComposePool(config.compose_workers, template_limits(config), config.compose_memory_mb)
         self.ahead = ComposeAhead(self._composer, self._scheduler.submit, self._build_failed,
-                                  config.max_composed_bytes)
+                                  config.max_composed_bytes, self._late, self._not_composed)
         # id -> (when fetched, content, its content version)
         self._mailings: OrderedDict[int, tuple[float, MailingSource, int]] = OrderedDict()
         # The lease of every recipient held (handed to composing, not yet acknowledged): a
         # reconnecting satellite names them, and the master frees its other leases at once.
         self._leases: dict[str, str] = {}
+        # When each recipient queued or being sent may no longer start (its lease's end, less the
+        # margin; reactor seconds): from its lease until its outcome. Held, not in the outbox yet.
+        self._deadlines: dict[str, float] = {}
+        # The outcomes the outbox held when the link began, not acknowledged yet: the session asks
+        # for no lease before they are (``_replayed`` set then).
+        self._replaying: set[str] = set()
+        self._replayed = asyncio.Event()
+        self._replayed.set()
         self._work = asyncio.Event()  # the master said it has work (``wake``) since the last lease
         self._drained = asyncio.Event()  # everything leased is delivered: report without waiting
         self._stopping = False
@@ -153,6 +186,7 @@ class SatelliteDaemon:
 
     def _delivered(self, job: DeliveryJob, outcome: DeliveryOutcome) -> None:
         self.ahead.sent(job)
+        self._deadlines.pop(outcome.recipient_id, None)
         content = base64.b64encode(job.data).decode("ascii") if job.keep_content else None
         self._outbox.add(Outcome(outcome.recipient_id, outcome.status, outcome.reply_code,
                                  outcome.reply_enhanced_code, outcome.reply_text, outcome.smtp_log, outcome.mx_host,
@@ -214,6 +248,7 @@ class SatelliteDaemon:
             return
         self.sessions += 1
         log.info("connected to the master", extra={"satellite": self.serial})
+        self._replay_first()
         tasks = [asyncio.ensure_future(self._feed(link)), asyncio.ensure_future(self._report(link))]
         try:
             await asyncio.wait([link.closed_future, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -239,9 +274,21 @@ class SatelliteDaemon:
                 log.info("the master cannot be told the leases held", extra={"satellite": self.serial})
                 return
 
+    def _replay_first(self) -> None:
+        """Note the outcomes the outbox holds as the link begins: the feeder waits until the master
+        has acknowledged them. Its lease ended meanwhile (the master down, or this satellite past
+        the reconnect grace), the master may lease their recipients again: to this satellite, only
+        once it has taken these outcomes; named in a lease first, they would go out again."""
+        self._replaying = {outcome.recipient_id for outcome in
+                           self._outbox.batch(len(self._outbox), max_bytes=sys.maxsize)}
+        self._replayed = asyncio.Event()
+        if not self._replaying:
+            self._replayed.set()
+
     # -- leasing and composing --------------------------------------------------------------
 
     async def _feed(self, link: LinkProtocol) -> None:
+        await self._replayed.wait()  # the outbox of before this link is acknowledged first
         low_water = max(1, self.config.lease_size // 2)
         # Outcomes the master has not acknowledged yet are held in memory (and on disk): while the
         # master is slow to take them, leasing more would only grow that backlog.
@@ -256,7 +303,9 @@ class SatelliteDaemon:
             answer = await self._ask(link, "lease", LeaseRequest(self.config.lease_size - held).to_wire(),
                                      LeaseAnswer.from_wire)
             recipients = answer.recipients if answer else []
-            await self._submit(link, recipients, answer.content_versions if answer else {})
+            if answer and recipients:
+                until = lease_end(self._reactor.seconds(), answer.lease_seconds)
+                await self._submit(link, recipients, answer.content_versions, until)
             if not recipients:
                 await _set_or_after(self._work, IDLE_POLL)  # the master may wake us sooner
 
@@ -265,12 +314,15 @@ class SatelliteDaemon:
         return {}
 
     async def _submit(self, link: LinkProtocol, recipients: list[LeasedRecipient],
-                      content_versions: Mapping[int, int] | None = None) -> None:
-        """Hand a lease's recipients to composing. Every mailing's content comes first (fetched
-        again when the lease names a newer version than the one kept): only then
+                      content_versions: Mapping[int, int] | None = None, until: float = math.inf) -> None:
+        """Hand a lease's recipients to composing, to start before ``until`` (reactor seconds).
+        Every mailing's content comes first (fetched again when the lease names a newer version
+        than the one kept): only then
         are the recipients held (in ``_leases``), all at once. A fetch that fails (link lost,
         feeder cancelled) leaves none of them held: not named at the next hello, they are freed
-        at once (a lease may span mailings: one held recipient would keep them all)."""
+        at once (a lease may span mailings: one held recipient would keep them all). A recipient
+        held already (its lease before ran out: it is queued, being sent, or its outcome awaits
+        the master) is moved to this lease, and not sent again."""
         by_mailing: dict[int, list[LeasedRecipient]] = {}
         for recipient in recipients:
             by_mailing.setdefault(recipient.mailing_id, []).append(recipient)
@@ -285,12 +337,47 @@ class SatelliteDaemon:
                 # Deleted since the lease, with its recipients: nothing to send, nothing to report.
                 log.warning("mailing gone; %d leased recipients dropped", len(leased),
                             extra={"mailing": mailing_id, "satellite": self.serial})
+        leases, deadlines = self._leases, self._deadlines
         for mailing_id, mailing in mailings.items():  # no await from here: all held, or none
-            leased = by_mailing[mailing_id]
-            self._leases.update((r.id, r.lease) for r in leased)
-            self.ahead.add(mailing, [recipient.to_wire() for recipient in leased])  # the compose workers take dicts
+            fresh = []
+            for recipient in by_mailing[mailing_id]:
+                rid = recipient.id
+                if rid not in leases:
+                    fresh.append(recipient.to_wire())  # the compose workers take dicts
+                    deadlines[rid] = until
+                elif rid in deadlines:  # queued or being sent: its outcome will name this lease
+                    deadlines[rid] = until
+                leases[rid] = recipient.lease
+            if len(fresh) < len(by_mailing[mailing_id]):
+                log.info("%d leased recipients held already, not sent again",
+                         len(by_mailing[mailing_id]) - len(fresh), extra={"mailing": mailing_id,
+                                                                            "satellite": self.serial})
+            if fresh:
+                self.ahead.add(mailing, fresh)
+
+    def _late(self, recipient_id: str) -> bool:
+        """Whether the recipient's lease is over (less the margin): then it is not composed."""
+        return self._deadlines.get(recipient_id, math.inf) <= self._reactor.seconds()
+
+    def _too_late(self, job: DeliveryJob) -> str | None:
+        """The scheduler asks just before the job's transaction: a reason not to start it, or None."""
+        if self._deadlines.get(job.recipient_id, math.inf) > self._reactor.seconds():
+            return None
+        return LEASE_EXPIRED
+
+    def _not_composed(self, recipients: list[dict[str, Any]], mailing_id: int) -> None:
+        """Recipients left uncomposed, their lease over: reported as WARNING (the master retries them,
+        or ignores the outcome when it has handed them to another satellite already)."""
+        log.warning("%d recipients not sent: %s", len(recipients), LEASE_EXPIRED,
+                    extra={"mailing": mailing_id, "satellite": self.serial})
+        for recipient in recipients:
+            self._deadlines.pop(recipient["id"], None)
+            self._keep(Outcome(recipient["id"], WARNING, None, "", LEASE_EXPIRED))
+        if self._all_delivered():
+            self._drained.set()
 
     def _build_failed(self, failure: dict[str, Any], mailing_id: int) -> None:
+        self._deadlines.pop(failure["recipient_id"], None)
         log.warning("cannot build the message: %s", failure["reply_text"],
                     extra={"mailing": mailing_id, "recipient": failure["recipient_id"]})
         # The reason may quote a template: made valid text, so that the master takes the report.
@@ -372,17 +459,22 @@ class SatelliteDaemon:
         if answer:
             self._outbox.acknowledge(answer.acknowledged)
             self._forget_leases(batch, set(answer.acknowledged))
+            if self._replaying:
+                self._replaying.difference_update(answer.acknowledged)
+                if not self._replaying:
+                    self._replayed.set()  # the feeder may lease now
             # What the master took no longer counts against this satellite's lease allowance: a
             # lease it refused for that may be granted now, not after IDLE_POLL.
             self._work.set()
 
     def _forget_leases(self, reported: list[Outcome], acknowledged: set[str]) -> None:
-        """Forget the lease of each acknowledged recipient, unless it was leased again since (the
-        outcome names an older lease): its next outcome must name the lease it holds now."""
+        """Forget the lease of each acknowledged recipient, unless it is queued or being sent again
+        (the outcome names an older lease): its next outcome must name the lease it holds now. One
+        leased again while its outcome waited was not sent again: that outcome was its last."""
         for outcome in reported:
             rid = outcome.recipient_id
-            if rid in acknowledged and outcome.lease is not None and self._leases.get(rid) == outcome.lease:
-                del self._leases[rid]
+            if rid in acknowledged and (rid not in self._deadlines or self._leases.get(rid) == outcome.lease):
+                self._leases.pop(rid, None)
 
     async def _ask(self, link: LinkProtocol, method: str, params: dict[str, Any],
                    decode: Callable[[Any], Answer]) -> Answer | None:

@@ -27,6 +27,10 @@ recipient), resolves the recipient domain's mail hosts, and delivers through
 * jobs of a ``testing`` mailing go to ``test_target`` (the domain is still resolved, so DNS
   still decides deliverability).
 
+Just before a job's SMTP transaction starts, ``hold(job)`` (when given) may name a reason not to
+send it after all (the daemon's: its lease is over): it is then reported as WARNING with that
+reason, untried.
+
 Every job gets exactly one :class:`~cloudmailing.satellite.outcomes.DeliveryOutcome`, passed to
 ``on_outcome(job, outcome)``. The scheduler does not decide ``next_try``: the master does, with
 :class:`~cloudmailing.satellite.outcomes.RetrySchedule`.
@@ -195,10 +199,12 @@ class DeliveryScheduler:
         resolver: Resolver,
         on_outcome: OutcomeCallback,
         clock: Clock,
+        hold: Callable[[DeliveryJob], str | None] | None = None,
     ) -> None:
         self.config = config
         self._resolver = resolver
         self._on_outcome = on_outcome
+        self._hold = hold  # asked just before each transaction starts: a reason not to send, or None
         self._clock: Clock = clock
         self._options = SmtpClientOptions(
             config.helo_hostname, config.connect_timeout, config.reply_timeout, config.starttls
@@ -553,6 +559,10 @@ class DeliveryScheduler:
                 if job is None:
                     return
             if job is not None:
+                reason = self._hold(job) if self._hold is not None else None
+                if reason is not None:  # not sent after all: reported untried
+                    self._report(job, outcomes.temporary_failure(job.recipient_id, reason))
+                    continue
                 in_flight.append((job, connection.start(job.envelope_from, job.recipient, job.data,
                                                         job.recipient_id)))
                 continue

@@ -3,7 +3,8 @@
 A satellite takes a *lease* on blocks of deliverable recipients (READY, or WARNING whose retry is
 due) of RUNNING mailings of its group, and on any block of test recipients (``send_test``): it
 holds them until it reports each one, or until the lease expires or it disconnects, when they go
-back to the queue. A report is recorded only for recipients the reporting satellite holds, so a
+back to the queue. A report is recorded for recipients the reporting satellite holds, and for
+those still pending that no satellite holds (an outbox reported after the lease ended): a
 report repeated after a lost acknowledgement records nothing new, and no satellite can write
 over another's recipients. The master, not the satellite, decides when a soft bounce is retried
 and when it has been tried long enough.
@@ -25,7 +26,7 @@ from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATU
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
-from cloudmailing.storage.block_codec import from_millis
+from cloudmailing.storage.block_codec import from_millis, to_millis
 from cloudmailing.storage.blocks import Block, Lease
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.stores import Stores
@@ -53,7 +54,7 @@ def retry_delay(config: DispatchConfig, try_count: int) -> float:
 @dataclass(frozen=True)
 class Reported:
     """What :meth:`Dispatcher.report` did with a report: the ids acknowledged (all it named), and
-    those whose outcome was recorded (of recipients the satellite held under that lease)."""
+    those whose outcome was recorded (see :func:`_recordable`)."""
 
     acknowledged: list[str]
     recorded: list[str]
@@ -241,7 +242,8 @@ class Dispatcher:
     # -- reports ------------------------------------------------------------------------------
 
     async def report(self, satellite: Mapping[str, Any], outcomes: Sequence[Outcome]) -> Reported:
-        """Record each outcome of a recipient the satellite holds. ``acknowledged``: the recipient
+        """Record each outcome of a recipient the satellite holds, or that is still pending and
+        held by no other satellite (see :func:`_recordable`). ``acknowledged``: the recipient
         ids it may forget (every id it sent: the others have nothing left to record); ``recorded``:
         those whose outcome was recorded."""
         now = utc_now(self._clock)
@@ -261,8 +263,9 @@ class Dispatcher:
         if settled:
             await self._tell_settled(settled)
         ignored = len(usable) - len(recorded)
-        log.info("%d outcomes recorded%s", len(recorded), f", {ignored} not held by this satellite ignored"
-                 if ignored else "", extra={"satellite": serial})
+        log.info("%d outcomes recorded%s", len(recorded),
+                 f", {ignored} held by another satellite or reported already ignored" if ignored else "",
+                 extra={"satellite": serial})
         return Reported([o.recipient_id for o in outcomes], recorded_ids)
 
     async def leased_count(self, serial: str) -> int:
@@ -292,14 +295,13 @@ class Dispatcher:
         """The block's mailing, and the changes recorded in the block."""
         addresses = await self._blocks.addresses(block_id, max(outcomes, default=-1) + 1)
 
+        due = to_millis(now)
+
         def decide(block: Block) -> list[Change] | None:
-            lease = block.lease
-            if lease is None or lease.owner != serial:
-                return None
+            size = min(len(block.columns), len(addresses))
             changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
-                       if slot < min(len(block.columns), len(addresses)) and block.columns.leased[slot]
-                       and addresses[slot][0] == rid and outcome.lease in (None, lease.id)]
-            return changes or None
+                       if slot < size and addresses[slot][0] == rid and _recordable(block, slot, outcome, serial, due)]
+            return changes or None  # recording a slot takes it out of its lease (ledger)
 
         written = await self._ledger.edit(block_id, decide, now)
         for rid, _ in outcomes.values():
@@ -381,6 +383,31 @@ class Dispatcher:
         if ended:
             self._blocks.forget_free()  # free again: the next lease searches for it
         return len(ended)
+
+
+def _recordable(block: Block, slot: int, outcome: Outcome, serial: str, due: int) -> bool:
+    """Whether ``serial``'s outcome for the block's ``slot`` is recorded (``due``: now, in ms).
+
+    A slot leased to ``serial`` under the lease the outcome names (or none named): yes. One leased
+    to another satellite: no, it is theirs now. Otherwise only the outcome of a lease the satellite
+    names, for a recipient still pending that no other satellite holds: one leased to ``serial``
+    under another of its leases (an outcome kept across a reconnect, the recipient leased again
+    since: that lease's hold on it ends), or one leased to nobody (its lease expired, or was freed
+    after the reconnect grace) that is READY or a WARNING whose retry is due. A WARNING not due
+    yet was reported since it was last leasable: the outcome is a repeat (its acknowledgement
+    lost), and records nothing new."""
+    lease = block.lease
+    cols = block.columns
+    if cols.leased[slot]:
+        if lease is None or lease.owner != serial:
+            return False
+        if outcome.lease in (None, lease.id):
+            return True
+        return cols.status_of(slot) in PENDING_STATUSES
+    if outcome.lease is None:  # a satellite naming no lease: only what it holds counts
+        return False
+    status = cols.status_of(slot)
+    return status == READY or (status == WARNING and cols.next_try[slot] <= due)
 
 
 def _end_lease(block: Block, slots: Sequence[int] | None = None) -> None:

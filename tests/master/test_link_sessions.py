@@ -206,20 +206,23 @@ async def test_wakes_a_satellite_never_answers_do_not_pile_up_nor_keep_an_idle_l
 @aio_test
 async def test_outcomes_the_master_ignores_neither_free_the_allowance_nor_raise_the_rate(running_master):
     """Only outcomes the dispatcher recorded count in the budget: acknowledged ones it ignored
-    (wrong lease id) leave the recipients leased, and the allowance used."""
+    (recipients another satellite holds) leave the recipients leased, and the allowance used."""
     api = running_master.proxy()
     await _big_mailing(api, 1500)  # three blocks of 500
     link = await _registered_link(running_master, "sat-bogus")
+    other = await _registered_link(running_master, "sat-other")
     first = (await link.call("lease", max_recipients=1000))["recipients"]
     assert len(first) == 500
-    bogus = [{"recipient_id": r["id"], "status": "WARNING", "reply_code": 421, "lease": "not-the-lease"}
-             for r in first]
+    theirs = (await other.call("lease", max_recipients=1000))["recipients"]
+    bogus = [{"recipient_id": r["id"], "status": "WARNING", "reply_code": 421, "lease": first[0]["lease"]}
+             for r in theirs]
     assert len((await link.call("report", outcomes=bogus))["acknowledged"]) == 500
-    statuses = {s["status"] for s in await api.get_recipients_status([r["id"] for r in first[:50]], {})}
+    statuses = {s["status"] for s in await api.get_recipients_status([r["id"] for r in theirs[:50]], {})}
     assert statuses == {"IN PROGRESS"}  # nothing recorded: all still held
     more = (await link.call("lease", max_recipients=1000))["recipients"]
     held = await _in_flight(api, "sat-bogus")
     link.close()
+    other.close()
     assert more == [], f"nothing recorded, yet it now holds {held} recipients (initial_lease_size 100)"
 
 

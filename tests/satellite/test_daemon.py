@@ -110,7 +110,8 @@ def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
 
     kept: list[Outcome] = []
     failure = build_failure("r1", PersonalizationError("template error near '\ud800'"))
-    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append, _all_delivered=lambda: False), failure, 3)  # type: ignore[arg-type]
+    SatelliteDaemon._build_failed(SimpleNamespace(_keep=kept.append, _all_delivered=lambda: False, _deadlines={}),  # type: ignore[arg-type]
+                                  failure, 3)
     assert Outcome.from_wire(kept[0].to_wire()).status == "GENERAL_ERROR"  # the master will take it
     assert kept[0].reply_text.startswith("template error near")
 
@@ -118,11 +119,13 @@ def test_a_build_failure_quoting_invalid_text_is_kept_as_valid_text():
 def test_an_acknowledged_outcome_of_an_older_lease_keeps_the_recipients_new_lease():
     from types import SimpleNamespace
 
-    daemon = SimpleNamespace(_leases={"r1": "new", "r2": "L2", "r3": "L3"})
+    daemon = SimpleNamespace(_leases={"r1": "new", "r2": "L2", "r3": "L3", "r4": "new"}, _deadlines={"r1": 10.0})
     reported = [Outcome("r1", "FINISHED", 250, "", "", lease="old"), Outcome("r2", "FINISHED", 250, "", "", lease="L2"),
-                Outcome("r3", "FINISHED", 250, "", "", lease="L3")]
-    SatelliteDaemon._forget_leases(daemon, reported, {"r1", "r2"})  # type: ignore[arg-type]
-    assert daemon._leases == {"r1": "new", "r3": "L3"}  # r1 was leased again; r3 not acknowledged yet
+                Outcome("r3", "FINISHED", 250, "", "", lease="L3"), Outcome("r4", "FINISHED", 250, "", "", lease="old")]
+    SatelliteDaemon._forget_leases(daemon, reported, {"r1", "r2", "r4"})  # type: ignore[arg-type]
+    # r1 is queued again under its new lease; r3 not acknowledged yet; r4, leased again while its
+    # outcome waited, was not sent again: that outcome was its last.
+    assert daemon._leases == {"r1": "new", "r3": "L3"}
 
 
 @aio_test

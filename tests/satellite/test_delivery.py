@@ -72,13 +72,13 @@ class World:
         self.scheduler: DeliveryScheduler | None = None
 
     def start(self, table: dict[str, list[MailHost] | Exception], clock: Clock | None = None,
-              **config: Any) -> DeliveryScheduler:
+              hold: Callable[[DeliveryJob], str | None] | None = None, **config: Any) -> DeliveryScheduler:
         settings = {"helo_hostname": "sat.example.test", "smtp_port": self.port,
                     "connect_timeout": 5.0, "reply_timeout": 5.0, **config}
         self.resolver = StaticResolver(table)
         self.scheduler = DeliveryScheduler(
             DeliveryConfig(**settings), self.resolver,
-            lambda job, outcome: self.outcomes.append((job, outcome)), clock or reactor,
+            lambda job, outcome: self.outcomes.append((job, outcome)), clock or reactor, hold=hold,
         )
         return self.scheduler
 
@@ -206,6 +206,28 @@ async def test_queued_jobs_ride_on_one_connection_two_in_flight(world: Any) -> N
     assert [o.recipient for o, _ in w.outcomes] == [f"user{i}@a.test" for i in range(6)]  # in order
     segments = [s for s in w.servers["127.0.0.2"].batches[0] if s]
     assert segments[1:7] == [["MAIL", "RCPT", "DATA"]] + [[".", "MAIL", "RCPT", "DATA"]] * 5
+
+
+@aio_test
+async def test_a_job_held_back_just_before_its_transaction_is_reported_untried(world: Any) -> None:
+    """The daemon's ``hold`` (its lease is over) is asked as each transaction is about to start:
+    a job it names a reason for is not sent, and gets a WARNING with that reason."""
+    w = world({"127.0.0.2": Behaviour()})
+    asked: list[str] = []
+    late = {"a.test-1", "a.test-4"}
+
+    def hold(job: DeliveryJob) -> str | None:
+        asked.append(job.recipient_id)
+        return "lease expired before sending" if job.recipient_id in late else None
+
+    scheduler = w.start({"a.test": [mx("127.0.0.2")]}, hold=hold, max_connections_per_host=1)
+    await deliver(scheduler, jobs("a.test", 6))
+
+    assert sorted(asked) == [f"a.test-{i}" for i in range(6)]  # once each
+    assert w.statuses() == {f"a.test-{i}": WARNING if f"a.test-{i}" in late else FINISHED for i in range(6)}
+    assert {o.reply_text for _, o in w.outcomes if o.status == WARNING} == {"lease expired before sending"}
+    received = [m.rcpt_to[0] for m in w.servers["127.0.0.2"].messages]
+    assert received == [f"user{i}@a.test" for i in (0, 2, 3, 5)]  # the others never went out
 
 
 @aio_test

@@ -122,6 +122,72 @@ async def test_leases_never_reported_are_forgotten_once_they_end(database, clock
     assert services.dispatcher._held == {}
 
 
+def _kept(recipient, status, code=250, lease=None):
+    """The outcome a satellite kept for a leased recipient, naming its lease (or ``lease``)."""
+    return Outcome.from_wire({"recipient_id": recipient["id"], "status": status, "reply_code": code,
+                              "reply_text": "x", "smtp_log": [], "lease": lease or recipient["lease"]})
+
+
+async def _status(services, recipient):
+    return (await services.reports.statuses([recipient["id"]], {}))[0]
+
+
+@aio_test
+async def test_an_outcome_kept_past_its_lease_counts_unless_another_satellite_holds_the_recipient(database, clock):
+    """A satellite back after its lease ended (the reconnect grace passed) reports its outbox: the
+    master records what is still pending and leased to nobody; what another satellite holds now,
+    or what was reported already (a repeat after a lost acknowledgement), it ignores."""
+    services, mailing_id = await _world(database, clock, lease_seconds=60, retry_initial_seconds=300)
+    await _add(services, mailing_id, 5)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    first = await services.dispatcher.lease(SATELLITE, 5)
+    assert len(first) == 5  # three blocks
+    clock.advance(61)
+    assert await services.dispatcher.expire_leases() == 5
+    stolen = await services.dispatcher.lease({**SATELLITE, "serial": "sat-b"}, 1)
+    assert [r["id"] for r in stolen] == [r["id"] for r in first[:2]]  # the first block, now sat-b's
+    reported = await services.dispatcher.report(SATELLITE, [
+        _kept(first[0], "FINISHED"), _kept(first[2], "FINISHED"), _kept(first[3], "WARNING", 451)])
+    assert sorted(reported.recorded) == sorted([first[2]["id"], first[3]["id"]])
+    assert (await _status(services, first[0]))["status"] == "IN PROGRESS"  # sat-b's now: untouched
+    assert (await _status(services, first[2]))["status"] == "FINISHED"
+    warned = await _status(services, first[3])
+    assert (warned["status"], warned["try_count"]) == ("WARNING", 1)
+    # Sent again, its acknowledgement lost: nothing new, not even the soft bounce's try.
+    again = await services.dispatcher.report(SATELLITE, [_kept(first[2], "ERROR", 550),
+                                                         _kept(first[3], "WARNING", 451)])
+    assert again.recorded == []
+    assert (await _status(services, first[2]))["status"] == "FINISHED"
+    assert (await _status(services, first[3]))["try_count"] == 1
+    # An outcome naming no lease counts only for what the satellite holds.
+    assert (await services.dispatcher.report(SATELLITE, [_outcome(first[4]["id"], "FINISHED")])).recorded == []
+    assert (await _status(services, first[4]))["status"] == "READY"
+
+
+@aio_test
+async def test_an_outcome_of_an_earlier_lease_of_the_same_satellite_counts_and_ends_the_new_hold(database, clock):
+    """The lease ended and the same satellite was leased the recipients again before its outbox
+    was reported: the outcome of the earlier lease is recorded, and the later lease lets go of
+    that recipient (its other recipients stay held)."""
+    services, mailing_id = await _world(database, clock, lease_seconds=60)
+    await _add(services, mailing_id, 2)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    first = await services.dispatcher.lease(SATELLITE, 2)
+    clock.advance(61)
+    await services.dispatcher.expire_leases()
+    second = await services.dispatcher.lease(SATELLITE, 2)
+    assert [r["id"] for r in second] == [r["id"] for r in first] and second[0]["lease"] != first[0]["lease"]
+    reported = await services.dispatcher.report(SATELLITE, [_kept(first[0], "FINISHED")])
+    assert reported.recorded == [first[0]["id"]]
+    assert (await _status(services, first[0]))["status"] == "FINISHED"
+    assert await services.dispatcher.leased_count("sat-a") == 1  # the other one is still held
+    assert (await _status(services, first[1]))["status"] == "IN PROGRESS"
+    assert (await services.dispatcher.report(SATELLITE, [_kept(second[1], "FINISHED")])).recorded == [first[1]["id"]]
+    assert await services.dispatcher.leased_count("sat-a") == 0
+
+
 @aio_test
 async def test_reports_set_final_statuses_and_soft_bounce_retries(database, clock):
     services, mailing_id = await _world(database, clock, retry_initial_seconds=300, retry_max_age_hours=1)

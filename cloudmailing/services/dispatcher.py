@@ -26,7 +26,7 @@ from cloudmailing.common.statuses import ERROR_STATUSES, FINISHED, PENDING_STATU
 from cloudmailing.config.settings import DispatchConfig
 from cloudmailing.services.clock import SecondsClock, utc_now
 from cloudmailing.services.lease_budget import LeaseBudget
-from cloudmailing.storage.block_codec import from_millis, to_millis
+from cloudmailing.storage.block_codec import from_millis
 from cloudmailing.storage.blocks import Block, Lease
 from cloudmailing.storage.ledger import Change
 from cloudmailing.storage.stores import Stores
@@ -67,6 +67,7 @@ class _Held:
     block_id: int
     slot: int
     lease_id: str
+    owner: str  # the satellite's serial
     until: datetime.datetime  # when the lease ends: then forgotten (a late report finds it by the index)
 
 
@@ -210,7 +211,8 @@ class Dispatcher:
         if written is None:
             return []
         block = written[0]
-        self._held.update((content[slot]["id"], _Held(block_id, slot, lease.id, lease.until)) for slot in chosen)
+        self._held.update((content[slot]["id"], _Held(block_id, slot, lease.id, lease.owner, lease.until))
+                          for slot in chosen)
         return [_leased_recipient(block, content[slot], lease.id) for slot in chosen]
 
     async def mailing_content(self, mailing_id: int, satellite: Mapping[str, Any] | None = None,
@@ -295,12 +297,16 @@ class Dispatcher:
         """The block's mailing, and the changes recorded in the block."""
         addresses = await self._blocks.addresses(block_id, max(outcomes, default=-1) + 1)
 
-        due = to_millis(now)
+        # The leases this master gave, still remembered (until their end), of recipients freed
+        # since (the reconnect grace): their outcomes count, once.
+        held = ((rid, self._held.get(rid)) for rid, _ in outcomes.values())
+        given = {rid: place.lease_id for rid, place in held if place is not None and place.owner == serial}
 
         def decide(block: Block) -> list[Change] | None:
             size = min(len(block.columns), len(addresses))
             changes = [self._change(block, slot, outcome, serial, now) for slot, (rid, outcome) in outcomes.items()
-                       if slot < size and addresses[slot][0] == rid and _recordable(block, slot, outcome, serial, due)]
+                       if slot < size and addresses[slot][0] == rid
+                       and _recordable(block, slot, outcome, serial, given.get(rid))]
             return changes or None  # recording a slot takes it out of its lease (ledger)
 
         written = await self._ledger.edit(block_id, decide, now)
@@ -385,17 +391,17 @@ class Dispatcher:
         return len(ended)
 
 
-def _recordable(block: Block, slot: int, outcome: Outcome, serial: str, due: int) -> bool:
-    """Whether ``serial``'s outcome for the block's ``slot`` is recorded (``due``: now, in ms).
+def _recordable(block: Block, slot: int, outcome: Outcome, serial: str, given: str | None) -> bool:
+    """Whether ``serial``'s outcome for the block's ``slot`` is recorded (``given``: the lease id
+    this master gave ``serial`` for that recipient and still remembers, if any).
 
     A slot leased to ``serial`` under the lease the outcome names (or none named): yes. One leased
-    to another satellite: no, it is theirs now. Otherwise only the outcome of a lease the satellite
-    names, for a recipient still pending that no other satellite holds: one leased to ``serial``
-    under another of its leases (an outcome kept across a reconnect, the recipient leased again
-    since: that lease's hold on it ends), or one leased to nobody (its lease expired, or was freed
-    after the reconnect grace) that is READY or a WARNING whose retry is due. A WARNING not due
-    yet was reported since it was last leasable: the outcome is a repeat (its acknowledgement
-    lost), and records nothing new."""
+    to another satellite: no, it is theirs now. One leased to ``serial`` under another of its
+    leases and still pending: yes (an outcome kept across a reconnect; that lease lets go of it).
+    One leased to nobody and still pending: only the outcome of the lease this master gave it
+    (freed after the reconnect grace, the satellite back with its outbox), once: recording it
+    forgets that lease, so a repeat (its acknowledgement lost) records nothing new, and no
+    satellite records what it was never given by naming some lease."""
     lease = block.lease
     cols = block.columns
     if cols.leased[slot]:
@@ -404,10 +410,7 @@ def _recordable(block: Block, slot: int, outcome: Outcome, serial: str, due: int
         if outcome.lease in (None, lease.id):
             return True
         return cols.status_of(slot) in PENDING_STATUSES
-    if outcome.lease is None:  # a satellite naming no lease: only what it holds counts
-        return False
-    status = cols.status_of(slot)
-    return status == READY or (status == WARNING and cols.next_try[slot] <= due)
+    return given is not None and outcome.lease == given and cols.status_of(slot) in PENDING_STATUSES
 
 
 def _end_lease(block: Block, slots: Sequence[int] | None = None) -> None:

@@ -134,17 +134,18 @@ async def _status(services, recipient):
 
 @aio_test
 async def test_an_outcome_kept_past_its_lease_counts_unless_another_satellite_holds_the_recipient(database, clock):
-    """A satellite back after its lease ended (the reconnect grace passed) reports its outbox: the
-    master records what is still pending and leased to nobody; what another satellite holds now,
-    or what was reported already (a repeat after a lost acknowledgement), it ignores."""
+    """A satellite back after the reconnect grace freed its leases reports its outbox: the master
+    records what is still pending and leased to nobody; what another satellite holds now, or what
+    was reported already (a repeat after a lost acknowledgement), it ignores. (Past the lease's
+    end, the master has forgotten which lease it gave: a late outcome records nothing.)"""
     services, mailing_id = await _world(database, clock, lease_seconds=60, retry_initial_seconds=300)
     await _add(services, mailing_id, 5)
     await services.mailings.start(mailing_id)
     await services.lifecycle.tick()
     first = await services.dispatcher.lease(SATELLITE, 5)
     assert len(first) == 5  # three blocks
-    clock.advance(61)
-    assert await services.dispatcher.expire_leases() == 5
+    clock.advance(30)
+    assert await services.dispatcher.release_satellite(SATELLITE["serial"]) == 5  # gone past the grace
     stolen = await services.dispatcher.lease({**SATELLITE, "serial": "sat-b"}, 1)
     assert [r["id"] for r in stolen] == [r["id"] for r in first[:2]]  # the first block, now sat-b's
     reported = await services.dispatcher.report(SATELLITE, [
@@ -439,3 +440,34 @@ async def test_a_block_whose_lease_a_report_ended_is_leased_again_at_once(databa
     assert await services.dispatcher.lease(SATELLITE, 10) == []
     await services.dispatcher.report(SATELLITE, [_outcome(first[0], "FINISHED")])
     assert [r["id"] for r in await services.dispatcher.lease(SATELLITE, 10)] == second
+
+
+def _reported(recipient_id, status="FINISHED", lease="no-such-lease", code=250):
+    return Outcome.from_wire({"recipient_id": recipient_id, "status": status, "reply_code": code,
+                              "reply_text": "ok", "smtp_log": [], "lease": lease})
+
+
+@aio_test
+async def test_naming_some_lease_records_nothing_the_satellite_was_never_given(database, clock):
+    services, mailing_id = await _world(database, clock)
+    await services.mailings.set_properties(mailing_id, {"satellite_group": "eu"})
+    ids = await _add(services, mailing_id, 2)
+    tests = [a["id"] for a in await services.recipients.add(mailing_id, [{"email": "qa@example.org"}], test=True)]
+    elsewhere = {"serial": "sat-us", "group": "us", "domain_affinity": []}
+    reported = await services.dispatcher.report(elsewhere, [_reported(rid) for rid in ids + tests])
+    assert reported.recorded == []
+    assert [s["status"] for s in await services.reports.statuses(ids + tests, {})] == ["READY"] * 3
+
+
+@aio_test
+async def test_a_soft_bounce_reported_again_once_its_retry_is_due_records_nothing_new(database, clock):
+    services, mailing_id = await _world(database, clock, lease_seconds=60, retry_initial_seconds=300)
+    await _add(services, mailing_id, 2)
+    await services.mailings.start(mailing_id)
+    await services.lifecycle.tick()
+    [first, _] = await services.dispatcher.lease(SATELLITE, 2)
+    warning = _reported(first["id"], "WARNING", first["lease"], 451)
+    assert (await services.dispatcher.report(SATELLITE, [warning])).recorded == [first["id"]]
+    clock.advance(301)  # its acknowledgement lost, the satellite back once the retry is due
+    assert (await services.dispatcher.report(SATELLITE, [warning])).recorded == []
+    assert (await services.reports.statuses([first["id"]], {}))[0]["try_count"] == 1

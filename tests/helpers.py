@@ -110,3 +110,17 @@ async def renewed(latest: Callable[[], Awaitable[dict[str, Any] | None]], ends: 
             return
         await asyncio.sleep(0.01)
     pytest.fail("the claim was not renewed")
+
+
+async def finished_changes(api: Any) -> Any:
+    """How many FINISHED changes the cursor reports for each recipient (a ``Counter`` by id)."""
+    from collections import Counter
+
+    seen: Counter[str] = Counter()
+    cursor = ""
+    while True:
+        page = await api.get_recipients_status_updated_since(cursor, {"status": ["FINISHED"]}, 1000)
+        if not page["recipients"]:
+            return seen
+        seen.update(record["id"] for record in page["recipients"])
+        cursor = page["cursor"]

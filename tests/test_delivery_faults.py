@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import free_port, wait_for_port
 from tests.embedded_db import EmbeddedDatabase
-from tests.helpers import aio_test
+from tests.helpers import aio_test, finished_changes
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import Behaviour, start_servers
 
@@ -93,18 +93,6 @@ async def _new_mailing(api) -> tuple[int, list[str]]:
     return mailing_id, [e["email"] for e in entries]
 
 
-async def _finished_changes(api) -> Counter[str]:
-    """How many FINISHED changes the cursor reports for each recipient."""
-    seen: Counter[str] = Counter()
-    cursor = ""
-    while True:
-        page = await api.get_recipients_status_updated_since(cursor, {"status": ["FINISHED"]}, 1000)
-        if not page["recipients"]:
-            return seen
-        seen.update(record["id"] for record in page["recipients"])
-        cursor = page["cursor"]
-
-
 def _check_everyone_delivered(emails: list[str], received: list[str], mailing: dict, finished: Counter[str],
                               in_flight: int = 2 * LEASE) -> None:
     assert mailing["status"] == "FINISHED" and mailing["total_sent"] == RECIPIENTS, mailing
@@ -150,7 +138,7 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
     try:
         await _until(finished)
         mailing = (await api.list_mailings({"id": [mailing_id]}))[0]
-        _check_everyone_delivered(emails, _received(servers), mailing, await _finished_changes(api),
+        _check_everyone_delivered(emails, _received(servers), mailing, await finished_changes(api),
                                   in_flight=held + LEASE)  # (and what it leased just before the kill)
         # The killed satellite comes back with its outbox: what it had not reported is reported now.
         restarted = _start("satellite", _satellite_config(tmp_path, "sat-a", link_port, dns, smtp_port))
@@ -163,7 +151,7 @@ async def test_kill_9_a_satellite_then_another_finishes_the_mailing(running_mast
         restarted.terminate()
         await asyncio.to_thread(restarted.wait)
         # What it reported then was another satellite's since: recorded nowhere, counted once.
-        assert set((await _finished_changes(api)).values()) == {1}
+        assert set((await finished_changes(api)).values()) == {1}
     finally:
         second.terminate()
         await asyncio.to_thread(second.wait)
@@ -287,7 +275,7 @@ async def _mailing_through_a_fault(master: _ProcessMaster, world, tmp_path: Path
         await _until(some_delivered)
         await fault()
         mailing = await master.wait_finished(mailing_id, 120)
-        return emails, _received(servers), mailing, await _finished_changes(master)
+        return emails, _received(servers), mailing, await finished_changes(master)
     finally:
         satellite.terminate()
         await asyncio.to_thread(satellite.wait)
@@ -366,7 +354,7 @@ async def test_a_lease_whose_answer_died_with_the_master_is_freed_when_its_satel
             satellite.terminate()
             await asyncio.to_thread(satellite.wait)
         assert asyncio.get_running_loop().time() - started < 90  # not lease_seconds (300 s)
-        _check_everyone_delivered(emails, _received(servers), mailing, await _finished_changes(master))
+        _check_everyone_delivered(emails, _received(servers), mailing, await finished_changes(master))
     finally:
         await master.stop()
         for server in servers.values():

@@ -22,7 +22,7 @@ from twisted.internet import reactor
 
 from cloudmailing.config.settings import DispatchConfig
 from tests.conftest import free_port
-from tests.helpers import aio_test
+from tests.helpers import aio_test, finished_changes
 from tests.satellite.dns_server import DnsTestServer
 from tests.satellite.smtp_servers import SmtpTestServer, _ServerProtocol
 from tests.test_delivery_faults import _satellite_config, _start
@@ -109,17 +109,6 @@ async def _finished(api: Any, mailing_id: int) -> bool:
     return bool((await api.list_mailings({"id": [mailing_id]}))[0]["status"] == "FINISHED")
 
 
-async def _finished_changes(api: Any) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    cursor = ""
-    while True:
-        page = await api.get_recipients_status_updated_since(cursor, {"status": ["FINISHED"]}, 1000)
-        if not page["recipients"]:
-            return seen
-        seen.update(record["id"] for record in page["recipients"])
-        cursor = page["cursor"]
-
-
 async def _stop(process: Any) -> None:
     os.kill(process.pid, signal.SIGCONT)
     process.kill()
@@ -168,7 +157,7 @@ async def test_a_satellite_back_after_the_grace_does_not_send_its_outbox_again(r
             satellite = _start("satellite", config)
             await _until(lambda: _finished(api, mailing_id), 15, 0.2)
             await asyncio.sleep(0.5)
-            finished = await _finished_changes(api)
+            finished = await finished_changes(api)
             assert len(finished) == N and set(finished.values()) == {1}
             twice = sorted(email for email, n in Counter(_received(sink)).items() if n > 1)
             assert not twice, f"{len(twice)} recipients whose outcome was in the outbox were sent again"
@@ -211,7 +200,7 @@ async def test_a_frozen_satellite_does_not_send_what_its_expired_lease_gave_to_a
             os.kill(a.pid, signal.SIGCONT)  # A wakes, seconds after its lease ended
             await asyncio.sleep(4)  # time for several messages on the slow server, were they sent
             after_wake = _received(slow_a)[frozen_at:]
-            finished = await _finished_changes(api)
+            finished = await finished_changes(api)
             assert len(finished) == N and set(finished.values()) == {1}
             assert (await api.list_mailings({"id": [mailing_id]}))[0]["total_sent"] == N
             # At most the one message whose transaction may have begun at the freeze goes out.
@@ -250,7 +239,7 @@ async def test_a_lease_outliving_lease_seconds_sends_nobody_twice(running_master
         try:
             await _until(lambda: _finished(api, mailing_id), 25, 0.2)
             sent = Counter(_received(slow))
-            finished = await _finished_changes(api)
+            finished = await finished_changes(api)
             assert len(finished) == N and set(finished.values()) == {1}
             assert set(sent) == set(ids)
             assert max(sent.values()) == 1, f"sent twice, nobody died: {[e for e, n in sent.items() if n > 1]}"

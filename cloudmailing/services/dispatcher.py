@@ -134,18 +134,19 @@ class Dispatcher:
         attachments' byte bound; test blocks only of mailings of the satellite's ``groups``."""
         leased: list[dict[str, Any]] = []
         size = 0
+        passed_over = self._passed_over_by(affinity) if affinity else None  # read once a lease
         for mailing_ids, test in scopes:
             if len(leased) >= wanted:
                 break
-            passed_over: list[int] = []  # free blocks taken from the shared search and not used
+            handed_back: list[int] = []  # free blocks taken from the shared search and not used
             try:
                 async for block_id in self._blocks.leasable(mailing_ids, test, now):
                     if test and not await self._in_groups(block_id, groups):
                         self._blocks.forget_free()  # handed out from a search all satellites share
                         continue
-                    got = await self._lease_matching(block_id, lease, now, affinity)
+                    got = await self._lease_matching(block_id, lease, now, affinity, passed_over)
                     if got is None:
-                        passed_over.append(block_id)
+                        handed_back.append(block_id)
                         continue
                     got_size = sum(_attachments_size(recipient) for recipient in got)
                     if leased and size + got_size > self.config.max_lease_bytes:
@@ -156,20 +157,18 @@ class Dispatcher:
                     if len(leased) >= wanted:  # before taking another block id: it stays for the next lease
                         return leased
             finally:
-                self._blocks.put_back(mailing_ids, test, passed_over)
+                self._blocks.put_back(mailing_ids, test, handed_back)
         return leased
 
-    async def _lease_matching(self, block_id: int, lease: Lease, now: datetime.datetime,
-                              affinity: set[str]) -> list[dict[str, Any]] | None:
+    async def _lease_matching(self, block_id: int, lease: Lease, now: datetime.datetime, affinity: set[str],
+                              passed_over: dict[int, float] | None) -> list[dict[str, Any]] | None:
         """Lease the block's deliverable recipients (those of ``affinity``'s domains when it names
-        any); None when the affinity made it give nothing: others may still want it."""
-        if not affinity:
-            return await self._lease_block(block_id, await self._blocks.content(block_id), lease, now, affinity)
-        passed_over = self._passed_over_by(affinity)
-        if block_id in passed_over:
+        any, ``passed_over`` the blocks that lately gave it nothing); None when the affinity made
+        it give nothing: others may still want it."""
+        if passed_over is not None and block_id in passed_over:
             return None
         got = await self._lease_block(block_id, await self._blocks.content(block_id), lease, now, affinity)
-        if not got:
+        if passed_over is not None and not got:
             passed_over[block_id] = self._clock.seconds()
             return None
         return got

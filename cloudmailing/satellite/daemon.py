@@ -361,9 +361,7 @@ class SatelliteDaemon:
 
     def _too_late(self, job: DeliveryJob) -> str | None:
         """The scheduler asks just before the job's transaction: a reason not to start it, or None."""
-        if self._deadlines.get(job.recipient_id, math.inf) > self._reactor.seconds():
-            return None
-        return LEASE_EXPIRED
+        return LEASE_EXPIRED if self._late(job.recipient_id) else None
 
     def _not_composed(self, recipients: list[dict[str, Any]], mailing_id: int) -> None:
         """Recipients left uncomposed, their lease over: reported as WARNING (the master retries them,
